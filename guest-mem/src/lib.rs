@@ -1,1 +1,26 @@
-pub fn placeholder() {}
+//! Guest RAM on memfd huge pages with split, collapse and discard on real memory.
+//!
+//! Backings: `hugetlb` (our own allocator over a hugetlb memfd pool plus a
+//! small-page memfd), `thp` (shmem THP, the kernel splits and collapses) and
+//! `4k`. Every decision comes from [`thp::ram_model::RamModel`]; this crate
+//! acts on its plans with memfd, mmap, fallocate and madvise, and reads back
+//! the host's own accounting.
+
+pub mod backing;
+pub mod error;
+pub mod guest_ram;
+mod host_mem;
+pub mod mapping;
+pub mod memfd;
+pub mod pagemap;
+pub mod quiesce;
+pub mod smaps;
+pub mod stats;
+
+pub use backing::{Backing, HostPaths, ParseBackingError};
+pub use error::GuestMemError;
+pub use guest_ram::{FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
+pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
+pub use stats::{DiscardReport, HostView, PoolStats};
+
+pub use thp::units::{HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};

@@ -1,1 +1,22 @@
+//! Shared helpers for the workspace-level integration tests (package `integration-tests`).
+//!
+//! * [`images`]: where the test guest kernel and initramfs images are
+//!   (built by `resources/setup-host.sh`);
+//! * [`host`]: what this host can do (VT-x/AMD-V or paravirtual KVM, free hugetlb pages);
+//! * [`vmm_bin`]: the `vmm` binary, built on demand, and running it.
+//!
+//! A test that needs something the host lacks prints `SKIP: <reason>` (see [`skip!`])
+//! and returns.
 
+pub mod host;
+pub mod images;
+pub mod vmm_bin;
+
+/// Print why a test does not run here and return from the test.
+#[macro_export]
+macro_rules! skip {
+    ($($arg:tt)*) => {{
+        eprintln!("SKIP: {}", format_args!($($arg)*));
+        return;
+    }};
+}

@@ -1,0 +1,223 @@
+//! `GuestMemError`: every variant says what went wrong and what to do about it.
+
+use std::io;
+
+use crate::quiesce::QuiesceError;
+
+/// Errors of guest RAM set-up and per-frame operations.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMemError {
+    /// Strict pool mode and the host hugetlb pool cannot hold every frame.
+    #[error(
+        "hugetlb pool too small: need {need} free 2M pages, have {have}: reserve with \
+         `echo {suggest_total} > /proc/sys/vm/nr_hugepages` (strict pool mode; the default \
+         policy instead falls back to small pages for the frames that do not fit)"
+    )]
+    PoolTooSmall {
+        /// Free 2M pages the guest RAM needs.
+        need: u64,
+        /// Free (unreserved) 2M pages the host has now.
+        have: u64,
+        /// A value for `nr_hugepages` that would make `need` pages available.
+        suggest_total: u64,
+    },
+
+    /// The host has no free 2M hugetlb pages at all (or no hugetlb support) and
+    /// the hugetlb backing was asked for in strict mode.
+    #[error(
+        "hugetlb backing needs 2M hugetlb pages but {detail}: reserve them with \
+         `echo N > /proc/sys/vm/nr_hugepages`"
+    )]
+    HugetlbUnavailable {
+        /// What was found on the host.
+        detail: String,
+    },
+
+    /// The `thp` backing needs shmem THP and the host has it disabled.
+    #[error(
+        "shmem transparent huge pages are disabled ({path} = {value}): set it with \
+         `echo advise > {path}` (or use --backing hugetlb / 4k)"
+    )]
+    ShmemThpDisabled {
+        /// The sysfs file that disables it.
+        path: String,
+        /// The value found there.
+        value: String,
+    },
+
+    /// Guest RAM size is not a positive multiple of 2 MiB.
+    #[error("guest RAM size {size} bytes is not a positive multiple of 2 MiB (2097152): round it to a multiple of 2M")]
+    SizeNotMultipleOf2M {
+        /// The requested size.
+        size: u64,
+    },
+
+    /// Guest RAM size above what the guest-physical layout allows.
+    #[error("guest RAM size {size:#x} is larger than the maximum {max:#x} (RAM must end below the 32-bit MMIO hole)")]
+    SizeTooLarge {
+        /// The requested size.
+        size: u64,
+        /// The largest allowed size.
+        max: u64,
+    },
+
+    /// A guest-physical range outside `[0, size)`.
+    #[error("range gpa {gpa:#x} + {len:#x} is outside guest RAM [0, {size:#x}): pass a range inside guest RAM")]
+    RangeOutsideRam {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: u64,
+        /// Guest RAM size.
+        size: u64,
+    },
+
+    /// A range not aligned to 4K pages (or empty).
+    #[error("range gpa {gpa:#x} + {len:#x} is not a non-empty range of whole 4K pages: align start and length to 4096")]
+    RangeNotPageAligned {
+        /// Start of the range.
+        gpa: u64,
+        /// Length of the range.
+        len: u64,
+    },
+
+    /// A frame index outside guest RAM.
+    #[error(
+        "frame {frame} is outside guest RAM ({frames} frames of 2M): pass a frame below {frames}"
+    )]
+    FrameOutOfRange {
+        /// The frame asked for.
+        frame: usize,
+        /// Number of frames of guest RAM.
+        frames: usize,
+    },
+
+    /// Split or collapse on a backing without huge frames.
+    #[error("backing {backing} has no huge frames: {op} needs --backing hugetlb or thp")]
+    NoHugeFrames {
+        /// The backing in use.
+        backing: crate::Backing,
+        /// The refused operation.
+        op: &'static str,
+    },
+
+    /// `memfd_create` failed.
+    #[error("memfd_create({name}) failed: {source} (hugetlb memfds need 2M hugetlb support in the kernel)")]
+    Memfd {
+        /// Name of the memfd.
+        name: String,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
+    /// `ftruncate` of a memfd failed.
+    #[error("ftruncate({name}, {len:#x}) failed: {source}")]
+    Truncate {
+        /// Name of the memfd.
+        name: String,
+        /// The requested length.
+        len: u64,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
+    /// `mmap` failed.
+    #[error("mmap of {what} at {addr:#x} (+{len:#x}) failed: {source}")]
+    Mmap {
+        /// What was being mapped.
+        what: &'static str,
+        /// Requested address (0 = any).
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
+    /// `fallocate` failed (other than the hugetlb pool running dry).
+    #[error("fallocate({what}, offset {offset:#x}, len {len:#x}) failed: {source}")]
+    Fallocate {
+        /// Which memfd and operation.
+        what: &'static str,
+        /// Offset in the file.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
+    /// The host's hugetlb pool ran out while allocating a huge page that our
+    /// books had (another process took pages after start-up).
+    #[error(
+        "the host hugetlb pool ran out allocating huge slot {slot} ({source}): another process took \
+         2M pages; reserve more with `echo N > /proc/sys/vm/nr_hugepages`"
+    )]
+    HostPoolExhausted {
+        /// Slot of the hugetlb memfd.
+        slot: u32,
+        /// The OS error (ENOSPC).
+        source: io::Error,
+    },
+
+    /// `madvise` failed.
+    #[error("madvise({advice}) at {addr:#x} (+{len:#x}) failed: {source}")]
+    Madvise {
+        /// Name of the advice.
+        advice: &'static str,
+        /// Address.
+        addr: u64,
+        /// Length.
+        len: u64,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
+    /// `MADV_COLLAPSE` refused to collapse a frame of the `thp` backing.
+    #[error("MADV_COLLAPSE of frame {frame} failed: {source} ({hint})")]
+    CollapseFailed {
+        /// The frame.
+        frame: usize,
+        /// The OS error.
+        source: io::Error,
+        /// What the errno means here.
+        hint: &'static str,
+    },
+
+    /// Reading a host accounting file failed.
+    #[error("reading {path} failed: {source}")]
+    HostRead {
+        /// Path of the file.
+        path: String,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// A host accounting file did not have the expected content.
+    #[error("unexpected content in {path}: {detail}")]
+    HostParse {
+        /// Path of the file.
+        path: String,
+        /// What was wrong.
+        detail: String,
+    },
+
+    /// The vCPUs could not be paused.
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
+
+    /// The model refused the operation.
+    #[error("the RAM model refused: {0}")]
+    Model(#[from] thp::ram_model::ModelError),
+
+    /// Building the vm-memory view failed.
+    #[error("building the vm-memory view of guest RAM failed: {0}")]
+    VmMemory(String),
+}
+
+impl GuestMemError {
+    /// The OS error of the last libc call.
+    pub(crate) fn last_os() -> io::Error {
+        io::Error::last_os_error()
+    }
+}

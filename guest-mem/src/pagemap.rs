@@ -1,0 +1,126 @@
+//! Per-frame host truth: which 2M frames of a range the host maps with one
+//! PMD (a hugetlb page or a PMD-mapped THP), via the `PAGEMAP_SCAN` ioctl of
+//! `/proc/self/pagemap` (Linux 6.7+), whose `PAGE_IS_HUGE` category is set
+//! exactly for PMD-level (and hugetlb) mappings.
+
+use std::os::fd::AsRawFd;
+
+use crate::error::GuestMemError;
+use crate::HPAGE_SIZE;
+
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_HUGE: u64 = 1 << 6;
+
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: u64 =
+    (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+
+const PAGEMAP: &str = "/proc/self/pagemap";
+
+/// For each 2M frame of `[start, start + frames * 2M)` (2M aligned), whether the
+/// host maps it with a PMD. `Ok(None)` when the kernel lacks `PAGEMAP_SCAN`.
+pub fn pmd_mapped_frames(start: u64, frames: usize) -> Result<Option<Vec<bool>>, GuestMemError> {
+    let f = std::fs::File::open(PAGEMAP).map_err(|source| GuestMemError::HostRead {
+        path: PAGEMAP.into(),
+        source,
+    })?;
+    let end = start + frames as u64 * HPAGE_SIZE;
+    let mut out = vec![false; frames];
+    let mut vec = vec![PageRegion::default(); 512];
+    let mut cur = start;
+    while cur < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: cur,
+            end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            category_anyof_mask: PAGE_IS_HUGE,
+            return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
+            ..PmScanArg::default()
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `vec.len()`
+        // writable page_region entries that outlive the call.
+        let n =
+            unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+        if n < 0 {
+            let e = GuestMemError::last_os();
+            if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) {
+                return Ok(None);
+            }
+            return Err(GuestMemError::HostRead {
+                path: format!("{PAGEMAP} (PAGEMAP_SCAN)"),
+                source: e,
+            });
+        }
+        for r in &vec[..n as usize] {
+            if r.categories & PAGE_IS_HUGE == 0 {
+                continue;
+            }
+            // Mark every frame this huge run covers entirely.
+            let mut a = r.start.max(start);
+            while a + HPAGE_SIZE <= r.end.min(end) {
+                if (a - start).is_multiple_of(HPAGE_SIZE) {
+                    out[((a - start) / HPAGE_SIZE) as usize] = true;
+                    a += HPAGE_SIZE;
+                } else {
+                    a = start + (a - start).div_ceil(HPAGE_SIZE) * HPAGE_SIZE;
+                }
+            }
+        }
+        if arg.walk_end <= cur {
+            break;
+        }
+        cur = arg.walk_end;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_number_matches_the_uapi() {
+        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+    }
+
+    #[test]
+    fn small_anonymous_pages_are_not_pmd_mapped() {
+        let r = crate::mapping::HostRange::reserve(2 * HPAGE_SIZE).unwrap();
+        r.map_zero(0, 2 * HPAGE_SIZE).unwrap();
+        // SAFETY: the range is mapped read-write above.
+        unsafe { r.ptr(0).write_bytes(1, 8192) };
+        if let Some(v) = pmd_mapped_frames(r.base(), 2).unwrap() {
+            assert_eq!(v, vec![false, false]);
+        } else {
+            eprintln!("skip: kernel lacks PAGEMAP_SCAN");
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Shared helpers of the real-memory tests: skip checks, page patterns, a
+//! shadow of what every page must hold, and host-vs-books comparisons.
+#![allow(dead_code)]
+
+use guest_mem::smaps::read_meminfo;
+use guest_mem::{Backing, FrameView, GuestRam, HPAGE_SIZE, PAGE_SIZE};
+use vm_memory::{Bytes, GuestAddress};
+
+pub const PPH: usize = 512;
+
+/// Whether the host has `need` free 2M hugetlb pages (plus a margin for the
+/// other users of the shared pool); prints the reason when it has not.
+pub fn hugetlb_available(need: u64) -> bool {
+    match read_meminfo() {
+        Ok(m) if m.available() >= need + 8 => true,
+        Ok(m) => {
+            eprintln!(
+                "skip: need {} free 2M hugetlb pages, host has {} (HugePages_Free {} - Rsvd {})",
+                need + 8,
+                m.available(),
+                m.free,
+                m.rsvd
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("skip: no hugetlb on this host: {e}");
+            false
+        }
+    }
+}
+
+/// Whether shmem THP is usable; prints the reason when it is not.
+pub fn shmem_thp_available() -> bool {
+    match guest_mem::backing::check_shmem_thp(&Default::default()) {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skip: {e}");
+            false
+        }
+    }
+}
+
+/// Word `i` of page `page` in generation `gen` (generation 0 = zero page).
+pub fn word(page: u64, gen: u32, i: usize) -> u64 {
+    if gen == 0 {
+        return 0;
+    }
+    (page << 24) ^ (u64::from(gen) << 48) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+}
+
+pub fn page_bytes(page: u64, gen: u32) -> Vec<u8> {
+    (0..PAGE_SIZE as usize / 8)
+        .flat_map(|i| word(page, gen, i).to_le_bytes())
+        .collect()
+}
+
+/// What every 4K page must hold and whether it must be backed.
+pub struct Shadow {
+    pub gen: Vec<u32>,
+    pub present: Vec<bool>,
+}
+
+impl Shadow {
+    pub fn new(pages: usize) -> Self {
+        Self {
+            gen: vec![0; pages],
+            present: vec![false; pages],
+        }
+    }
+
+    /// Write generation `gen` into `pages` through the vm-memory view.
+    pub fn write(&mut self, ram: &GuestRam, pages: std::ops::Range<u64>, gen: u32) {
+        let mem = ram.memory();
+        for p in pages {
+            mem.write_slice(&page_bytes(p, gen), GuestAddress(p * PAGE_SIZE))
+                .unwrap();
+            self.gen[p as usize] = gen;
+        }
+    }
+
+    pub fn discarded(&mut self, pages: std::ops::Range<u64>) {
+        for p in pages {
+            self.gen[p as usize] = 0;
+            self.present[p as usize] = false;
+        }
+    }
+
+    pub fn made_present(&mut self, pages: std::ops::Range<u64>) {
+        for p in pages {
+            if !self.present[p as usize] {
+                self.present[p as usize] = true;
+                self.gen[p as usize] = 0;
+            }
+        }
+    }
+
+    pub fn frame_all_present(&mut self, frame: usize) {
+        let b = frame as u64 * PPH as u64;
+        self.made_present(b..b + PPH as u64);
+    }
+
+    /// Every byte of guest RAM is what the shadow says: present pages through
+    /// the vm-memory view, absent ones without faulting them in.
+    pub fn verify_bytes(&self, ram: &GuestRam) {
+        let mem = ram.memory();
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        for (p, &gen) in self.gen.iter().enumerate() {
+            let p = p as u64;
+            if self.present[p as usize] {
+                mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE))
+                    .unwrap();
+            } else {
+                ram.read_no_populate(p * PAGE_SIZE, &mut buf).unwrap();
+            }
+            if buf != page_bytes(p, gen) {
+                let first = buf
+                    .chunks(8)
+                    .position(|c| u64::from_le_bytes(c.try_into().unwrap()) != word(p, gen, 0))
+                    .unwrap_or(0);
+                panic!(
+                    "page {p} (frame {}, index {}) corrupt: expected generation {gen} (present {}), \
+                     word {first} differs; frame state {:?}",
+                    p / PPH as u64,
+                    p % PPH as u64,
+                    self.present[p as usize],
+                    ram.frame_states()[(p / PPH as u64) as usize]
+                );
+            }
+        }
+    }
+
+    /// Our books (the model's frame states) agree with the shadow's presence.
+    pub fn verify_books(&self, ram: &GuestRam) {
+        for (f, st) in ram.frame_states().iter().enumerate() {
+            let present = self.present[f * PPH..(f + 1) * PPH]
+                .iter()
+                .filter(|b| **b)
+                .count() as u32;
+            let books = match st {
+                FrameView::Unpopulated => 0,
+                FrameView::Huge { .. } => PPH as u32,
+                FrameView::Small { present } => *present,
+            };
+            assert_eq!(
+                books, present,
+                "frame {f}: books {st:?} vs shadow {present} present"
+            );
+        }
+    }
+}
+
+/// The host's own accounting agrees with our per-frame books.
+/// `must_be_pmd[f]`: frames the kernel must map huge now (thp: after a
+/// successful MADV_COLLAPSE); other model-huge frames of `thp` may have been
+/// refused a huge page at fault time.
+pub fn verify_host(ram: &GuestRam, must_be_pmd: &[bool]) {
+    let states = ram.frame_states();
+    let hv = ram.host_view().unwrap();
+    let ps = ram.pool_stats();
+    let huge = states
+        .iter()
+        .filter(|s| matches!(s, FrameView::Huge { .. }))
+        .count() as u64;
+    let small_present: u64 = states
+        .iter()
+        .map(|s| match s {
+            FrameView::Small { present } => u64::from(*present),
+            _ => 0,
+        })
+        .sum();
+    let pmd = hv.pmd_mapped.clone();
+    match ram.backing() {
+        Backing::Hugetlb => {
+            assert_eq!(
+                hv.smaps.hugetlb(),
+                huge * HPAGE_SIZE,
+                "smaps hugetlb vs books {states:?}"
+            );
+            assert_eq!(
+                hv.smaps.rss,
+                small_present * PAGE_SIZE,
+                "smaps Rss vs small pages in books"
+            );
+            assert_eq!(
+                ps.pool_memfd_bytes,
+                huge * HPAGE_SIZE,
+                "pool memfd blocks vs books"
+            );
+            assert_eq!(
+                ps.data_memfd_bytes,
+                small_present * PAGE_SIZE,
+                "small memfd blocks vs books"
+            );
+            assert_eq!(ps.used as u64, huge);
+            if let Some(v) = pmd {
+                for (f, s) in states.iter().enumerate() {
+                    assert_eq!(
+                        v[f],
+                        matches!(s, FrameView::Huge { .. }),
+                        "frame {f} {s:?} pmd {}",
+                        v[f]
+                    );
+                }
+            }
+        }
+        Backing::Thp => {
+            let present = huge * PPH as u64 + small_present;
+            assert_eq!(
+                hv.smaps.rss,
+                present * PAGE_SIZE,
+                "smaps Rss vs present pages: {hv:?} {states:?}"
+            );
+            assert_eq!(
+                ps.data_memfd_bytes,
+                present * PAGE_SIZE,
+                "memfd blocks vs present pages"
+            );
+            if let Some(v) = pmd {
+                let n = v.iter().filter(|b| **b).count() as u64;
+                assert_eq!(
+                    hv.smaps.shmem_pmd_mapped,
+                    n * HPAGE_SIZE,
+                    "ShmemPmdMapped vs pagemap"
+                );
+                for (f, s) in states.iter().enumerate() {
+                    let is_huge = matches!(s, FrameView::Huge { .. });
+                    assert!(
+                        !v[f] || is_huge,
+                        "frame {f} is PMD-mapped but the books say {s:?}"
+                    );
+                    assert!(
+                        v[f] || !must_be_pmd.get(f).copied().unwrap_or(false),
+                        "frame {f} was collapsed but is not PMD-mapped"
+                    );
+                }
+                assert!(n > 0 || huge == 0, "the kernel mapped no frame huge at all");
+            } else {
+                assert!(hv.smaps.shmem_pmd_mapped <= huge * HPAGE_SIZE);
+            }
+        }
+        Backing::Small4k => {
+            assert_eq!(
+                hv.pmd_mapped_bytes(),
+                0,
+                "4k backing has PMD mappings: {hv:?}"
+            );
+            assert_eq!(hv.smaps.rss, small_present * PAGE_SIZE);
+            assert_eq!(ps.data_memfd_bytes, small_present * PAGE_SIZE);
+            if let Some(v) = pmd {
+                assert!(v.iter().all(|b| !b));
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Boot the test Linux guest (resources/kernel + resources/initramfs) with the release
+//! `vmm` on hugetlb-backed RAM and check how far it got on the serial console.
+//!
+//! On a VT-x/AMD-V host the guest runs /init, which prints `VMM-TEST-INIT-OK` and powers
+//! off (exit code 0). On a paravirtual shadow-paging KVM host guest user space cannot make
+//! system calls (docs/ARCHITECTURE.md), so the test expects the kernel's
+//! `Run /init as init process` line instead. This boot takes ~3 minutes there.
+
+use std::ffi::OsString;
+
+use integration_tests::host::{host_kind, hugepages_free, kvm_unavailable, HostKind};
+use integration_tests::images::{self, INITRD, INIT_OK_MARKER, KERNEL, RUN_INIT_MARKER};
+use integration_tests::skip;
+use integration_tests::vmm_bin::{run_vmm, tail};
+
+/// Guest RAM of this test: 256 MiB = 128 hugetlb pages.
+const MEMORY: &str = "256M";
+const MEMORY_HPAGES: u64 = 128;
+
+#[test]
+fn linux_boots_to_init_on_hugetlb() {
+    if let Some(why) = kvm_unavailable() {
+        skip!("{why}");
+    }
+    let kernel = match images::image(KERNEL) {
+        Ok(p) => p,
+        Err(why) => skip!("no test kernel: {why}"),
+    };
+    let initrd = match images::image(INITRD) {
+        Ok(p) => p,
+        Err(why) => skip!("no test initramfs: {why}"),
+    };
+    let free = hugepages_free();
+    if free < MEMORY_HPAGES {
+        skip!(
+            "{free} free hugetlb pages, {MEMORY_HPAGES} needed \
+             (echo 1280 > /proc/sys/vm/nr_hugepages, or run resources/setup-host.sh)"
+        );
+    }
+    let kind = host_kind();
+    let marker = match kind {
+        HostKind::HardwareVirt => INIT_OK_MARKER,
+        HostKind::Paravirtual => RUN_INIT_MARKER,
+    };
+
+    let serial = std::env::temp_dir().join(format!("vmm-linux-boot-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&serial);
+    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), kernel.into()];
+    args.extend(["--initrd".into(), initrd.into()]);
+    args.extend(
+        [
+            "--memory",
+            MEMORY,
+            "--backing",
+            "hugetlb",
+            "--timeout",
+            "400",
+        ]
+        .map(OsString::from),
+    );
+    args.extend(["--serial".into(), serial.clone().into()]);
+    let run = run_vmm(&args);
+    let console = std::fs::read(&serial)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&serial);
+
+    eprintln!(
+        "host {kind:?}: vmm exited with {:?} after {:.1} s; last serial lines:\n{}",
+        run.code(),
+        run.elapsed.as_secs_f64(),
+        tail(&console, 8)
+    );
+    assert!(
+        console.contains(marker),
+        "marker {marker:?} not on the serial console.\n--- last serial lines:\n{}\n--- vmm stderr:\n{}",
+        tail(&console, 30),
+        tail(&run.stderr(), 30)
+    );
+    match kind {
+        HostKind::HardwareVirt => assert_eq!(
+            run.code(),
+            Some(0),
+            "guest printed {marker} but vmm did not exit 0 after poweroff; stderr:\n{}",
+            tail(&run.stderr(), 30)
+        ),
+        // /init's first system call fails here, the kernel panics ("Attempted to kill
+        // init") and reboots (panic=-1): vmm reports the panic (3) or the reset (0),
+        // never a timeout or an internal error.
+        HostKind::Paravirtual => assert!(
+            matches!(run.code(), Some(0 | 3)),
+            "after {marker:?} vmm exited with {:?}, expected 0 or 3; stderr:\n{}",
+            run.code(),
+            tail(&run.stderr(), 30)
+        ),
+    }
+}

@@ -1,0 +1,345 @@
+//! Deterministic fault-injection scheduler: runs KVM's fault path as explicit
+//! steps (read `mmu_invalidate_seq`, translate through the primary with a GUP
+//! reference, take `mmu_lock`, retry check, install + unlock + release)
+//! against host operations wrapped in mmu-notifier invalidations
+//! (range start/zap, primary change, range end), at every interleaving point:
+//! exhaustively for small scenarios, randomly (seeded [`SplitMix64`]) for
+//! long ones. Host operations include pool-empty, pinned-folio and
+//! allocation-failure injection. After every step and every schedule the
+//! invariant checker must pass: no secondary entry maps a stale pfn.
+//!
+//! `mmu_lock` is modelled: range start/end (which zap under the lock) cannot
+//! run while a fault holds it between "take lock" and "install".
+
+mod prng;
+mod world;
+
+pub use prng::SplitMix64;
+pub use world::{Outcomes, BASE_HVA};
+
+use crate::invariants::InvariantViolation;
+use crate::policy::ThpPolicy;
+use crate::units::{Level, PAGES_PER_HPAGE};
+use world::World;
+
+/// A host-side (primary) operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOp {
+    /// `MADV_DONTNEED` of pages `[first, first+npages)` (splits a PMD partially covered).
+    Unmap {
+        /// First page.
+        first: u64,
+        /// Pages.
+        npages: u64,
+    },
+    /// Read fault on the host (populates a none page; no invalidation).
+    ReadFault {
+        /// Page.
+        page: u64,
+    },
+    /// Write fault on the host (populate, or COW a shared page).
+    WriteFault {
+        /// Page.
+        page: u64,
+    },
+    /// khugepaged collapse of a frame.
+    Collapse {
+        /// Frame.
+        frame: usize,
+    },
+    /// Split-by-copy of a frame's huge pages into small ones.
+    Migrate {
+        /// Frame.
+        frame: usize,
+    },
+    /// `split_folio` of the large folio at a frame.
+    SplitFolio {
+        /// Frame.
+        frame: usize,
+    },
+    /// Deferred-split shrinker.
+    Shrink,
+    /// Fork (child not mirrored; parent loses write permission).
+    Fork,
+    /// Pin the folio at a page.
+    Pin {
+        /// Page.
+        page: u64,
+    },
+    /// Drop the most recent pin.
+    Unpin,
+    /// Next `n` huge allocations fail (pool empty).
+    InjectHugeFailures {
+        /// Count.
+        n: u32,
+    },
+    /// Next `n` small allocations fail.
+    InjectSmallFailures {
+        /// Count.
+        n: u32,
+    },
+}
+
+impl HostOp {
+    /// Whether the operation changes existing mappings and so runs inside an
+    /// mmu-notifier invalidation (3 steps); otherwise it is one step.
+    pub fn invalidates(&self) -> bool {
+        matches!(
+            self,
+            HostOp::Unmap { .. }
+                | HostOp::WriteFault { .. }
+                | HostOp::Collapse { .. }
+                | HostOp::Migrate { .. }
+                | HostOp::SplitFolio { .. }
+                | HostOp::Shrink
+                | HostOp::Fork
+        )
+    }
+}
+
+/// A concurrent actor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    /// A vCPU fault on `gfn` (5 steps).
+    KvmFault {
+        /// Faulting gfn.
+        gfn: u64,
+        /// The fault's max level (guest page size on shadow paging).
+        guest_max_level: Level,
+    },
+    /// A host operation (3 steps if it invalidates, else 1).
+    Host(HostOp),
+}
+
+/// A scenario: initial state plus concurrent actors.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Frames of guest RAM (one memslot at gfn 0 over [`BASE_HVA`]).
+    pub frames: usize,
+    /// Huge pool capacity.
+    pub huge_capacity: usize,
+    /// Small pool limit.
+    pub small_limit: Option<usize>,
+    /// THP policy.
+    pub policy: ThpPolicy,
+    /// Host operations applied before any actor runs (no secondary yet).
+    pub setup: Vec<HostOp>,
+    /// Secondary faults completed before any actor runs.
+    pub prefault_secondary: Vec<(u64, Level)>,
+    /// The concurrent actors.
+    pub actors: Vec<Actor>,
+    /// Model `mmu_lock` (disable only to show the checker catches the race).
+    pub model_mmu_lock: bool,
+}
+
+impl Scenario {
+    /// An empty scenario of `frames` frames with a pool of `huge_capacity`.
+    pub fn new(frames: usize, huge_capacity: usize) -> Self {
+        Scenario {
+            frames,
+            huge_capacity,
+            small_limit: None,
+            policy: ThpPolicy::always(),
+            setup: Vec::new(),
+            prefault_secondary: Vec::new(),
+            actors: Vec::new(),
+            model_mmu_lock: true,
+        }
+    }
+}
+
+/// A schedule that broke an invariant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("schedule {schedule:?} (actor per step) broke an invariant: {violation}")]
+pub struct InterleaveFailure {
+    /// Actor index per executed step.
+    pub schedule: Vec<usize>,
+    /// What broke.
+    pub violation: InvariantViolation,
+}
+
+/// Result of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Complete schedules executed.
+    pub schedules: u64,
+    /// Steps executed in total.
+    pub steps: u64,
+    /// Outcomes summed over schedules.
+    pub outcomes: Outcomes,
+}
+
+impl Report {
+    fn add(&mut self, o: &Outcomes) {
+        self.schedules += 1;
+        self.outcomes.installed += o.installed;
+        self.outcomes.retries += o.retries;
+        self.outcomes.no_host_page += o.no_host_page;
+        self.outcomes.host_op_failures += o.host_op_failures;
+        self.outcomes.nested_invalidations += o.nested_invalidations;
+    }
+}
+
+fn setup_failure(e: String) -> InterleaveFailure {
+    InterleaveFailure {
+        schedule: Vec::new(),
+        violation: InvariantViolation::new(format!("scenario setup failed: {e}")),
+    }
+}
+
+/// Runs every schedule of the scenario (depth-first, cloning the world at
+/// each branch), checking invariants after every step.
+pub fn run_exhaustive(s: &Scenario) -> Result<Report, InterleaveFailure> {
+    let w = World::new(s).map_err(setup_failure)?;
+    w.check().map_err(|violation| InterleaveFailure {
+        schedule: Vec::new(),
+        violation,
+    })?;
+    let mut report = Report::default();
+    let mut path = Vec::new();
+    dfs(w, &mut path, &mut report)?;
+    Ok(report)
+}
+
+fn dfs(w: World, path: &mut Vec<usize>, report: &mut Report) -> Result<(), InterleaveFailure> {
+    let enabled = w.enabled_actors();
+    if enabled.is_empty() {
+        if !w.all_done() {
+            return Err(InterleaveFailure {
+                schedule: path.clone(),
+                violation: InvariantViolation::new("deadlock: actors left, none enabled"),
+            });
+        }
+        report.add(&w.outcomes);
+        return Ok(());
+    }
+    for &i in &enabled {
+        let mut next = w.clone();
+        next.step(i);
+        report.steps += 1;
+        path.push(i);
+        next.check().map_err(|violation| InterleaveFailure {
+            schedule: path.clone(),
+            violation,
+        })?;
+        dfs(next, path, report)?;
+        path.pop();
+    }
+    Ok(())
+}
+
+/// Runs `schedules` random schedules of the scenario, the schedule with
+/// index `k` drawn from `SplitMix64::new(seed ^ k)`.
+pub fn run_random(s: &Scenario, seed: u64, schedules: u64) -> Result<Report, InterleaveFailure> {
+    let base = World::new(s).map_err(setup_failure)?;
+    let mut report = Report::default();
+    for k in 0..schedules {
+        let mut rng = SplitMix64::new(seed ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut w = base.clone();
+        let mut path = Vec::new();
+        loop {
+            let enabled = w.enabled_actors();
+            if enabled.is_empty() {
+                break;
+            }
+            let i = enabled[rng.below(enabled.len() as u64) as usize];
+            w.step(i);
+            report.steps += 1;
+            path.push(i);
+            w.check().map_err(|violation| InterleaveFailure {
+                schedule: path.clone(),
+                violation,
+            })?;
+        }
+        if !w.all_done() {
+            return Err(InterleaveFailure {
+                schedule: path,
+                violation: InvariantViolation::new("deadlock: actors left, none enabled"),
+            });
+        }
+        report.add(&w.outcomes);
+    }
+    Ok(report)
+}
+
+/// A random long scenario: `frames` frames, a pool smaller than RAM, some
+/// frames populated huge and some small, and `actors` random actors (vCPU
+/// faults, unmaps, COW after fork, collapse, split, shrinker, pins, pool and
+/// allocation failure injection).
+pub fn random_scenario(seed: u64, frames: usize, actors: usize) -> Scenario {
+    let mut rng = SplitMix64::new(seed);
+    let pages = frames as u64 * PAGES_PER_HPAGE;
+    let mut s = Scenario::new(frames, frames.saturating_sub(1).max(1));
+    for f in 0..frames {
+        let base = f as u64 * PAGES_PER_HPAGE;
+        match rng.below(3) {
+            0 => s.setup.push(HostOp::WriteFault { page: base }),
+            1 => {
+                s.setup.push(HostOp::InjectHugeFailures { n: 1 });
+                for i in 0..PAGES_PER_HPAGE {
+                    if rng.below(4) != 0 {
+                        s.setup.push(HostOp::WriteFault { page: base + i });
+                    }
+                }
+                s.setup.push(HostOp::InjectHugeFailures { n: 0 });
+            }
+            _ => {}
+        }
+    }
+    for _ in 0..frames * 4 {
+        s.prefault_secondary.push((rng.below(pages), Level::M2));
+    }
+    let page = |rng: &mut SplitMix64| rng.below(pages);
+    for _ in 0..actors {
+        let a = match rng.below(16) {
+            0..=5 => Actor::KvmFault {
+                gfn: page(&mut rng),
+                guest_max_level: if rng.below(4) == 0 {
+                    Level::K4
+                } else {
+                    Level::M2
+                },
+            },
+            6 => {
+                let first = page(&mut rng);
+                let npages = (1 + rng.below(600)).min(pages - first);
+                Actor::Host(HostOp::Unmap { first, npages })
+            }
+            7 => Actor::Host(HostOp::WriteFault {
+                page: page(&mut rng),
+            }),
+            8 => Actor::Host(HostOp::ReadFault {
+                page: page(&mut rng),
+            }),
+            9 => Actor::Host(HostOp::Collapse {
+                frame: rng.below(frames as u64) as usize,
+            }),
+            10 => Actor::Host(HostOp::SplitFolio {
+                frame: rng.below(frames as u64) as usize,
+            }),
+            11 => Actor::Host(HostOp::Migrate {
+                frame: rng.below(frames as u64) as usize,
+            }),
+            12 => Actor::Host(if rng.below(2) == 0 {
+                HostOp::Shrink
+            } else {
+                HostOp::Fork
+            }),
+            13 => Actor::Host(HostOp::Pin {
+                page: page(&mut rng),
+            }),
+            14 => Actor::Host(HostOp::Unpin),
+            _ => Actor::Host(if rng.below(2) == 0 {
+                HostOp::InjectHugeFailures {
+                    n: 1 + rng.below(3) as u32,
+                }
+            } else {
+                HostOp::InjectSmallFailures {
+                    n: 1 + rng.below(3) as u32,
+                }
+            }),
+        };
+        s.actors.push(a);
+    }
+    s
+}

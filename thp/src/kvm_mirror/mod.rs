@@ -1,0 +1,63 @@
+//! Mirror of x86 KVM's secondary MMU (EPT/NPT or shadow page tables) at the
+//! level of what it maps where: memslots with `lpage_info`, the choice of
+//! mapping level (`kvm_mmu_hugepage_adjust`, `kvm_mmu_max_mapping_level`,
+//! `host_pfn_mapping_level`), the fault path against the mmu-notifier
+//! protocol (`mmu_invalidate_seq`, `mmu_invalidate_in_progress`,
+//! `mmu_invalidate_retry_gfn`), range invalidation, and the `pages_4k` /
+//! `pages_2m` statistics as KVM counts them.
+
+mod hash;
+mod host;
+mod mmu;
+mod predict;
+mod slots;
+
+pub use host::{HostMap, LevelMap};
+pub use mmu::{FaultResult, PendingFault, SecondaryMmu};
+pub use predict::predict;
+pub use slots::Memslot;
+
+/// Errors of the mirror.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MirrorError {
+    /// No memslot contains the gfn (KVM would exit to userspace with MMIO).
+    #[error("gfn {gfn:#x} is in no memslot")]
+    NoSlot {
+        /// The gfn.
+        gfn: u64,
+    },
+    /// A memslot overlaps an existing one or reuses its id.
+    #[error(
+        "memslot {id} (gfn {base_gfn:#x}+{npages:#x}) overlaps memslot {other} or reuses its id"
+    )]
+    SlotOverlap {
+        /// New slot id.
+        id: u32,
+        /// New slot base.
+        base_gfn: u64,
+        /// New slot size.
+        npages: u64,
+        /// Conflicting slot id.
+        other: u32,
+    },
+    /// A memslot with zero pages, an unaligned host address or a gfn overflow.
+    #[error("memslot {id} invalid: {why}")]
+    BadSlot {
+        /// Slot id.
+        id: u32,
+        /// Why.
+        why: &'static str,
+    },
+    /// No memslot with that id.
+    #[error("no memslot {0}")]
+    UnknownSlot(u32),
+    /// `invalidate_range_end` without a matching start.
+    #[error("invalidate_range_end without invalidate_range_start")]
+    UnbalancedInvalidate,
+    /// `untrack_write` of a gfn that is not write-tracked.
+    #[error("gfn {gfn:#x} is not write-tracked")]
+    NotTracked {
+        /// The gfn.
+        gfn: u64,
+    },
+}

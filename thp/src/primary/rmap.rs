@@ -1,0 +1,163 @@
+//! Reverse-map bookkeeping: taking and dropping mappings and references,
+//! freeing folios, queueing partially mapped folios for deferred split.
+
+use super::{FrameMap, MmError, MmId, PageTable, Pmd, Primary, Pte};
+use crate::folio::{Backing, Folio, FolioId};
+
+impl Primary {
+    /// Allocates a small (4K, small-pool) folio at `frame` with refcount 0.
+    pub(crate) fn alloc_small(&mut self, frame: usize) -> Result<FolioId, MmError> {
+        let slot = self.small.alloc().ok_or(MmError::OutOfMemory {
+            needed: 1,
+            available: 0,
+        })?;
+        Ok(self.folios.insert(Folio::new(Backing::Small(slot), frame)))
+    }
+
+    /// Allocates a huge folio at `frame` with refcount 0, `None` if the pool is empty.
+    pub(crate) fn alloc_huge(&mut self, frame: usize) -> Option<FolioId> {
+        let slot = self.huge.alloc()?;
+        Some(self.folios.insert(Folio::new(Backing::Huge(slot), frame)))
+    }
+
+    /// Drops one reference; frees the folio when none is left.
+    pub(crate) fn put_ref(&mut self, id: FolioId) -> Result<(), MmError> {
+        let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.refcount -= 1;
+        if f.refcount == 0 {
+            self.free_folio(id)?;
+        }
+        Ok(())
+    }
+
+    fn free_folio(&mut self, id: FolioId) -> Result<(), MmError> {
+        let f = self.folios.remove(id).ok_or(MmError::NoSuchFolio(id))?;
+        debug_assert!(!f.is_mapped() && f.pincount == 0 && f.held == 0);
+        if f.on_deferred_split {
+            self.deferred.remove(&id);
+        }
+        match f.backing {
+            Backing::Huge(s) => self.huge.free(s)?,
+            Backing::Small(s) => self.small.free(s)?,
+            Backing::HugePart { slot, .. } => {
+                let n = &mut self.parts_live[slot as usize];
+                *n -= 1;
+                if *n == 0 {
+                    self.huge.free(slot)?;
+                }
+            }
+        }
+        if let Some(log) = self.freed_log.as_mut() {
+            log.push(f.backing);
+        }
+        Ok(())
+    }
+
+    /// Queues a large folio for deferred split if it is now partially mapped
+    /// (`deferred_split_folio`).
+    fn maybe_defer(&mut self, id: FolioId) {
+        if let Some(f) = self.folios.get_mut(id) {
+            if !f.on_deferred_split && f.partially_mapped() {
+                f.on_deferred_split = true;
+                self.deferred.insert(id);
+                self.stat.thp_deferred_split_page += 1;
+            }
+        }
+    }
+
+    /// Adds a PTE mapping of page `idx` of `id` (`folio_add_*_rmap_pte` + ref).
+    pub(crate) fn rmap_add_pte(&mut self, id: FolioId, idx: u16) {
+        if let Some(f) = self.folios.get_mut(id) {
+            f.page_mapcount[idx as usize] += 1;
+            f.refcount += 1;
+        }
+    }
+
+    /// Removes a PTE mapping and its reference (`folio_remove_rmap_pte` + put).
+    pub(crate) fn rmap_remove_pte(&mut self, id: FolioId, idx: u16) -> Result<(), MmError> {
+        let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.page_mapcount[idx as usize] -= 1;
+        self.maybe_defer(id);
+        self.put_ref(id)
+    }
+
+    /// Removes a PMD mapping and its reference (`folio_remove_rmap_pmd` + put).
+    pub(crate) fn rmap_remove_pmd(&mut self, id: FolioId) -> Result<(), MmError> {
+        let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.entire_mapcount -= 1;
+        self.maybe_defer(id);
+        self.put_ref(id)
+    }
+
+    /// Installs a new PTE for `folio`'s page `idx` at `page` of `mm` (the slot must be none).
+    pub(crate) fn install_pte(
+        &mut self,
+        mm: MmId,
+        page: u64,
+        folio: FolioId,
+        idx: u16,
+        writable: bool,
+    ) -> Result<(), MmError> {
+        let pfn = self.folio(folio)?.pfn(idx as usize);
+        self.rmap_add_pte(folio, idx);
+        let (f, i) = split_page(page);
+        let m = self.mm_mut(mm)?;
+        let slot = &mut m.frames[f];
+        if matches!(slot, FrameMap::None) {
+            *slot = FrameMap::Table(Box::new(PageTable::new()));
+        }
+        if let FrameMap::Table(t) = slot {
+            t.set(
+                i,
+                Some(Pte {
+                    folio,
+                    idx,
+                    pfn,
+                    writable,
+                }),
+            );
+        }
+        Ok(())
+    }
+
+    /// Clears the PTE at `page` of `mm` (frame must be a table) and drops its mapping.
+    pub(crate) fn clear_pte(&mut self, mm: MmId, page: u64) -> Result<Option<Pte>, MmError> {
+        let (f, i) = split_page(page);
+        let old = match &mut self.mm_mut(mm)?.frames[f] {
+            FrameMap::Table(t) => t.set(i, None),
+            _ => None,
+        };
+        if let Some(p) = old {
+            self.rmap_remove_pte(p.folio, p.idx)?;
+        }
+        Ok(old)
+    }
+
+    /// Maps huge folio `id` with a PMD at `frame` of `mm`.
+    pub(crate) fn install_pmd(
+        &mut self,
+        mm: MmId,
+        frame: usize,
+        id: FolioId,
+        writable: bool,
+    ) -> Result<(), MmError> {
+        let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.entire_mapcount += 1;
+        f.refcount += 1;
+        let pfn = f.pfn(0);
+        self.mm_mut(mm)?.frames[frame] = FrameMap::Pmd(Pmd {
+            folio: id,
+            pfn,
+            writable,
+        });
+        Ok(())
+    }
+}
+
+/// (frame, page index in frame) of a VMA page.
+pub(crate) fn split_page(page: u64) -> (usize, usize) {
+    (
+        (page / crate::units::PAGES_PER_HPAGE) as usize,
+        (page % crate::units::PAGES_PER_HPAGE) as usize,
+    )
+}

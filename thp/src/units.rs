@@ -1,0 +1,79 @@
+//! Units shared by every crate: page and huge-page sizes, frame arithmetic and
+//! the mapping [`Level`].
+
+/// Size of a base page (4 KiB).
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of a PMD-mapped huge page (2 MiB).
+pub const HPAGE_SIZE: u64 = 2 << 20;
+/// Number of base pages in a huge page (`HPAGE_PMD_NR`).
+pub const PAGES_PER_HPAGE: u64 = 512;
+/// `PAGES_PER_HPAGE` as a `usize`, for indexing.
+pub const PAGES_PER_HPAGE_USIZE: usize = 512;
+
+/// Frame (2M-aligned 2M piece) containing the 4K page number `page`.
+pub fn frame_of(page: u64) -> usize {
+    (page / PAGES_PER_HPAGE) as usize
+}
+
+/// Index (0..512) of the 4K page number `page` inside its frame.
+pub fn page_in_frame(page: u64) -> u16 {
+    (page % PAGES_PER_HPAGE) as u16
+}
+
+/// First 4K page number of `frame`.
+pub fn first_page_of(frame: usize) -> u64 {
+    frame as u64 * PAGES_PER_HPAGE
+}
+
+/// Byte address of the start of `frame`.
+pub fn frame_addr(frame: usize) -> u64 {
+    frame as u64 * HPAGE_SIZE
+}
+
+/// Whether `addr` is 2M aligned.
+pub fn is_hpage_aligned(addr: u64) -> bool {
+    addr.is_multiple_of(HPAGE_SIZE)
+}
+
+/// Whether `addr` is 4K aligned.
+pub fn is_page_aligned(addr: u64) -> bool {
+    addr.is_multiple_of(PAGE_SIZE)
+}
+
+/// A mapping level, as in KVM's `PG_LEVEL_4K` / `PG_LEVEL_2M` (1G is not modelled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// A 4K leaf (PTE).
+    K4,
+    /// A 2M leaf (PMD).
+    M2,
+}
+
+impl Level {
+    /// Number of 4K pages a leaf at this level covers.
+    pub fn pages(self) -> u64 {
+        match self {
+            Level::K4 => 1,
+            Level::M2 => PAGES_PER_HPAGE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_arithmetic_round_trips() {
+        assert_eq!(frame_of(0), 0);
+        assert_eq!(frame_of(511), 0);
+        assert_eq!(frame_of(512), 1);
+        assert_eq!(page_in_frame(513), 1);
+        assert_eq!(first_page_of(3), 1536);
+        assert_eq!(frame_addr(2), 4 << 20);
+        assert!(is_hpage_aligned(4 << 20));
+        assert!(!is_hpage_aligned(4096));
+        assert!(Level::K4 < Level::M2);
+        assert_eq!(Level::M2.pages(), 512);
+    }
+}

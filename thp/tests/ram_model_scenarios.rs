@@ -1,0 +1,277 @@
+//! Named scenarios for the RamModel façade used by guest-mem.
+
+use thp::policy::{Defrag, Enabled, ThpPolicy};
+use thp::primary::CollapseRefusal;
+use thp::{CollapsePlan, DiscardStep, FrameView, ModelError, PopulatePlan, RamModel, SplitPlan};
+
+fn ok(m: &RamModel) {
+    if let Err(e) = m.check_invariants() {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn populate_huge_then_whole_discard_returns_slot_to_pool() {
+    let mut m = RamModel::new(2, 2, ThpPolicy::always());
+    assert_eq!(m.populate(0).unwrap(), PopulatePlan::Huge { slot: 0 });
+    assert_eq!(m.populate(0).unwrap(), PopulatePlan::AlreadyPopulated);
+    assert_eq!(m.vmstat().thp_fault_alloc, 1);
+    ok(&m);
+    let steps = m.discard(0, 512).unwrap();
+    assert_eq!(steps, vec![DiscardStep::WholeHuge { frame: 0, slot: 0 }]);
+    assert_eq!(m.frame(0), FrameView::Unpopulated);
+    assert_eq!(m.huge_pool().free_count(), 2);
+    ok(&m);
+}
+
+#[test]
+fn partial_discard_of_huge_frame_split_pmd_copies_kept_pages_and_frees_slot() {
+    let mut m = RamModel::new(2, 2, ThpPolicy::always());
+    m.populate(0).unwrap();
+    m.populate(1).unwrap();
+    // Give back the last page of frame 0 and the first two of frame 1.
+    let steps = m.discard(511, 3).unwrap();
+    ok(&m);
+    assert_eq!(steps.len(), 2);
+    match &steps[0] {
+        DiscardStep::SplitHuge {
+            frame,
+            huge_slot,
+            kept,
+            dropped,
+        } => {
+            assert_eq!((*frame, *huge_slot), (0, 0));
+            assert_eq!(kept.len(), 511);
+            assert_eq!(dropped, &vec![511]);
+            assert!(kept
+                .iter()
+                .enumerate()
+                .all(|(i, (idx, _))| *idx as usize == i));
+        }
+        s => panic!("unexpected {s:?}"),
+    }
+    match &steps[1] {
+        DiscardStep::SplitHuge {
+            frame,
+            kept,
+            dropped,
+            ..
+        } => {
+            assert_eq!(*frame, 1);
+            assert_eq!(kept.len(), 510);
+            assert_eq!(dropped, &vec![0, 1]);
+        }
+        s => panic!("unexpected {s:?}"),
+    }
+    assert_eq!(m.frame(0), FrameView::Small { present: 511 });
+    assert_eq!(m.huge_pool().free_count(), 2);
+    assert_eq!(m.small_pool().used_count(), 1021);
+    assert_eq!(m.vmstat().thp_split_pmd, 2);
+    assert_eq!(m.vmstat().thp_split_page, 2);
+}
+
+#[test]
+fn discard_in_small_frame_frees_exactly_those_slots_and_refill_brings_zeroed_pages() {
+    let mut m = RamModel::new(1, 0, ThpPolicy::always());
+    let PopulatePlan::Small { slots } = m.populate(0).unwrap() else {
+        panic!("small expected with an empty pool");
+    };
+    assert_eq!(slots.len(), 512);
+    let steps = m.discard(10, 2).unwrap();
+    assert_eq!(
+        steps,
+        vec![DiscardStep::Small {
+            frame: 0,
+            freed: vec![(10, slots[10]), (11, slots[11])]
+        }]
+    );
+    assert_eq!(m.frame(0), FrameView::Small { present: 510 });
+    ok(&m);
+    let r = m.refill(0, 20).unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].filled.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![10, 11]
+    );
+    assert_eq!(m.frame(0), FrameView::Small { present: 512 });
+    ok(&m);
+}
+
+#[test]
+fn pool_exhaustion_fallback_to_small_then_collapse_restores_2m() {
+    let mut m = RamModel::new(2, 1, ThpPolicy::always());
+    m.populate(0).unwrap();
+    assert!(matches!(m.populate(1).unwrap(), PopulatePlan::Small { .. }));
+    assert_eq!(m.vmstat().thp_fault_fallback, 1);
+    assert_eq!(
+        m.collapse(1).unwrap_err(),
+        ModelError::HugePoolEmpty {
+            frame: 1,
+            capacity: 1
+        }
+    );
+    ok(&m);
+    m.discard(0, 512).unwrap();
+    let CollapsePlan::Collapse {
+        frame,
+        huge_slot,
+        copy,
+        zero,
+        free_small,
+    } = m.collapse(1).unwrap()
+    else {
+        panic!("collapse expected");
+    };
+    assert_eq!(
+        (frame, huge_slot, copy.len(), zero.len(), free_small.len()),
+        (1, 0, 512, 0, 512)
+    );
+    assert_eq!(m.frame(1), FrameView::Huge { slot: 0 });
+    assert_eq!(m.small_pool().used_count(), 0);
+    assert_eq!(m.vmstat().thp_collapse_alloc, 1);
+    assert_eq!(m.collapse(1).unwrap(), CollapsePlan::AlreadyHuge);
+    ok(&m);
+}
+
+#[test]
+fn pinned_frame_split_returns_busy_and_changes_nothing() {
+    let mut m = RamModel::new(1, 1, ThpPolicy::always());
+    m.populate(0).unwrap();
+    m.pin(0).unwrap();
+    let before = (
+        m.frame(0),
+        m.huge_pool().free_count(),
+        m.small_pool().used_count(),
+    );
+    assert_eq!(
+        m.split(0).unwrap_err(),
+        ModelError::Busy { frame: 0, pins: 1 }
+    );
+    assert_eq!(
+        m.discard(3, 1).unwrap_err(),
+        ModelError::Busy { frame: 0, pins: 1 }
+    );
+    assert_eq!(
+        before,
+        (
+            m.frame(0),
+            m.huge_pool().free_count(),
+            m.small_pool().used_count()
+        )
+    );
+    ok(&m);
+    m.unpin(0).unwrap();
+    assert_eq!(m.unpin(0).unwrap_err(), ModelError::NotPinned { frame: 0 });
+    let SplitPlan::Split {
+        copied, huge_slot, ..
+    } = m.split(0).unwrap()
+    else {
+        panic!("split expected");
+    };
+    assert_eq!((copied.len(), huge_slot), (512, 0));
+    assert_eq!(m.frame(0), FrameView::Small { present: 512 });
+    assert_eq!(m.split(0).unwrap(), SplitPlan::NotHuge);
+    ok(&m);
+}
+
+#[test]
+fn collapse_counts_discarded_pages_against_max_ptes_none() {
+    let mut policy = ThpPolicy::always();
+    policy.khugepaged.max_ptes_none = 100;
+    let mut m = RamModel::new(1, 1, policy);
+    m.populate(0).unwrap();
+    m.discard(0, 101).unwrap();
+    assert_eq!(
+        m.collapse(0).unwrap_err(),
+        ModelError::CollapseRefused {
+            frame: 0,
+            reason: CollapseRefusal::ExceedNonePte {
+                none: 101,
+                max: 100
+            }
+        }
+    );
+    m.refill(0, 1).unwrap();
+    let CollapsePlan::Collapse {
+        copy,
+        zero,
+        free_small,
+        ..
+    } = m.collapse(0).unwrap()
+    else {
+        panic!("collapse expected");
+    };
+    assert_eq!((copy.len(), zero.len(), free_small.len()), (412, 100, 412));
+    assert_eq!(zero[0], 1);
+    ok(&m);
+}
+
+#[test]
+fn small_pool_limit_refuses_partial_discard_of_huge_without_change() {
+    let mut m = RamModel::with_small_limit(1, 1, ThpPolicy::always(), Some(100));
+    m.populate(0).unwrap();
+    let err = m.discard(0, 1).unwrap_err();
+    assert_eq!(
+        err,
+        ModelError::SmallPoolExhausted {
+            needed: 511,
+            available: 100
+        }
+    );
+    assert_eq!(m.frame(0), FrameView::Huge { slot: 0 });
+    ok(&m);
+}
+
+#[test]
+fn policy_never_populates_small_without_fallback_count() {
+    let mut m = RamModel::new(1, 4, ThpPolicy::never());
+    assert!(matches!(m.populate(0).unwrap(), PopulatePlan::Small { .. }));
+    assert_eq!(m.vmstat().thp_fault_fallback, 0);
+    assert_eq!(m.vmstat().thp_fault_alloc, 0);
+    assert_eq!(
+        m.collapse(0).unwrap_err(),
+        ModelError::CollapseRefused {
+            frame: 0,
+            reason: CollapseRefusal::Disabled
+        }
+    );
+    ok(&m);
+}
+
+#[test]
+fn injected_huge_failure_with_defrag_never_falls_back() {
+    let policy = ThpPolicy {
+        enabled: Enabled::Madvise,
+        defrag: Defrag::Never,
+        ..Default::default()
+    };
+    let mut m = RamModel::new(1, 1, policy);
+    m.inject_huge_failures(1);
+    assert!(matches!(m.populate(0).unwrap(), PopulatePlan::Small { .. }));
+    assert_eq!(m.vmstat().thp_fault_fallback, 1);
+    assert_eq!(m.huge_pool().free_count(), 1);
+    ok(&m);
+}
+
+#[test]
+fn out_of_range_requests_are_typed_errors() {
+    let mut m = RamModel::new(1, 1, ThpPolicy::always());
+    assert!(matches!(
+        m.populate(1),
+        Err(ModelError::FrameOutOfRange { .. })
+    ));
+    assert!(matches!(
+        m.discard(500, 13),
+        Err(ModelError::PagesOutOfRange { .. })
+    ));
+    assert!(matches!(
+        m.refill(u64::MAX, 2),
+        Err(ModelError::PagesOutOfRange { .. })
+    ));
+    assert!(matches!(
+        m.pin(0),
+        Err(ModelError::NotPopulated { frame: 0 })
+    ));
+    assert_eq!(m.frame(9), FrameView::Unpopulated);
+    ok(&m);
+}

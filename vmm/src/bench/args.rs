@@ -1,0 +1,166 @@
+//! Options of `vmm bench`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+use guest_mem::Backing;
+
+use crate::testguest::guests::tlb;
+use crate::testguest::GuestPageSize;
+
+/// Default timed accesses per run of `vmm bench tlb`.
+pub const DEFAULT_ACCESSES: u64 = 4_000_000;
+
+/// `vmm bench <kind>`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub bench: BenchKind,
+}
+
+/// The benchmarks.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchKind {
+    /// TLB-heavy guest workloads by host backing and guest page size, against native.
+    Tlb(TlbArgs),
+}
+
+/// Workload of `vmm bench tlb`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Dependent loads through a random cycle over all pages (latency).
+    Chase,
+    /// Random 8-byte XOR updates (GUPS-style, throughput).
+    Gups,
+}
+
+impl Mode {
+    /// The guest's `mode` argument.
+    pub fn guest_arg(self) -> u64 {
+        match self {
+            Mode::Chase => tlb::MODE_CHASE,
+            Mode::Gups => tlb::MODE_GUPS,
+        }
+    }
+}
+
+/// Where the loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestChoice {
+    /// The built-in `tlb` test guest (no OS).
+    Test,
+    /// A static binary in a Linux guest (needs guest user space).
+    Linux,
+}
+
+/// Options of `vmm bench tlb`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Exit codes: 0 done, 1 internal error, 2 bad input or host prerequisite \
+missing (e.g. hugetlb pool too small, --guest linux on a paravirtual host), \
+4 a run returned a wrong checksum or failed, 5 a run timed out"
+)]
+pub struct TlbArgs {
+    /// Working sets (comma-separated sizes with K, M or G suffix).
+    #[arg(long, value_name = "SIZE,...", value_delimiter = ',', default_value = "64M,512M,2G", value_parser = crate::cli::parse_size)]
+    pub working_set: Vec<u64>,
+    /// Timed accesses per run.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_ACCESSES)]
+    pub accesses: u64,
+    /// Workload.
+    #[arg(long, value_enum, default_value_t = Mode::Chase)]
+    pub mode: Mode,
+    /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
+    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
+    pub backing: Vec<Backing>,
+    /// Guest page sizes (comma-separated: 4k, 2m).
+    #[arg(long, value_name = "P,...", value_delimiter = ',', default_value = "4k,2m", value_parser = parse_guest_pages)]
+    pub guest_pages: Vec<GuestPageSize>,
+    /// Repeats of every configuration (interleaved: the repeat loop is outermost).
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Also run the loop in a host thread on host memory of the same page size
+    /// (4K: anonymous + MADV_NOHUGEPAGE; 2M: MAP_HUGETLB, else MADV_HUGEPAGE).
+    #[arg(long)]
+    pub native: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Write an SVG bar chart to this file.
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
+    /// Where the loop runs.
+    #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
+    pub guest: GuestChoice,
+    /// PRNG seed of the permutation / update stream (non-zero).
+    #[arg(long, value_name = "N", default_value_t = tlb::DEFAULT_SEED)]
+    pub seed: u64,
+    /// Stop a guest run after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub timeout: f64,
+    /// KVM device node (for tests).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/kvm",
+        env = "VMM_KVM_DEV",
+        hide = true
+    )]
+    pub kvm_dev: PathBuf,
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    s.trim().parse::<Backing>().map_err(|e| e.to_string())
+}
+
+fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
+    s.trim().parse::<GuestPageSize>().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn tlb_args(extra: &[&str]) -> TlbArgs {
+        let mut v = vec!["vmm", "bench", "tlb"];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Bench(BenchArgs {
+                bench: BenchKind::Tlb(t),
+            }) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_lists() {
+        let t = tlb_args(&[]);
+        assert_eq!(t.working_set, vec![64 << 20, 512 << 20, 2 << 30]);
+        assert_eq!(
+            t.backing,
+            vec![Backing::Small4k, Backing::Thp, Backing::Hugetlb]
+        );
+        assert_eq!(t.guest_pages.len(), 2);
+        assert_eq!(t.repeat, 3);
+        assert!(!t.native);
+        let t = tlb_args(&[
+            "--working-set",
+            "16M",
+            "--backing",
+            "hugetlb,4k",
+            "--guest-pages",
+            "2m",
+            "--native",
+        ]);
+        assert_eq!(t.working_set, vec![16 << 20]);
+        assert_eq!(t.backing, vec![Backing::Hugetlb, Backing::Small4k]);
+        assert_eq!(t.guest_pages, vec![GuestPageSize::Size2M]);
+        assert!(t.native);
+        assert!(Cli::try_parse_from(["vmm", "bench", "tlb", "--backing", "1g"]).is_err());
+        assert!(Cli::try_parse_from(["vmm", "bench", "tlb", "--repeat", "0"]).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! Per-configuration statistics, the results file and the text table.
+
+use crate::stats::MappingStats;
+
+use super::args::Mode;
+use super::hostdesc::HostDesc;
+use super::plan::{size_name, Config};
+use super::tsc::TscFreq;
+
+/// Median and spread of the samples of one configuration.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Spread {
+    /// Median.
+    pub median: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+impl Spread {
+    /// From samples (`None` if empty).
+    pub fn of(samples: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+/// The measurements of one configuration so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Samples {
+    /// The configuration.
+    pub config: Config,
+    /// ns per access of each run.
+    pub ns: Vec<f64>,
+    /// KVM's counters at the end of each guest run.
+    pub kvm: Vec<MappingStats>,
+    /// Set-up + warm-up seconds inside the guest / native thread, per run.
+    pub setup_seconds: Vec<f64>,
+    /// Guest RAM (guest runs).
+    pub memory: Option<u64>,
+    /// What backed the native table.
+    pub native_backing: Option<&'static str>,
+}
+
+impl Samples {
+    /// No samples yet.
+    pub fn new(config: Config) -> Samples {
+        Samples {
+            config,
+            ns: Vec::new(),
+            kvm: Vec::new(),
+            setup_seconds: Vec::new(),
+            memory: None,
+            native_backing: None,
+        }
+    }
+}
+
+/// One configuration in the results file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConfigResult {
+    /// Working set in bytes.
+    pub working_set: u64,
+    /// Working set, e.g. `512M`.
+    pub working_set_name: String,
+    /// Guest page size (`4k` / `2m`); for native the host page size.
+    pub guest_pages: String,
+    /// `4k`, `thp`, `hugetlb` or `native`.
+    pub backing: String,
+    /// For native: `4k`, `hugetlb` or `thp`.
+    pub native_backing: Option<String>,
+    /// Guest RAM in bytes (guest runs).
+    pub guest_memory: Option<u64>,
+    /// ns per access of every run, in run order.
+    pub samples_ns: Vec<f64>,
+    /// ns per access: median, min, max.
+    pub ns_per_access: Option<Spread>,
+    /// Median / median of native with the same working set and page size.
+    pub slowdown_vs_native: Option<f64>,
+    /// KVM `pages_2m` at the end of the last run.
+    pub kvm_pages_2m: Option<u64>,
+    /// KVM `pages_4k` at the end of the last run.
+    pub kvm_pages_4k: Option<u64>,
+    /// KVM counters at the end of every run.
+    pub kvm_runs: Vec<MappingStats>,
+    /// Seconds of set-up and warm-up before each timed loop.
+    pub setup_seconds: Vec<f64>,
+}
+
+/// The results file of `vmm bench tlb`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TlbResults {
+    /// The command line.
+    pub command: String,
+    /// The host.
+    pub host: HostDesc,
+    /// The TSC frequency used for ns.
+    pub tsc: TscFreq,
+    /// Workload.
+    pub mode: Mode,
+    /// Timed accesses per run.
+    pub accesses: u64,
+    /// Repeats.
+    pub repeat: u32,
+    /// PRNG seed.
+    pub seed: u64,
+    /// Wall seconds of the whole benchmark.
+    pub seconds: f64,
+    /// Every configuration.
+    pub configs: Vec<ConfigResult>,
+}
+
+fn native_median(all: &[Samples], c: &Config) -> Option<f64> {
+    all.iter()
+        .find(|s| {
+            s.config.backing.is_none()
+                && s.config.working_set == c.working_set
+                && s.config.guest_pages == c.guest_pages
+        })
+        .and_then(|s| Spread::of(&s.ns))
+        .map(|s| s.median)
+}
+
+/// Results per configuration, in plan order.
+pub fn results(all: &[Samples]) -> Vec<ConfigResult> {
+    all.iter()
+        .map(|s| {
+            let spread = Spread::of(&s.ns);
+            let slowdown = match (spread, native_median(all, &s.config)) {
+                (Some(g), Some(n)) if n > 0.0 => Some(g.median / n),
+                _ => None,
+            };
+            let last = s.kvm.last().copied();
+            ConfigResult {
+                working_set: s.config.working_set,
+                working_set_name: size_name(s.config.working_set),
+                guest_pages: s.config.guest_pages.to_string(),
+                backing: s
+                    .config
+                    .backing
+                    .map_or_else(|| "native".to_string(), |b| b.to_string()),
+                native_backing: s.native_backing.map(str::to_string),
+                guest_memory: s.memory,
+                samples_ns: s.ns.clone(),
+                ns_per_access: spread,
+                slowdown_vs_native: slowdown,
+                kvm_pages_2m: last.and_then(|k| k.pages_2m),
+                kvm_pages_4k: last.and_then(|k| k.pages_4k),
+                kvm_runs: s.kvm.clone(),
+                setup_seconds: s.setup_seconds.clone(),
+            }
+        })
+        .collect()
+}
+
+fn opt_u(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The human-readable table.
+pub fn table(r: &[ConfigResult]) -> String {
+    let mut s = format!(
+        "{:<8} {:<6} {:<16} {:>10} {:>17} {:>9} {:>9} {:>9}\n",
+        "ws", "gpages", "backing", "ns/access", "min-max", "vs native", "pages_2m", "pages_4k"
+    );
+    for c in r {
+        let backing = match &c.native_backing {
+            Some(n) => format!("native ({n})"),
+            None => c.backing.clone(),
+        };
+        let (med, range) = c.ns_per_access.map_or_else(
+            || ("-".to_string(), "-".to_string()),
+            |p| {
+                (
+                    format!("{:.2}", p.median),
+                    format!("{:.2}-{:.2}", p.min, p.max),
+                )
+            },
+        );
+        let slow = c
+            .slowdown_vs_native
+            .map_or_else(|| "-".into(), |x| format!("{x:.2}x"));
+        s.push_str(&format!(
+            "{:<8} {:<6} {:<16} {:>10} {:>17} {:>9} {:>9} {:>9}\n",
+            c.working_set_name,
+            c.guest_pages,
+            backing,
+            med,
+            range,
+            slow,
+            opt_u(c.kvm_pages_2m),
+            opt_u(c.kvm_pages_4k)
+        ));
+    }
+    s
+}
+
+/// The same table in Markdown.
+pub fn markdown_table(r: &[ConfigResult]) -> String {
+    let mut s = String::from(
+        "| working set | guest pages | backing | ns/access (median) | min–max | vs native | pages_2m | pages_4k |\n|---|---|---|---:|---:|---:|---:|---:|\n",
+    );
+    for c in r {
+        let backing = match &c.native_backing {
+            Some(n) => format!("native ({n})"),
+            None => c.backing.clone(),
+        };
+        let (med, range) = c.ns_per_access.map_or_else(
+            || ("-".to_string(), "-".to_string()),
+            |p| {
+                (
+                    format!("{:.2}", p.median),
+                    format!("{:.2}–{:.2}", p.min, p.max),
+                )
+            },
+        );
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            c.working_set_name,
+            c.guest_pages,
+            backing,
+            med,
+            range,
+            c.slowdown_vs_native
+                .map_or_else(|| "-".into(), |x| format!("{x:.2}x")),
+            opt_u(c.kvm_pages_2m),
+            opt_u(c.kvm_pages_4k)
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testguest::GuestPageSize;
+    use guest_mem::Backing;
+
+    #[test]
+    fn spread_median() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of(&[1.0, 4.0]).unwrap().median, 2.5);
+        assert!(Spread::of(&[]).is_none());
+    }
+
+    #[test]
+    fn slowdown_uses_native_of_same_page_size() {
+        let c = |backing, gp| Config {
+            working_set: 64 << 20,
+            guest_pages: gp,
+            backing,
+        };
+        let mut n2 = Samples::new(c(None, GuestPageSize::Size2M));
+        n2.ns = vec![10.0, 10.0];
+        let mut n4 = Samples::new(c(None, GuestPageSize::Size4K));
+        n4.ns = vec![20.0];
+        let mut g = Samples::new(c(Some(Backing::Hugetlb), GuestPageSize::Size2M));
+        g.ns = vec![11.0, 12.0, 13.0];
+        g.kvm.push(MappingStats {
+            pages_4k: Some(3),
+            pages_2m: Some(32),
+            pages_1g: Some(0),
+        });
+        let r = results(&[n2, n4, g]);
+        assert_eq!(r[2].slowdown_vs_native, Some(1.2));
+        assert_eq!(r[2].kvm_pages_2m, Some(32));
+        assert_eq!(r[0].slowdown_vs_native, Some(1.0));
+        let t = table(&r);
+        assert!(t.contains("1.20x"), "{t}");
+        assert!(markdown_table(&r).contains("| 64M | 2m | hugetlb | 12.00 |"));
+    }
+}

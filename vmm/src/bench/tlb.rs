@@ -1,0 +1,251 @@
+//! The driver of `vmm bench tlb`: every configuration, repeats interleaved
+//! (the repeat loop is outermost so drift hits all configurations alike),
+//! checksums checked, progress on stderr, results as a table, JSON and SVG.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use guest_mem::Backing;
+
+use crate::host::{HostInfo, HostKind};
+use crate::testguest::guests::tlb::{self as guest_tlb, TlbParams, MAX_ACCESSES};
+
+use super::args::{GuestChoice, TlbArgs};
+use super::error::BenchError;
+use super::hostdesc::{meminfo, HostDesc};
+use super::plan::{self, Config};
+use super::summary::{self, Samples, TlbResults};
+use super::{chart, guest, native, tsc};
+
+/// Why `--guest linux` cannot run on this host.
+pub fn linux_guest_unavailable(info: &HostInfo) -> String {
+    match info.kind {
+        HostKind::ParavirtShadow => "--guest linux is not available on this host: its KVM is paravirtual \
+             shadow paging (no vmx/svm in /proc/cpuinfo), where a Linux guest boots its kernel but the \
+             first SYSCALL from guest user space is not delivered to the guest kernel, so the static \
+             benchmark binary cannot run. Use --guest test: the built-in CPL3 test guest runs natively here."
+            .to_string(),
+        HostKind::HardwareVirt => "--guest linux is not implemented in this build (it needs a test kernel \
+             and an initramfs with the static benchmark binary). Use --guest test."
+            .to_string(),
+    }
+}
+
+fn check(a: &TlbArgs) -> Result<(), BenchError> {
+    plan::check_working_sets(&a.working_set)?;
+    if a.accesses == 0 || a.accesses > MAX_ACCESSES {
+        return Err(BenchError::Usage(format!(
+            "--accesses {} must be in 1..={MAX_ACCESSES}",
+            a.accesses
+        )));
+    }
+    if a.seed == 0 {
+        return Err(BenchError::Usage(
+            "--seed must be non-zero (xorshift)".into(),
+        ));
+    }
+    if !(a.timeout > 0.0 && a.timeout.is_finite()) {
+        return Err(BenchError::Usage(format!(
+            "--timeout {} must be positive",
+            a.timeout
+        )));
+    }
+    if a.backing.is_empty() || a.guest_pages.is_empty() {
+        return Err(BenchError::Usage(
+            "--backing and --guest-pages need at least one value".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hugetlb_pool(cfgs: &[Config]) -> Result<(), BenchError> {
+    let guest_huge: Vec<Config> = cfgs
+        .iter()
+        .copied()
+        .filter(|c| c.backing == Some(Backing::Hugetlb))
+        .collect();
+    let need = plan::hugetlb_pages_needed(&guest_huge);
+    if need == 0 {
+        return Ok(());
+    }
+    let free = if meminfo("Hugepagesize:") == Some(2048) {
+        meminfo("HugePages_Free:").unwrap_or(0)
+    } else {
+        0
+    };
+    if free < need {
+        let total = meminfo("HugePages_Total:").unwrap_or(0);
+        return Err(BenchError::HostPrerequisite(format!(
+            "hugetlb pool too small: the largest hugetlb run needs {need} free 2M pages \
+             (guest RAM = working set + reserved region + slack), the host has {free} free \
+             ({total} reserved). Reserve more with `echo {} > /proc/sys/vm/nr_hugepages`, \
+             or drop hugetlb from --backing, or use a smaller --working-set.",
+            total + (need - free)
+        )));
+    }
+    Ok(())
+}
+
+fn params(a: &TlbArgs, ws: u64) -> TlbParams {
+    TlbParams {
+        ws,
+        accesses: a.accesses,
+        mode: a.mode.guest_arg(),
+        seed: a.seed,
+    }
+}
+
+fn one(
+    a: &TlbArgs,
+    c: &Config,
+    p: &TlbParams,
+    tsc: &tsc::TscFreq,
+    want: u64,
+    s: &mut Samples,
+) -> Result<String, BenchError> {
+    let checksum_ok = |got: u64| {
+        if got == want {
+            Ok(())
+        } else {
+            Err(BenchError::Checksum {
+                config: c.name(),
+                got,
+                want,
+            })
+        }
+    };
+    let started = Instant::now();
+    match c.backing {
+        None => {
+            let r = native::run(p, c.guest_pages)?;
+            checksum_ok(r.checksum)?;
+            let ns = tsc.ns_per(r.cycles, p.accesses);
+            s.ns.push(ns);
+            s.native_backing = Some(r.backing.name());
+            Ok(format!(
+                "{ns:.2} ns/access (host memory: {}; {:.2} s)",
+                r.backing.name(),
+                started.elapsed().as_secs_f64()
+            ))
+        }
+        Some(_) => {
+            let r = guest::run(c, p, a.timeout, &a.kvm_dev)?;
+            checksum_ok(r.checksum)?;
+            let ns = tsc.ns_per(r.cycles, r.accesses);
+            let setup = tsc.ns_per(r.setup_cycles, 1) / 1e9;
+            s.ns.push(ns);
+            s.kvm.push(r.kvm);
+            s.setup_seconds.push(setup);
+            s.memory = Some(r.memory);
+            let o = |v: Option<u64>| v.map_or_else(|| "n/a".into(), |v| v.to_string());
+            Ok(format!(
+                "{ns:.2} ns/access (KVM pages_2m {}, pages_4k {}; guest set-up {setup:.2} s, run {:.2} s)",
+                o(r.kvm.pages_2m),
+                o(r.kvm.pages_4k),
+                r.seconds
+            ))
+        }
+    }
+}
+
+/// Runs the benchmark; `progress` gets one line per run.
+pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, BenchError> {
+    let info = HostInfo::detect();
+    if a.guest == GuestChoice::Linux {
+        return Err(BenchError::HostPrerequisite(linux_guest_unavailable(&info)));
+    }
+    check(a)?;
+    let cfgs = plan::configs(&a.working_set, &a.guest_pages, &a.backing, a.native);
+    check_hugetlb_pool(&cfgs)?;
+    let host = HostDesc::detect(&info);
+    let tsc = tsc::detect(&a.kvm_dev);
+    progress(&format!("host: {}", host.line()));
+    progress(&format!(
+        "TSC {} kHz from {} (host TSC calibrated: {} kHz)",
+        tsc.khz, tsc.source, tsc.calibrated_khz
+    ));
+    let started = Instant::now();
+    let mut want = BTreeMap::new();
+    for &ws in &a.working_set {
+        want.insert(ws, guest_tlb::expected_checksum(&params(a, ws)));
+    }
+    let mut samples: Vec<Samples> = cfgs.iter().map(|c| Samples::new(*c)).collect();
+    let total = cfgs.len() * a.repeat as usize;
+    let mut done = 0;
+    for rep in 0..a.repeat {
+        for (c, s) in cfgs.iter().zip(samples.iter_mut()) {
+            let p = params(a, c.working_set);
+            let line = one(a, c, &p, &tsc, want[&c.working_set], s)?;
+            done += 1;
+            progress(&format!(
+                "[repeat {}/{} run {done}/{total}] {}: {line}",
+                rep + 1,
+                a.repeat,
+                c.name()
+            ));
+        }
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    Ok(TlbResults {
+        command,
+        host,
+        tsc,
+        mode: a.mode,
+        accesses: a.accesses,
+        repeat: a.repeat,
+        seed: a.seed,
+        seconds: started.elapsed().as_secs_f64(),
+        configs: summary::results(&samples),
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), BenchError> {
+    std::fs::write(path, text).map_err(|e| BenchError::Output {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
+/// `vmm bench tlb`: run, print the table, write JSON / SVG.
+pub fn run_cli(a: &TlbArgs) -> Result<(), BenchError> {
+    let r = run(a, &mut |l| eprintln!("{l}"))?;
+    println!(
+        "vmm bench tlb: mode {:?}, {} accesses, {} repeats, TSC {} kHz ({}), {:.1} s",
+        r.mode, r.accesses, r.repeat, r.tsc.khz, r.tsc.source, r.seconds
+    );
+    print!("{}", summary::table(&r.configs));
+    if let Some(p) = &a.json {
+        let text = serde_json::to_string_pretty(&r).map_err(|e| BenchError::Output {
+            path: p.clone(),
+            why: e.to_string(),
+        })?;
+        write(p, &text)?;
+    }
+    if let Some(p) = &a.svg {
+        let title = format!(
+            "vmm bench tlb ({:?}, {} accesses, {} repeats): ns per access",
+            r.mode, r.accesses, r.repeat
+        )
+        .to_lowercase();
+        let svg = chart::svg(&r.configs, &title).map_err(|why| BenchError::Output {
+            path: p.clone(),
+            why,
+        })?;
+        write(p, &svg)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linux_guest_message_names_the_reason() {
+        let pv = HostInfo::from_texts("flags : fpu\n", "N");
+        assert!(linux_guest_unavailable(&pv).contains("paravirtual"));
+        let hw = HostInfo::from_texts("flags : vmx\n", "Y");
+        assert!(linux_guest_unavailable(&hw).contains("not implemented"));
+    }
+}

@@ -1,0 +1,194 @@
+//! Command-line interface of the `vmm` binary (clap).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use guest_mem::Backing;
+
+use crate::exit_code;
+use crate::testguest::{GuestPageSize, TestGuestName};
+
+/// A minimal KVM VMM whose guest RAM lives on 2M huge pages it manages itself.
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a Linux kernel or run a built-in test guest.
+    Run(RunArgs),
+    /// Benchmarks (`vmm bench tlb`).
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Options of `vmm run`.
+#[derive(Debug, Clone, Args)]
+#[command(after_help = exit_code::TABLE)]
+pub struct RunArgs {
+    /// Kernel to boot: an x86-64 ELF vmlinux or a bzImage.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "test_guest",
+        conflicts_with = "test_guest"
+    )]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk for the kernel.
+    #[arg(long, value_name = "PATH", requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel command-line entries, added after the defaults.
+    #[arg(long, value_name = "STR", requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Guest RAM size: bytes, or with a K, M or G suffix (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    pub vcpus: u8,
+    /// What backs guest RAM on the host.
+    #[arg(long, value_name = "hugetlb|thp|4k", default_value = "hugetlb", value_parser = parse_backing)]
+    pub backing: Backing,
+    /// Where the guest's serial console goes: `stdout` or a file path.
+    #[arg(long, value_name = "stdout|PATH", default_value = "stdout")]
+    pub serial: String,
+    /// At exit, print KVM's pages_4k / pages_2m / pages_1g beside the THP
+    /// mirror's prediction.
+    #[arg(long)]
+    pub stats: bool,
+    /// Write the run's outcome and statistics as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// Stop the guest after this many seconds (exit code 5).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<f64>,
+    /// Run a built-in test guest instead of a kernel (hello, verify, unmap, fault).
+    #[arg(long, value_name = "NAME", value_parser = parse_test_guest)]
+    pub test_guest: Option<TestGuestName>,
+    /// Page size of the test guest's own page tables.
+    #[arg(long, value_name = "4k|2m", default_value = "2m", value_parser = parse_guest_pages)]
+    pub guest_pages: GuestPageSize,
+    /// Generations of the `verify` / `unmap` test guests.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub generations: u32,
+    /// A test-guest argument KEY=VALUE (repeatable).
+    #[arg(long = "guest-arg", value_name = "KEY=VALUE", value_parser = parse_guest_arg)]
+    pub guest_args: Vec<(String, u64)>,
+    /// KVM device node (for tests).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/kvm",
+        env = "VMM_KVM_DEV",
+        hide = true
+    )]
+    pub kvm_dev: PathBuf,
+}
+
+impl RunArgs {
+    /// The guest arguments as a map.
+    pub fn guest_arg_map(&self) -> BTreeMap<String, u64> {
+        self.guest_args.iter().cloned().collect()
+    }
+}
+
+/// Parse a size such as `512M`, `2G`, `65536K` or `268435456`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let body = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (num, shift) = match body.chars().last() {
+        Some('k') => (&body[..body.len() - 1], 10),
+        Some('m') => (&body[..body.len() - 1], 20),
+        Some('g') => (&body[..body.len() - 1], 30),
+        Some(c) if c.is_ascii_digit() => (body, 0),
+        _ => {
+            return Err(format!(
+            "invalid size {s:?}: use a number with an optional K, M or G suffix, e.g. 512M or 2G"
+        ))
+        }
+    };
+    let n: u64 = num.trim().parse().map_err(|_| {
+        format!(
+            "invalid size {s:?}: use a number with an optional K, M or G suffix, e.g. 512M or 2G"
+        )
+    })?;
+    let v = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))?;
+    if v == 0 {
+        return Err(format!("size {s:?} must be larger than zero"));
+    }
+    Ok(v)
+}
+
+fn parse_backing(s: &str) -> Result<Backing, String> {
+    s.parse::<Backing>().map_err(|e| e.to_string())
+}
+
+fn parse_test_guest(s: &str) -> Result<TestGuestName, String> {
+    s.parse::<TestGuestName>().map_err(|e| e.to_string())
+}
+
+fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
+    s.parse::<GuestPageSize>().map_err(|e| e.to_string())
+}
+
+fn parse_guest_arg(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("guest argument {s:?} must be KEY=VALUE"))?;
+    let v = v.trim();
+    let n = if let Some(h) = v.strip_prefix("0x") {
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        v.parse().ok()
+    };
+    let n = n.ok_or_else(|| format!("guest argument {k}: value {v:?} is not a number"))?;
+    Ok((k.trim().to_string(), n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4096K").unwrap(), 4 << 20);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        for bad in ["", "M", "12X", "1.5G", "-1M", "0", "99999999999999G"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guest_args() {
+        assert_eq!(parse_guest_arg("frames=3").unwrap(), ("frames".into(), 3));
+        assert_eq!(parse_guest_arg("x=0x10").unwrap(), ("x".into(), 16));
+        assert!(parse_guest_arg("x").is_err());
+        assert!(parse_guest_arg("x=y").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent_and_help_has_exit_codes() {
+        Cli::command().debug_assert();
+        let mut c = Cli::command();
+        let run = c.find_subcommand_mut("run").unwrap();
+        let help = run.render_long_help().to_string();
+        assert!(help.contains("Exit codes"), "{help}");
+        assert!(help.contains("5  timeout"));
+    }
+}

@@ -1,0 +1,72 @@
+//! CPUID for each vCPU: KVM's supported set with per-vCPU fixes.
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+/// Reading KVM's supported CPUID failed.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+pub struct CpuidError(pub kvm_ioctls::Error);
+
+/// KVM's supported CPUID leaves.
+pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError)
+}
+
+/// Hypervisor-present bit in leaf 1 ECX.
+const ECX_HYPERVISOR: u32 = 1 << 31;
+
+/// A copy of `base` for vCPU `index` of `count`: APIC id in leaf 1 EBX[31:24]
+/// and the x2APIC id in leaf 0xB EDX, logical processor count, hypervisor bit.
+pub fn for_vcpu(base: &CpuId, index: u8, count: u8) -> CpuId {
+    let mut c = base.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(index) << 24) | (u32::from(count) << 16);
+                e.ecx |= ECX_HYPERVISOR;
+                if count > 1 {
+                    // HTT: more than one logical processor in the package.
+                    e.edx |= 1 << 28;
+                }
+            }
+            0xb | 0x1f => {
+                e.edx = u32::from(index);
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvm_bindings::kvm_cpuid_entry2;
+
+    #[test]
+    fn apic_id_and_hypervisor_bit() {
+        let base = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xff00_0800,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 0,
+                edx: 7,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let c = for_vcpu(&base, 3, 4);
+        let l1 = c.as_slice()[0];
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_eq!((l1.ebx >> 16) & 0xff, 4);
+        assert_eq!(l1.ebx & 0xffff, 0x0800);
+        assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(c.as_slice()[1].edx, 3);
+    }
+}

@@ -1,0 +1,136 @@
+//! The set of inflated guest pages: one bit per 4K page of guest RAM.
+
+/// Why a PFN was not added to or removed from the set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PfnError {
+    /// The page is not guest RAM.
+    #[error("PFN {pfn:#x} is outside guest RAM ({pages:#x} pages)")]
+    OutOfRange {
+        /// The offending PFN.
+        pfn: u64,
+        /// Pages of guest RAM.
+        pages: u64,
+    },
+    /// Inflate of a page already in the balloon.
+    #[error("PFN {pfn:#x} is already inflated")]
+    AlreadyInflated {
+        /// The offending PFN.
+        pfn: u64,
+    },
+    /// Deflate of a page that is not in the balloon.
+    #[error("PFN {pfn:#x} was never inflated")]
+    NotInflated {
+        /// The offending PFN.
+        pfn: u64,
+    },
+}
+
+/// Bitmap over the PFNs `0..pages` of guest RAM.
+#[derive(Debug, Clone)]
+pub struct PfnSet {
+    words: Vec<u64>,
+    pages: u64,
+    count: u64,
+}
+
+impl PfnSet {
+    /// Empty set over `pages` pages.
+    pub fn new(pages: u64) -> Self {
+        PfnSet {
+            words: vec![0; pages.div_ceil(64) as usize],
+            pages,
+            count: 0,
+        }
+    }
+
+    /// Pages of guest RAM covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Number of PFNs in the set.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Whether `pfn` is in the set (false for PFNs outside RAM).
+    pub fn contains(&self, pfn: u64) -> bool {
+        pfn < self.pages && self.words[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
+    }
+
+    /// Add `pfn` (inflate).
+    pub fn insert(&mut self, pfn: u64) -> Result<(), PfnError> {
+        self.check_range(pfn)?;
+        let (w, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        if self.words[w] & bit != 0 {
+            return Err(PfnError::AlreadyInflated { pfn });
+        }
+        self.words[w] |= bit;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Remove `pfn` (deflate).
+    pub fn remove(&mut self, pfn: u64) -> Result<(), PfnError> {
+        self.check_range(pfn)?;
+        let (w, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        if self.words[w] & bit == 0 {
+            return Err(PfnError::NotInflated { pfn });
+        }
+        self.words[w] &= !bit;
+        self.count -= 1;
+        Ok(())
+    }
+
+    /// Remove everything, returning the PFNs that were in the set, ascending.
+    pub fn take_all(&mut self) -> Vec<u64> {
+        let mut out = Vec::with_capacity(self.count as usize);
+        for (i, w) in self.words.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                out.push(i as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        self.count = 0;
+        out
+    }
+
+    fn check_range(&self, pfn: u64) -> Result<(), PfnError> {
+        if pfn >= self.pages {
+            return Err(PfnError::OutOfRange {
+                pfn,
+                pages: self.pages,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn insert_remove_and_errors() {
+        let mut s = PfnSet::new(130);
+        assert_eq!(s.insert(0), Ok(()));
+        assert_eq!(s.insert(129), Ok(()));
+        assert_eq!(s.insert(129), Err(PfnError::AlreadyInflated { pfn: 129 }));
+        assert_eq!(
+            s.insert(130),
+            Err(PfnError::OutOfRange {
+                pfn: 130,
+                pages: 130
+            })
+        );
+        assert_eq!(s.remove(5), Err(PfnError::NotInflated { pfn: 5 }));
+        assert!(s.contains(129) && !s.contains(128) && !s.contains(1 << 40));
+        assert_eq!(s.count(), 2);
+        assert_eq!(s.remove(0), Ok(()));
+        assert_eq!(s.insert(64), Ok(()));
+        assert_eq!(s.take_all(), vec![64, 129]);
+        assert_eq!(s.count(), 0);
+        assert!(!s.contains(64));
+    }
+}

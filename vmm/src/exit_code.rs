@@ -1,0 +1,23 @@
+//! Documented process exit codes of `vmm run`.
+
+/// Guest powered off / reset, or a test guest reported success.
+pub const OK: i32 = 0;
+/// Internal VMM error.
+pub const INTERNAL: i32 = 1;
+/// Bad input: CLI, files, host prerequisites.
+pub const BAD_INPUT: i32 = 2;
+/// Guest panic: Linux panic marker, triple fault, unhandled emulation failure.
+pub const GUEST_PANIC: i32 = 3;
+/// A test guest reported failure.
+pub const TEST_FAILURE: i32 = 4;
+/// The run hit `--timeout`.
+pub const TIMEOUT: i32 = 5;
+
+/// The table printed by `vmm run --help`.
+pub const TABLE: &str = "Exit codes:
+  0  guest powered off / reset, or test guest reported success
+  1  internal VMM error
+  2  bad input (CLI, files, host prerequisites)
+  3  guest panic (Linux panic marker / triple fault / unhandled emulation failure)
+  4  test guest reported failure
+  5  timeout";

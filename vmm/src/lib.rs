@@ -1,0 +1,22 @@
+//! `vmm`: a minimal KVM VMM whose guest RAM lives on 2M huge pages it manages
+//! itself. See docs/ARCHITECTURE.md, section `vmm`.
+
+pub mod bench;
+pub mod boot;
+pub mod cli;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod emulation;
+pub mod exit_code;
+pub mod host;
+pub mod machine;
+pub mod mirror;
+pub mod msr;
+pub mod outcome;
+pub mod report;
+pub mod run;
+pub mod stats;
+pub mod testguest;
+pub mod vcpu;
+pub mod vm;

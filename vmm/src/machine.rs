@@ -1,0 +1,213 @@
+//! State shared by the vCPU threads and the main thread: devices, guest RAM,
+//! the pause/stop control and the outcome of the run.
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use guest_mem::GuestRam;
+use vm_memory::GuestMemoryMmap;
+
+use crate::control::VcpuControl;
+use crate::devices::serial::{SerialDevice, SerialFlags};
+use crate::host::HostInfo;
+use crate::outcome::Outcome;
+use crate::stats::{KvmStats, MappingStats};
+use crate::testguest::device::TestDevice;
+
+/// What runs in the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestKind {
+    /// A Linux kernel.
+    Linux,
+    /// A built-in test guest.
+    TestGuest,
+}
+
+/// A value a test guest reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    /// vCPU that reported.
+    pub vcpu: usize,
+    /// Raw key (`testguest::device::ReportKey`).
+    pub key: u64,
+    /// Value.
+    pub value: u64,
+}
+
+/// KVM's counters at a test guest's CHECKPOINT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Checkpoint {
+    /// vCPU that asked.
+    pub vcpu: usize,
+    /// Guest-defined phase.
+    pub phase: u64,
+    /// KVM's mapping counters then.
+    pub kvm: MappingStats,
+}
+
+/// Everything the vCPU threads share.
+pub struct Machine {
+    /// Pause / stop of the vCPU threads.
+    pub control: VcpuControl,
+    /// COM1.
+    pub serial: Mutex<SerialDevice>,
+    /// What the serial watcher saw.
+    pub serial_flags: Arc<SerialFlags>,
+    /// The vm-memory view of guest RAM (declared before `ram`: dropped first).
+    pub mem: GuestMemoryMmap,
+    /// Guest RAM (discard / refill go through here).
+    pub ram: Mutex<GuestRam>,
+    /// The test device (test guests only).
+    pub test_device: Option<TestDevice>,
+    /// Host facts.
+    pub host: HostInfo,
+    /// Linux or test guest.
+    pub kind: GuestKind,
+    /// KVM statistics of the VM.
+    pub stats: Option<KvmStats>,
+    /// Values reported by a test guest.
+    pub reports: Mutex<Vec<Report>>,
+    /// Stats taken at test-guest checkpoints.
+    pub checkpoints: Mutex<Vec<Checkpoint>>,
+    outcome: Mutex<Option<Outcome>>,
+    outcome_cv: Condvar,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("kind", &self.kind)
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Parts of a [`Machine`].
+pub struct MachineParts {
+    /// vCPU count.
+    pub vcpus: usize,
+    /// COM1.
+    pub serial: SerialDevice,
+    /// Its watcher's flags.
+    pub serial_flags: Arc<SerialFlags>,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The test device.
+    pub test_device: Option<TestDevice>,
+    /// Host facts.
+    pub host: HostInfo,
+    /// Linux or test guest.
+    pub kind: GuestKind,
+    /// KVM statistics.
+    pub stats: Option<KvmStats>,
+}
+
+impl Machine {
+    /// Assemble the shared state.
+    pub fn new(p: MachineParts) -> Machine {
+        let mem = p.ram.memory();
+        Machine {
+            control: VcpuControl::new(p.vcpus),
+            serial: Mutex::new(p.serial),
+            serial_flags: p.serial_flags,
+            mem,
+            ram: Mutex::new(p.ram),
+            test_device: p.test_device,
+            host: p.host,
+            kind: p.kind,
+            stats: p.stats,
+            reports: Mutex::new(Vec::new()),
+            checkpoints: Mutex::new(Vec::new()),
+            outcome: Mutex::new(None),
+            outcome_cv: Condvar::new(),
+        }
+    }
+
+    /// Record the end of the run (the first one wins).
+    pub fn finish(&self, o: Outcome) {
+        let mut g = lock(&self.outcome);
+        if g.is_none() {
+            log::debug!("run ends: {}", o.describe());
+            *g = Some(o);
+        }
+        self.outcome_cv.notify_all();
+    }
+
+    /// The outcome, waiting at most `timeout` for one.
+    pub fn wait_outcome(&self, timeout: Duration) -> Option<Outcome> {
+        let g = lock(&self.outcome);
+        let (g, _) = self
+            .outcome_cv
+            .wait_timeout_while(g, timeout, |o| o.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        g.clone()
+    }
+
+    /// The outcome if there is one.
+    pub fn outcome(&self) -> Option<Outcome> {
+        lock(&self.outcome).clone()
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> MutexGuard<'_, GuestRam> {
+        lock(&self.ram)
+    }
+
+    /// COM1.
+    pub fn serial(&self) -> MutexGuard<'_, SerialDevice> {
+        lock(&self.serial)
+    }
+
+    /// Write a line of VMM-side text (test-guest PRINT) to the serial sink.
+    pub fn print_line(&self, text: &str) {
+        let mut s = self.serial();
+        let w = s.writer_mut();
+        let r = w
+            .write_all(text.as_bytes())
+            .and_then(|_| {
+                if text.ends_with('\n') {
+                    Ok(())
+                } else {
+                    w.write_all(b"\n")
+                }
+            })
+            .and_then(|_| w.flush());
+        if let Err(e) = r {
+            log::warn!("writing guest output failed: {e}");
+        }
+    }
+
+    /// Record a test-guest report.
+    pub fn report(&self, r: Report) {
+        lock(&self.reports).push(r);
+    }
+
+    /// Reports so far.
+    pub fn reports(&self) -> Vec<Report> {
+        lock(&self.reports).clone()
+    }
+
+    /// Record KVM's counters at a checkpoint.
+    pub fn checkpoint(&self, vcpu: usize, phase: u64) {
+        let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                log::warn!("checkpoint {phase}: reading KVM stats failed: {e}");
+                MappingStats::default()
+            }
+            None => MappingStats::default(),
+        };
+        log::info!("checkpoint {phase} (vCPU {vcpu}): KVM {kvm:?}");
+        lock(&self.checkpoints).push(Checkpoint { vcpu, phase, kvm });
+    }
+
+    /// Checkpoints so far.
+    pub fn checkpoints(&self) -> Vec<Checkpoint> {
+        lock(&self.checkpoints).clone()
+    }
+}

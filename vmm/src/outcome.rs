@@ -1,0 +1,80 @@
+//! How a run ended, and the exit code that says so.
+
+use crate::exit_code;
+
+/// The end of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest asked for a reset / power-off (i8042 reset, orderly reboot).
+    Reset,
+    /// A test guest exited with this status (0 = success).
+    TestExit(u64),
+    /// A test guest took an unexpected exception.
+    TestFault {
+        /// vCPU index.
+        vcpu: usize,
+        /// Exception vector.
+        vector: u64,
+        /// Error code.
+        error_code: u64,
+        /// RIP.
+        rip: u64,
+        /// CR2.
+        cr2: u64,
+    },
+    /// The guest panicked, triple-faulted or hit an unhandled emulation failure.
+    GuestPanic(String),
+    /// The VMM failed.
+    Internal(String),
+    /// `--timeout` expired.
+    Timeout,
+}
+
+impl Outcome {
+    /// The process exit code (table in [`exit_code`]).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Reset | Outcome::TestExit(0) => exit_code::OK,
+            Outcome::TestExit(_) | Outcome::TestFault { .. } => exit_code::TEST_FAILURE,
+            Outcome::GuestPanic(_) => exit_code::GUEST_PANIC,
+            Outcome::Internal(_) => exit_code::INTERNAL,
+            Outcome::Timeout => exit_code::TIMEOUT,
+        }
+    }
+
+    /// One line for the user.
+    pub fn describe(&self) -> String {
+        match self {
+            Outcome::Reset => "guest reset / powered off".into(),
+            Outcome::TestExit(0) => "test guest reported success".into(),
+            Outcome::TestExit(s) => format!("test guest reported failure (status {s:#x})"),
+            Outcome::TestFault {
+                vcpu,
+                vector,
+                error_code,
+                rip,
+                cr2,
+            } => format!(
+                "test guest vCPU {vcpu} took exception {vector} (error code {error_code:#x}) at RIP {rip:#x}, CR2 {cr2:#x}"
+            ),
+            Outcome::GuestPanic(why) => format!("guest panic: {why}"),
+            Outcome::Internal(why) => format!("internal VMM error: {why}"),
+            Outcome::Timeout => "timeout".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_table() {
+        assert_eq!(Outcome::Reset.exit_code(), 0);
+        assert_eq!(Outcome::TestExit(0).exit_code(), 0);
+        assert_eq!(Outcome::TestExit(1).exit_code(), 4);
+        assert_eq!(Outcome::GuestPanic("x".into()).exit_code(), 3);
+        assert_eq!(Outcome::Internal("x".into()).exit_code(), 1);
+        assert_eq!(Outcome::Timeout.exit_code(), 5);
+    }
+}

@@ -1,0 +1,198 @@
+//! The end-of-run report: outcome, KVM's mapping statistics beside the THP
+//! mirror's prediction, test-guest reports; printed and written as JSON.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::RunArgs;
+use crate::machine::{Checkpoint, Machine, Report};
+use crate::mirror::{self, Prediction};
+use crate::outcome::Outcome;
+use crate::stats::MappingStats;
+use crate::testguest::{ReportKey, TestGuestImage};
+use crate::vm::Vm;
+
+/// Frame states of guest RAM at the end of the run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FrameCounts {
+    /// Frames mapped by one 2M page on the host.
+    pub huge: usize,
+    /// Frames mapped by small pages.
+    pub small: usize,
+    /// Frames not populated.
+    pub unpopulated: usize,
+}
+
+/// Everything known at the end of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// How the run ended.
+    pub outcome: String,
+    /// Process exit code.
+    pub exit_code: i32,
+    /// Seconds the vCPUs ran.
+    pub seconds: f64,
+    /// Backing of guest RAM.
+    pub backing: String,
+    /// Guest RAM bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Test guest name, if one ran.
+    pub test_guest: Option<String>,
+    /// Guest page size of the test guest.
+    pub guest_pages: Option<String>,
+    /// Host kind.
+    pub host: crate::host::HostInfo,
+    /// KVM's counters at the end.
+    pub kvm: MappingStats,
+    /// Every KVM VM statistic by name.
+    pub kvm_all: BTreeMap<String, u64>,
+    /// Host frame states.
+    pub frames: FrameCounts,
+    /// The mirror's prediction.
+    pub mirror: Option<Prediction>,
+    /// Test-guest reports.
+    pub reports: Vec<Report>,
+    /// Test-guest reports by key name (last value per key, summed over vCPUs
+    /// for counters).
+    pub report_totals: BTreeMap<String, u64>,
+    /// KVM counters at checkpoints.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Rejected test-device accesses.
+    pub test_device_rejected: u64,
+    #[serde(skip)]
+    outcome_value: Option<Outcome>,
+}
+
+impl RunReport {
+    /// The outcome.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        self.outcome_value.as_ref()
+    }
+}
+
+/// Gather the report after the vCPUs stopped.
+pub fn collect(
+    m: &Machine,
+    _vm: &Vm,
+    args: &RunArgs,
+    image: &Option<TestGuestImage>,
+    outcome: Outcome,
+    elapsed: Duration,
+) -> RunReport {
+    let (kvm, kvm_all) = match &m.stats {
+        Some(s) => (
+            s.mapping().unwrap_or_else(|e| {
+                log::warn!("reading KVM stats: {e}");
+                MappingStats::default()
+            }),
+            s.all().unwrap_or_default(),
+        ),
+        None => (MappingStats::default(), BTreeMap::new()),
+    };
+    let ram = m.ram();
+    let states = ram.frame_states();
+    let mut frames = FrameCounts::default();
+    for f in &states {
+        match f {
+            guest_mem::FrameView::Huge { .. } => frames.huge += 1,
+            guest_mem::FrameView::Small { .. } => frames.small += 1,
+            guest_mem::FrameView::Unpopulated => frames.unpopulated += 1,
+        }
+    }
+    let prediction = mirror::predict_run(&ram, &states, &m.host, args, image);
+    drop(ram);
+    let reports = m.reports();
+    let mut totals = BTreeMap::new();
+    for r in &reports {
+        let name = ReportKey::from_raw(r.key)
+            .map_or_else(|| format!("key_{}", r.key), |k| k.name().to_string());
+        *totals.entry(name).or_insert(0u64) += r.value;
+    }
+    RunReport {
+        outcome: outcome.describe(),
+        exit_code: outcome.exit_code(),
+        seconds: elapsed.as_secs_f64(),
+        backing: args.backing.to_string(),
+        memory: args.memory,
+        vcpus: args.vcpus,
+        test_guest: args.test_guest.map(|n| n.to_string()),
+        guest_pages: args.test_guest.map(|_| args.guest_pages.to_string()),
+        host: m.host,
+        kvm,
+        kvm_all,
+        frames,
+        mirror: prediction,
+        reports,
+        report_totals: totals,
+        checkpoints: m.checkpoints(),
+        test_device_rejected: m.test_device.as_ref().map_or(0, |d| d.rejected()),
+        outcome_value: Some(outcome),
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| v.to_string())
+}
+
+/// The human-readable statistics table.
+pub fn stats_text(r: &RunReport) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "KVM stats ({} backing, {} MiB, frames: {} huge, {} small, {} unpopulated):\n",
+        r.backing,
+        r.memory >> 20,
+        r.frames.huge,
+        r.frames.small,
+        r.frames.unpopulated
+    ));
+    s.push_str(&format!(
+        "  {:<10} {:>10} {:>16}\n",
+        "", "KVM", "mirror predicts"
+    ));
+    let (p4, p2) = r
+        .mirror
+        .as_ref()
+        .map_or((None, None), |p| (Some(p.pages_4k), Some(p.pages_2m)));
+    s.push_str(&format!(
+        "  {:<10} {:>10} {:>16}\n",
+        "pages_4k",
+        opt(r.kvm.pages_4k),
+        opt(p4)
+    ));
+    s.push_str(&format!(
+        "  {:<10} {:>10} {:>16}\n",
+        "pages_2m",
+        opt(r.kvm.pages_2m),
+        opt(p2)
+    ));
+    s.push_str(&format!(
+        "  {:<10} {:>10} {:>16}\n",
+        "pages_1g",
+        opt(r.kvm.pages_1g),
+        opt(Some(0))
+    ));
+    if let Some(p) = &r.mirror {
+        let verdict = match (r.kvm.pages_4k, r.kvm.pages_2m) {
+            _ if !p.comparable => "not compared".to_string(),
+            (Some(k4), Some(k2)) if p.agrees(k4, k2) => "match".to_string(),
+            (Some(k4), Some(k2)) => format!(
+                "MISMATCH: pages_2m differs by {} frames, pages_4k by {}",
+                k2.abs_diff(p.pages_2m),
+                k4.abs_diff(p.pages_4k)
+            ),
+            _ => "KVM has no pages_4k / pages_2m statistics".to_string(),
+        };
+        s.push_str(&format!(
+            "  mirror: {} (tolerance {} frames: {})\n",
+            verdict, p.tolerance_frames, p.tolerance_reason
+        ));
+    }
+    for (k, v) in &r.report_totals {
+        s.push_str(&format!("  guest {k} = {v}\n"));
+    }
+    s
+}

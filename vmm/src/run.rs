@@ -1,0 +1,330 @@
+//! `vmm run`: create guest RAM and the VM, load a kernel or a test guest, run
+//! the vCPUs until the guest ends, then report.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mem::{Backing, GuestMemError, GuestRam, GuestRamConfig, HPAGE_SIZE};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::linux::{self, BootError, LinuxBootSpec};
+use crate::boot::long_mode::{self, LongModeError};
+use crate::cli::RunArgs;
+use crate::devices::serial::{self, SerialFlags, SerialOut};
+use crate::exit_code;
+use crate::host::{HostInfo, PV_CLEARCPUID};
+use crate::machine::{GuestKind, Machine, MachineParts};
+use crate::outcome::Outcome;
+use crate::report::{self, RunReport};
+use crate::stats::KvmStats;
+use crate::testguest::{self, TestGuestError, TestGuestParams};
+use crate::vm::{self, Vm, VmError};
+
+/// How long after a panic line the VMM waits for the guest to reset by itself.
+const PANIC_GRACE: Duration = Duration::from_secs(2);
+/// How long the vCPU threads get to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors before the guest runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad option combination or value.
+    #[error("{0}")]
+    Usage(String),
+    /// Guest RAM.
+    #[error("guest RAM: {0}")]
+    GuestMem(#[from] GuestMemError),
+    /// KVM set-up.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Linux boot.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Test guest.
+    #[error(transparent)]
+    TestGuest(#[from] TestGuestError),
+    /// Long-mode set-up.
+    #[error(transparent)]
+    LongMode(#[from] LongModeError),
+    /// Serial output file.
+    #[error("cannot open the serial output {path}: {source}")]
+    SerialFile {
+        /// The path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// eventfd / thread creation and other OS failures.
+    #[error("{what}: {source}")]
+    Os {
+        /// What failed.
+        what: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        let bad = match self {
+            RunError::Usage(_) | RunError::SerialFile { .. } => true,
+            RunError::GuestMem(e) => matches!(
+                e,
+                GuestMemError::PoolTooSmall { .. }
+                    | GuestMemError::HugetlbUnavailable { .. }
+                    | GuestMemError::ShmemThpDisabled { .. }
+                    | GuestMemError::SizeNotMultipleOf2M { .. }
+                    | GuestMemError::SizeTooLarge { .. }
+                    | GuestMemError::Memfd { .. }
+            ),
+            RunError::Vm(e) => e.is_bad_input(),
+            RunError::Boot(e) => e.is_bad_input(),
+            RunError::TestGuest(e) => !matches!(
+                e,
+                TestGuestError::Assemble(_)
+                    | TestGuestError::TooLarge { .. }
+                    | TestGuestError::Load { .. }
+            ),
+            RunError::LongMode(e) => matches!(
+                e,
+                LongModeError::RamTooSmall { .. } | LongModeError::RamTooLarge { .. }
+            ),
+            RunError::Os { .. } => false,
+        };
+        if bad {
+            exit_code::BAD_INPUT
+        } else {
+            exit_code::INTERNAL
+        }
+    }
+}
+
+fn check_args(a: &RunArgs) -> Result<(), RunError> {
+    if !a.memory.is_multiple_of(HPAGE_SIZE) {
+        return Err(RunError::Usage(format!(
+            "--memory {} ({:#x} bytes) is not a multiple of 2 MiB: guest RAM is managed in 2M frames \
+             (--backing {} needs whole 2M pages); round it, e.g. to {}M",
+            a.memory,
+            a.memory,
+            a.backing,
+            a.memory.div_ceil(HPAGE_SIZE) * 2
+        )));
+    }
+    if a.memory > guest_mem::MAX_RAM_SIZE {
+        return Err(RunError::Usage(format!(
+            "--memory {:#x} is larger than the maximum {:#x} (3 GiB, RAM ends below the 32-bit MMIO hole)",
+            a.memory,
+            guest_mem::MAX_RAM_SIZE
+        )));
+    }
+    if let Some(t) = a.timeout {
+        if !(t > 0.0 && t.is_finite()) {
+            return Err(RunError::Usage(format!(
+                "--timeout {t} must be a positive number of seconds"
+            )));
+        }
+    }
+    if let Some(k) = &a.kernel {
+        if !k.exists() {
+            return Err(RunError::Boot(BootError::File {
+                what: "kernel",
+                path: k.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }));
+        }
+    }
+    Ok(())
+}
+
+fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<SerialOut, RunError> {
+    let out: Box<dyn Write + Send> = if a.serial == "stdout" {
+        Box::new(std::io::stdout())
+    } else {
+        let path = PathBuf::from(&a.serial);
+        Box::new(File::create(&path).map_err(|source| RunError::SerialFile { path, source })?)
+    };
+    Ok(SerialOut::new(out, flags))
+}
+
+/// Run per `args`; `Ok` carries the report of a run that started the guest.
+pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
+    check_args(args)?;
+    let host = HostInfo::detect();
+    log::info!("host: {:?}", host);
+
+    // Cheap checks first: KVM, then the test guest's parameters.
+    let kvm = vm::open_kvm(&args.kvm_dev)?;
+    let image = match args.test_guest {
+        Some(name) => {
+            let mut p = TestGuestParams::new(name, args.memory);
+            p.vcpus = usize::from(args.vcpus);
+            p.guest_pages = args.guest_pages;
+            p.generations = args.generations;
+            p.args = args.guest_arg_map();
+            Some(testguest::build(&p)?)
+        }
+        None => None,
+    };
+
+    let mut ram = GuestRam::new(&GuestRamConfig::new(args.memory, args.backing))?;
+    ram.populate_all()?;
+    let mem = ram.memory();
+    let size = ram.size();
+
+    // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
+    // in place with MAP_FIXED) until it is dropped; the Machine below owns
+    // `ram` and outlives every vCPU thread, and the VM fd is dropped first.
+    let mut vm = unsafe { Vm::new(kvm, usize::from(args.vcpus), ram.host_addr(), size)? };
+
+    let tables = long_mode::setup(&mem, size)?;
+    let (kind, test_device) = match &image {
+        Some(img) => {
+            img.load(&mem)?;
+            vm.setup_long_mode(&tables, |i| img.initial_regs(i), true)?;
+            (GuestKind::TestGuest, Some(img.device()))
+        }
+        None => {
+            let kernel = args.kernel.clone().ok_or_else(|| {
+                RunError::Usage("either --kernel or --test-guest is required".into())
+            })?;
+            let extra = host.needs_emulator_workarounds().then_some(PV_CLEARCPUID);
+            let (cmdline, defaults_len) = linux::compose_cmdline(extra, args.cmdline.as_deref());
+            let spec = LinuxBootSpec {
+                kernel,
+                initrd: args.initrd.clone(),
+                cmdline,
+                defaults_len,
+                vcpus: args.vcpus,
+            };
+            let entry = linux::load(&mem, size, &spec)?;
+            log::info!(
+                "kernel entry {:#x}, image end {:#x}, initrd {:x?}, command line {:?}",
+                entry.entry,
+                entry.kernel_end,
+                entry.initrd,
+                spec.cmdline
+            );
+            vm.setup_long_mode(
+                &tables,
+                |_| vm::entry_regs(entry.entry, linux::BOOT_STACK_POINTER, entry.zero_page),
+                false,
+            )?;
+            (GuestKind::Linux, None)
+        }
+    };
+
+    let flags = Arc::new(SerialFlags::default());
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
+        what: "creating the serial irq eventfd",
+        source,
+    })?;
+    vm.fd
+        .register_irqfd(&irq, serial::COM1_IRQ)
+        .map_err(|source| VmError::Kvm {
+            op: "KVM_IRQFD (serial)",
+            source,
+        })?;
+    let irq_clone = irq.try_clone().map_err(|source| RunError::Os {
+        what: "cloning the serial irq eventfd",
+        source,
+    })?;
+    let serial_dev = serial::new_serial(irq_clone, serial_sink(args, flags.clone())?);
+
+    let stats = match KvmStats::open(&vm.fd) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log::warn!("KVM statistics unavailable: {e}");
+            None
+        }
+    };
+
+    // The machine holds its own view; ours must go before guest RAM does.
+    drop(mem);
+    let vcpu_fds = std::mem::take(&mut vm.vcpus);
+    let machine = Arc::new(Machine::new(MachineParts {
+        vcpus: vcpu_fds.len(),
+        serial: serial_dev,
+        serial_flags: flags,
+        ram,
+        test_device,
+        host,
+        kind,
+        stats,
+    }));
+
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for (i, fd) in vcpu_fds.into_iter().enumerate() {
+        let m = machine.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || crate::vcpu::run_vcpu(i, fd, m))
+            .map_err(|source| RunError::Os {
+                what: "spawning a vCPU thread",
+                source,
+            });
+        match h {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                machine.control.stop(STOP_TIMEOUT);
+                return Err(e);
+            }
+        }
+    }
+
+    let outcome = wait(&machine, args.timeout.map(Duration::from_secs_f64), started);
+    let stopped = machine.control.stop(STOP_TIMEOUT);
+    if stopped {
+        for h in handles {
+            if h.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    } else {
+        log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}");
+    }
+    let elapsed = started.elapsed();
+    if let Err(e) = machine.serial().writer_mut().flush() {
+        log::warn!("flushing the serial output failed: {e}");
+    }
+    let rep = report::collect(&machine, &vm, args, &image, outcome, elapsed);
+    drop(vm);
+    Ok(rep)
+}
+
+fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {
+    let mut panic_seen: Option<Instant> = None;
+    loop {
+        if let Some(o) = m.wait_outcome(Duration::from_millis(50)) {
+            return o;
+        }
+        if let Some(t) = timeout {
+            if started.elapsed() >= t {
+                m.finish(Outcome::Timeout);
+                continue;
+            }
+        }
+        if m.serial_flags.panicked.load(Ordering::SeqCst) {
+            let since = *panic_seen.get_or_insert_with(Instant::now);
+            if since.elapsed() >= PANIC_GRACE {
+                m.finish(Outcome::GuestPanic(
+                    "the kernel panicked (see the serial output) and did not reset".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// The backing's name, for reports.
+pub fn backing_name(b: Backing) -> &'static str {
+    match b {
+        Backing::Hugetlb => "hugetlb",
+        Backing::Thp => "thp",
+        Backing::Small4k => "4k",
+    }
+}

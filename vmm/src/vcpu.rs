@@ -1,0 +1,244 @@
+//! The vCPU thread: `KVM_RUN` loop and exit dispatch.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::devices::bus::{self, PioTarget};
+use crate::devices::i8042;
+use crate::emulation::{self, EmulationVerdict};
+use crate::machine::{GuestKind, Machine, Report};
+use crate::outcome::Outcome;
+use crate::testguest::device::TestDeviceAction;
+
+/// `KVM_SYSTEM_EVENT_*` types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// What an exit handler decided.
+enum Next {
+    Continue,
+    Stop(Outcome),
+    /// `KVM_EXIT_INTERNAL_ERROR`: handled once the exit's borrow of the vCPU ends.
+    InternalError,
+}
+
+/// Run vCPU `index` until the machine stops.
+pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>) {
+    m.control.thread_started(index);
+    while m.control.before_run() {
+        let next = match vcpu.run() {
+            Ok(exit) => handle_exit(index, exit, &m),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Stop(Outcome::Internal(format!(
+                "vCPU {index}: KVM_RUN failed: {e}"
+            ))),
+        };
+        let next = match next {
+            Next::InternalError => internal_error(index, &mut vcpu, &m),
+            other => other,
+        };
+        if let Next::Stop(o) = next {
+            m.finish(o);
+            break;
+        }
+    }
+    m.control.thread_exited(index);
+}
+
+fn internal_error(index: usize, vcpu: &mut VcpuFd, m: &Machine) -> Next {
+    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the kernel
+    // filled the `internal` member of the kvm_run union.
+    let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    match emulation::handle(
+        vcpu,
+        &m.mem,
+        &m.host,
+        internal.suberror,
+        &internal.data[..n],
+    ) {
+        EmulationVerdict::Resumed => Next::Continue,
+        EmulationVerdict::Fatal(s) => Next::Stop(Outcome::GuestPanic(format!("vCPU {index}: {s}"))),
+    }
+}
+
+fn shutdown_outcome(index: usize, m: &Machine, what: &str) -> Outcome {
+    if m.serial_flags.panicked.load(Ordering::SeqCst) {
+        Outcome::GuestPanic("the kernel panicked (see the serial output)".into())
+    } else if m.kind == GuestKind::Linux && m.serial_flags.rebooting.load(Ordering::SeqCst) {
+        Outcome::Reset
+    } else {
+        Outcome::GuestPanic(format!("vCPU {index}: {what}"))
+    }
+}
+
+fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => pio_in(index, port, data, m),
+        VcpuExit::IoOut(port, data) => pio_out(index, port, data, m),
+        VcpuExit::MmioRead(addr, data) => {
+            log::debug!(
+                "vCPU {index}: MMIO read of {} bytes at {addr:#x}: no device",
+                data.len()
+            );
+            data.fill(0xff);
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            log::debug!(
+                "vCPU {index}: MMIO write of {} bytes at {addr:#x}: no device",
+                data.len()
+            );
+            Next::Continue
+        }
+        VcpuExit::Hlt => match m.kind {
+            GuestKind::Linux => Next::Stop(Outcome::Reset),
+            GuestKind::TestGuest => Next::Stop(Outcome::GuestPanic(format!(
+                "vCPU {index}: test guest halted without reporting an exit"
+            ))),
+        },
+        VcpuExit::Shutdown => Next::Stop(shutdown_outcome(
+            index,
+            m,
+            "triple fault (KVM_EXIT_SHUTDOWN)",
+        )),
+        VcpuExit::SystemEvent(ty, _) if ty == SYSTEM_EVENT_SHUTDOWN || ty == SYSTEM_EVENT_RESET => {
+            Next::Stop(shutdown_outcome(index, m, "system event"))
+        }
+        VcpuExit::SystemEvent(ty, data) => Next::Stop(Outcome::GuestPanic(format!(
+            "vCPU {index}: system event {ty} {data:x?}"
+        ))),
+        VcpuExit::InternalError => Next::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Next::Stop(Outcome::Internal(format!(
+            "vCPU {index}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
+        ))),
+        VcpuExit::Intr => Next::Continue,
+        other => Next::Stop(Outcome::Internal(format!(
+            "vCPU {index}: unexpected exit {other:?}"
+        ))),
+    }
+}
+
+fn pio_in(index: usize, port: u16, data: &mut [u8], m: &Machine) -> Next {
+    match bus::decode(port) {
+        PioTarget::Serial(off) => {
+            let v = m.serial().read(off);
+            data.fill(0);
+            if let Some(d) = data.first_mut() {
+                *d = v;
+            }
+        }
+        PioTarget::I8042(p) => data.fill(i8042::read(p)),
+        PioTarget::TestDevice(_) => match &m.test_device {
+            Some(dev) => {
+                let a = dev.io_in(index, port, data);
+                return test_action(index, a, m);
+            }
+            None => data.fill(0xff),
+        },
+        PioTarget::Unclaimed => data.fill(0xff),
+    }
+    Next::Continue
+}
+
+fn pio_out(index: usize, port: u16, data: &[u8], m: &Machine) -> Next {
+    match bus::decode(port) {
+        PioTarget::Serial(off) => {
+            if let Some(&v) = data.first() {
+                if let Err(e) = m.serial().write(off, v) {
+                    log::warn!("serial: raising the interrupt failed: {e:?}");
+                }
+            }
+        }
+        PioTarget::I8042(p) => {
+            if data.first().map(|&v| i8042::write(p, v)) == Some(i8042::I8042Action::Reset) {
+                return Next::Stop(shutdown_outcome_reset(m));
+            }
+        }
+        PioTarget::TestDevice(_) => {
+            if let Some(dev) = &m.test_device {
+                let a = dev.io_out(index, port, data, &m.mem);
+                return test_action(index, a, m);
+            }
+        }
+        PioTarget::Unclaimed => {}
+    }
+    Next::Continue
+}
+
+fn shutdown_outcome_reset(m: &Machine) -> Outcome {
+    if m.serial_flags.panicked.load(Ordering::SeqCst) {
+        Outcome::GuestPanic("the kernel panicked (see the serial output)".into())
+    } else {
+        Outcome::Reset
+    }
+}
+
+fn test_action(index: usize, a: TestDeviceAction, m: &Machine) -> Next {
+    match a {
+        TestDeviceAction::None => Next::Continue,
+        TestDeviceAction::Print(s) => {
+            m.print_line(&s);
+            Next::Continue
+        }
+        TestDeviceAction::Report { key, value } => {
+            log::info!("test guest vCPU {index}: report key {key} = {value}");
+            m.report(Report {
+                vcpu: index,
+                key,
+                value,
+            });
+            Next::Continue
+        }
+        TestDeviceAction::Discard { gpa, len } => ram_op(index, m, "discard", gpa, len, |ram| {
+            ram.discard(gpa, len, &m.control).map(|_| ())
+        }),
+        TestDeviceAction::Refill { gpa, len } => ram_op(index, m, "refill", gpa, len, |ram| {
+            ram.refill(gpa, len, &m.control)
+        }),
+        TestDeviceAction::Checkpoint { phase } => {
+            m.checkpoint(index, phase);
+            Next::Continue
+        }
+        TestDeviceAction::Exit(status) => Next::Stop(Outcome::TestExit(status)),
+        TestDeviceAction::Fault {
+            vector,
+            error_code,
+            rip,
+            cr2,
+        } => Next::Stop(Outcome::TestFault {
+            vcpu: index,
+            vector,
+            error_code,
+            rip,
+            cr2,
+        }),
+    }
+}
+
+fn ram_op(
+    index: usize,
+    m: &Machine,
+    what: &str,
+    gpa: u64,
+    len: u64,
+    f: impl FnOnce(&mut guest_mem::GuestRam) -> Result<(), guest_mem::GuestMemError>,
+) -> Next {
+    // Count this vCPU as parked while it waits for guest RAM: another vCPU may
+    // hold it and be pausing everyone.
+    let r = m.control.parked_while(|| f(&mut m.ram()));
+    match r {
+        Ok(()) => {
+            log::debug!("vCPU {index}: {what} [{gpa:#x}, +{len:#x}) done");
+            Next::Continue
+        }
+        Err(e) => Next::Stop(Outcome::Internal(format!(
+            "vCPU {index}: {what} of [{gpa:#x}, +{len:#x}) failed: {e}"
+        ))),
+    }
+}

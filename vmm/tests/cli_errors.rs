@@ -1,0 +1,256 @@
+//! Bad input: each case runs the built binary and expects a clear message,
+//! exit code 2, and no panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running vmm")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_bad_input(o: &Output, needles: &[&str]) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "stderr: {e}");
+    assert!(!e.contains("panicked"), "panic: {e}");
+    for n in needles {
+        assert!(e.contains(n), "expected {n:?} in: {e}");
+    }
+}
+
+fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A minimal x86-64 ELF with one PT_LOAD segment of `filesz` bytes at file
+/// offset 0x1000, physical address 16 MiB; `file_len` bytes are written.
+fn write_elf(path: &Path, filesz: u64, file_len: usize) {
+    let mut b = vec![0u8; file_len.max(120)];
+    b[0..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    b[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    b[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = 64;
+    b[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    b[ph + 4..ph + 8].copy_from_slice(&7u32.to_le_bytes());
+    b[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    b[ph + 16..ph + 24].copy_from_slice(&0xffff_ffff_8100_0000u64.to_le_bytes()); // vaddr
+    b[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes()); // paddr
+    b[ph + 32..ph + 40].copy_from_slice(&filesz.to_le_bytes());
+    b[ph + 40..ph + 48].copy_from_slice(&filesz.to_le_bytes());
+    b[ph + 48..ph + 56].copy_from_slice(&0x20_0000u64.to_le_bytes());
+    b.truncate(file_len.max(120));
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn missing_kernel_file() {
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        "/nonexistent/vmlinux",
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+    ]);
+    assert_bad_input(&o, &["kernel", "/nonexistent/vmlinux"]);
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    if !kvm_usable() {
+        eprintln!("skip: /dev/kvm not usable");
+        return;
+    }
+    let d = tmpdir("notkernel");
+    let p = d.join("notes.txt");
+    std::fs::write(&p, "just some text, certainly not a kernel\n".repeat(100)).unwrap();
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+    ]);
+    assert_bad_input(&o, &["is not a kernel", "vmlinux", "bzImage"]);
+}
+
+#[test]
+fn truncated_elf() {
+    if !kvm_usable() {
+        eprintln!("skip: /dev/kvm not usable");
+        return;
+    }
+    let d = tmpdir("trunc");
+    let p = d.join("vmlinux");
+    write_elf(&p, 0x10_0000, 0x2000);
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        p.to_str().unwrap(),
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+    ]);
+    assert_bad_input(&o, &["damaged ELF", "truncated"]);
+}
+
+#[test]
+fn memory_too_small_for_kernel_and_initrd() {
+    if !kvm_usable() {
+        eprintln!("skip: /dev/kvm not usable");
+        return;
+    }
+    let d = tmpdir("small");
+    let k = d.join("vmlinux");
+    write_elf(&k, 0x1000, 0x2000);
+    let i = d.join("initrd");
+    std::fs::write(&i, vec![0u8; 20 << 20]).unwrap();
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        i.to_str().unwrap(),
+        "--backing",
+        "4k",
+        "--memory",
+        "32M",
+    ]);
+    assert_bad_input(&o, &["too small", "initrd", "--memory"]);
+}
+
+#[test]
+fn memory_not_multiple_of_2m() {
+    let o = vmm(&[
+        "run",
+        "--test-guest",
+        "hello",
+        "--backing",
+        "hugetlb",
+        "--memory",
+        "3M",
+    ]);
+    assert_bad_input(&o, &["multiple of 2 MiB", "hugetlb"]);
+}
+
+#[test]
+fn memory_unparsable() {
+    let o = vmm(&["run", "--test-guest", "hello", "--memory", "lots"]);
+    assert_bad_input(&o, &["invalid size", "512M"]);
+}
+
+#[test]
+fn kvm_device_missing() {
+    let o = vmm(&[
+        "run",
+        "--test-guest",
+        "hello",
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+        "--kvm-dev",
+        "/nonexistent/kvm",
+    ]);
+    assert_bad_input(&o, &["/nonexistent/kvm", "KVM is not available"]);
+}
+
+#[test]
+fn kvm_device_from_env() {
+    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args([
+            "run",
+            "--test-guest",
+            "hello",
+            "--backing",
+            "4k",
+            "--memory",
+            "64M",
+        ])
+        .env("VMM_KVM_DEV", "/nonexistent/kvm2")
+        .output()
+        .unwrap();
+    assert_bad_input(&o, &["/nonexistent/kvm2"]);
+}
+
+#[test]
+fn unknown_test_guest() {
+    let o = vmm(&["run", "--test-guest", "nosuchguest", "--memory", "64M"]);
+    assert_bad_input(&o, &["nosuchguest", "hello", "verify"]);
+}
+
+#[test]
+fn command_line_too_long() {
+    if !kvm_usable() {
+        eprintln!("skip: /dev/kvm not usable");
+        return;
+    }
+    let d = tmpdir("cmdline");
+    let k = d.join("vmlinux");
+    write_elf(&k, 0x1000, 0x2000);
+    let long = "x=".to_string() + &"y".repeat(3000);
+    let o = vmm(&[
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--cmdline",
+        &long,
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+    ]);
+    assert_bad_input(&o, &["command line", "at most 2047", "shorten --cmdline"]);
+}
+
+#[test]
+fn kernel_or_test_guest_required() {
+    let o = vmm(&["run", "--memory", "64M"]);
+    assert_bad_input(&o, &["--kernel"]);
+}
+
+#[test]
+fn help_documents_exit_codes() {
+    let o = vmm(&["run", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    let s = String::from_utf8_lossy(&o.stdout);
+    for line in [
+        "0  guest powered off",
+        "2  bad input",
+        "3  guest panic",
+        "4  test guest",
+        "5  timeout",
+    ] {
+        assert!(s.contains(line), "{line:?} missing in help: {s}");
+    }
+}
