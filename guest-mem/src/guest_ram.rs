@@ -411,6 +411,13 @@ impl GuestRam {
                 self.host.small_map(frame, &filled, true)?;
             } else {
                 let pages: Vec<u16> = filled.iter().map(|f| f.0).collect();
+                if self.backing == Backing::Thp {
+                    // The model refills with small pages (a whole-frame discard
+                    // left the frame unpopulated); without this the fault
+                    // below would let the kernel allocate a huge page behind
+                    // the model's back. Collapse clears the advice again.
+                    self.host.frame_hugepage_advice(frame, false)?;
+                }
                 // The memfd still holds whatever a vCPU wrote to the discarded
                 // page since; punch again so the page comes back zero.
                 self.host.file_punch(frame, &pages)?;
