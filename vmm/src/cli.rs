@@ -25,6 +25,9 @@ pub enum Command {
     Run(RunArgs),
     /// Benchmarks (`vmm bench tlb`).
     Bench(crate::bench::BenchArgs),
+    /// mmu-notifier fault injection: host invalidations fired at a running
+    /// checker guest; exits 4 on a stale read, lost write or mirror mismatch.
+    Stress(crate::stress::StressArgs),
 }
 
 /// Options of `vmm run`.

@@ -17,6 +17,7 @@ pub mod outcome;
 pub mod report;
 pub mod run;
 pub mod stats;
+pub mod stress;
 pub mod testguest;
 pub mod vcpu;
 pub mod vm;

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Bench(args) => vmm::bench::run_cli(&args),
+        Command::Stress(args) => vmm::stress::run_cli(&args),
         Command::Run(args) => match run::run(&args) {
             Ok(rep) => {
                 if rep.exit_code != exit_code::OK {

@@ -91,6 +91,9 @@ pub struct TlbArgs {
     /// Write an SVG bar chart to this file.
     #[arg(long, value_name = "PATH")]
     pub svg: Option<PathBuf>,
+    /// Write the table in Markdown to this file.
+    #[arg(long, value_name = "PATH")]
+    pub markdown: Option<PathBuf>,
     /// Where the loop runs.
     #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
     pub guest: GuestChoice,

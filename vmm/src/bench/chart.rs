@@ -130,6 +130,7 @@ mod tests {
             samples_ns: vec![med],
             ns_per_access: Spread::of(&[med]),
             slowdown_vs_native: None,
+            slowdown_best_vs_native: None,
             kvm_pages_2m: None,
             kvm_pages_4k: None,
             kvm_runs: vec![],

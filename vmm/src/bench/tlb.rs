@@ -222,6 +222,9 @@ pub fn run_cli(a: &TlbArgs) -> Result<(), BenchError> {
         })?;
         write(p, &text)?;
     }
+    if let Some(p) = &a.markdown {
+        write(p, &summary::markdown_table(&r.configs))?;
+    }
     if let Some(p) = &a.svg {
         let title = format!(
             "vmm bench tlb ({:?}, {} accesses, {} repeats): ns per access",

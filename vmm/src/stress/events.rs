@@ -115,12 +115,13 @@ impl FromStr for OpsMix {
                 .split_once('=')
                 .ok_or_else(|| format!("--ops-mix entry {part:?} must be KIND=WEIGHT"))?;
             let kind: EventKind = k.trim().parse()?;
-            let w: u32 = w
-                .trim()
-                .parse()
-                .map_err(|_| format!("--ops-mix weight of {k} must be a whole number, got {w:?}"))?;
+            let w: u32 = w.trim().parse().map_err(|_| {
+                format!("--ops-mix weight of {k} must be a whole number, got {w:?}")
+            })?;
             if w > 1_000_000 {
-                return Err(format!("--ops-mix weight of {k} is too large (max 1000000)"));
+                return Err(format!(
+                    "--ops-mix weight of {k} is too large (max 1000000)"
+                ));
             }
             if let Some(e) = weights.iter_mut().find(|e| e.0 == kind) {
                 e.1 = w;
@@ -243,7 +244,12 @@ impl fmt::Display for Event {
         if let Some(fr) = self.frame {
             write!(f, " frame {fr} (gpa {:#x})", fr << 21)?;
             if self.kind == EventKind::Discard4k {
-                write!(f, " page {} (gfn {:#x})", self.page, (fr << 9) + u64::from(self.page))?;
+                write!(
+                    f,
+                    " page {} (gfn {:#x})",
+                    self.page,
+                    (fr << 9) + u64::from(self.page)
+                )?;
             }
         }
         Ok(())
@@ -300,6 +306,9 @@ mod tests {
         let s = serde_json::to_string(&e).unwrap();
         assert!(s.contains("\"discard4k\""), "{s}");
         assert_eq!(serde_json::from_str::<Event>(&s).unwrap(), e);
-        assert_eq!(e.to_string(), "#3 discard4k frame 5 (gpa 0xa00000) page 7 (gfn 0xa07)");
+        assert_eq!(
+            e.to_string(),
+            "#3 discard4k frame 5 (gpa 0xa00000) page 7 (gfn 0xa07)"
+        );
     }
 }

@@ -125,7 +125,12 @@ impl SharedLog {
     /// Log the pages of `[gpa, gpa + len)` as discarded: expect-zero flags
     /// set, owners' epochs bumped. Call with the vCPUs paused, before the
     /// discard.
-    pub fn log_discard(&self, mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), SharedError> {
+    pub fn log_discard(
+        &self,
+        mem: &GuestMemoryMmap,
+        gpa: u64,
+        len: u64,
+    ) -> Result<(), SharedError> {
         let pages = len / 4096;
         let ones = vec![1u8; pages as usize];
         let at = self.area.flag(gpa);
@@ -153,7 +158,11 @@ impl SharedLog {
     }
 
     /// vCPU `cpu`'s counters.
-    pub fn counters(&self, mem: &GuestMemoryMmap, cpu: usize) -> Result<GuestCounters, SharedError> {
+    pub fn counters(
+        &self,
+        mem: &GuestMemoryMmap,
+        cpu: usize,
+    ) -> Result<GuestCounters, SharedError> {
         Ok(GuestCounters {
             passes: Self::read(mem, self.field(cpu, OFF_PASSES))?,
             pages: Self::read(mem, self.field(cpu, OFF_PAGES))?,

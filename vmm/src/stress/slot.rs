@@ -34,7 +34,12 @@ impl Slot0 {
         }
     }
 
-    fn set(&self, vm: &VmFd, r: kvm_userspace_memory_region, op: &'static str) -> Result<(), SlotError> {
+    fn set(
+        &self,
+        vm: &VmFd,
+        r: kvm_userspace_memory_region,
+        op: &'static str,
+    ) -> Result<(), SlotError> {
         // SAFETY: the region is guest RAM's host range, which GuestRam keeps
         // mapped (frames are only remapped in place) for the life of the VM;
         // a zero size deletes the slot.

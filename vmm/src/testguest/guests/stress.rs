@@ -63,7 +63,10 @@ pub struct SharedArea {
 impl SharedArea {
     /// The area for `layout`, or why it does not fit.
     pub fn new(layout: &Layout) -> Result<SharedArea, String> {
-        let ctrl = layout.tables_end.max(BOOT_TABLES_END).next_multiple_of(PAGE);
+        let ctrl = layout
+            .tables_end
+            .max(BOOT_TABLES_END)
+            .next_multiple_of(PAGE);
         let flags = ctrl + CTRL_STRIDE * MAX_VCPUS as u64;
         let pages = (layout.ram_size - layout.reserved.end) / PAGE;
         if flags + pages > layout.reserved.end {
@@ -319,7 +322,7 @@ mod tests {
         use crate::testguest::GuestPageSize;
         for pages in [GuestPageSize::Size2M, GuestPageSize::Size4K] {
             for ram in [64u64 << 20, 256 << 20, 3 << 30] {
-                let l = Layout::new(ram, 32, pages).unwrap();
+                let l = Layout::new(ram, 8, pages).unwrap();
                 let a = SharedArea::new(&l).unwrap();
                 assert!(a.ctrl >= l.tables_end);
                 assert_eq!(a.flag(l.reserved.end), a.flags);

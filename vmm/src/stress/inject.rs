@@ -1,0 +1,529 @@
+//! The injector: resolves drawn events against the machine and fires them.
+//! Runs on the main thread; events are strictly sequential.
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use guest_mem::{quiesce, Backing, FrameView, GuestMemError, QuiesceError, HPAGE_SIZE, PAGE_SIZE};
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+
+use super::args::InjectBug;
+use super::events::{Draw, Event, EventKind};
+use super::shared::{SharedError, SharedLog};
+use super::slot::{Slot0, SlotError};
+use super::vcpu::StressVcpuShared;
+use crate::machine::Machine;
+use crate::mirror::{self, Prediction};
+use crate::stats::StatsError;
+
+/// How long a write-protect waits for the first vCPU write to fault.
+const WRPROTECT_HOLD: Duration = Duration::from_millis(5);
+/// How long the injector waits for guest progress before giving up.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Guest pages each vCPU must check while dirty logging is on (`dirtylog`).
+const DIRTYLOG_PAGES: u64 = 1024;
+
+/// The injector failed (the run ends with an internal error).
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    /// Pausing the vCPUs failed.
+    #[error(transparent)]
+    Quiesce(#[from] QuiesceError),
+    /// Guest RAM refused an operation that must work.
+    #[error("{op} of gpa {gpa:#x}: {source}")]
+    GuestMem {
+        /// Operation.
+        op: &'static str,
+        /// Where.
+        gpa: u64,
+        /// Cause.
+        source: GuestMemError,
+    },
+    /// Memslot ioctl.
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    /// Shared log.
+    #[error(transparent)]
+    Shared(#[from] SharedError),
+    /// KVM statistics.
+    #[error("reading KVM statistics: {0}")]
+    Stats(#[from] StatsError),
+    /// mprotect / madvise / mincore.
+    #[error("{op} at host {addr:#x}: {source}")]
+    Os {
+        /// Operation.
+        op: &'static str,
+        /// Host address.
+        addr: u64,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The guest made no progress.
+    #[error("the guest made no progress for {0:?} (vCPU stuck?)")]
+    NoProgress(Duration),
+}
+
+/// What an event did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    /// It acted on the machine.
+    Done,
+    /// Nothing to do (e.g. no huge frame left to split).
+    Noop,
+    /// The host refused (reason); counted, not an error.
+    Refused(String),
+}
+
+/// Per-kind measurements beside the effect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Extra {
+    /// wrprotect: vCPU write faults taken while the frame was read-only.
+    pub faults: u64,
+    /// dirtylog: KVM's pages_2m before and while logging.
+    pub pages_2m_before: u64,
+    /// dirtylog: KVM's pages_2m while logging.
+    pub pages_2m_during: u64,
+    /// dirtylog: pages in KVM's dirty bitmap.
+    pub dirty_pages: u64,
+    /// slot: KVM's pages_4k + pages_2m right after the delete.
+    pub mapped_after_delete: u64,
+    /// pageout: resident pages of the frame before and after.
+    pub resident_before: u64,
+    /// pageout: resident after.
+    pub resident_after: u64,
+}
+
+/// A quiescent point's comparison.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuiescePoint {
+    /// Event sequence number.
+    pub seq: u64,
+    /// Dirty logging on during the point.
+    pub dirty_logging: bool,
+    /// KVM's pages_4k.
+    pub kvm_pages_4k: u64,
+    /// KVM's pages_2m.
+    pub kvm_pages_2m: u64,
+    /// The mirror's prediction.
+    pub prediction: Prediction,
+    /// Whether they agree within the tolerance.
+    pub agrees: bool,
+    /// Frames our books (the RAM model) hold huge.
+    pub huge_frames: u64,
+    /// Frames the host maps with a PMD (`PAGEMAP_SCAN`), when the kernel says.
+    pub host_pmd_frames: Option<u64>,
+    /// Frames where our books and the host's page tables disagree (huge vs
+    /// small). The mirror is fed the host's truth, so KVM's logic is
+    /// checked either way; a disagreement is a finding about guest-mem.
+    pub books_vs_host: Option<Vec<u64>>,
+}
+
+/// Fires events at one machine.
+pub struct Injector<'a> {
+    /// The machine.
+    pub m: &'a Machine,
+    /// The VM fd (memslots).
+    pub vm: &'a VmFd,
+    /// Slot 0.
+    pub slot: Slot0,
+    /// The shared log.
+    pub log: SharedLog,
+    /// vCPU-side shared state (write gate).
+    pub vshared: &'a StressVcpuShared,
+    /// Backing.
+    pub backing: Backing,
+    /// Deliberate bug.
+    pub bug: Option<InjectBug>,
+    /// Frames of the work region.
+    pub work_frames: Range<u64>,
+    /// Reserved region end (gpa).
+    pub reserved_end: u64,
+}
+
+impl std::fmt::Debug for Injector<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Injector")
+            .field("backing", &self.backing)
+            .field("work_frames", &self.work_frames)
+            .finish_non_exhaustive()
+    }
+}
+
+fn os_err(op: &'static str, addr: u64) -> InjectError {
+    InjectError::Os {
+        op,
+        addr,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+impl Injector<'_> {
+    fn states(&self) -> Vec<FrameView> {
+        self.m.ram().frame_states()
+    }
+
+    fn find(&self, start: u64, pred: impl Fn(&FrameView) -> bool) -> Option<u64> {
+        let states = self.states();
+        let w = &self.work_frames;
+        let n = w.end - w.start;
+        (0..n)
+            .map(|i| w.start + (start - w.start + i) % n)
+            .find(|f| states.get(*f as usize).is_some_and(&pred))
+    }
+
+    /// Resolve a drawn event to the frame it acts on now.
+    pub fn resolve(&self, d: Draw, seq: u64) -> Result<Event, InjectError> {
+        let w = &self.work_frames;
+        let base = w.start + d.target % (w.end - w.start);
+        let huge = |s: &FrameView| matches!(s, FrameView::Huge { .. });
+        let small = |s: &FrameView| matches!(s, FrameView::Small { .. });
+        let frame = match d.kind {
+            EventKind::Discard4k | EventKind::Discard2m => Some(base),
+            EventKind::Split => self.find(base, huge),
+            EventKind::Collapse => self.find(base, small),
+            EventKind::Pageout if self.backing == Backing::Hugetlb => self.find(base, small),
+            EventKind::Pageout => Some(base),
+            EventKind::Wrprotect => {
+                let v = (d.target % self.log.vcpus() as u64) as usize;
+                let cursor = self.log.counters(&self.m.mem, v)?.cursor;
+                let f = cursor / HPAGE_SIZE;
+                Some(if w.contains(&f) { f } else { base })
+            }
+            EventKind::Dirtylog
+            | EventKind::Slot
+            | EventKind::Quiesce
+            | EventKind::QuiesceDirty => None,
+        };
+        Ok(Event {
+            seq,
+            kind: d.kind,
+            frame,
+            page: if d.kind == EventKind::Discard4k {
+                d.page
+            } else {
+                0
+            },
+        })
+    }
+
+    /// Fire `ev`.
+    pub fn fire(&self, ev: &Event) -> Result<(Effect, Extra), InjectError> {
+        let mut x = Extra::default();
+        let Some(frame) = ev.frame else {
+            let e = match ev.kind {
+                EventKind::Dirtylog => self.dirtylog(&mut x)?,
+                EventKind::Slot => self.slot_cycle(&mut x)?,
+                EventKind::Quiesce | EventKind::QuiesceDirty => Effect::Done,
+                _ => Effect::Noop,
+            };
+            return Ok((e, x));
+        };
+        let gpa = frame * HPAGE_SIZE;
+        let e = match ev.kind {
+            EventKind::Discard4k => {
+                self.discard(gpa + u64::from(ev.page) * PAGE_SIZE, PAGE_SIZE)?
+            }
+            EventKind::Discard2m => self.discard(gpa, HPAGE_SIZE)?,
+            EventKind::Split => refused(self.m.ram().split(frame as usize, &self.m.control)),
+            EventKind::Collapse => refused(self.m.ram().collapse(frame as usize, &self.m.control)),
+            EventKind::Wrprotect => self.wrprotect(gpa, &mut x)?,
+            EventKind::Pageout => self.pageout(gpa, &mut x)?,
+            _ => Effect::Noop,
+        };
+        Ok((e, x))
+    }
+
+    fn discard(&self, gpa: u64, len: u64) -> Result<Effect, InjectError> {
+        let _paused = quiesce::pause(&self.m.control)?;
+        if self.bug != Some(InjectBug::SkipLog) {
+            self.log.log_discard(&self.m.mem, gpa, len)?;
+        }
+        if self.bug != Some(InjectBug::SkipDiscard) {
+            let mut ram = self.m.ram();
+            let ge = |op| move |source| InjectError::GuestMem { op, gpa, source };
+            ram.discard(gpa, len, &self.m.control)
+                .map_err(ge("discard"))?;
+            ram.refill(gpa, len, &self.m.control)
+                .map_err(ge("refill"))?;
+        }
+        Ok(Effect::Done)
+    }
+
+    fn wrprotect(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
+        let ram = self.m.ram();
+        let addr = ram.host_addr() + gpa;
+        let gate = &self.vshared.gate;
+        gate.close(gpa..gpa + HPAGE_SIZE);
+        // SAFETY: [addr, addr + 2M) is one frame of guest RAM's host range
+        // (2M aligned, so hugetlb mappings accept it); only the protection
+        // changes, and it is restored below before anything else touches
+        // the mapping (the RAM lock is held).
+        let r = unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                libc::PROT_READ,
+            )
+        };
+        if r != 0 {
+            let e = os_err("mprotect(PROT_READ)", addr);
+            gate.open();
+            return Err(e);
+        }
+        gate.wait_fault(WRPROTECT_HOLD);
+        // SAFETY: as above; this restores the original protection.
+        let r = unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        let restore = if r != 0 {
+            Err(os_err("mprotect(PROT_READ|PROT_WRITE)", addr))
+        } else {
+            Ok(())
+        };
+        x.faults = gate.episode_faults();
+        gate.open();
+        restore.map(|()| Effect::Done)
+    }
+
+    fn resident(addr: u64) -> Result<u64, InjectError> {
+        let mut vec = vec![0u8; (HPAGE_SIZE / PAGE_SIZE) as usize];
+        // SAFETY: [addr, addr + 2M) is mapped guest RAM; `vec` has one byte
+        // per 4K page of it, as mincore requires.
+        let r = unsafe {
+            libc::mincore(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(os_err("mincore", addr));
+        }
+        Ok(vec.iter().filter(|b| **b & 1 != 0).count() as u64)
+    }
+
+    fn pageout(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
+        let ram = self.m.ram();
+        let addr = ram.host_addr() + gpa;
+        x.resident_before = Self::resident(addr)?;
+        // SAFETY: MADV_PAGEOUT on one frame of our own mapping keeps its
+        // contents (shmem pages are written back or stay); it may unmap pages.
+        let r = unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                libc::MADV_PAGEOUT,
+            )
+        };
+        let e = if r != 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINVAL) => {
+                    Effect::Refused("EINVAL (hugetlb mappings cannot be paged out)".into())
+                }
+                _ => {
+                    return Err(InjectError::Os {
+                        op: "madvise(MADV_PAGEOUT)",
+                        addr,
+                        source: err,
+                    })
+                }
+            }
+        } else {
+            Effect::Done
+        };
+        x.resident_after = Self::resident(addr)?;
+        Ok(e)
+    }
+
+    fn pages_2m(&self) -> Result<u64, InjectError> {
+        Ok(self.mapping()?.1)
+    }
+
+    fn mapping(&self) -> Result<(u64, u64), InjectError> {
+        match &self.m.stats {
+            Some(s) => {
+                let m = s.mapping()?;
+                Ok((m.pages_4k.unwrap_or(0), m.pages_2m.unwrap_or(0)))
+            }
+            None => Ok((0, 0)),
+        }
+    }
+
+    fn dirtylog(&self, x: &mut Extra) -> Result<Effect, InjectError> {
+        x.pages_2m_before = self.pages_2m()?;
+        self.slot.set_dirty_logging(self.vm, true)?;
+        let r = self.wait_pages(DIRTYLOG_PAGES).and_then(|()| {
+            x.pages_2m_during = self.pages_2m()?;
+            x.dirty_pages = self.slot.dirty_pages(self.vm)?;
+            Ok(())
+        });
+        self.slot.set_dirty_logging(self.vm, false)?;
+        r.map(|()| Effect::Done)
+    }
+
+    fn slot_cycle(&self, x: &mut Extra) -> Result<Effect, InjectError> {
+        let _paused = quiesce::pause(&self.m.control)?;
+        self.slot.delete(self.vm)?;
+        let after = self.mapping();
+        self.slot.create(self.vm)?;
+        let (p4, p2) = after?;
+        x.mapped_after_delete = p4 + p2;
+        Ok(Effect::Done)
+    }
+
+    fn wait_until(
+        &self,
+        done: impl Fn(&[super::shared::GuestCounters]) -> bool,
+    ) -> Result<(), InjectError> {
+        let t = Instant::now();
+        loop {
+            let c = self.log.all_counters(&self.m.mem)?;
+            if done(&c) {
+                return Ok(());
+            }
+            if self.m.outcome().is_some() {
+                // The guest ended (violation or error): the caller finds out.
+                return Ok(());
+            }
+            if t.elapsed() > PROGRESS_TIMEOUT {
+                return Err(InjectError::NoProgress(PROGRESS_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    fn wait_pages(&self, n: u64) -> Result<(), InjectError> {
+        let start = self.log.all_counters(&self.m.mem)?;
+        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.pages >= b.pages + n))
+    }
+
+    /// A quiescent point: let every vCPU finish a whole pass with no event
+    /// in between (so it touched every page of its slice since the last
+    /// invalidation), pause, compare KVM's counters with the mirror.
+    pub fn quiesce_point(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+        if dirty {
+            self.slot.set_dirty_logging(self.vm, true)?;
+        }
+        let r = self.quiesce_compare(seq, dirty);
+        if dirty {
+            self.slot.set_dirty_logging(self.vm, false)?;
+        }
+        r
+    }
+
+    fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+        let start = self.log.all_counters(&self.m.mem)?;
+        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))?;
+        let _paused = quiesce::pause(&self.m.control)?;
+        let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
+        let ram = self.m.ram();
+        let states = ram.frame_states();
+        let huge_frames = states
+            .iter()
+            .filter(|s| matches!(s, FrameView::Huge { .. }))
+            .count() as u64;
+        let host_pmd = guest_mem::pagemap::pmd_mapped_frames(ram.host_addr(), states.len())
+            .map_err(|source| InjectError::GuestMem {
+                op: "PAGEMAP_SCAN",
+                gpa: 0,
+                source,
+            })?;
+        let levels = host_levels(&states, host_pmd.as_deref());
+        let books_vs_host = host_pmd.as_ref().map(|pmd| {
+            states
+                .iter()
+                .zip(pmd)
+                .enumerate()
+                .filter(|(_, (s, h))| matches!(s, FrameView::Huge { .. }) != **h)
+                .map(|(f, _)| f as u64)
+                .collect::<Vec<u64>>()
+        });
+        let prediction = predict(&ram, levels, self.m, dirty, self.reserved_end);
+        let agrees = self.m.stats.is_none()
+            || (prediction.comparable && prediction.agrees(kvm_pages_4k, kvm_pages_2m));
+        Ok(QuiescePoint {
+            seq,
+            dirty_logging: dirty,
+            kvm_pages_4k,
+            kvm_pages_2m,
+            prediction,
+            agrees,
+            huge_frames,
+            host_pmd_frames: host_pmd.map(|v| v.iter().filter(|b| **b).count() as u64),
+            books_vs_host,
+        })
+    }
+}
+
+fn refused(r: Result<(), GuestMemError>) -> Effect {
+    match r {
+        Ok(()) => Effect::Done,
+        Err(e) => Effect::Refused(e.to_string()),
+    }
+}
+
+/// The host level of every frame: a PMD where the host's page tables say
+/// so, else 4K where our books say the frame is populated.
+fn host_levels(states: &[FrameView], pmd: Option<&[bool]>) -> Vec<Option<thp::units::Level>> {
+    let mut levels = mirror::host_levels(states);
+    if let Some(pmd) = pmd {
+        for (l, huge) in levels.iter_mut().zip(pmd) {
+            *l = match (*huge, *l) {
+                (true, _) => Some(thp::units::Level::M2),
+                (false, Some(_)) => Some(thp::units::Level::K4),
+                (false, None) => None,
+            };
+        }
+    }
+    levels
+}
+
+/// The mirror's prediction with every gfn touched (the guest touched all of
+/// its slices in the last full pass; the reserved region partly: tolerance).
+fn predict(
+    ram: &guest_mem::GuestRam,
+    levels: Vec<Option<thp::units::Level>>,
+    m: &Machine,
+    dirty: bool,
+    reserved_end: u64,
+) -> Prediction {
+    let size = ram.size();
+    let level = mirror::guest_level(&m.host, Some(crate::testguest::GuestPageSize::Size2M));
+    let slot = thp::kvm_mirror::Memslot {
+        id: 0,
+        base_gfn: 0,
+        npages: size / PAGE_SIZE,
+        userspace_addr: ram.host_addr(),
+        dirty_logging: dirty,
+    };
+    let map = thp::kvm_mirror::LevelMap::new(ram.host_addr(), levels);
+    let tolerance_frames = reserved_end.div_ceil(HPAGE_SIZE);
+    let tolerance_reason = format!(
+        "the reserved region [0, {reserved_end:#x}) holds boot tables, the guest's code, stacks and \
+         page tables and the shared log: only part of it is touched, and on shadow-paging hosts KVM \
+         maps guest page-table frames at 4K"
+    );
+    match thp::kvm_mirror::predict(&[slot], &map, |_| level, 0..size / PAGE_SIZE) {
+        Ok((pages_4k, pages_2m)) => Prediction {
+            pages_4k,
+            pages_2m,
+            tolerance_frames,
+            tolerance_reason,
+            comparable: true,
+        },
+        Err(e) => Prediction {
+            pages_4k: 0,
+            pages_2m: 0,
+            tolerance_frames: 0,
+            tolerance_reason: format!("the mirror refused: {e}"),
+            comparable: false,
+        },
+    }
+}

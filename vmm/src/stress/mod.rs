@@ -1,0 +1,534 @@
+//! `vmm stress`: mmu-notifier fault injection. A host thread fires
+//! primary-MMU events (discards, split/collapse, write protection, memslot
+//! changes, page-out) at a running stress guest, from a seeded PRNG, and the
+//! run proves nothing was lost or stale:
+//!
+//! * the guest ([`crate::testguest::guests::stress`]) checks and restamps
+//!   every page of its slice, pass after pass, at CPL3; discarded pages are
+//!   announced through a shared log written with the vCPUs paused, in the
+//!   same pause as the discard, so the guest expects zeros exactly there;
+//! * write-protected frames make `KVM_RUN` fail with `EFAULT`: the vCPU
+//!   thread waits until the frame is writable again and re-runs, so the
+//!   guest sees nothing ([`gate`]);
+//! * at quiescent points (every vCPU completed a whole pass since the last
+//!   event) KVM's `pages_4k` / `pages_2m` are compared with the THP mirror's
+//!   prediction, once in a while with dirty logging on (no 2M then).
+//!
+//! Which kinds apply: all eight on `hugetlb` and `thp`; on `4k` there are no
+//! huge frames, so no `split` / `collapse`. `pageout` on `hugetlb` targets
+//! split frames (small shmem pages): hugetlb mappings refuse `MADV_PAGEOUT`.
+//! With no swap configured, page-out unmaps shmem pages (KVM sees the
+//! invalidation) but they stay resident; the report says how many left.
+//!
+//! On a violation the run exits with 4, prints the seed, the last events and
+//! the first bad gfn, and writes a replay file ([`replay`]).
+
+pub mod args;
+pub mod events;
+pub mod gate;
+pub mod inject;
+pub mod replay;
+pub mod report;
+pub mod setup;
+pub mod shared;
+pub mod slot;
+pub mod vcpu;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_mem::{Backing, HPAGE_SIZE};
+
+use crate::exit_code;
+use crate::outcome::Outcome;
+use crate::run::{backing_name, RunError};
+use crate::testguest::guests::stress::SharedArea;
+
+pub use args::{InjectBug, StressArgs};
+use events::{Event, EventKind, Generator, OpsMix};
+use inject::{Effect, Extra, Injector};
+use replay::{ReplayError, ReplayFile, REPLAY_VERSION};
+pub use report::StressReport;
+use report::Tally;
+use shared::SharedLog;
+use slot::Slot0;
+use vcpu::StressVcpuShared;
+
+/// Events printed with a violation.
+const LAST_EVENTS: usize = 20;
+/// How long the guest gets to finish its pass after the stop request.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the vCPU threads get to stop.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every how many quiescent points one runs with dirty logging on.
+const DIRTY_QUIESCE_EVERY: u64 = 3;
+
+/// Errors before the stress run starts.
+#[derive(Debug, thiserror::Error)]
+pub enum StressError {
+    /// Setting up the machine.
+    #[error(transparent)]
+    Setup(#[from] RunError),
+    /// The replay file.
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    /// Bad options.
+    #[error("{0}")]
+    Usage(String),
+    /// Spawning a vCPU thread.
+    #[error("spawning a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+impl StressError {
+    /// Process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StressError::Setup(e) => e.exit_code(),
+            StressError::Replay(_) | StressError::Usage(_) => exit_code::BAD_INPUT,
+            StressError::Thread(_) => exit_code::INTERNAL,
+        }
+    }
+}
+
+/// The parameters in force (from the CLI or the replay file).
+#[derive(Debug, Clone)]
+struct Params {
+    memory: u64,
+    vcpus: u8,
+    backing: Backing,
+    seed: u64,
+    mix: OpsMix,
+    bug: Option<InjectBug>,
+}
+
+enum Source {
+    Live {
+        gen: Generator,
+        deadline: Option<Instant>,
+        ops: Option<u64>,
+    },
+    Replay {
+        events: Vec<Event>,
+        next: usize,
+    },
+}
+
+fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
+    if let Some(s) = a.seconds {
+        if !(s > 0.0 && s.is_finite()) {
+            return Err(StressError::Usage(format!(
+                "--seconds {s} must be a positive number"
+            )));
+        }
+    }
+    if !(a.quiesce_every > 0.0 && a.quiesce_every.is_finite()) {
+        return Err(StressError::Usage(format!(
+            "--quiesce-every {} must be a positive number of seconds",
+            a.quiesce_every
+        )));
+    }
+    if let Some(path) = &a.replay {
+        let f = ReplayFile::load(path)?;
+        let backing: Backing = f.backing.parse().map_err(|e| ReplayError::Invalid {
+            path: path.clone(),
+            why: format!("{e}"),
+        })?;
+        let p = Params {
+            memory: f.memory,
+            vcpus: f.vcpus,
+            backing,
+            seed: f.seed,
+            mix: f.ops_mix,
+            bug: f.inject_bug,
+        };
+        return Ok((p, Some(f.events)));
+    }
+    let mix = a
+        .ops_mix
+        .for_backing(a.backing)
+        .map_err(StressError::Usage)?;
+    Ok((
+        Params {
+            memory: a.memory,
+            vcpus: a.vcpus,
+            backing: a.backing,
+            seed: a.seed,
+            mix,
+            bug: a.inject_bug,
+        },
+        None,
+    ))
+}
+
+/// Run `vmm stress`.
+pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
+    let (p, replay_events) = params(a)?;
+    let built = setup::build(&a.kvm_dev, p.memory, p.vcpus, p.backing)?;
+    let setup::Built {
+        mut vm,
+        machine: m,
+        image,
+    } = built;
+    let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
+    let log = SharedLog::new(area, image.slices.clone());
+    let vshared = Arc::new(StressVcpuShared::default());
+
+    let vcpu_fds = std::mem::take(&mut vm.vcpus);
+    let mut handles = Vec::new();
+    for (i, fd) in vcpu_fds.into_iter().enumerate() {
+        let (m2, s2) = (m.clone(), vshared.clone());
+        match std::thread::Builder::new()
+            .name(format!("vcpu{i}"))
+            .spawn(move || vcpu::run_vcpu(i, fd, m2, s2))
+        {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                m.control.stop(STOP_TIMEOUT);
+                return Err(StressError::Thread(e));
+            }
+        }
+    }
+
+    let (host_addr, size) = {
+        let ram = m.ram();
+        (ram.host_addr(), ram.size())
+    };
+    let inj = Injector {
+        m: &m,
+        vm: &vm.fd,
+        slot: Slot0 { host_addr, size },
+        log: log.clone(),
+        vshared: &vshared,
+        backing: p.backing,
+        bug: p.bug,
+        work_frames: image.reserved.end / HPAGE_SIZE..size / HPAGE_SIZE,
+        reserved_end: image.reserved.end,
+    };
+    let mut source = match replay_events {
+        Some(events) => Source::Replay { events, next: 0 },
+        None => {
+            let started = Instant::now();
+            let secs = match (a.seconds, a.ops) {
+                (Some(s), _) => Some(s),
+                (None, None) => Some(10.0),
+                (None, Some(_)) => None,
+            };
+            Source::Live {
+                gen: Generator::new(p.seed, p.mix.clone()),
+                deadline: secs.map(|s| started + Duration::from_secs_f64(s)),
+                ops: a.ops,
+            }
+        }
+    };
+
+    let mut lp = Loop::default();
+    let started = Instant::now();
+    let every = Duration::from_secs_f64(a.quiesce_every);
+    let mut next_q = started + every;
+    let mut q_count = 0u64;
+    loop {
+        let ev = match &mut source {
+            Source::Replay { events, next } => match events.get(*next) {
+                Some(e) => {
+                    *next += 1;
+                    e.clone()
+                }
+                None => break,
+            },
+            Source::Live { gen, deadline, ops } => {
+                let over = deadline.is_some_and(|d| Instant::now() >= d)
+                    || ops.is_some_and(|n| lp.fired >= n);
+                if over {
+                    // A last quiescent point closes every live run.
+                    q_count += 1;
+                    let ev = quiesce_event(lp.seq, q_count);
+                    lp.step(&inj, ev);
+                    break;
+                }
+                if Instant::now() >= next_q {
+                    q_count += 1;
+                    quiesce_event(lp.seq, q_count)
+                } else {
+                    match inj.resolve(gen.draw(), lp.seq) {
+                        Ok(e) => e,
+                        Err(e) => {
+                            lp.internal = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+        };
+        let was_q = matches!(ev.kind, EventKind::Quiesce | EventKind::QuiesceDirty);
+        if !lp.step(&inj, ev) {
+            break;
+        }
+        if was_q {
+            next_q = Instant::now() + every;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+
+    // Stop the guest at the end of its pass, then the vCPU threads.
+    if let Err(e) = log.request_stop(&m.mem) {
+        lp.internal.get_or_insert(e.to_string());
+    }
+    let outcome = m.wait_outcome(FINISH_TIMEOUT);
+    if !m.control.stop(STOP_TIMEOUT) {
+        log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}");
+    } else {
+        for h in handles {
+            if h.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+
+    let mut violations = lp.violations.clone();
+    let guest = log.violations(&m.mem).unwrap_or_default();
+    let first_bad_gfn = guest.first().map(|v| v.gfn);
+    violations.extend(guest.iter().map(|v| v.describe()));
+    violations.extend(vshared.errors());
+    let outcome_text = match &outcome {
+        Some(o) => o.describe(),
+        None => "the guest did not finish its pass after the stop request".into(),
+    };
+    match &outcome {
+        Some(Outcome::TestExit(_)) | Some(Outcome::TestFault { .. }) => {}
+        Some(Outcome::GuestPanic(w)) => violations.push(format!("guest-visible error: {w}")),
+        Some(Outcome::Internal(w)) => {
+            lp.internal.get_or_insert(w.clone());
+        }
+        Some(o) => violations.push(format!("unexpected end of the guest: {}", o.describe())),
+        None => {
+            lp.internal.get_or_insert(outcome_text.clone());
+        }
+    }
+    if let Some(Outcome::TestExit(s)) = outcome {
+        if s != 0 && violations.is_empty() {
+            violations.push(format!("the guest reported failure (status {s:#x})"));
+        }
+    }
+    let counters = log.all_counters(&m.mem).unwrap_or_default();
+    let exit = if !violations.is_empty() {
+        exit_code::TEST_FAILURE
+    } else if lp.internal.is_some() {
+        exit_code::INTERNAL
+    } else {
+        exit_code::OK
+    };
+
+    let replay_file = if exit == exit_code::TEST_FAILURE {
+        let path = a
+            .replay_out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("stress-replay-seed{}.json", p.seed)));
+        let f = ReplayFile {
+            version: REPLAY_VERSION,
+            seed: p.seed,
+            backing: backing_name(p.backing).into(),
+            memory: p.memory,
+            vcpus: p.vcpus,
+            ops_mix: p.mix.clone(),
+            inject_bug: p.bug,
+            events: lp.events.clone(),
+        };
+        match f.save(&path) {
+            Ok(()) => Some(path.display().to_string()),
+            Err(e) => {
+                log::error!("{e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    let kinds = lp.tally.finish();
+    let events = kinds
+        .iter()
+        .filter(|(k, _)| !k.starts_with("quiesce"))
+        .map(|(_, v)| v.fired)
+        .sum::<u64>();
+    let mut notes = vec![format!(
+        "pageout: MADV_PAGEOUT unmaps shmem pages (KVM sees the invalidation); with no swap they stay \
+         resident (the resident counts say how many left); {}",
+        if p.backing == Backing::Hugetlb {
+            "on hugetlb it targets split frames (small shmem pages): hugetlb mappings refuse it"
+        } else {
+            "it targets any frame"
+        }
+    )];
+    if p.backing == Backing::Small4k {
+        notes.push("split and collapse do not apply to the 4k backing (no huge frames)".into());
+    }
+    if m.stats.is_none() {
+        notes.push("KVM statistics unavailable: quiescent points compared nothing".into());
+    }
+    if let Some(i) = &lp.internal {
+        notes.push(format!("internal error: {i}"));
+    }
+    if exit == exit_code::TEST_FAILURE {
+        let n = lp.events.len();
+        let last: Vec<String> = lp.events[n.saturating_sub(LAST_EVENTS)..]
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        notes.push(format!(
+            "seed {}; last {} events:\n    {}",
+            p.seed,
+            last.len(),
+            last.join("\n    ")
+        ));
+        if let Some(g) = first_bad_gfn {
+            notes.push(format!("first bad gfn {g:#x} (gpa {:#x})", g << 12));
+        }
+    }
+    let rep = StressReport {
+        seed: p.seed,
+        backing: backing_name(p.backing).into(),
+        memory: p.memory,
+        vcpus: p.vcpus,
+        replay: a.replay.is_some(),
+        inject_bug: p.bug.map(|b| format!("{b:?}")),
+        applicable_kinds: EventKind::RANDOM
+            .iter()
+            .filter(|k| k.applies_to(p.backing))
+            .map(|k| k.as_str().to_string())
+            .collect(),
+        seconds,
+        events,
+        events_per_second: if seconds > 0.0 {
+            events as f64 / seconds
+        } else {
+            0.0
+        },
+        kinds,
+        pages_verified: counters.iter().map(|c| c.pages).sum(),
+        passes: counters.iter().map(|c| c.passes).sum(),
+        guest_retries: counters.iter().map(|c| c.retries).sum(),
+        per_vcpu: counters,
+        wrprotect_faults: vshared.gate.faults(),
+        quiescent_points: lp.points,
+        violations,
+        first_bad_gfn,
+        replay_file,
+        outcome: outcome_text,
+        exit_code: exit,
+        notes,
+    };
+    drop(inj);
+    drop(vm);
+    Ok(rep)
+}
+
+fn quiesce_event(seq: u64, n: u64) -> Event {
+    Event {
+        seq,
+        kind: if n % DIRTY_QUIESCE_EVERY == 2 {
+            EventKind::QuiesceDirty
+        } else {
+            EventKind::Quiesce
+        },
+        frame: None,
+        page: 0,
+    }
+}
+
+/// State of the injection loop.
+#[derive(Default)]
+struct Loop {
+    seq: u64,
+    fired: u64,
+    tally: Tally,
+    events: Vec<Event>,
+    points: Vec<inject::QuiescePoint>,
+    violations: Vec<String>,
+    internal: Option<String>,
+}
+
+impl Loop {
+    /// Fire one event; `false` when the run must end.
+    fn step(&mut self, inj: &Injector<'_>, mut ev: Event) -> bool {
+        ev.seq = self.seq;
+        self.seq += 1;
+        let t = Instant::now();
+        let r = match ev.kind {
+            EventKind::Quiesce | EventKind::QuiesceDirty => inj
+                .quiesce_point(ev.seq, ev.kind == EventKind::QuiesceDirty)
+                .map(|q| {
+                    if !q.agrees {
+                        self.violations.push(format!(
+                            "quiescent point at event #{}{}: KVM pages_4k {} pages_2m {} but the mirror \
+                             predicts {} / {} (tolerance {} frames)",
+                            q.seq,
+                            if q.dirty_logging { " (dirty logging on)" } else { "" },
+                            q.kvm_pages_4k,
+                            q.kvm_pages_2m,
+                            q.prediction.pages_4k,
+                            q.prediction.pages_2m,
+                            q.prediction.tolerance_frames
+                        ));
+                    }
+                    self.points.push(q);
+                    (Effect::Done, Extra::default())
+                }),
+            _ => {
+                self.fired += 1;
+                inj.fire(&ev)
+            }
+        };
+        let took = t.elapsed();
+        log::debug!("{ev}: {r:?} in {took:?}");
+        self.events.push(ev.clone());
+        match r {
+            Ok((e, x)) => self.tally.add(ev.kind, &e, &x, took),
+            Err(e) => {
+                self.internal = Some(format!("event {ev}: {e}"));
+                return false;
+            }
+        }
+        if !self.violations.is_empty() || inj.m.outcome().is_some() {
+            return false;
+        }
+        match inj.log.violations(&inj.m.mem) {
+            Ok(v) => v.is_empty(),
+            Err(e) => {
+                self.internal = Some(e.to_string());
+                false
+            }
+        }
+    }
+}
+
+/// `vmm stress` for the binary: run, print the report, write `--json`;
+/// returns the process exit code.
+pub fn run_cli(a: &StressArgs) -> i32 {
+    match run(a) {
+        Ok(rep) => {
+            print!("{}", rep.text());
+            if let Some(f) = &rep.replay_file {
+                eprintln!(
+                    "vmm stress: VIOLATION (seed {}); replay file written to {f}",
+                    rep.seed
+                );
+            }
+            if let Some(path) = &a.json {
+                let written = serde_json::to_string_pretty(&rep)
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()));
+                if let Err(e) = written {
+                    eprintln!("vmm stress: writing {}: {e}", path.display());
+                    return exit_code::INTERNAL;
+                }
+            }
+            rep.exit_code
+        }
+        Err(e) => {
+            eprintln!("vmm stress: error: {e}");
+            e.exit_code()
+        }
+    }
+}

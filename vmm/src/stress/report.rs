@@ -1,0 +1,291 @@
+//! The end-of-run report of `vmm stress`: events by kind, rate, latency
+//! percentiles, guest pages verified, quiescent points and violations.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::events::EventKind;
+use super::inject::{Effect, Extra, QuiescePoint};
+use super::shared::GuestCounters;
+
+/// Everything measured for one event kind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KindReport {
+    /// Events fired.
+    pub fired: u64,
+    /// Events that acted on the machine.
+    pub done: u64,
+    /// Events with nothing to do.
+    pub noop: u64,
+    /// Events the host refused.
+    pub refused: u64,
+    /// First refusal reason.
+    pub refused_reason: Option<String>,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// Largest latency, microseconds.
+    pub max_us: u64,
+    /// Sums of the per-kind measurements.
+    pub totals: Extra,
+    /// `dirtylog`: events in which KVM's pages_2m fell while logging.
+    pub pages_2m_fell: u64,
+    /// `slot`: deletes after which KVM mapped nothing.
+    pub unmapped_after_delete: u64,
+    /// `wrprotect`: episodes in which at least one vCPU write faulted.
+    pub faulted: u64,
+    #[serde(skip)]
+    latencies: Vec<u64>,
+}
+
+/// Accumulates per-kind figures.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// By kind.
+    pub kinds: BTreeMap<EventKind, KindReport>,
+}
+
+impl Tally {
+    /// Record one event.
+    pub fn add(&mut self, kind: EventKind, effect: &Effect, x: &Extra, took: Duration) {
+        let k = self.kinds.entry(kind).or_default();
+        k.fired += 1;
+        match effect {
+            Effect::Done => k.done += 1,
+            Effect::Noop => k.noop += 1,
+            Effect::Refused(r) => {
+                k.refused += 1;
+                k.refused_reason.get_or_insert_with(|| r.clone());
+            }
+        }
+        k.latencies.push(took.as_micros() as u64);
+        let t = &mut k.totals;
+        t.faults += x.faults;
+        t.pages_2m_before += x.pages_2m_before;
+        t.pages_2m_during += x.pages_2m_during;
+        t.dirty_pages += x.dirty_pages;
+        t.mapped_after_delete += x.mapped_after_delete;
+        t.resident_before += x.resident_before;
+        t.resident_after += x.resident_after;
+        if kind == EventKind::Dirtylog && x.pages_2m_during < x.pages_2m_before {
+            k.pages_2m_fell += 1;
+        }
+        if kind == EventKind::Slot && x.mapped_after_delete == 0 {
+            k.unmapped_after_delete += 1;
+        }
+        if kind == EventKind::Wrprotect && x.faults > 0 {
+            k.faulted += 1;
+        }
+    }
+
+    /// Finish: compute percentiles.
+    pub fn finish(mut self) -> BTreeMap<String, KindReport> {
+        for k in self.kinds.values_mut() {
+            k.latencies.sort_unstable();
+            let pct = |p: f64| -> u64 {
+                if k.latencies.is_empty() {
+                    return 0;
+                }
+                let i =
+                    ((k.latencies.len() as f64 * p).ceil() as usize).clamp(1, k.latencies.len());
+                k.latencies[i - 1]
+            };
+            k.p50_us = pct(0.50);
+            k.p99_us = pct(0.99);
+            k.max_us = k.latencies.last().copied().unwrap_or(0);
+        }
+        self.kinds
+            .into_iter()
+            .map(|(k, v)| (k.as_str().to_string(), v))
+            .collect()
+    }
+}
+
+/// The report of a stress run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StressReport {
+    /// Seed.
+    pub seed: u64,
+    /// Backing.
+    pub backing: String,
+    /// Guest RAM bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Whether this was a replay.
+    pub replay: bool,
+    /// Deliberate bug, if any.
+    pub inject_bug: Option<String>,
+    /// Event kinds that apply to this backing.
+    pub applicable_kinds: Vec<String>,
+    /// Seconds of event injection.
+    pub seconds: f64,
+    /// Events fired (quiescent points excluded).
+    pub events: u64,
+    /// Events per second.
+    pub events_per_second: f64,
+    /// By kind (quiescent points included).
+    pub kinds: BTreeMap<String, KindReport>,
+    /// Guest pages checked (read, compared, restamped) by all vCPUs.
+    pub pages_verified: u64,
+    /// Passes over their slices by all vCPUs.
+    pub passes: u64,
+    /// Steps the guest restarted because a discard hit the page it was on.
+    pub guest_retries: u64,
+    /// Per vCPU.
+    pub per_vcpu: Vec<GuestCounters>,
+    /// vCPU write faults taken on write-protected frames (all waited out).
+    pub wrprotect_faults: u64,
+    /// Quiescent points.
+    pub quiescent_points: Vec<QuiescePoint>,
+    /// Violations (stale reads, lost writes, guest-visible errors, KVM
+    /// disagreeing with the mirror), in words.
+    pub violations: Vec<String>,
+    /// Guest frame number of the first bad page.
+    pub first_bad_gfn: Option<u64>,
+    /// Replay file written (on a violation).
+    pub replay_file: Option<String>,
+    /// How the guest ended.
+    pub outcome: String,
+    /// The process exit code.
+    pub exit_code: i32,
+    /// Notes (what a kind means on this host).
+    pub notes: Vec<String>,
+}
+
+impl StressReport {
+    /// The human-readable report.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "stress: backing {}, {} MiB, {} vCPUs, seed {}{}{}",
+            self.backing,
+            self.memory >> 20,
+            self.vcpus,
+            self.seed,
+            if self.replay { ", replay" } else { "" },
+            self.inject_bug
+                .as_deref()
+                .map(|b| format!(", INJECTED BUG {b}"))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "{} events in {:.1} s = {:.1} events/s; guest pages verified {}, passes {}, retries {}",
+            self.events,
+            self.seconds,
+            self.events_per_second,
+            self.pages_verified,
+            self.passes,
+            self.guest_retries
+        );
+        let _ = writeln!(
+            s,
+            "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}  notes",
+            "kind", "fired", "done", "noop", "refused", "p50 us", "p99 us", "max us"
+        );
+        for (name, k) in &self.kinds {
+            let note = match name.as_str() {
+                "wrprotect" => format!(
+                    "{} vCPU write faults waited out in {} episodes",
+                    k.totals.faults, k.faulted
+                ),
+                "dirtylog" => format!(
+                    "pages_2m fell in {} of {}; {} dirty pages logged",
+                    k.pages_2m_fell, k.fired, k.totals.dirty_pages
+                ),
+                "slot" => format!(
+                    "KVM mapped nothing after {} of {} deletes",
+                    k.unmapped_after_delete, k.fired
+                ),
+                "pageout" => format!(
+                    "resident pages {} -> {} (no swap: shmem stays resident)",
+                    k.totals.resident_before, k.totals.resident_after
+                ),
+                _ => k
+                    .refused_reason
+                    .clone()
+                    .map(|r| format!("refused: {r}"))
+                    .unwrap_or_default(),
+            };
+            let _ = writeln!(
+                s,
+                "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}  {}",
+                name, k.fired, k.done, k.noop, k.refused, k.p50_us, k.p99_us, k.max_us, note
+            );
+        }
+        for q in &self.quiescent_points {
+            let _ = writeln!(
+                s,
+                "quiescent point at #{}{}: KVM pages_4k {} pages_2m {}; mirror {} / {} (tolerance {} frames): {}",
+                q.seq,
+                if q.dirty_logging { " (dirty logging on)" } else { "" },
+                q.kvm_pages_4k,
+                q.kvm_pages_2m,
+                q.prediction.pages_4k,
+                q.prediction.pages_2m,
+                q.prediction.tolerance_frames,
+                if q.agrees { "agree" } else { "DISAGREE" }
+            );
+            if let Some(d) = q.books_vs_host.as_ref().filter(|d| !d.is_empty()) {
+                let _ = writeln!(
+                    s,
+                    "  finding: guest-mem's books and the host's page tables disagree on {} frames {:?} \
+                     (books huge {}, host PMD-mapped {}); the mirror was fed the host's truth",
+                    d.len(),
+                    &d[..d.len().min(8)],
+                    q.huge_frames,
+                    q.host_pmd_frames.unwrap_or(0)
+                );
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        let _ = writeln!(s, "violations: {}", self.violations.len());
+        for v in &self.violations {
+            let _ = writeln!(s, "  VIOLATION: {v}");
+        }
+        let _ = writeln!(s, "outcome: {}", self.outcome);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut t = Tally::default();
+        for us in 1..=100u64 {
+            t.add(
+                EventKind::Slot,
+                &Effect::Done,
+                &Extra::default(),
+                Duration::from_micros(us),
+            );
+        }
+        t.add(
+            EventKind::Split,
+            &Effect::Refused("busy".into()),
+            &Extra::default(),
+            Duration::from_micros(7),
+        );
+        let r = t.finish();
+        let s = &r["slot"];
+        assert_eq!(
+            (s.fired, s.done, s.p50_us, s.p99_us, s.max_us),
+            (100, 100, 50, 99, 100)
+        );
+        assert_eq!(s.unmapped_after_delete, 100);
+        let sp = &r["split"];
+        assert_eq!((sp.refused, sp.p50_us), (1, 7));
+        assert_eq!(sp.refused_reason.as_deref(), Some("busy"));
+    }
+}
