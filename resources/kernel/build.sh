@@ -26,18 +26,9 @@ die() {
     exit 1
 }
 
-missing=()
-for p in "${DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    [[ $(id -u) == 0 ]] || die "missing packages: ${missing[*]} (run: sudo apt-get install -y ${missing[*]})"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
-        { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; } ||
-        die "apt-get install ${missing[*]} failed"
-fi
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+ensure_packages "${DEPS[@]}"
 
 version="$(dpkg-query -W -f='${Version}' "$SRC_PKG")"
 tarball="/usr/src/${SRC_PKG}.tar.xz"

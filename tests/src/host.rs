@@ -48,6 +48,23 @@ pub fn hugepages_free() -> u64 {
     meminfo_value(&meminfo, "HugePages_Free").unwrap_or(0)
 }
 
+/// Why `--backing thp` cannot get 2M shmem pages here, or `None` when it can:
+/// `shmem_enabled` must be `advise`, `within_size`, `always` or `force`.
+pub fn shmem_thp_unavailable() -> Option<String> {
+    let f = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+    let text = fs::read_to_string(f).unwrap_or_default();
+    let selected = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or("unreadable");
+    match selected {
+        "advise" | "within_size" | "always" | "force" => None,
+        other => Some(format!(
+            "{f} is {other}: echo advise > {f} (or run resources/setup-host.sh)"
+        )),
+    }
+}
+
 /// The number after `key:` in /proc/meminfo text.
 pub fn meminfo_value(meminfo: &str, key: &str) -> Option<u64> {
     meminfo.lines().find_map(|l| {

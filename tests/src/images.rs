@@ -12,13 +12,11 @@ use std::path::PathBuf;
 pub const KERNEL: &str = "VMM_TEST_KERNEL";
 /// Initramfs whose /init prints [`INIT_OK_MARKER`] and powers off.
 pub const INITRD: &str = "VMM_TEST_INITRD";
-/// Initramfs whose /init prints [`INIT_SPIN_MARKER`] and stays alive.
+/// Initramfs whose /init spins at CPL3 without system calls (prints nothing).
 pub const INITRD_SPIN: &str = "VMM_TEST_INITRD_SPIN";
 
 /// Printed by the `hello` initramfs's /init.
 pub const INIT_OK_MARKER: &str = "VMM-TEST-INIT-OK";
-/// Printed by the `spin` initramfs's /init.
-pub const INIT_SPIN_MARKER: &str = "VMM-TEST-INIT-SPIN";
 /// Printed by the guest kernel right before it runs /init.
 pub const RUN_INIT_MARKER: &str = "Run /init as init process";
 

@@ -3,13 +3,15 @@
 //! * [`images`]: where the test guest kernel and initramfs images are
 //!   (built by `resources/setup-host.sh`);
 //! * [`host`]: what this host can do (VT-x/AMD-V or paravirtual KVM, free hugetlb pages);
-//! * [`vmm_bin`]: the `vmm` binary, built on demand, and running it.
+//! * [`vmm_bin`]: the `vmm` binary, built on demand, and running it;
+//! * [`json`]: numbers out of `vmm`'s JSON reports.
 //!
 //! A test that needs something the host lacks prints `SKIP: <reason>` (see [`skip!`])
 //! and returns.
 
 pub mod host;
 pub mod images;
+pub mod json;
 pub mod vmm_bin;
 
 /// Print why a test does not run here and return from the test.

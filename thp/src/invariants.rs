@@ -221,15 +221,17 @@ pub fn check_primary(p: &Primary) -> Result<(), InvariantViolation> {
     Ok(())
 }
 
-/// Checks the secondary MMU against the host mapping: every entry maps the
-/// pfn the host maps now (aligned down to 2M for a 2M entry), a 2M entry only
-/// where the host maps a PMD, the slot allows 2M and dirty logging is off.
+/// Checks the secondary MMU against the host mapping: every entry lies in a
+/// memslot and maps the pfn the host maps now (aligned down to 2M for a 2M
+/// entry), a writable entry only where the host page is writable, a 2M
+/// entry only where the host maps a PMD, the slot allows 2M and dirty
+/// logging is off.
 pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), InvariantViolation> {
     let (mut n4, mut n2) = (0u64, 0u64);
-    for (gfn, level, pfn) in s.entries() {
+    for (gfn, level, pfn, writable) in s.entries_access() {
         let Some(slot) = s.slot_for_gfn(gfn) else {
             return fail(format!(
-                "secondary entry at gfn {gfn:#x} outside every memslot"
+                "secondary entry at gfn {gfn:#x} outside every memslot (deleted slot)"
             ));
         };
         let hva = slot.gfn_to_hva(gfn);
@@ -248,7 +250,12 @@ pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), Invar
                 if gfn % PAGES_PER_HPAGE != 0 || pfn % PAGES_PER_HPAGE != 0 {
                     return fail(format!("2M entry gfn {gfn:#x} pfn {pfn:#x} not aligned"));
                 }
-                if !s.lpage_allowed(gfn) || slot.dirty_logging {
+                if slot.dirty_logging {
+                    return fail(format!(
+                        "2M entry at gfn {gfn:#x} while dirty logging is on"
+                    ));
+                }
+                if !s.lpage_allowed(gfn) {
                     return fail(format!(
                         "2M entry at gfn {gfn:#x} where the slot disallows 2M"
                     ));
@@ -264,6 +271,11 @@ pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), Invar
                     }
                 }
             }
+        }
+        if writable && !host.writable(hva) {
+            return fail(format!(
+                "writable {level:?} entry gfn {gfn:#x} -> pfn {pfn:#x} over a write-protected host page"
+            ));
         }
     }
     if (n4, n2) != (s.pages_4k(), s.pages_2m()) {

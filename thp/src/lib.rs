@@ -18,10 +18,19 @@
 //! | [`kvm_mirror::SecondaryMmu::max_mapping_level`] | `kvm_mmu_hugepage_adjust`, `kvm_mmu_max_mapping_level`, `host_pfn_mapping_level`, `lpage_info` / `kvm_mmu_gfn_disallow_lpage` |
 //! | [`kvm_mirror::SecondaryMmu::fault_begin`] ... `fault_install` | `kvm_faultin_pfn` (reads `mmu_invalidate_seq`), `is_page_fault_stale` / `mmu_invalidate_retry_gfn`, `direct_map` |
 //! | [`kvm_mirror::SecondaryMmu::invalidate_range_start`] / `_end` | `kvm_mmu_notifier_invalidate_range_start` / `_end` (`mmu_invalidate_in_progress`, `mmu_invalidate_seq`) |
+//! | [`primary::Primary::mprotect`], [`primary::Mm::write_protected`] | `mprotect` / `change_protection` (a read-only VMA: effective PTE permission, host write faults fail; restore keeps COW-shared pages read-only as `can_change_pte_writable`) |
+//! | [`primary::Primary::pageout`] | `MADV_PAGEOUT` (`madvise_cold_or_pageout_pte_range` + reclaim; pinned and shared folios stay) |
+//! | [`kvm_mirror::SecondaryMmu::access_begin`] ... `access_install` | `kvm_faultin_pfn` with `fault->slot`, `fault->write`, `fault->map_writable` (`hva_to_pfn`, `KVM_PFN_ERR_FAULT` / `-EFAULT` for a write to a read-only host page), leaf SPTE write permission |
+//! | [`kvm_mirror::SecondaryMmu::memslot_generation`], [`kvm_mirror::SecondaryMmu::access_must_retry`] | memslot generation; a fault whose memslot is stale retries (stands for SRCU-protected memslots + `KVM_MEMSLOT_INVALID`) |
+//! | [`kvm_mirror::SecondaryMmu::set_dirty_logging`], `remove_slot`, `add_slot` | `KVM_SET_USER_MEMORY_REGION`: `kvm_mmu_slot_apply_flags` (2M dropped, 4K write-protected / collapsible 4K zapped), `kvm_arch_flush_shadow_memslot` |
+//! | [`interleave::EventKind`] (`discard4k`, `discard2m`, `split`, `collapse`, `wrprotect`, `dirtylog`, `slot`, `pageout`) | the events of `vmm stress --ops-mix`, each racing [`interleave::Actor::VcpuFault`] (whole KVM fault incl. GUP fault-in / COW break) at every interleaving point |
 //! | `pages_4k` / `pages_2m` | KVM's binary stats: present leaf SPTEs per level |
 //!
-//! Not modelled: swap (`max_ptes_swap` is carried but unused), 1G pages, the
-//! huge zero page, NX huge pages, mremap (a folio never moves frame).
+//! Not modelled: swap contents (`MADV_PAGEOUT` unmaps; the page comes back
+//! as a fresh folio; `max_ptes_swap` is carried but unused), the dirty
+//! bitmap itself, eager page splitting of 2M leaves into 4K ones (2M leaves
+//! are dropped), 1G pages, the huge zero page, NX huge pages, mremap (a
+//! folio never moves frame).
 #![deny(missing_docs)]
 
 pub mod folio;

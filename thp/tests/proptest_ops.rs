@@ -7,6 +7,7 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use std::cell::Cell;
+use thp::folio::FolioId;
 use thp::invariants::{check_primary, check_secondary};
 use thp::kvm_mirror::{HostMap, Memslot, PendingFault, SecondaryMmu};
 use thp::policy::{Defrag, Enabled, ThpPolicy};
@@ -16,12 +17,44 @@ use thp::{CollapsePlan, DiscardStep, FrameView, PopulatePlan, RamModel, SplitPla
 
 const HVA: u64 = 0x7f00_0000_0000;
 
-fn runner(cases: u32) -> TestRunner {
+/// Run `check` on `cases` inputs drawn from `strategy` (failures are not
+/// persisted), then assert that at least `min_ops` operations ran in all
+/// (`ops_in` counts those of one input).
+fn run_counted<S: Strategy>(
+    cases: u32,
+    strategy: S,
+    ops_in: impl Fn(&S::Value) -> usize,
+    min_ops: u64,
+    what: &str,
+    check: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let count = Cell::new(0u64);
     TestRunner::new(Config {
         cases,
         failure_persistence: None,
         ..Config::default()
     })
+    .run(&strategy, |v| {
+        count.set(count.get() + ops_in(&v) as u64);
+        check(v)
+    })
+    .unwrap();
+    assert!(
+        count.get() >= min_ops,
+        "ran {} {what} operations",
+        count.get()
+    );
+}
+
+/// The `i`-th (modulo their count) large folio of `p`, if it has any.
+fn nth_large_folio(p: &Primary, i: usize) -> Option<FolioId> {
+    let large: Vec<FolioId> = p
+        .folios()
+        .iter()
+        .filter(|(_, f)| f.is_large())
+        .map(|(id, _)| id)
+        .collect();
+    (!large.is_empty()).then(|| large[i % large.len()])
 }
 
 /// Pages biased toward interesting offsets in `frames` frames.
@@ -175,7 +208,6 @@ fn run_ram(ops: &[RamOp], policy: ThpPolicy) -> Result<(), TestCaseError> {
 
 #[test]
 fn proptest_ram_model_random_operations_keep_invariants() {
-    let count = Cell::new(0u64);
     let policy = (0..3usize).prop_map(|i| match i {
         0 => ThpPolicy::always(),
         1 => ThpPolicy {
@@ -185,19 +217,13 @@ fn proptest_ram_model_random_operations_keep_invariants() {
         },
         _ => ThpPolicy::never(),
     });
-    runner(200)
-        .run(
-            &(prop::collection::vec(ram_op(), 150), policy),
-            |(ops, policy)| {
-                count.set(count.get() + ops.len() as u64);
-                run_ram(&ops, policy)
-            },
-        )
-        .unwrap();
-    assert!(
-        count.get() >= 30_000,
-        "ran {} RamModel operations",
-        count.get()
+    run_counted(
+        200,
+        (prop::collection::vec(ram_op(), 150), policy),
+        |(ops, _)| ops.len(),
+        30_000,
+        "RamModel",
+        |(ops, policy)| run_ram(&ops, policy),
     );
 }
 
@@ -269,16 +295,7 @@ fn run_mm(ops: &[MmOp]) -> Result<(), TestCaseError> {
                 p.unpin(f)
             }
             MmOp::SplitFolio(i) => {
-                let large: Vec<_> = p
-                    .folios()
-                    .iter()
-                    .filter(|(_, f)| f.is_large())
-                    .map(|(id, _)| id)
-                    .collect();
-                if large.is_empty() {
-                    Ok(())
-                } else {
-                    let id = large[i % large.len()];
+                if let Some(id) = nth_large_folio(&p, i) {
                     let pinned = p.folio(id).unwrap().pincount > 0;
                     let r = p.split_folio(id).map(|_| ());
                     prop_assert_eq!(r.is_err(), pinned);
@@ -290,6 +307,8 @@ fn run_mm(ops: &[MmOp]) -> Result<(), TestCaseError> {
                         );
                     }
                     r
+                } else {
+                    Ok(())
                 }
             }
             MmOp::Shrink => {
@@ -321,17 +340,13 @@ fn run_mm(ops: &[MmOp]) -> Result<(), TestCaseError> {
 
 #[test]
 fn proptest_primary_fork_cow_pin_split_collapse_shrink_keep_invariants() {
-    let count = Cell::new(0u64);
-    runner(150)
-        .run(&prop::collection::vec(mm_op(), 300), |ops| {
-            count.set(count.get() + ops.len() as u64);
-            run_mm(&ops)
-        })
-        .unwrap();
-    assert!(
-        count.get() >= 45_000,
-        "ran {} primary operations",
-        count.get()
+    run_counted(
+        150,
+        prop::collection::vec(mm_op(), 300),
+        Vec::len,
+        45_000,
+        "primary",
+        |ops| run_mm(&ops),
     );
 }
 
@@ -413,19 +428,10 @@ fn run_mirror(ops: &[MirOp]) -> Result<(), TestCaseError> {
                         let f = pins.swap_remove(i % pins.len());
                         p.unpin(f)
                     }
-                    MmOp::SplitFolio(i) => {
-                        let large: Vec<_> = p
-                            .folios()
-                            .iter()
-                            .filter(|(_, f)| f.is_large())
-                            .map(|(id, _)| id)
-                            .collect();
-                        if large.is_empty() {
-                            Ok(())
-                        } else {
-                            p.split_folio(large[i % large.len()]).map(|_| ())
-                        }
-                    }
+                    MmOp::SplitFolio(i) => match nth_large_folio(&p, i) {
+                        Some(id) => p.split_folio(id).map(|_| ()),
+                        None => Ok(()),
+                    },
                     MmOp::Shrink => {
                         p.shrink_deferred_split();
                         Ok(())
@@ -503,16 +509,12 @@ fn run_mirror(ops: &[MirOp]) -> Result<(), TestCaseError> {
 
 #[test]
 fn proptest_mirror_faults_with_invalidations_never_stale() {
-    let count = Cell::new(0u64);
-    runner(100)
-        .run(&prop::collection::vec(mir_op(), 300), |ops| {
-            count.set(count.get() + ops.len() as u64);
-            run_mirror(&ops)
-        })
-        .unwrap();
-    assert!(
-        count.get() >= 30_000,
-        "ran {} mirror operations",
-        count.get()
+    run_counted(
+        100,
+        prop::collection::vec(mir_op(), 300),
+        Vec::len,
+        30_000,
+        "mirror",
+        |ops| run_mirror(&ops),
     );
 }

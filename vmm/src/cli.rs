@@ -28,6 +28,8 @@ pub enum Command {
     /// mmu-notifier fault injection: host invalidations fired at a running
     /// checker guest; exits 4 on a stale read, lost write or mirror mismatch.
     Stress(crate::stress::StressArgs),
+    /// Control a running VM through its API socket (`vmm run --api-socket`).
+    Ctl(crate::api::client::CtlArgs),
 }
 
 /// Options of `vmm run`.
@@ -82,6 +84,44 @@ pub struct RunArgs {
     /// A test-guest argument KEY=VALUE (repeatable).
     #[arg(long = "guest-arg", value_name = "KEY=VALUE", value_parser = parse_guest_arg)]
     pub guest_args: Vec<(String, u64)>,
+    /// Add a virtio-balloon (virtio-mmio at 0xd0000000, IRQ 5; Linux guests):
+    /// pages the guest gives back split exactly their 2M frame.
+    #[arg(long, requires = "kernel")]
+    pub balloon: bool,
+    /// Initial balloon target, set once the guest's driver is ready (e.g. 32M).
+    #[arg(long, value_name = "SIZE", requires = "balloon", value_parser = parse_size)]
+    pub balloon_target: Option<u64>,
+    /// Do not offer free page reporting (VIRTIO_BALLOON_F_REPORTING): only
+    /// inflate/deflate give pages back.
+    #[arg(long, requires = "balloon")]
+    pub no_free_page_reporting: bool,
+    /// Serve runtime control on this Unix socket (`vmm ctl --api-socket PATH ...`).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// No collapser: split frames stay split (test guests: no collapse at checkpoints).
+    #[arg(long)]
+    pub no_collapser: bool,
+    /// Collapser wake-up interval (khugepaged's scan_sleep_millisecs; 0 = no
+    /// background thread, test guests still collapse at checkpoints).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub collapse_interval_ms: u32,
+    /// Pages the collapser scans per wake-up, 512 per frame (khugepaged's pages_to_scan).
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub collapse_pages_to_scan: u32,
+    /// Most pages of a frame that may be missing for a collapse (khugepaged's
+    /// max_ptes_none; 0 = only frames whose pages are all present again; the
+    /// kernel's 511 would refill every page the guest gave back).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=511))]
+    pub collapse_max_ptes_none: u32,
+    /// The hidden `--kvm-dev`.
+    #[command(flatten)]
+    pub kvm: KvmDevArg,
+}
+
+/// The hidden `--kvm-dev PATH` option (env `VMM_KVM_DEV`) of the
+/// subcommands that open KVM, flattened into their options.
+#[derive(Debug, Clone, Args)]
+pub struct KvmDevArg {
     /// KVM device node (for tests).
     #[arg(
         long,
@@ -133,7 +173,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
-fn parse_backing(s: &str) -> Result<Backing, String> {
+pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
     s.parse::<Backing>().map_err(|e| e.to_string())
 }
 
@@ -141,7 +181,7 @@ fn parse_test_guest(s: &str) -> Result<TestGuestName, String> {
     s.parse::<TestGuestName>().map_err(|e| e.to_string())
 }
 
-fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
+pub(crate) fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
     s.parse::<GuestPageSize>().map_err(|e| e.to_string())
 }
 

@@ -116,6 +116,16 @@ impl VcpuControl {
         self.lock().stop
     }
 
+    /// Kick every vCPU out of `KVM_RUN`, then wait (the lock released) for a
+    /// change of state or [`KICK_INTERVAL`], whichever comes first.
+    fn kick_and_wait<'a>(&self, st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.kick_all(&st);
+        self.cv
+            .wait_timeout(st, KICK_INTERVAL)
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+    }
+
     fn kick_all(&self, st: &State) {
         for t in st.threads.iter().flatten() {
             // SAFETY: `t` is the pthread id of a vCPU thread registered in
@@ -137,12 +147,7 @@ impl VcpuControl {
             if Instant::now() >= deadline {
                 return false;
             }
-            self.kick_all(&st);
-            st = self
-                .cv
-                .wait_timeout(st, KICK_INTERVAL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.kick_and_wait(st);
         }
         true
     }
@@ -164,12 +169,7 @@ impl Quiesce for VcpuControl {
                     ),
                 });
             }
-            self.kick_all(&st);
-            st = self
-                .cv
-                .wait_timeout(st, KICK_INTERVAL)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            st = self.kick_and_wait(st);
         }
         Ok(())
     }

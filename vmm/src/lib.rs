@@ -1,9 +1,12 @@
 //! `vmm`: a minimal KVM VMM whose guest RAM lives on 2M huge pages it manages
 //! itself. See docs/ARCHITECTURE.md, section `vmm`.
 
+pub mod api;
+pub mod balloon_backend;
 pub mod bench;
 pub mod boot;
 pub mod cli;
+pub mod collapser;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
@@ -16,8 +19,10 @@ pub mod msr;
 pub mod outcome;
 pub mod report;
 pub mod run;
+pub mod snapshot;
 pub mod stats;
 pub mod stress;
 pub mod testguest;
+pub mod unmap_stats;
 pub mod vcpu;
 pub mod vm;

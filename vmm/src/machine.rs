@@ -2,18 +2,23 @@
 //! the pause/stop control and the outcome of the run.
 
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use guest_mem::GuestRam;
 use vm_memory::GuestMemoryMmap;
 
+use crate::balloon_backend::BalloonDevice;
+use crate::collapser::Collapser;
 use crate::control::VcpuControl;
 use crate::devices::serial::{SerialDevice, SerialFlags};
 use crate::host::HostInfo;
+use crate::mirror::{self, MirrorContext};
 use crate::outcome::Outcome;
+use crate::snapshot::FrameCounts;
 use crate::stats::{KvmStats, MappingStats};
 use crate::testguest::device::TestDevice;
+use crate::unmap_stats::UnmapRecorder;
 
 /// What runs in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,14 @@ pub struct Checkpoint {
     pub phase: u64,
     /// KVM's mapping counters then.
     pub kvm: MappingStats,
+    /// The mirror's prediction then (`None` without a mirror context).
+    pub mirror_pages_4k: Option<u64>,
+    /// The mirror's predicted 2M mappings then.
+    pub mirror_pages_2m: Option<u64>,
+    /// Host frame states then (from `GuestRam`).
+    pub frames: FrameCounts,
+    /// Frames the collapser collapsed right after this checkpoint.
+    pub collapsed_after: u64,
 }
 
 /// Everything the vCPU threads share.
@@ -70,6 +83,11 @@ pub struct Machine {
     pub reports: Mutex<Vec<Report>>,
     /// Stats taken at test-guest checkpoints.
     pub checkpoints: Mutex<Vec<Checkpoint>>,
+    /// Split / collapse measurements.
+    pub unmap: UnmapRecorder,
+    balloon: OnceLock<Arc<BalloonDevice>>,
+    collapser: OnceLock<Arc<Collapser>>,
+    mirror_ctx: OnceLock<MirrorContext>,
     outcome: Mutex<Option<Outcome>>,
     outcome_cv: Condvar,
 }
@@ -123,6 +141,10 @@ impl Machine {
             stats: p.stats,
             reports: Mutex::new(Vec::new()),
             checkpoints: Mutex::new(Vec::new()),
+            unmap: UnmapRecorder::default(),
+            balloon: OnceLock::new(),
+            collapser: OnceLock::new(),
+            mirror_ctx: OnceLock::new(),
             outcome: Mutex::new(None),
             outcome_cv: Condvar::new(),
         }
@@ -192,7 +214,44 @@ impl Machine {
         lock(&self.reports).clone()
     }
 
-    /// Record KVM's counters at a checkpoint.
+    /// Attach the virtio-balloon (once, before the vCPUs run).
+    pub fn set_balloon(&self, b: Arc<BalloonDevice>) {
+        if self.balloon.set(b).is_err() {
+            log::warn!("a balloon is already attached; ignoring the second one");
+        }
+    }
+
+    /// The virtio-balloon, if the run has one.
+    pub fn balloon(&self) -> Option<&Arc<BalloonDevice>> {
+        self.balloon.get()
+    }
+
+    /// Attach the collapser (once).
+    pub fn set_collapser(&self, c: Arc<Collapser>) {
+        if self.collapser.set(c).is_err() {
+            log::warn!("a collapser is already attached; ignoring the second one");
+        }
+    }
+
+    /// The collapser, if the run has one.
+    pub fn collapser(&self) -> Option<&Arc<Collapser>> {
+        self.collapser.get()
+    }
+
+    /// Set what the mirror needs to predict KVM's counters during the run.
+    pub fn set_mirror_context(&self, ctx: MirrorContext) {
+        let _ = self.mirror_ctx.set(ctx);
+    }
+
+    /// The mirror context, if set.
+    pub fn mirror_context(&self) -> Option<&MirrorContext> {
+        self.mirror_ctx.get()
+    }
+
+    /// Record KVM's counters, the mirror's prediction and the frame states at
+    /// a checkpoint; then, if the run has a collapser, let it collapse every
+    /// frame its policy allows (so the next checkpoint sees the result
+    /// deterministically). Called on a vCPU thread, outside `KVM_RUN`.
     pub fn checkpoint(&self, vcpu: usize, phase: u64) {
         let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
             Some(Ok(m)) => m,
@@ -202,8 +261,33 @@ impl Machine {
             }
             None => MappingStats::default(),
         };
-        log::info!("checkpoint {phase} (vCPU {vcpu}): KVM {kvm:?}");
-        lock(&self.checkpoints).push(Checkpoint { vcpu, phase, kvm });
+        // Another thread may hold guest RAM while it pauses every vCPU.
+        let (frames, predicted) = self.control.parked_while(|| {
+            let ram = self.ram();
+            let states = ram.frame_states();
+            let p = self
+                .mirror_ctx
+                .get()
+                .and_then(|ctx| mirror::predict_with(&ram, &states, ctx));
+            (FrameCounts::of(&states), p)
+        });
+        log::info!(
+            "checkpoint {phase} (vCPU {vcpu}): KVM {kvm:?}, frames {frames:?}, mirror {:?}",
+            predicted.as_ref().map(|p| (p.pages_4k, p.pages_2m))
+        );
+        let collapsed_after = match self.collapser.get() {
+            Some(c) => self.control.parked_while(|| c.pass_all(self)),
+            None => 0,
+        };
+        lock(&self.checkpoints).push(Checkpoint {
+            vcpu,
+            phase,
+            kvm,
+            mirror_pages_4k: predicted.as_ref().map(|p| p.pages_4k),
+            mirror_pages_2m: predicted.as_ref().map(|p| p.pages_2m),
+            frames,
+            collapsed_after,
+        });
     }
 
     /// Checkpoints so far.

@@ -18,6 +18,16 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Bench(args) => vmm::bench::run_cli(&args),
         Command::Stress(args) => vmm::stress::run_cli(&args),
+        Command::Ctl(args) => match vmm::api::ctl(&args) {
+            Ok(text) => {
+                print!("{text}");
+                exit_code::OK
+            }
+            Err(e) => {
+                eprintln!("vmm ctl: error: {e}");
+                e.exit_code()
+            }
+        },
         Command::Run(args) => match run::run(&args) {
             Ok(rep) => {
                 if rep.exit_code != exit_code::OK {

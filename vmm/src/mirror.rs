@@ -82,20 +82,29 @@ pub fn predict(
     kvm_mirror::predict(&[slot], &map, |_| level, touched)
 }
 
-/// Predict KVM's counters for this run (`None` when the mirror refuses).
-pub fn predict_run(
-    ram: &guest_mem::GuestRam,
-    states: &[guest_mem::FrameView],
+/// What the mirror needs of a run besides guest RAM: the guest's cap on the
+/// mapping level and how far KVM may differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorContext {
+    /// The guest's own cap on the mapping level.
+    pub level: Level,
+    /// Whether the prediction is comparable with KVM (test guests).
+    pub comparable: bool,
+    /// See [`Prediction::tolerance_frames`].
+    pub tolerance_frames: u64,
+    /// See [`Prediction::tolerance_reason`].
+    pub tolerance_reason: String,
+}
+
+/// The mirror context of a run.
+pub fn context(
+    size: u64,
     host: &HostInfo,
     args: &RunArgs,
     image: &Option<TestGuestImage>,
-) -> Option<Prediction> {
-    let size = ram.size();
+) -> MirrorContext {
     let guest_pages = image.as_ref().map(|_| args.guest_pages);
     let level = guest_level(host, guest_pages);
-    // Every built-in guest writes every page of its work region; a Linux
-    // guest's touched set is unknown, so all RAM is assumed.
-    let touched = 0..size / PAGE;
     let comparable = image.is_some();
     let (tolerance_frames, tolerance_reason) = match image {
         Some(img) => (
@@ -114,19 +123,54 @@ pub fn predict_run(
                 .to_string(),
         ),
     };
-    match predict(ram.host_addr(), size, host_levels(states), level, touched) {
+    MirrorContext {
+        level,
+        comparable,
+        tolerance_frames,
+        tolerance_reason,
+    }
+}
+
+/// Predict KVM's counters for guest RAM in `states` now (`None` when the
+/// mirror refuses). Every built-in guest writes every page of its work
+/// region; a Linux guest's touched set is unknown, so all RAM is assumed.
+pub fn predict_with(
+    ram: &guest_mem::GuestRam,
+    states: &[guest_mem::FrameView],
+    ctx: &MirrorContext,
+) -> Option<Prediction> {
+    let size = ram.size();
+    let touched = 0..size / PAGE;
+    match predict(
+        ram.host_addr(),
+        size,
+        host_levels(states),
+        ctx.level,
+        touched,
+    ) {
         Ok((pages_4k, pages_2m)) => Some(Prediction {
             pages_4k,
             pages_2m,
-            tolerance_frames,
-            tolerance_reason,
-            comparable,
+            tolerance_frames: ctx.tolerance_frames,
+            tolerance_reason: ctx.tolerance_reason.clone(),
+            comparable: ctx.comparable,
         }),
         Err(e) => {
             log::warn!("the KVM mirror could not predict: {e}");
             None
         }
     }
+}
+
+/// Predict KVM's counters for this run (`None` when the mirror refuses).
+pub fn predict_run(
+    ram: &guest_mem::GuestRam,
+    states: &[guest_mem::FrameView],
+    host: &HostInfo,
+    args: &RunArgs,
+    image: &Option<TestGuestImage>,
+) -> Option<Prediction> {
+    predict_with(ram, states, &context(ram.size(), host, args, image))
 }
 
 #[cfg(test)]

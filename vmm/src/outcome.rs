@@ -28,13 +28,15 @@ pub enum Outcome {
     Internal(String),
     /// `--timeout` expired.
     Timeout,
+    /// Stopped from outside (`vmm ctl stop`).
+    Stopped,
 }
 
 impl Outcome {
     /// The process exit code (table in [`exit_code`]).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Reset | Outcome::TestExit(0) => exit_code::OK,
+            Outcome::Reset | Outcome::TestExit(0) | Outcome::Stopped => exit_code::OK,
             Outcome::TestExit(_) | Outcome::TestFault { .. } => exit_code::TEST_FAILURE,
             Outcome::GuestPanic(_) => exit_code::GUEST_PANIC,
             Outcome::Internal(_) => exit_code::INTERNAL,
@@ -60,6 +62,7 @@ impl Outcome {
             Outcome::GuestPanic(why) => format!("guest panic: {why}"),
             Outcome::Internal(why) => format!("internal VMM error: {why}"),
             Outcome::Timeout => "timeout".into(),
+            Outcome::Stopped => "stopped by `vmm ctl stop`".into(),
         }
     }
 }
@@ -76,5 +79,6 @@ mod tests {
         assert_eq!(Outcome::GuestPanic("x".into()).exit_code(), 3);
         assert_eq!(Outcome::Internal("x".into()).exit_code(), 1);
         assert_eq!(Outcome::Timeout.exit_code(), 5);
+        assert_eq!(Outcome::Stopped.exit_code(), 0);
     }
 }

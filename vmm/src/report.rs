@@ -6,24 +6,18 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::balloon_backend::BalloonStatus;
 use crate::cli::RunArgs;
 use crate::machine::{Checkpoint, Machine, Report};
 use crate::mirror::{self, Prediction};
 use crate::outcome::Outcome;
+use crate::snapshot::{self, HostMemory, PoolReport};
 use crate::stats::MappingStats;
 use crate::testguest::{ReportKey, TestGuestImage};
+use crate::unmap_stats::UnmapMetrics;
 use crate::vm::Vm;
 
-/// Frame states of guest RAM at the end of the run.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct FrameCounts {
-    /// Frames mapped by one 2M page on the host.
-    pub huge: usize,
-    /// Frames mapped by small pages.
-    pub small: usize,
-    /// Frames not populated.
-    pub unpopulated: usize,
-}
+pub use crate::snapshot::FrameCounts;
 
 /// Everything known at the end of a run.
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +57,16 @@ pub struct RunReport {
     pub checkpoints: Vec<Checkpoint>,
     /// Rejected test-device accesses.
     pub test_device_rejected: u64,
+    /// Pool accounting at the end.
+    pub pool: PoolReport,
+    /// Host memory of guest RAM (smaps) once populated, before the guest ran.
+    pub host_memory_start: Option<HostMemory>,
+    /// Host memory of guest RAM (smaps) at the end.
+    pub host_memory_end: Option<HostMemory>,
+    /// The balloon at the end, if the run had one.
+    pub balloon: Option<BalloonStatus>,
+    /// Splits and collapses: counts, latencies, pause times, collapse rate.
+    pub unmap: UnmapMetrics,
     #[serde(skip)]
     outcome_value: Option<Outcome>,
 }
@@ -82,6 +86,7 @@ pub fn collect(
     image: &Option<TestGuestImage>,
     outcome: Outcome,
     elapsed: Duration,
+    host_memory_start: Option<HostMemory>,
 ) -> RunReport {
     let (kvm, kvm_all) = match &m.stats {
         Some(s) => (
@@ -93,17 +98,13 @@ pub fn collect(
         ),
         None => (MappingStats::default(), BTreeMap::new()),
     };
+    let balloon = m.balloon().map(|b| b.status());
     let ram = m.ram();
     let states = ram.frame_states();
-    let mut frames = FrameCounts::default();
-    for f in &states {
-        match f {
-            guest_mem::FrameView::Huge { .. } => frames.huge += 1,
-            guest_mem::FrameView::Small { .. } => frames.small += 1,
-            guest_mem::FrameView::Unpopulated => frames.unpopulated += 1,
-        }
-    }
+    let frames = FrameCounts::of(&states);
     let prediction = mirror::predict_run(&ram, &states, &m.host, args, image);
+    let pool = snapshot::pool_report(&ram);
+    let host_memory_end = HostMemory::read(&ram);
     drop(ram);
     let reports = m.reports();
     let mut totals = BTreeMap::new();
@@ -130,6 +131,11 @@ pub fn collect(
         report_totals: totals,
         checkpoints: m.checkpoints(),
         test_device_rejected: m.test_device.as_ref().map_or(0, |d| d.rejected()),
+        pool,
+        host_memory_start,
+        host_memory_end,
+        balloon,
+        unmap: m.unmap.snapshot(),
         outcome_value: Some(outcome),
     }
 }
@@ -191,8 +197,92 @@ pub fn stats_text(r: &RunReport) -> String {
             verdict, p.tolerance_frames, p.tolerance_reason
         ));
     }
+    if !r.checkpoints.is_empty() {
+        s.push_str(&checkpoints_text(&r.checkpoints));
+    }
+    s.push_str(&unmap_text(r));
     for (k, v) in &r.report_totals {
         s.push_str(&format!("  guest {k} = {v}\n"));
+    }
+    s
+}
+
+fn us(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.0} us"))
+}
+
+/// KVM's and the mirror's counters at each test-guest checkpoint.
+fn checkpoints_text(cps: &[Checkpoint]) -> String {
+    let mut s = String::from(
+        "  checkpoints (KVM vs mirror; frames huge/small on the host; collapsed right after):\n",
+    );
+    s.push_str(&format!(
+        "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9}\n",
+        "phase", "vcpu", "KVM 2m", "mirror 2m", "KVM 4k", "mirror 4k", "huge/small", "collapsed"
+    ));
+    for c in cps {
+        s.push_str(&format!(
+            "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9}\n",
+            c.phase,
+            c.vcpu,
+            opt(c.kvm.pages_2m),
+            opt(c.mirror_pages_2m),
+            opt(c.kvm.pages_4k),
+            opt(c.mirror_pages_4k),
+            format!("{}/{}", c.frames.huge, c.frames.small),
+            c.collapsed_after
+        ));
+    }
+    s
+}
+
+fn unmap_text(r: &RunReport) -> String {
+    let u = &r.unmap;
+    let mut s = String::new();
+    if u.frames_split + u.huge_frames_freed + u.frames_collapsed + u.pages_refilled > 0 {
+        s.push_str(&format!(
+            "  unmap: {} frames split, {} whole frames freed, {} pages given back, {} taken back, \
+             {} frames collapsed ({} refused)\n",
+            u.frames_split,
+            u.huge_frames_freed,
+            u.pages_discarded,
+            u.pages_refilled,
+            u.frames_collapsed,
+            u.collapse_refused
+        ));
+        s.push_str(&format!(
+            "  split latency (request to 4K-mapped) median {}, vCPU pause per split median {} ({} pauses), \
+             collapse median {}, collapse rate {}\n",
+            us(u.split_latency.median_us),
+            us(u.split_pause.median_us),
+            u.split_pause.count,
+            us(u.collapse_time.median_us),
+            u.collapse_rate_frames_per_s
+                .map_or_else(|| "n/a".to_string(), |r| format!("{r:.0} frames/s"))
+        ));
+    }
+    if let Some(b) = &r.balloon {
+        s.push_str(&format!(
+            "  balloon: driver {}, target {} pages, actual {} pages, inflated {} pages now ({} in total, \
+             {} deflated), {} free runs reported, {} rejected\n",
+            if b.driver_active { "active" } else { "not active" },
+            b.target_pages,
+            b.actual_pages,
+            b.inflated_pages,
+            b.inflated_total,
+            b.deflated_total,
+            b.reported_runs,
+            b.rejected
+        ));
+    }
+    if let (Some(a), Some(b)) = (&r.host_memory_start, &r.host_memory_end) {
+        s.push_str(&format!(
+            "  host memory of guest RAM: {} KiB at start, {} KiB at end (hugetlb {} KiB, small {} KiB)\n",
+            a.total_bytes >> 10,
+            b.total_bytes >> 10,
+            b.hugetlb_bytes >> 10,
+            b.rss_bytes >> 10
+        ));
     }
     s
 }

@@ -11,15 +11,21 @@ use std::time::{Duration, Instant};
 use guest_mem::{Backing, GuestMemError, GuestRam, GuestRamConfig, HPAGE_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiServer, ApiServerError};
+use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
 use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
 use crate::cli::RunArgs;
+use crate::collapser::{Collapser, CollapserConfig};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
+use crate::devices::virtio_balloon::BalloonError;
 use crate::exit_code;
 use crate::host::{HostInfo, PV_CLEARCPUID};
 use crate::machine::{GuestKind, Machine, MachineParts};
+use crate::mirror;
 use crate::outcome::Outcome;
 use crate::report::{self, RunReport};
+use crate::snapshot::HostMemory;
 use crate::stats::KvmStats;
 use crate::testguest::{self, TestGuestError, TestGuestParams};
 use crate::vm::{self, Vm, VmError};
@@ -58,6 +64,12 @@ pub enum RunError {
         /// OS error.
         source: std::io::Error,
     },
+    /// The balloon device.
+    #[error("virtio-balloon: {0}")]
+    Balloon(#[from] BalloonError),
+    /// The API socket.
+    #[error(transparent)]
+    Api(#[from] ApiServerError),
     /// eventfd / thread creation and other OS failures.
     #[error("{what}: {source}")]
     Os {
@@ -72,7 +84,8 @@ impl RunError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         let bad = match self {
-            RunError::Usage(_) | RunError::SerialFile { .. } => true,
+            RunError::Usage(_) | RunError::SerialFile { .. } | RunError::Api(_) => true,
+            RunError::Balloon(_) => false,
             RunError::GuestMem(e) => matches!(
                 e,
                 GuestMemError::PoolTooSmall { .. }
@@ -158,7 +171,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     log::info!("host: {:?}", host);
 
     // Cheap checks first: KVM, then the test guest's parameters.
-    let kvm = vm::open_kvm(&args.kvm_dev)?;
+    let kvm = vm::open_kvm(&args.kvm.kvm_dev)?;
     let image = match args.test_guest {
         Some(name) => {
             let mut p = TestGuestParams::new(name, args.memory);
@@ -171,7 +184,11 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let mut ram = GuestRam::new(&GuestRamConfig::new(args.memory, args.backing))?;
+    let collapser_cfg = collapser_config(args);
+    let mut ram_cfg = GuestRamConfig::new(args.memory, args.backing);
+    // The model refuses collapses the collapser's policy would not ask for.
+    ram_cfg.policy.khugepaged = collapser_cfg.khugepaged;
+    let mut ram = GuestRam::new(&ram_cfg)?;
     ram.populate_all()?;
     let mem = ram.memory();
     let size = ram.size();
@@ -193,7 +210,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 RunError::Usage("either --kernel or --test-guest is required".into())
             })?;
             let extra = host.needs_emulator_workarounds().then_some(PV_CLEARCPUID);
-            let (cmdline, defaults_len) = linux::compose_cmdline(extra, args.cmdline.as_deref());
+            let user = match (args.balloon, args.cmdline.as_deref()) {
+                (true, Some(c)) => Some(format!("{} {c}", BALLOON_SLOT.cmdline_arg())),
+                (true, None) => Some(BALLOON_SLOT.cmdline_arg()),
+                (false, c) => c.map(str::to_string),
+            };
+            let (cmdline, defaults_len) = linux::compose_cmdline(extra, user.as_deref());
             let spec = LinuxBootSpec {
                 kernel,
                 initrd: args.initrd.clone(),
@@ -243,6 +265,23 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
     };
 
+    let mirror_ctx = mirror::context(size, &host, args, &image);
+    let balloon_irq = if args.balloon {
+        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
+            what: "creating the balloon irq eventfd",
+            source,
+        })?;
+        vm.fd
+            .register_irqfd(&e, BALLOON_SLOT.irq)
+            .map_err(|source| VmError::Kvm {
+                op: "KVM_IRQFD (balloon)",
+                source,
+            })?;
+        Some(e)
+    } else {
+        None
+    };
+
     // The machine holds its own view; ours must go before guest RAM does.
     drop(mem);
     let vcpu_fds = std::mem::take(&mut vm.vcpus);
@@ -256,6 +295,38 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         kind,
         stats,
     }));
+
+    machine.set_mirror_context(mirror_ctx);
+    if let Some(e) = balloon_irq {
+        let dev = BalloonDevice::new(
+            Arc::downgrade(&machine),
+            machine.mem.clone(),
+            size,
+            Arc::new(IrqfdLine(e)),
+            args.balloon_target,
+            !args.no_free_page_reporting,
+        )?;
+        log::info!("virtio-balloon at {}", BALLOON_SLOT.cmdline_arg());
+        machine.set_balloon(Arc::new(dev));
+    }
+    let collapser = if args.no_collapser || !args.backing.has_huge_frames() {
+        None
+    } else {
+        let c = Collapser::new(collapser_cfg);
+        machine.set_collapser(c.clone());
+        let h = c
+            .spawn(Arc::downgrade(&machine))
+            .map_err(|source| RunError::Os {
+                what: "spawning the collapser thread",
+                source,
+            })?;
+        Some((c, h))
+    };
+    let api = match &args.api_socket {
+        Some(p) => Some(ApiServer::start(p, Arc::downgrade(&machine))?),
+        None => None,
+    };
+    let host_memory_start = HostMemory::read(&machine.ram());
 
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -278,6 +349,15 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     }
 
     let outcome = wait(&machine, args.timeout.map(Duration::from_secs_f64), started);
+    drop(api);
+    if let Some((c, h)) = collapser {
+        c.stop();
+        if let Some(h) = h {
+            if h.join().is_err() {
+                log::error!("the collapser thread panicked");
+            }
+        }
+    }
     let stopped = machine.control.stop(STOP_TIMEOUT);
     if stopped {
         for h in handles {
@@ -292,9 +372,30 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     if let Err(e) = machine.serial().writer_mut().flush() {
         log::warn!("flushing the serial output failed: {e}");
     }
-    let rep = report::collect(&machine, &vm, args, &image, outcome, elapsed);
+    let rep = report::collect(
+        &machine,
+        &vm,
+        args,
+        &image,
+        outcome,
+        elapsed,
+        host_memory_start,
+    );
     drop(vm);
     Ok(rep)
+}
+
+/// The collapser's policy from the command line.
+pub fn collapser_config(a: &RunArgs) -> CollapserConfig {
+    CollapserConfig {
+        khugepaged: thp::policy::Khugepaged {
+            max_ptes_none: a.collapse_max_ptes_none,
+            pages_to_scan: a.collapse_pages_to_scan,
+            scan_sleep_ms: a.collapse_interval_ms,
+            ..thp::policy::Khugepaged::default()
+        },
+        background: a.collapse_interval_ms > 0,
+    }
 }
 
 fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {

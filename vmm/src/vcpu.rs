@@ -2,6 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -11,6 +12,7 @@ use crate::emulation::{self, EmulationVerdict};
 use crate::machine::{GuestKind, Machine, Report};
 use crate::outcome::Outcome;
 use crate::testguest::device::TestDeviceAction;
+use crate::unmap_stats::{GiveBack, TimedQuiesce};
 
 /// `KVM_SYSTEM_EVENT_*` types.
 const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -29,17 +31,20 @@ pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>) {
     m.control.thread_started(index);
     while m.control.before_run() {
         let next = match vcpu.run() {
-            Ok(exit) => handle_exit(index, exit, &m),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                Next::Continue
+            Ok(exit) => {
+                let exit_at = Instant::now();
+                handle_exit(index, exit, &m, exit_at)
             }
-            Err(e) => Next::Stop(Outcome::Internal(format!(
-                "vCPU {index}: KVM_RUN failed: {e}"
-            ))),
+            Err(e) => match run_failed(index, &mut vcpu, &e) {
+                None => Next::Continue,
+                Some(o) => Next::Stop(o),
+            },
         };
         let next = match next {
-            Next::InternalError => internal_error(index, &mut vcpu, &m),
+            Next::InternalError => match internal_error(index, &mut vcpu, &m) {
+                None => Next::Continue,
+                Some(o) => Next::Stop(o),
+            },
             other => other,
         };
         if let Next::Stop(o) = next {
@@ -50,7 +55,28 @@ pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>) {
     m.control.thread_exited(index);
 }
 
-fn internal_error(index: usize, vcpu: &mut VcpuFd, m: &Machine) -> Next {
+/// A failed `KVM_RUN` (other than the cases a caller handles itself):
+/// `None` when it was only interrupted (the immediate-exit flag is cleared
+/// and the vCPU may run again), else the outcome that stops the machine.
+pub(crate) fn run_failed(
+    index: usize,
+    vcpu: &mut VcpuFd,
+    e: &kvm_ioctls::Error,
+) -> Option<Outcome> {
+    if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN {
+        vcpu.set_kvm_immediate_exit(0);
+        None
+    } else {
+        Some(Outcome::Internal(format!(
+            "vCPU {index}: KVM_RUN failed: {e}"
+        )))
+    }
+}
+
+/// `KVM_EXIT_INTERNAL_ERROR`: hand the instruction KVM could not emulate to
+/// [`emulation::handle`]. `None` when the vCPU may run again, else the
+/// outcome that stops the machine.
+pub(crate) fn internal_error(index: usize, vcpu: &mut VcpuFd, m: &Machine) -> Option<Outcome> {
     // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the kernel
     // filled the `internal` member of the kvm_run union.
     let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
@@ -62,8 +88,8 @@ fn internal_error(index: usize, vcpu: &mut VcpuFd, m: &Machine) -> Next {
         internal.suberror,
         &internal.data[..n],
     ) {
-        EmulationVerdict::Resumed => Next::Continue,
-        EmulationVerdict::Fatal(s) => Next::Stop(Outcome::GuestPanic(format!("vCPU {index}: {s}"))),
+        EmulationVerdict::Resumed => None,
+        EmulationVerdict::Fatal(s) => Some(Outcome::GuestPanic(format!("vCPU {index}: {s}"))),
     }
 }
 
@@ -77,25 +103,12 @@ fn shutdown_outcome(index: usize, m: &Machine, what: &str) -> Outcome {
     }
 }
 
-fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine) -> Next {
+fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine, exit_at: Instant) -> Next {
     match exit {
-        VcpuExit::IoIn(port, data) => pio_in(index, port, data, m),
-        VcpuExit::IoOut(port, data) => pio_out(index, port, data, m),
-        VcpuExit::MmioRead(addr, data) => {
-            log::debug!(
-                "vCPU {index}: MMIO read of {} bytes at {addr:#x}: no device",
-                data.len()
-            );
-            data.fill(0xff);
-            Next::Continue
-        }
-        VcpuExit::MmioWrite(addr, data) => {
-            log::debug!(
-                "vCPU {index}: MMIO write of {} bytes at {addr:#x}: no device",
-                data.len()
-            );
-            Next::Continue
-        }
+        VcpuExit::IoIn(port, data) => pio_in(index, port, data, m, exit_at),
+        VcpuExit::IoOut(port, data) => pio_out(index, port, data, m, exit_at),
+        VcpuExit::MmioRead(addr, data) => mmio_read(index, addr, data, m),
+        VcpuExit::MmioWrite(addr, data) => mmio_write(index, addr, data, m, exit_at),
         VcpuExit::Hlt => match m.kind {
             GuestKind::Linux => Next::Stop(Outcome::Reset),
             GuestKind::TestGuest => Next::Stop(Outcome::GuestPanic(format!(
@@ -124,7 +137,36 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine) -> Next {
     }
 }
 
-fn pio_in(index: usize, port: u16, data: &mut [u8], m: &Machine) -> Next {
+// The balloon's backend may pause the other vCPUs (and the collapser holds
+// the transport while it pauses them): this vCPU counts as parked meanwhile.
+fn mmio_read(index: usize, addr: u64, data: &mut [u8], m: &Machine) -> Next {
+    let handled = m
+        .balloon()
+        .is_some_and(|b| m.control.parked_while(|| b.mmio_read(addr, data)));
+    if !handled {
+        log::debug!(
+            "vCPU {index}: MMIO read of {} bytes at {addr:#x}: no device",
+            data.len()
+        );
+        data.fill(0xff);
+    }
+    Next::Continue
+}
+
+fn mmio_write(index: usize, addr: u64, data: &[u8], m: &Machine, exit_at: Instant) -> Next {
+    let handled = m
+        .balloon()
+        .is_some_and(|b| m.control.parked_while(|| b.mmio_write(addr, data, exit_at)));
+    if !handled {
+        log::debug!(
+            "vCPU {index}: MMIO write of {} bytes at {addr:#x}: no device",
+            data.len()
+        );
+    }
+    Next::Continue
+}
+
+fn pio_in(index: usize, port: u16, data: &mut [u8], m: &Machine, exit_at: Instant) -> Next {
     match bus::decode(port) {
         PioTarget::Serial(off) => {
             let v = m.serial().read(off);
@@ -137,7 +179,7 @@ fn pio_in(index: usize, port: u16, data: &mut [u8], m: &Machine) -> Next {
         PioTarget::TestDevice(_) => match &m.test_device {
             Some(dev) => {
                 let a = dev.io_in(index, port, data);
-                return test_action(index, a, m);
+                return test_action(index, a, m, exit_at);
             }
             None => data.fill(0xff),
         },
@@ -146,7 +188,7 @@ fn pio_in(index: usize, port: u16, data: &mut [u8], m: &Machine) -> Next {
     Next::Continue
 }
 
-fn pio_out(index: usize, port: u16, data: &[u8], m: &Machine) -> Next {
+fn pio_out(index: usize, port: u16, data: &[u8], m: &Machine, exit_at: Instant) -> Next {
     match bus::decode(port) {
         PioTarget::Serial(off) => {
             if let Some(&v) = data.first() {
@@ -163,7 +205,7 @@ fn pio_out(index: usize, port: u16, data: &[u8], m: &Machine) -> Next {
         PioTarget::TestDevice(_) => {
             if let Some(dev) = &m.test_device {
                 let a = dev.io_out(index, port, data, &m.mem);
-                return test_action(index, a, m);
+                return test_action(index, a, m, exit_at);
             }
         }
         PioTarget::Unclaimed => {}
@@ -179,45 +221,87 @@ fn shutdown_outcome_reset(m: &Machine) -> Outcome {
     }
 }
 
-fn test_action(index: usize, a: TestDeviceAction, m: &Machine) -> Next {
-    match a {
-        TestDeviceAction::None => Next::Continue,
-        TestDeviceAction::Print(s) => {
+fn test_action(index: usize, a: TestDeviceAction, m: &Machine, exit_at: Instant) -> Next {
+    if let TestDeviceAction::Report { key, value } = a {
+        log::info!("test guest vCPU {index}: report key {key} = {value}");
+    }
+    match common_test_action(index, a, m) {
+        Ok(None) => Next::Continue,
+        Ok(Some(o)) => Next::Stop(o),
+        Err(LoopAction::Print(s)) => {
             m.print_line(&s);
             Next::Continue
         }
+        Err(LoopAction::Discard { gpa, len }) => ram_op(index, m, "discard", gpa, len, |ram| {
+            let timed = TimedQuiesce::new(&m.control);
+            let rep = ram.discard(gpa, len, &timed)?;
+            m.unmap.give_back(
+                GiveBack {
+                    frames_split: rep.frames_split as u64,
+                    huge_frames_freed: rep.huge_frames_freed as u64,
+                    pages: rep.pages_freed,
+                },
+                Some(exit_at),
+                &timed.windows(),
+            );
+            Ok(())
+        }),
+        Err(LoopAction::Refill { gpa, len }) => ram_op(index, m, "refill", gpa, len, |ram| {
+            ram.refill(gpa, len, &m.control)?;
+            m.unmap.refilled(len / guest_mem::PAGE_SIZE);
+            Ok(())
+        }),
+    }
+}
+
+/// The test-device actions whose handling depends on the vCPU loop.
+pub(crate) enum LoopAction {
+    /// [`TestDeviceAction::Print`].
+    Print(String),
+    /// [`TestDeviceAction::Discard`].
+    Discard { gpa: u64, len: u64 },
+    /// [`TestDeviceAction::Refill`].
+    Refill { gpa: u64, len: u64 },
+}
+
+/// The test-device actions every vCPU loop handles alike (none, report,
+/// checkpoint, exit, fault): `Ok(None)` to resume the vCPU, `Ok(Some(_))`
+/// to stop the machine with that outcome. The others are handed back.
+pub(crate) fn common_test_action(
+    index: usize,
+    a: TestDeviceAction,
+    m: &Machine,
+) -> Result<Option<Outcome>, LoopAction> {
+    match a {
+        TestDeviceAction::None => Ok(None),
         TestDeviceAction::Report { key, value } => {
-            log::info!("test guest vCPU {index}: report key {key} = {value}");
             m.report(Report {
                 vcpu: index,
                 key,
                 value,
             });
-            Next::Continue
+            Ok(None)
         }
-        TestDeviceAction::Discard { gpa, len } => ram_op(index, m, "discard", gpa, len, |ram| {
-            ram.discard(gpa, len, &m.control).map(|_| ())
-        }),
-        TestDeviceAction::Refill { gpa, len } => ram_op(index, m, "refill", gpa, len, |ram| {
-            ram.refill(gpa, len, &m.control)
-        }),
         TestDeviceAction::Checkpoint { phase } => {
             m.checkpoint(index, phase);
-            Next::Continue
+            Ok(None)
         }
-        TestDeviceAction::Exit(status) => Next::Stop(Outcome::TestExit(status)),
+        TestDeviceAction::Exit(status) => Ok(Some(Outcome::TestExit(status))),
         TestDeviceAction::Fault {
             vector,
             error_code,
             rip,
             cr2,
-        } => Next::Stop(Outcome::TestFault {
+        } => Ok(Some(Outcome::TestFault {
             vcpu: index,
             vector,
             error_code,
             rip,
             cr2,
-        }),
+        })),
+        TestDeviceAction::Print(s) => Err(LoopAction::Print(s)),
+        TestDeviceAction::Discard { gpa, len } => Err(LoopAction::Discard { gpa, len }),
+        TestDeviceAction::Refill { gpa, len } => Err(LoopAction::Refill { gpa, len }),
     }
 }
 

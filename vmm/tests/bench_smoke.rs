@@ -3,53 +3,18 @@
 //! report a positive ns per access and the mapping KVM says it used:
 //! `pages_2m > 0` on huge backings, `0` on 4k. No timing assertions.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-fn meminfo(key: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Why `backing` cannot run a 16M working set here, if it cannot.
+/// Why `backing` cannot run a 16M working set here, if it cannot: 16M
+/// working set + reserved region + slack, and native needs 8 more, so
+/// hugetlb wants 20 free 2M pages.
 fn skip_reason(backing: &str) -> Option<String> {
-    if !kvm_usable() {
-        return Some("/dev/kvm is not usable".into());
-    }
-    match backing {
-        "hugetlb" => {
-            let free = if meminfo("Hugepagesize:") == Some(2048) {
-                meminfo("HugePages_Free:").unwrap_or(0)
-            } else {
-                0
-            };
-            // 16M working set + reserved region + slack; native needs 8 more.
-            (free < 20).then(|| format!("hugetlb: {free} free 2M pages, need 20"))
-        }
-        "thp" => {
-            let s = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-                .unwrap_or_default();
-            (!["[always]", "[advise]", "[within_size]", "[force]"]
-                .iter()
-                .any(|m| s.contains(m)))
-            .then(|| "shmem THP is disabled".to_string())
-        }
-        _ => None,
-    }
+    common::skip_reason(backing, 20)
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -57,7 +22,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn bench(extra: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let out = Command::new(common::vmm_bin())
         .args(["bench", "tlb"])
         .args(extra)
         .output()
@@ -96,7 +61,7 @@ fn tiny(backing: &str, native: bool) -> Option<Value> {
     let (code, stdout, stderr) = bench(&args);
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("ns/access"), "{stdout}");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = common::read_json(&json);
     let _ = std::fs::remove_file(&json);
     Some(v)
 }

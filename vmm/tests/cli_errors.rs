@@ -1,25 +1,15 @@
 //! Bad input: each case runs the built binary and expects a clear message,
 //! exit code 2, and no panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("running vmm")
-}
+use common::{kvm_or_skip, stderr, vmm};
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    common::out_dir("vmm-cli", name)
 }
 
 fn assert_bad_input(o: &Output, needles: &[&str]) {
@@ -31,12 +21,35 @@ fn assert_bad_input(o: &Output, needles: &[&str]) {
     }
 }
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
+/// `vmm run --kernel KERNEL --backing 4k --memory MEMORY EXTRA...`.
+fn run_kernel(kernel: &Path, memory: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--backing",
+        "4k",
+        "--memory",
+        memory,
+    ];
+    args.extend_from_slice(extra);
+    vmm(&args)
+}
+
+/// `vmm run --test-guest hello --backing 4k --memory 64M EXTRA...`.
+fn run_hello_4k(extra: &[&str]) -> Command {
+    let mut c = Command::new(common::vmm_bin());
+    c.args([
+        "run",
+        "--test-guest",
+        "hello",
+        "--backing",
+        "4k",
+        "--memory",
+        "64M",
+    ])
+    .args(extra);
+    c
 }
 
 /// A minimal x86-64 ELF with one PT_LOAD segment of `filesz` bytes at file
@@ -70,64 +83,37 @@ fn write_elf(path: &Path, filesz: u64, file_len: usize) {
 
 #[test]
 fn missing_kernel_file() {
-    let o = vmm(&[
-        "run",
-        "--kernel",
-        "/nonexistent/vmlinux",
-        "--backing",
-        "4k",
-        "--memory",
-        "64M",
-    ]);
+    let o = run_kernel(Path::new("/nonexistent/vmlinux"), "64M", &[]);
     assert_bad_input(&o, &["kernel", "/nonexistent/vmlinux"]);
 }
 
 #[test]
 fn file_that_is_not_a_kernel() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm not usable");
+    if !kvm_or_skip() {
         return;
     }
     let d = tmpdir("notkernel");
     let p = d.join("notes.txt");
     std::fs::write(&p, "just some text, certainly not a kernel\n".repeat(100)).unwrap();
-    let o = vmm(&[
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--backing",
-        "4k",
-        "--memory",
-        "64M",
-    ]);
+    let o = run_kernel(&p, "64M", &[]);
     assert_bad_input(&o, &["is not a kernel", "vmlinux", "bzImage"]);
 }
 
 #[test]
 fn truncated_elf() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm not usable");
+    if !kvm_or_skip() {
         return;
     }
     let d = tmpdir("trunc");
     let p = d.join("vmlinux");
     write_elf(&p, 0x10_0000, 0x2000);
-    let o = vmm(&[
-        "run",
-        "--kernel",
-        p.to_str().unwrap(),
-        "--backing",
-        "4k",
-        "--memory",
-        "64M",
-    ]);
+    let o = run_kernel(&p, "64M", &[]);
     assert_bad_input(&o, &["damaged ELF", "truncated"]);
 }
 
 #[test]
 fn memory_too_small_for_kernel_and_initrd() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm not usable");
+    if !kvm_or_skip() {
         return;
     }
     let d = tmpdir("small");
@@ -135,17 +121,7 @@ fn memory_too_small_for_kernel_and_initrd() {
     write_elf(&k, 0x1000, 0x2000);
     let i = d.join("initrd");
     std::fs::write(&i, vec![0u8; 20 << 20]).unwrap();
-    let o = vmm(&[
-        "run",
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        i.to_str().unwrap(),
-        "--backing",
-        "4k",
-        "--memory",
-        "32M",
-    ]);
+    let o = run_kernel(&k, "32M", &["--initrd", i.to_str().unwrap()]);
     assert_bad_input(&o, &["too small", "initrd", "--memory"]);
 }
 
@@ -171,32 +147,16 @@ fn memory_unparsable() {
 
 #[test]
 fn kvm_device_missing() {
-    let o = vmm(&[
-        "run",
-        "--test-guest",
-        "hello",
-        "--backing",
-        "4k",
-        "--memory",
-        "64M",
-        "--kvm-dev",
-        "/nonexistent/kvm",
-    ]);
+    let o = run_hello_4k(&["--kvm-dev", "/nonexistent/kvm"])
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap();
     assert_bad_input(&o, &["/nonexistent/kvm", "KVM is not available"]);
 }
 
 #[test]
 fn kvm_device_from_env() {
-    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args([
-            "run",
-            "--test-guest",
-            "hello",
-            "--backing",
-            "4k",
-            "--memory",
-            "64M",
-        ])
+    let o = run_hello_4k(&[])
         .env("VMM_KVM_DEV", "/nonexistent/kvm2")
         .output()
         .unwrap();
@@ -211,26 +171,33 @@ fn unknown_test_guest() {
 
 #[test]
 fn command_line_too_long() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm not usable");
+    if !kvm_or_skip() {
         return;
     }
     let d = tmpdir("cmdline");
     let k = d.join("vmlinux");
     write_elf(&k, 0x1000, 0x2000);
     let long = "x=".to_string() + &"y".repeat(3000);
+    let o = run_kernel(&k, "64M", &["--cmdline", &long]);
+    assert_bad_input(&o, &["command line", "at most 2047", "shorten --cmdline"]);
+}
+
+#[test]
+fn unknown_backing() {
+    let o = vmm(&["run", "--test-guest", "hello", "--backing", "gigantic"]);
+    assert_bad_input(&o, &["--backing", "gigantic"]);
+}
+
+#[test]
+fn kernel_and_test_guest_together() {
     let o = vmm(&[
         "run",
         "--kernel",
-        k.to_str().unwrap(),
-        "--cmdline",
-        &long,
-        "--backing",
-        "4k",
-        "--memory",
-        "64M",
+        "/nonexistent/vmlinux",
+        "--test-guest",
+        "hello",
     ]);
-    assert_bad_input(&o, &["command line", "at most 2047", "shorten --cmdline"]);
+    assert_bad_input(&o, &["--test-guest", "--kernel"]);
 }
 
 #[test]

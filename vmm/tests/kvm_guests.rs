@@ -10,67 +10,19 @@
 //! assert it is small (at most 4 frames) and that KVM's `pages_2m` is within
 //! it of the prediction.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
+use common::num;
 use serde_json::Value;
 
 const MAX_TOLERANCE_FRAMES: u64 = 4;
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-fn meminfo(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Free 2M hugetlb pages, if the default huge page size is 2M.
-fn hugetlb_free() -> u64 {
-    if meminfo("Hugepagesize:") != Some(2048) {
-        return 0;
-    }
-    meminfo("HugePages_Free:").unwrap_or(0)
-}
-
-fn shmem_thp_enabled() -> bool {
-    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-        .map(|s| {
-            ["[always]", "[advise]", "[within_size]", "[force]"]
-                .iter()
-                .any(|m| s.contains(m))
-        })
-        .unwrap_or(false)
-}
-
-/// Why this test cannot run here, if it cannot.
+/// Why a guest of `memory_mib` MiB on `backing` cannot run here, if it cannot.
 fn skip_reason(backing: &str, memory_mib: u64) -> Option<String> {
-    if !kvm_usable() {
-        return Some("/dev/kvm is not usable".into());
-    }
-    match backing {
-        "hugetlb" => {
-            let free = hugetlb_free();
-            (free < memory_mib / 2).then(|| {
-                format!(
-                    "hugetlb: {free} free 2M pages, need {} (echo N > /proc/sys/vm/nr_hugepages)",
-                    memory_mib / 2
-                )
-            })
-        }
-        "thp" => (!shmem_thp_enabled()).then(|| {
-            "shmem THP disabled (echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled)".into()
-        }),
-        _ => None,
-    }
+    common::skip_reason(backing, memory_mib / 2)
 }
 
 struct Run {
@@ -102,15 +54,12 @@ fn run_guest(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Run 
         json.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let o = Command::new(common::vmm_bin())
         .args(&args)
         .output()
         .expect("running vmm");
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
-    let report = std::fs::read_to_string(&json)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    let report = common::read_json_or_null(&json);
     let _ = std::fs::remove_file(&json);
     Run {
         code: o.status.code(),
@@ -119,22 +68,18 @@ fn run_guest(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Run 
     }
 }
 
-fn num(v: &Value, path: &[&str]) -> u64 {
-    let mut cur = v;
-    for p in path {
-        cur = &cur[*p];
+/// Run the guest, or `None` (after saying why) when the host cannot.
+fn run_or_skip(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Option<Run> {
+    if let Some(why) = skip_reason(backing, memory_mib) {
+        eprintln!("skip: {why}");
+        return None;
     }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v:#}"))
+    Some(run_guest(name, backing, memory_mib, extra))
 }
 
-fn check_hello_huge(backing: &str) {
-    let mib = 256;
-    if let Some(why) = skip_reason(backing, mib) {
-        eprintln!("skip: {why}");
-        return;
-    }
-    let r = run_guest("hello", backing, mib, &["--guest-pages", "2m"]);
+/// [`run_or_skip`], and the run must exit 0.
+fn run_ok(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Option<Run> {
+    let r = run_or_skip(name, backing, memory_mib, extra)?;
     assert_eq!(
         r.code,
         Some(0),
@@ -142,6 +87,27 @@ fn check_hello_huge(backing: &str) {
         r.stderr,
         r.report
     );
+    Some(r)
+}
+
+/// KVM's `pages_2m` is within the mirror's tolerance of its prediction;
+/// returns that tolerance (frames).
+fn assert_2m_as_predicted(report: &Value) -> u64 {
+    let tol = num(report, &["mirror", "tolerance_frames"]);
+    let kvm_2m = num(report, &["kvm", "pages_2m"]);
+    let pred_2m = num(report, &["mirror", "pages_2m"]);
+    assert!(
+        kvm_2m.abs_diff(pred_2m) <= tol,
+        "KVM pages_2m {kvm_2m} vs mirror {pred_2m} (tolerance {tol} frames)"
+    );
+    tol
+}
+
+fn check_hello_huge(backing: &str) {
+    let mib = 256;
+    let Some(r) = run_ok("hello", backing, mib, &["--guest-pages", "2m"]) else {
+        return;
+    };
     let kvm_2m = num(&r.report, &["kvm", "pages_2m"]);
     let kvm_4k = num(&r.report, &["kvm", "pages_4k"]);
     assert!(kvm_2m > 0, "KVM mapped no 2M pages: {:#}", r.report);
@@ -149,17 +115,12 @@ fn check_hello_huge(backing: &str) {
     let frames = mib / 2;
     let work_frames = frames - num(&r.report, &["mirror", "tolerance_frames"]);
     assert!(num(&r.report, &["report_totals", "pages_touched"]) >= work_frames * 512);
-    let tol = num(&r.report, &["mirror", "tolerance_frames"]);
+    let tol = assert_2m_as_predicted(&r.report);
     assert!(
         tol <= MAX_TOLERANCE_FRAMES,
         "tolerance {tol} frames is too loose"
     );
-    let pred_2m = num(&r.report, &["mirror", "pages_2m"]);
     let pred_4k = num(&r.report, &["mirror", "pages_4k"]);
-    assert!(
-        kvm_2m.abs_diff(pred_2m) <= tol,
-        "KVM pages_2m {kvm_2m} vs mirror {pred_2m} (tolerance {tol} frames)"
-    );
     assert!(
         kvm_4k <= pred_4k + 512 * tol,
         "KVM pages_4k {kvm_4k} vs mirror {pred_4k} (+512 x {tol})"
@@ -179,18 +140,9 @@ fn hello_thp_maps_2m_as_the_mirror_predicts() {
 #[test]
 fn hello_4k_maps_no_2m() {
     let mib = 128;
-    if let Some(why) = skip_reason("4k", mib) {
-        eprintln!("skip: {why}");
+    let Some(r) = run_ok("hello", "4k", mib, &["--guest-pages", "2m"]) else {
         return;
-    }
-    let r = run_guest("hello", "4k", mib, &["--guest-pages", "2m"]);
-    assert_eq!(
-        r.code,
-        Some(0),
-        "stderr: {}\nreport: {:#}",
-        r.stderr,
-        r.report
-    );
+    };
     assert_eq!(num(&r.report, &["kvm", "pages_2m"]), 0, "{:#}", r.report);
     assert_eq!(num(&r.report, &["mirror", "pages_2m"]), 0);
     assert!(num(&r.report, &["kvm", "pages_4k"]) > 0);
@@ -199,23 +151,14 @@ fn hello_4k_maps_no_2m() {
 #[test]
 fn verify_two_vcpus_hugetlb_no_mismatches() {
     let mib = 128;
-    if let Some(why) = skip_reason("hugetlb", mib) {
-        eprintln!("skip: {why}");
-        return;
-    }
-    let r = run_guest(
+    let Some(r) = run_ok(
         "verify",
         "hugetlb",
         mib,
         &["--vcpus", "2", "--generations", "2"],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "stderr: {}\nreport: {:#}",
-        r.stderr,
-        r.report
-    );
+    ) else {
+        return;
+    };
     assert_eq!(num(&r.report, &["report_totals", "mismatches"]), 0);
     assert!(num(&r.report, &["report_totals", "pages_checked"]) > 0);
     // Both vCPUs checked their own slice.
@@ -232,11 +175,9 @@ fn verify_two_vcpus_hugetlb_no_mismatches() {
 #[test]
 fn fault_guest_is_a_test_failure() {
     let mib = 64;
-    if let Some(why) = skip_reason("4k", mib) {
-        eprintln!("skip: {why}");
+    let Some(r) = run_or_skip("fault", "4k", mib, &[]) else {
         return;
-    }
-    let r = run_guest("fault", "4k", mib, &[]);
+    };
     assert_eq!(r.code, Some(4), "stderr: {}", r.stderr);
     assert!(r.stderr.contains("exception"), "{}", r.stderr);
 }
@@ -244,35 +185,22 @@ fn fault_guest_is_a_test_failure() {
 #[test]
 fn unmap_two_vcpus_hugetlb_splits_with_vcpus_paused() {
     let mib = 64;
-    if let Some(why) = skip_reason("hugetlb", mib) {
-        eprintln!("skip: {why}");
-        return;
-    }
-    let r = run_guest(
+    let Some(r) = run_ok(
         "unmap",
         "hugetlb",
         mib,
-        &["--vcpus", "2", "--generations", "2"],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "stderr: {}\nreport: {:#}",
-        r.stderr,
-        r.report
-    );
+        // Without the collapser the split frames stay split until the end
+        // (vmm/tests/unmap_guest.rs covers split-then-collapse).
+        &["--vcpus", "2", "--generations", "2", "--no-collapser"],
+    ) else {
+        return;
+    };
     assert_eq!(num(&r.report, &["report_totals", "mismatches"]), 0);
     assert_eq!(num(&r.report, &["report_totals", "nonzero_discarded"]), 0);
     assert!(num(&r.report, &["report_totals", "pages_discarded"]) > 0);
     // Frames that lost a page are split to small pages on the host...
     assert!(num(&r.report, &["frames", "small"]) > 0, "{:#}", r.report);
     // ...and KVM maps them at 4K, as the mirror predicts.
-    let tol = num(&r.report, &["mirror", "tolerance_frames"]);
-    let kvm_2m = num(&r.report, &["kvm", "pages_2m"]);
-    let pred_2m = num(&r.report, &["mirror", "pages_2m"]);
-    assert!(
-        kvm_2m.abs_diff(pred_2m) <= tol,
-        "KVM {kvm_2m} vs mirror {pred_2m}"
-    );
+    assert_2m_as_predicted(&r.report);
     assert_eq!(r.report["test_device_rejected"].as_u64(), Some(0));
 }

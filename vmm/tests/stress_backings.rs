@@ -8,7 +8,8 @@
 //! The three runs share one lock: they would otherwise compete for the two
 //! host cores and the hugetlb pool.
 
-use std::path::PathBuf;
+mod common;
+
 use std::process::Command;
 use std::sync::Mutex;
 
@@ -16,45 +17,19 @@ use serde_json::Value;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const ALL: [&str; 8] = [
-    "discard4k",
-    "discard2m",
-    "split",
-    "collapse",
-    "wrprotect",
-    "dirtylog",
-    "slot",
-    "pageout",
-];
-
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-stress-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn stress(backing: &str) {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm is not usable here");
+    if !common::kvm_or_skip() {
         return;
     }
-    let dir = out_dir(backing);
+    let dir = common::out_dir("vmm-stress", backing);
     let json = dir.join("report.json");
     let mix = if backing == "4k" {
         "discard4k=1,discard2m=1,wrprotect=1,dirtylog=1,slot=1,pageout=1"
     } else {
         "discard4k=1,discard2m=1,split=1,collapse=1,wrprotect=1,dirtylog=1,slot=1,pageout=1"
     };
-    let o = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let o = Command::new(common::vmm_bin())
         .args([
             "stress",
             "--backing",
@@ -84,7 +59,7 @@ fn stress(backing: &str) {
         Some(0),
         "stdout:\n{stdout}\nstderr:\n{stderr}"
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = common::read_json(&json);
     assert_eq!(r["violations"].as_array().unwrap().len(), 0, "{stdout}");
     assert_eq!(r["exit_code"], 0);
     assert!(r["pages_verified"].as_u64().unwrap() > 0, "{stdout}");
@@ -94,10 +69,12 @@ fn stress(backing: &str) {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    let expect: Vec<&str> = ALL
+    // Every event kind, in order (their names are pinned by thp's
+    // `event_kind_names_round_trip`).
+    let expect: Vec<String> = thp::interleave::EventKind::ALL
         .iter()
-        .copied()
-        .filter(|k| backing != "4k" || !matches!(*k, "split" | "collapse"))
+        .map(|k| k.to_string())
+        .filter(|k| backing != "4k" || !matches!(k.as_str(), "split" | "collapse"))
         .collect();
     assert_eq!(applicable, expect);
     for k in &expect {

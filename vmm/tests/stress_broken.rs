@@ -3,41 +3,15 @@
 //! first bad gfn, a replay file), and the replay file re-runs the host-side
 //! event sequence and is caught again.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn kvm_usable() -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
-fn out_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-stress-bug-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .expect("running vmm")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::{read_json, text, vmm};
 
 /// Runs the broken mode; `None` when the host cannot run it.
-fn broken(bug: &str, dir: &std::path::Path) -> Option<(Output, PathBuf)> {
+fn broken(bug: &str, dir: &Path) -> Option<(Output, PathBuf)> {
     let replay = dir.join("replay.json");
     let r = replay.to_str().unwrap();
     let o = vmm(&[
@@ -66,24 +40,30 @@ fn broken(bug: &str, dir: &std::path::Path) -> Option<(Output, PathBuf)> {
     Some((o, replay))
 }
 
-#[test]
-fn skipping_the_discard_is_caught_as_a_stale_read_and_replays() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm is not usable here");
-        return;
+/// Runs the broken mode `bug` in a fresh directory and checks it is caught:
+/// exit code 4 and `violation` in the output. Returns the directory, the
+/// output text and the replay file path; `None` when the host cannot run it.
+fn caught(bug: &str, violation: &str) -> Option<(PathBuf, String, PathBuf)> {
+    if !common::kvm_or_skip() {
+        return None;
     }
-    let dir = out_dir("skip-discard");
-    let Some((o, replay)) = broken("skip-discard", &dir) else {
-        return;
-    };
+    let dir = common::out_dir("vmm-stress-bug", bug);
+    let (o, replay) = broken(bug, &dir)?;
     let t = text(&o);
     assert_eq!(o.status.code(), Some(4), "{t}");
-    assert!(t.contains("VIOLATION: stale read"), "{t}");
+    assert!(t.contains(violation), "{t}");
+    Some((dir, t, replay))
+}
+
+#[test]
+fn skipping_the_discard_is_caught_as_a_stale_read_and_replays() {
+    let Some((dir, t, replay)) = caught("skip-discard", "VIOLATION: stale read") else {
+        return;
+    };
     assert!(t.contains("seed 5"), "{t}");
     assert!(t.contains("first bad gfn 0x"), "{t}");
     assert!(t.contains("discard"), "last events listed: {t}");
-    let f: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&replay).unwrap()).unwrap();
+    let f = read_json(&replay);
     assert_eq!(f["inject_bug"], "skip-discard");
     assert_eq!(f["seed"], 5);
     let events = f["events"].as_array().unwrap();
@@ -102,11 +82,9 @@ fn skipping_the_discard_is_caught_as_a_stale_read_and_replays() {
     let t2 = text(&o2);
     assert_eq!(o2.status.code(), Some(4), "{t2}");
     assert!(t2.contains("stale read"), "{t2}");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let r = read_json(&dir.join("report.json"));
     assert_eq!(r["replay"], true);
-    let f2: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    let f2 = read_json(&again);
     let e2 = f2["events"].as_array().unwrap();
     assert!(e2.len() <= events.len());
     assert_eq!(
@@ -119,17 +97,9 @@ fn skipping_the_discard_is_caught_as_a_stale_read_and_replays() {
 
 #[test]
 fn skipping_the_log_is_caught_as_a_lost_write() {
-    if !kvm_usable() {
-        eprintln!("skip: /dev/kvm is not usable here");
-        return;
-    }
-    let dir = out_dir("skip-log");
-    let Some((o, replay)) = broken("skip-log", &dir) else {
+    let Some((dir, t, replay)) = caught("skip-log", "VIOLATION: lost write") else {
         return;
     };
-    let t = text(&o);
-    assert_eq!(o.status.code(), Some(4), "{t}");
-    assert!(t.contains("VIOLATION: lost write"), "{t}");
     assert!(t.contains("read 0x0"), "{t}");
     assert!(replay.exists());
     std::fs::remove_dir_all(&dir).ok();

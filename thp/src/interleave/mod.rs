@@ -6,20 +6,38 @@
 //! exhaustively for small scenarios, randomly (seeded [`SplitMix64`]) for
 //! long ones. Host operations include pool-empty, pinned-folio and
 //! allocation-failure injection. After every step and every schedule the
-//! invariant checker must pass: no secondary entry maps a stale pfn.
+//! invariant checker must pass: no secondary entry maps a stale pfn, no 2M
+//! entry while dirty logging is on or where `lpage_info` forbids it, no
+//! writable entry over a write-protected host page, no entry outside a
+//! memslot.
 //!
-//! `mmu_lock` is modelled: range start/end (which zap under the lock) cannot
-//! run while a fault holds it between "take lock" and "install".
+//! Every event kind of `vmm stress` ([`EventKind`], `--ops-mix` names) runs
+//! as an [`Actor::Event`] against [`Actor::VcpuFault`]s, which model the
+//! whole KVM fault: memslot + generation + `mmu_invalidate_seq` read, GUP
+//! (faulting the page in on the host, breaking COW for a write, `-EFAULT`
+//! for a write to a write-protected VMA), `mmu_lock`, retry check
+//! (invalidation and stale memslot generation), install with the write
+//! permission GUP gave.
+//!
+//! `mmu_lock` is modelled: range start/end and memslot updates (which zap
+//! under the lock) cannot run while a fault holds it between "take lock"
+//! and "install". Each safety mechanism can be switched off in a
+//! [`Scenario`] to show the checker catches the race it prevents.
 
+mod event;
+mod fault;
 mod prng;
+mod random;
 mod world;
 
+pub use event::{Event, EventKind, KvmOp, UnknownEventKind};
 pub use prng::SplitMix64;
+pub use random::{random_event_scenario, random_scenario};
 pub use world::{Outcomes, BASE_HVA};
 
 use crate::invariants::InvariantViolation;
 use crate::policy::ThpPolicy;
-use crate::units::{Level, PAGES_PER_HPAGE};
+use crate::units::Level;
 use world::World;
 
 /// A host-side (primary) operation.
@@ -78,6 +96,19 @@ pub enum HostOp {
         /// Count.
         n: u32,
     },
+    /// `mprotect` of a frame: read-only (`writable == false`) or back to
+    /// read-write.
+    Mprotect {
+        /// Frame.
+        frame: usize,
+        /// New write permission.
+        writable: bool,
+    },
+    /// `MADV_PAGEOUT` of a frame.
+    Pageout {
+        /// Frame.
+        frame: usize,
+    },
 }
 
 impl HostOp {
@@ -93,6 +124,8 @@ impl HostOp {
                 | HostOp::SplitFolio { .. }
                 | HostOp::Shrink
                 | HostOp::Fork
+                | HostOp::Mprotect { .. }
+                | HostOp::Pageout { .. }
         )
     }
 }
@@ -109,6 +142,23 @@ pub enum Actor {
     },
     /// A host operation (3 steps if it invalidates, else 1).
     Host(HostOp),
+    /// A whole vCPU fault (5 steps): read the memslot, its generation and
+    /// `mmu_invalidate_seq` (no memslot: MMIO exit, nothing installed); GUP
+    /// (faults the page in on the host, breaks COW for a write; a write to a
+    /// write-protected VMA ends with `-EFAULT`); take `mmu_lock`; retry
+    /// check (invalidation or stale memslot generation); install with the
+    /// write permission GUP gave, unlock, release the page.
+    VcpuFault {
+        /// Faulting gfn.
+        gfn: u64,
+        /// The fault's max level (guest page size on shadow paging).
+        guest_max_level: Level,
+        /// A write access.
+        write: bool,
+    },
+    /// A `vmm stress` event: its phases in order (3 steps per invalidation,
+    /// 1 per memslot operation).
+    Event(Event),
 }
 
 /// A scenario: initial state plus concurrent actors.
@@ -130,6 +180,22 @@ pub struct Scenario {
     pub actors: Vec<Actor>,
     /// Model `mmu_lock` (disable only to show the checker catches the race).
     pub model_mmu_lock: bool,
+    /// Faults retry when an invalidation covers them or
+    /// `mmu_invalidate_seq` moved (disable only to show the checker catches
+    /// stale pfns and stale write permission).
+    pub model_retry_check: bool,
+    /// Faults retry when the memslot generation moved (disable only to show
+    /// the checker catches a 2M entry under dirty logging or an entry of a
+    /// deleted memslot).
+    pub model_generation_check: bool,
+    /// GUP refuses a write to a write-protected VMA (`-EFAULT`) (disable
+    /// only to show the checker catches a writable entry over a read-only
+    /// page).
+    pub model_write_check: bool,
+    /// How many times an [`Actor::VcpuFault`] that had to retry faults
+    /// again from the start (0: a retry ends it, which keeps the schedule
+    /// count of exhaustive runs independent of outcomes).
+    pub fault_retries: u8,
 }
 
 impl Scenario {
@@ -144,6 +210,10 @@ impl Scenario {
             prefault_secondary: Vec::new(),
             actors: Vec::new(),
             model_mmu_lock: true,
+            model_retry_check: true,
+            model_generation_check: true,
+            model_write_check: true,
+            fault_retries: 0,
         }
     }
 }
@@ -177,6 +247,19 @@ impl Report {
         self.outcomes.no_host_page += o.no_host_page;
         self.outcomes.host_op_failures += o.host_op_failures;
         self.outcomes.nested_invalidations += o.nested_invalidations;
+        self.outcomes.mmio_exits += o.mmio_exits;
+        self.outcomes.efaults += o.efaults;
+        self.outcomes.host_fault_ins += o.host_fault_ins;
+        self.outcomes.stale_slot_retries += o.stale_slot_retries;
+        self.outcomes.installed_2m += o.installed_2m;
+    }
+
+    /// Adds another report (schedules, steps, outcomes).
+    pub fn merge(&mut self, other: &Report) {
+        let schedules = self.schedules;
+        self.add(&other.outcomes);
+        self.schedules = schedules + other.schedules;
+        self.steps += other.steps;
     }
 }
 
@@ -260,86 +343,4 @@ pub fn run_random(s: &Scenario, seed: u64, schedules: u64) -> Result<Report, Int
         report.add(&w.outcomes);
     }
     Ok(report)
-}
-
-/// A random long scenario: `frames` frames, a pool smaller than RAM, some
-/// frames populated huge and some small, and `actors` random actors (vCPU
-/// faults, unmaps, COW after fork, collapse, split, shrinker, pins, pool and
-/// allocation failure injection).
-pub fn random_scenario(seed: u64, frames: usize, actors: usize) -> Scenario {
-    let mut rng = SplitMix64::new(seed);
-    let pages = frames as u64 * PAGES_PER_HPAGE;
-    let mut s = Scenario::new(frames, frames.saturating_sub(1).max(1));
-    for f in 0..frames {
-        let base = f as u64 * PAGES_PER_HPAGE;
-        match rng.below(3) {
-            0 => s.setup.push(HostOp::WriteFault { page: base }),
-            1 => {
-                s.setup.push(HostOp::InjectHugeFailures { n: 1 });
-                for i in 0..PAGES_PER_HPAGE {
-                    if rng.below(4) != 0 {
-                        s.setup.push(HostOp::WriteFault { page: base + i });
-                    }
-                }
-                s.setup.push(HostOp::InjectHugeFailures { n: 0 });
-            }
-            _ => {}
-        }
-    }
-    for _ in 0..frames * 4 {
-        s.prefault_secondary.push((rng.below(pages), Level::M2));
-    }
-    let page = |rng: &mut SplitMix64| rng.below(pages);
-    for _ in 0..actors {
-        let a = match rng.below(16) {
-            0..=5 => Actor::KvmFault {
-                gfn: page(&mut rng),
-                guest_max_level: if rng.below(4) == 0 {
-                    Level::K4
-                } else {
-                    Level::M2
-                },
-            },
-            6 => {
-                let first = page(&mut rng);
-                let npages = (1 + rng.below(600)).min(pages - first);
-                Actor::Host(HostOp::Unmap { first, npages })
-            }
-            7 => Actor::Host(HostOp::WriteFault {
-                page: page(&mut rng),
-            }),
-            8 => Actor::Host(HostOp::ReadFault {
-                page: page(&mut rng),
-            }),
-            9 => Actor::Host(HostOp::Collapse {
-                frame: rng.below(frames as u64) as usize,
-            }),
-            10 => Actor::Host(HostOp::SplitFolio {
-                frame: rng.below(frames as u64) as usize,
-            }),
-            11 => Actor::Host(HostOp::Migrate {
-                frame: rng.below(frames as u64) as usize,
-            }),
-            12 => Actor::Host(if rng.below(2) == 0 {
-                HostOp::Shrink
-            } else {
-                HostOp::Fork
-            }),
-            13 => Actor::Host(HostOp::Pin {
-                page: page(&mut rng),
-            }),
-            14 => Actor::Host(HostOp::Unpin),
-            _ => Actor::Host(if rng.below(2) == 0 {
-                HostOp::InjectHugeFailures {
-                    n: 1 + rng.below(3) as u32,
-                }
-            } else {
-                HostOp::InjectSmallFailures {
-                    n: 1 + rng.below(3) as u32,
-                }
-            }),
-        };
-        s.actors.push(a);
-    }
-    s
 }

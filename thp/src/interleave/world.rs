@@ -1,10 +1,11 @@
 //! The interleaver's world: primary + secondary + actors, and how one step
 //! of an actor executes.
 
+use super::event::{KvmOp, Phase};
 use super::{Actor, HostOp, Scenario};
 use crate::folio::FolioId;
 use crate::invariants::{self, InvariantViolation};
-use crate::kvm_mirror::{FaultResult, Memslot, PendingFault, SecondaryMmu};
+use crate::kvm_mirror::{AccessFault, Memslot, PendingFault, SecondaryMmu};
 use crate::primary::{FrameMap, MmId, Primary};
 use crate::units::{PAGES_PER_HPAGE, PAGE_SIZE};
 
@@ -24,26 +25,47 @@ pub struct Outcomes {
     pub host_op_failures: u64,
     /// Nested invalidations issued by a host change (e.g. split_huge_pmd).
     pub nested_invalidations: u64,
+    /// Faults that found no memslot (emulated MMIO exit, nothing installed).
+    pub mmio_exits: u64,
+    /// Write faults refused by GUP on a write-protected page (`-EFAULT`),
+    /// or whose host fault failed.
+    pub efaults: u64,
+    /// Host faults taken by GUP (fault-in of an absent page, COW break).
+    pub host_fault_ins: u64,
+    /// Retries caused by a stale memslot generation alone.
+    pub stale_slot_retries: u64,
+    /// Installs (counted in `installed`) that ended with a 2M leaf.
+    pub installed_2m: u64,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct ActorState {
     pub(crate) actor: Actor,
     pub(crate) pc: u8,
-    pending: Option<PendingFault>,
-    held: Option<FolioId>,
-    retry: bool,
-    announced: Option<(u64, u64)>,
+    pub(super) pending: Option<PendingFault>,
+    pub(super) access: Option<AccessFault>,
+    pub(super) held: Option<FolioId>,
+    pub(super) retry: bool,
+    pub(super) announced: Option<(u64, u64)>,
+    /// Re-runs left for a [`Actor::VcpuFault`] that retried.
+    pub(super) retries_left: u8,
+    /// Phases of a host or event actor (empty for faults).
+    pub(super) phases: Vec<Phase>,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct World {
     pub(crate) primary: Primary,
-    mm: MmId,
+    pub(super) mm: MmId,
     pub(crate) mmu: SecondaryMmu,
-    lock: Option<usize>,
-    model_lock: bool,
-    pins: Vec<FolioId>,
+    pub(super) lock: Option<usize>,
+    pub(super) model_lock: bool,
+    pub(super) retry_check: bool,
+    pub(super) generation_check: bool,
+    pub(super) write_check: bool,
+    /// The memslot deleted by a `slot` event, until re-created.
+    pub(super) removed_slot: Option<Memslot>,
+    pub(super) pins: Vec<FolioId>,
     pub(crate) actors: Vec<ActorState>,
     pub(crate) outcomes: Outcomes,
 }
@@ -52,11 +74,31 @@ impl Actor {
     /// Number of steps this actor takes.
     pub fn steps(&self) -> u8 {
         match self {
-            Actor::KvmFault { .. } => 5,
-            Actor::Host(op) if op.invalidates() => 3,
-            Actor::Host(_) => 1,
+            Actor::KvmFault { .. } | Actor::VcpuFault { .. } => 5,
+            _ => self.phases().iter().map(Phase::steps).sum(),
         }
     }
+
+    fn phases(&self) -> Vec<Phase> {
+        match self {
+            Actor::KvmFault { .. } | Actor::VcpuFault { .. } => Vec::new(),
+            Actor::Host(op) if op.invalidates() => vec![Phase::Invalidate(op.clone())],
+            Actor::Host(op) => vec![Phase::Plain(op.clone())],
+            Actor::Event(e) => e.phases(),
+        }
+    }
+}
+
+/// The phase of `phases` that step `pc` belongs to, and the step inside it.
+fn phase_at(phases: &[Phase], pc: u8) -> Option<(&Phase, u8)> {
+    let mut at = pc;
+    for p in phases {
+        if at < p.steps() {
+            return Some((p, at));
+        }
+        at -= p.steps();
+    }
+    None
 }
 
 impl World {
@@ -78,6 +120,10 @@ impl World {
             mmu,
             lock: None,
             model_lock: s.model_mmu_lock,
+            retry_check: s.model_retry_check,
+            generation_check: s.model_generation_check,
+            write_check: s.model_write_check,
+            removed_slot: None,
             pins: Vec::new(),
             actors: Vec::new(),
             outcomes: Outcomes::default(),
@@ -97,9 +143,12 @@ impl World {
                 actor: a.clone(),
                 pc: 0,
                 pending: None,
+                access: None,
                 held: None,
                 retry: false,
                 announced: None,
+                retries_left: s.fault_retries,
+                phases: a.phases(),
             })
             .collect();
         Ok(w)
@@ -126,11 +175,18 @@ impl World {
         match &a.actor {
             // Retry check and install run with the lock this fault holds.
             Actor::KvmFault { .. } => a.pc != 2,
-            Actor::Host(op) if op.invalidates() => match a.pc {
-                0 | 2 => false,
-                _ => !self.needs_nested(op, a.announced),
+            // GUP's own host fault may invalidate (COW break), which zaps
+            // under mmu_lock.
+            Actor::VcpuFault { .. } => match a.pc {
+                1 => !self.gup_invalidates(i),
+                2 => false,
+                _ => true,
             },
-            Actor::Host(_) => true,
+            _ => match phase_at(&a.phases, a.pc) {
+                Some((Phase::Invalidate(op), 1)) => !self.needs_nested(op, a.announced),
+                Some((Phase::Invalidate(_), _)) | Some((Phase::Kvm(_), _)) => false,
+                Some((Phase::Plain(_), _)) | None => true,
+            },
         }
     }
 
@@ -155,7 +211,7 @@ impl World {
     }
 
     /// The mmu-notifier range (hva) the host change of `op` needs now.
-    fn required_range(&self, op: &HostOp) -> (u64, u64) {
+    pub(super) fn required_range(&self, op: &HostOp) -> (u64, u64) {
         let fr = |f: usize| (f as u64 * PAGES_PER_HPAGE, (f as u64 + 1) * PAGES_PER_HPAGE);
         let (a, b) = match *op {
             HostOp::Unmap { first, npages } => {
@@ -178,7 +234,9 @@ impl World {
             }
             HostOp::Collapse { frame }
             | HostOp::SplitFolio { frame }
-            | HostOp::Migrate { frame } => fr(frame),
+            | HostOp::Migrate { frame }
+            | HostOp::Mprotect { frame, .. }
+            | HostOp::Pageout { frame } => fr(frame),
             HostOp::Shrink | HostOp::Fork => (0, self.pages()),
             _ => (0, 0),
         };
@@ -203,99 +261,77 @@ impl World {
                 gfn,
                 guest_max_level,
             } => self.fault_step(i, pc, gfn, guest_max_level),
-            Actor::Host(op) if op.invalidates() => match pc {
-                0 => {
-                    let r = self.required_range(&op);
-                    self.actors[i].announced = Some(r);
-                    self.mmu.invalidate_range_start(r.0, r.1);
+            Actor::VcpuFault {
+                gfn,
+                guest_max_level,
+                write,
+            } => self.vcpu_fault_step(i, pc, gfn, guest_max_level, write),
+            _ => {
+                let Some((phase, sub)) = phase_at(&self.actors[i].phases, pc) else {
+                    return;
+                };
+                match phase.clone() {
+                    Phase::Invalidate(op) => self.invalidating_step(i, &op, sub),
+                    Phase::Plain(op) => self.apply_host_op(&op, false),
+                    Phase::Kvm(op) => self.kvm_op(op),
                 }
-                1 => {
-                    let announced = self.actors[i].announced;
-                    if self.needs_nested(&op, announced) {
-                        let r = self.required_range(&op);
-                        self.outcomes.nested_invalidations += 1;
-                        self.mmu.invalidate_range_start(r.0, r.1);
-                        self.apply_host_op(&op, false);
-                        self.end_invalidation(r);
-                    } else {
-                        self.apply_host_op(&op, false);
-                    }
-                }
-                _ => {
-                    let r = self.actors[i].announced.unwrap_or((0, 0));
-                    self.end_invalidation(r);
-                }
-            },
-            Actor::Host(op) => self.apply_host_op(&op, false),
+            }
         }
     }
 
-    fn end_invalidation(&mut self, r: (u64, u64)) {
-        if self.mmu.invalidate_range_end(r.0, r.1).is_err() {
-            log::error!("unbalanced invalidation in interleaver");
-        }
-    }
-
-    fn fault_step(&mut self, i: usize, pc: u8, gfn: u64, lvl: crate::units::Level) {
-        match pc {
-            0 => match self.mmu.fault_begin(gfn, lvl) {
-                Ok(p) => self.actors[i].pending = Some(p),
-                Err(e) => log::debug!("fault_begin: {e}"),
-            },
+    /// Step `sub` of a host change inside an invalidation: start (zap),
+    /// change (with a nested invalidation if the needed range grew), end.
+    fn invalidating_step(&mut self, i: usize, op: &HostOp, sub: u8) {
+        match sub {
+            0 => {
+                let r = self.required_range(op);
+                self.actors[i].announced = Some(r);
+                self.mmu.invalidate_range_start(r.0, r.1);
+            }
             1 => {
-                let Some(mut p) = self.actors[i].pending else {
-                    return;
-                };
-                let Ok(mm) = self.primary.mm(self.mm) else {
-                    return;
-                };
-                self.mmu.fault_translate(&mut p, mm);
-                // GUP takes a reference on the page (hva_to_pfn).
-                let folio = mm
-                    .page_of_hva(p.hva)
-                    .and_then(|pg| mm.lookup(pg))
-                    .map(|(_, _, f, _)| f);
-                if let Some(f) = folio {
-                    if self.primary.get_folio(f).is_ok() {
-                        self.actors[i].held = Some(f);
-                    }
+                let announced = self.actors[i].announced;
+                if self.needs_nested(op, announced) {
+                    let r = self.required_range(op);
+                    self.outcomes.nested_invalidations += 1;
+                    self.mmu.invalidate_range_start(r.0, r.1);
+                    self.apply_host_op(op, false);
+                    self.end_invalidation(r);
+                } else {
+                    self.apply_host_op(op, false);
                 }
-                self.actors[i].pending = Some(p);
-            }
-            2 => {
-                if self.model_lock {
-                    self.lock = Some(i);
-                }
-            }
-            3 => {
-                self.actors[i].retry = self.actors[i]
-                    .pending
-                    .is_none_or(|p| self.mmu.fault_must_retry(&p));
             }
             _ => {
-                if let (Some(p), false) = (self.actors[i].pending, self.actors[i].retry) {
-                    if let Ok(mm) = self.primary.mm(self.mm) {
-                        match self.mmu.fault_install(&p, mm) {
-                            Ok(FaultResult::Installed { .. })
-                            | Ok(FaultResult::AlreadyMapped { .. }) => self.outcomes.installed += 1,
-                            Ok(FaultResult::NoHostPage) => self.outcomes.no_host_page += 1,
-                            Ok(FaultResult::Retry) => self.outcomes.retries += 1,
-                            Err(e) => log::debug!("fault_install: {e}"),
-                        }
-                    }
-                } else if self.actors[i].pending.is_some() {
-                    self.outcomes.retries += 1;
-                }
-                if self.lock == Some(i) {
-                    self.lock = None;
-                }
-                // kvm_release_pfn: drop the GUP reference after unlocking.
-                if let Some(f) = self.actors[i].held.take() {
-                    if let Err(e) = self.primary.put_folio(f) {
-                        log::error!("put_folio: {e}");
-                    }
-                }
+                let r = self.actors[i].announced.take().unwrap_or((0, 0));
+                self.end_invalidation(r);
             }
+        }
+    }
+
+    /// A memslot update (`KVM_SET_USER_MEMORY_REGION`) on slot 0.
+    fn kvm_op(&mut self, op: KvmOp) {
+        let r = match op {
+            KvmOp::DirtyLog { on } => self.mmu.set_dirty_logging(0, on).map_err(|e| e.to_string()),
+            KvmOp::DeleteSlot => match self.mmu.remove_slot(0) {
+                Ok(s) => {
+                    self.removed_slot = Some(s);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            },
+            KvmOp::CreateSlot => match self.removed_slot.take() {
+                Some(s) => self.mmu.add_slot(s).map_err(|e| e.to_string()),
+                None => Err("no deleted memslot to re-create".into()),
+            },
+        };
+        if let Err(e) = r {
+            self.outcomes.host_op_failures += 1;
+            log::debug!("kvm op {op:?}: {e}");
+        }
+    }
+
+    pub(super) fn end_invalidation(&mut self, r: (u64, u64)) {
+        if self.mmu.invalidate_range_end(r.0, r.1).is_err() {
+            log::error!("unbalanced invalidation in interleaver");
         }
     }
 
@@ -360,6 +396,16 @@ impl World {
                 self.primary.small_pool_mut().inject_failures(n);
                 Ok(())
             }
+            HostOp::Mprotect { frame, writable } => self
+                .primary
+                .mprotect(mm, frame, writable)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            HostOp::Pageout { frame } => self
+                .primary
+                .pageout(mm, frame)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
         };
         if let Err(e) = r {
             if !setup {

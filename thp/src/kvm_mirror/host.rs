@@ -11,6 +11,11 @@ pub trait HostMap {
     fn host_level(&self, hva: u64) -> Level;
     /// Pfn mapped at `hva`, `None` when not mapped.
     fn pfn(&self, hva: u64) -> Option<u64>;
+    /// Whether the host mapping at `hva` is writable (PTE/PMD write bit and
+    /// VMA `PROT_WRITE`); `false` when not mapped. Default: mapped = writable.
+    fn writable(&self, hva: u64) -> bool {
+        self.pfn(hva).is_some()
+    }
 }
 
 impl HostMap for Mm {
@@ -24,6 +29,11 @@ impl HostMap for Mm {
             .and_then(|p| self.lookup(p))
             .map(|(_, pfn, ..)| pfn)
     }
+    fn writable(&self, hva: u64) -> bool {
+        self.page_of_hva(hva)
+            .and_then(|p| self.lookup(p))
+            .is_some_and(|(.., w)| w)
+    }
 }
 
 impl<T: HostMap + ?Sized> HostMap for &T {
@@ -32,6 +42,9 @@ impl<T: HostMap + ?Sized> HostMap for &T {
     }
     fn pfn(&self, hva: u64) -> Option<u64> {
         (**self).pfn(hva)
+    }
+    fn writable(&self, hva: u64) -> bool {
+        (**self).writable(hva)
     }
 }
 

@@ -44,17 +44,27 @@ pub enum FaultResult {
     NoHostPage,
 }
 
+/// A leaf SPTE: pfn (2M aligned for a 2M leaf) and write permission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Spte {
+    pub(super) pfn: u64,
+    pub(super) writable: bool,
+}
+
 /// The secondary MMU of one VM.
 #[derive(Debug, Clone, Default)]
 pub struct SecondaryMmu {
-    slots: Vec<SlotState>,
-    huge: U64Map<u64>,
-    small: U64Map<u64>,
+    pub(super) slots: Vec<SlotState>,
+    pub(super) huge: U64Map<Spte>,
+    pub(super) small: U64Map<Spte>,
     small_per_frame: U64Map<u16>,
     tracked: U64Map<u32>,
     seq: u64,
     in_progress: u32,
     range: (u64, u64),
+    /// Memslot generation (`kvm_memslots(kvm)->generation`): bumped by every
+    /// memslot update (create, delete, flags).
+    pub(super) generation: u64,
 }
 
 impl SecondaryMmu {
@@ -81,15 +91,23 @@ impl SecondaryMmu {
             .slots
             .partition_point(|o| o.slot.base_gfn < slot.base_gfn);
         self.slots.insert(at, state);
+        self.generation += 1;
         Ok(())
     }
 
-    /// Deletes a memslot, zapping its mappings.
+    /// Deletes a memslot, zapping its mappings (`kvm_arch_flush_shadow_memslot`).
     pub fn remove_slot(&mut self, id: u32) -> Result<Memslot, MirrorError> {
         let i = self.slot_index(id)?;
         let s = self.slots.remove(i).slot;
+        self.generation += 1;
         self.zap_gfn_range(s.base_gfn, s.end_gfn(), true, true);
         Ok(s)
+    }
+
+    /// The memslot generation: bumped by every memslot update
+    /// ([`Self::add_slot`], [`Self::remove_slot`], [`Self::set_dirty_logging`]).
+    pub fn memslot_generation(&self) -> u64 {
+        self.generation
     }
 
     fn slot_index(&self, id: u32) -> Result<usize, MirrorError> {
@@ -99,8 +117,10 @@ impl SecondaryMmu {
             .ok_or(MirrorError::UnknownSlot(id))
     }
 
-    /// Turns dirty logging on or off for a slot. On: 2M leaves in the slot are
-    /// dropped (as eager page splitting does) and no new 2M leaf is made.
+    /// Turns dirty logging on or off for a slot (a memslot update: the
+    /// generation moves). On: 2M leaves in the slot are dropped (as eager
+    /// page splitting does), 4K leaves become read-only
+    /// (`kvm_mmu_slot_remove_write_access`) and no new 2M leaf is made.
     /// Off: 4K leaves are zapped so faults can map 2M again
     /// (`kvm_mmu_zap_collapsible_sptes`, here without the collapsibility filter).
     pub fn set_dirty_logging(&mut self, id: u32, on: bool) -> Result<(), MirrorError> {
@@ -108,7 +128,15 @@ impl SecondaryMmu {
         let s = &mut self.slots[i].slot;
         s.dirty_logging = on;
         let (a, b) = (s.base_gfn, s.end_gfn());
+        self.generation += 1;
         self.zap_gfn_range(a, b, on, !on);
+        if on {
+            for (g, e) in self.small.iter_mut() {
+                if (a..b).contains(g) {
+                    e.writable = false;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -117,7 +145,7 @@ impl SecondaryMmu {
         self.slots.iter().map(|s| &s.slot)
     }
 
-    fn state_for_gfn(&self, gfn: u64) -> Option<&SlotState> {
+    pub(super) fn state_for_gfn(&self, gfn: u64) -> Option<&SlotState> {
         let i = self.slots.partition_point(|s| s.slot.base_gfn <= gfn);
         let s = self.slots.get(i.checked_sub(1)?)?;
         s.slot.contains(gfn).then_some(s)
@@ -215,7 +243,8 @@ impl SecondaryMmu {
 
     /// Fault step 4 (under `mmu_lock`, retry check passed): choose the level
     /// and install the leaf; a 2M leaf maps the pfn aligned down to 2M and
-    /// replaces the frame's 4K leaves.
+    /// replaces the frame's 4K leaves. The leaf is writable when the host
+    /// page is (a read fault maps writable opportunistically).
     pub fn fault_install(
         &mut self,
         f: &PendingFault,
@@ -224,40 +253,61 @@ impl SecondaryMmu {
         let Some(pfn) = f.pfn else {
             return Ok(FaultResult::NoHostPage);
         };
-        let mut level = self.max_mapping_level(f.gfn, host, f.guest_max_level)?;
+        let level = self.max_mapping_level(f.gfn, host, f.guest_max_level)?;
+        Ok(self.install_leaf(f.gfn, level, pfn, host.writable(f.hva)))
+    }
+
+    /// Installs a leaf for `gfn` -> `pfn` at `level` (at most): 2M falls back
+    /// to 4K when gfn and pfn are not congruent mod 2M.
+    pub(super) fn install_leaf(
+        &mut self,
+        gfn: u64,
+        mut level: Level,
+        pfn: u64,
+        writable: bool,
+    ) -> FaultResult {
         let mask = PAGES_PER_HPAGE - 1;
-        if level == Level::M2 && (f.gfn & mask) != (pfn & mask) {
-            log::warn!(
-                "gfn {:#x} and pfn {pfn:#x} not congruent mod 2M; mapping 4K",
-                f.gfn
-            );
+        if level == Level::M2 && (gfn & mask) != (pfn & mask) {
+            log::warn!("gfn {gfn:#x} and pfn {pfn:#x} not congruent mod 2M; mapping 4K");
             level = Level::K4;
         }
-        let frame = f.gfn / PAGES_PER_HPAGE;
+        let frame = gfn / PAGES_PER_HPAGE;
         match level {
             Level::M2 => {
                 let hpfn = pfn & !mask;
-                if self.huge.get(&frame) == Some(&hpfn) {
-                    return Ok(FaultResult::AlreadyMapped { level });
+                if let Some(e) = self.huge.get_mut(&frame) {
+                    if e.pfn == hpfn {
+                        if writable && !e.writable {
+                            e.writable = true;
+                        }
+                        return FaultResult::AlreadyMapped { level };
+                    }
                 }
                 let base = frame * PAGES_PER_HPAGE;
                 self.zap_gfn_range(base, base + PAGES_PER_HPAGE, true, true);
-                self.huge.insert(frame, hpfn);
-                Ok(FaultResult::Installed { level, pfn: hpfn })
+                self.huge.insert(
+                    frame,
+                    Spte {
+                        pfn: hpfn,
+                        writable,
+                    },
+                );
+                FaultResult::Installed { level, pfn: hpfn }
             }
             Level::K4 => {
                 if let Some(&h) = self.huge.get(&frame) {
-                    if h + (f.gfn & mask) == pfn {
-                        return Ok(FaultResult::AlreadyMapped { level: Level::M2 });
+                    if h.pfn + (gfn & mask) == pfn && (h.writable || !writable) {
+                        return FaultResult::AlreadyMapped { level: Level::M2 };
                     }
                     self.huge.remove(&frame);
                 }
-                match self.small.insert(f.gfn, pfn) {
-                    Some(old) if old == pfn => return Ok(FaultResult::AlreadyMapped { level }),
+                let new = Spte { pfn, writable };
+                match self.small.insert(gfn, new) {
+                    Some(old) if old == new => return FaultResult::AlreadyMapped { level },
                     Some(_) => {}
                     None => *self.small_per_frame.entry(frame).or_insert(0) += 1,
                 }
-                Ok(FaultResult::Installed { level, pfn })
+                FaultResult::Installed { level, pfn }
             }
         }
     }
@@ -361,19 +411,35 @@ impl SecondaryMmu {
 
     /// The leaf mapping `gfn`: (level, pfn of the gfn's page).
     pub fn lookup(&self, gfn: u64) -> Option<(Level, u64)> {
+        self.lookup_access(gfn).map(|(l, p, _)| (l, p))
+    }
+
+    /// The leaf mapping `gfn`: (level, pfn of the gfn's page, writable).
+    pub fn lookup_access(&self, gfn: u64) -> Option<(Level, u64, bool)> {
         let frame = gfn / PAGES_PER_HPAGE;
         if let Some(&h) = self.huge.get(&frame) {
-            return Some((Level::M2, h + gfn % PAGES_PER_HPAGE));
+            return Some((Level::M2, h.pfn + gfn % PAGES_PER_HPAGE, h.writable));
         }
-        self.small.get(&gfn).map(|&p| (Level::K4, p))
+        self.small
+            .get(&gfn)
+            .map(|&p| (Level::K4, p.pfn, p.writable))
     }
 
     /// Every leaf as (first gfn, level, pfn).
     pub fn entries(&self) -> impl Iterator<Item = (u64, Level, u64)> + '_ {
+        self.entries_access().map(|(g, l, p, _)| (g, l, p))
+    }
+
+    /// Every leaf as (first gfn, level, pfn, writable).
+    pub fn entries_access(&self) -> impl Iterator<Item = (u64, Level, u64, bool)> + '_ {
         self.huge
             .iter()
-            .map(|(&f, &p)| (f * PAGES_PER_HPAGE, Level::M2, p))
-            .chain(self.small.iter().map(|(&g, &p)| (g, Level::K4, p)))
+            .map(|(&f, &p)| (f * PAGES_PER_HPAGE, Level::M2, p.pfn, p.writable))
+            .chain(
+                self.small
+                    .iter()
+                    .map(|(&g, &p)| (g, Level::K4, p.pfn, p.writable)),
+            )
     }
 
     /// KVM's `pages_4k`: present 4K leaves.

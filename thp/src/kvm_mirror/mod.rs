@@ -6,12 +6,14 @@
 //! `mmu_invalidate_retry_gfn`), range invalidation, and the `pages_4k` /
 //! `pages_2m` statistics as KVM counts them.
 
+mod access;
 mod hash;
 mod host;
 mod mmu;
 mod predict;
 mod slots;
 
+pub use access::{AccessFault, Translation};
 pub use host::{HostMap, LevelMap};
 pub use mmu::{FaultResult, PendingFault, SecondaryMmu};
 pub use predict::predict;

@@ -120,7 +120,7 @@ impl Primary {
             if f.maybe_dma_pinned() || f.held > 0 {
                 return refuse(CollapseRefusal::Pinned { page: i as u16 });
             }
-            writable |= pte.writable;
+            writable |= pte.writable && !m.write_protected(frame);
         }
         if !writable {
             return refuse(CollapseRefusal::NoWritablePte);

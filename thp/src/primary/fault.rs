@@ -57,6 +57,9 @@ impl Primary {
         let (f, _) = split_page(page);
         let m = self.mm(mm)?;
         let madvised = m.madvised;
+        if write && m.write_protected(f) {
+            return Err(MmError::WriteProtected { page });
+        }
         match m.lookup(page) {
             Some((_, _, _, writable)) if writable || !write => Ok(FaultOutcome::AlreadyMapped),
             Some((Level::M2, _, id, _)) => self.wp_fault_pmd(mm, page, id),

@@ -35,7 +35,9 @@ impl Primary {
         if needed > available {
             return Err(MmError::OutOfMemory { needed, available });
         }
+        let wrprotected = p.wrprotected.clone();
         let child = self.new_mm(frames, base, madvised);
+        self.mm_mut(child)?.wrprotected = wrprotected;
         for f in 0..frames {
             let fm = self.mm(parent)?.frames[f].clone();
             match fm {

@@ -9,6 +9,8 @@
 mod collapse;
 mod fault;
 mod fork;
+mod pageout;
+mod protect;
 mod rmap;
 mod split;
 mod unmap;
@@ -108,6 +110,8 @@ pub struct Mm {
     base_hva: u64,
     madvised: bool,
     frames: Vec<FrameMap>,
+    /// Per frame: the VMA there lost `PROT_WRITE` (`mprotect(PROT_READ)`).
+    wrprotected: Vec<bool>,
 }
 
 impl Mm {
@@ -131,6 +135,12 @@ impl Mm {
     pub fn frame(&self, frame: usize) -> &FrameMap {
         &self.frames[frame]
     }
+    /// Whether `frame` is write-protected by `mprotect` ([`Primary::mprotect`]):
+    /// every mapping there is read-only whatever its PTE bit says, and a
+    /// write fault fails ([`MmError::WriteProtected`]).
+    pub fn write_protected(&self, frame: usize) -> bool {
+        self.wrprotected.get(frame).copied().unwrap_or(false)
+    }
     /// Page index (relative to the VMA) of `hva`, if inside.
     pub fn page_of_hva(&self, hva: u64) -> Option<u64> {
         let off = hva.checked_sub(self.base_hva)?;
@@ -141,14 +151,18 @@ impl Mm {
     pub fn hva_of_page(&self, page: u64) -> u64 {
         self.base_hva + page * PAGE_SIZE
     }
-    /// What maps VMA page `page`: (level, pfn, folio, writable).
+    /// What maps VMA page `page`: (level, pfn, folio, writable). `writable`
+    /// is the effective permission: the PTE/PMD bit and the VMA's `PROT_WRITE`.
     pub fn lookup(&self, page: u64) -> Option<(Level, u64, FolioId, bool)> {
         let f = (page / PAGES_PER_HPAGE) as usize;
         let i = (page % PAGES_PER_HPAGE) as usize;
+        let vma_w = !self.write_protected(f);
         match self.frames.get(f)? {
             FrameMap::None => None,
-            FrameMap::Pmd(p) => Some((Level::M2, p.pfn + i as u64, p.folio, p.writable)),
-            FrameMap::Table(t) => t.get(i).map(|p| (Level::K4, p.pfn, p.folio, p.writable)),
+            FrameMap::Pmd(p) => Some((Level::M2, p.pfn + i as u64, p.folio, p.writable && vma_w)),
+            FrameMap::Table(t) => t
+                .get(i)
+                .map(|p| (Level::K4, p.pfn, p.folio, p.writable && vma_w)),
         }
     }
 }
@@ -225,6 +239,13 @@ pub enum MmError {
         /// Pages available.
         available: usize,
     },
+    /// A write fault on a page whose VMA is read-only (`SIGSEGV`; GUP with
+    /// `FOLL_WRITE` fails with `-EFAULT`).
+    #[error("page {page} is write-protected (mprotect PROT_READ); restore PROT_WRITE first")]
+    WriteProtected {
+        /// The page.
+        page: u64,
+    },
     /// khugepaged refused to collapse.
     #[error("collapse refused: {0}")]
     Collapse(CollapseRefusal),
@@ -271,6 +292,7 @@ impl Primary {
             base_hva,
             madvised,
             frames: vec![FrameMap::None; frames],
+            wrprotected: vec![false; frames],
         }));
         self.mms.len() - 1
     }

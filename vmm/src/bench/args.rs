@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand, ValueEnum};
 use guest_mem::Backing;
 
+use crate::cli::KvmDevArg;
 use crate::testguest::guests::tlb;
 use crate::testguest::GuestPageSize;
 
@@ -103,23 +104,19 @@ pub struct TlbArgs {
     /// Stop a guest run after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300.0)]
     pub timeout: f64,
-    /// KVM device node (for tests).
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/dev/kvm",
-        env = "VMM_KVM_DEV",
-        hide = true
-    )]
-    pub kvm_dev: PathBuf,
+    /// KVM device node (hidden, for tests).
+    #[command(flatten)]
+    pub kvm: KvmDevArg,
 }
 
+/// One item of a comma-separated `--backing` list (spaces allowed).
 fn parse_backing(s: &str) -> Result<Backing, String> {
-    s.trim().parse::<Backing>().map_err(|e| e.to_string())
+    crate::cli::parse_backing(s.trim())
 }
 
+/// One item of a comma-separated `--guest-pages` list (spaces allowed).
 fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
-    s.trim().parse::<GuestPageSize>().map_err(|e| e.to_string())
+    crate::cli::parse_guest_pages(s.trim())
 }
 
 #[cfg(test)]

@@ -183,10 +183,39 @@ fn opt_u(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
+/// The nine cells of one row of [`table`] / [`markdown_table`]: working
+/// set, guest pages, backing, median ns/access, `min<dash>max`, the two
+/// ratios against native and KVM's pages_2m / pages_4k.
+fn row_cells(c: &ConfigResult, dash: &str) -> [String; 9] {
+    let backing = match &c.native_backing {
+        Some(n) => format!("native ({n})"),
+        None => c.backing.clone(),
+    };
+    let (med, range) = c.ns_per_access.map_or_else(
+        || ("-".to_string(), "-".to_string()),
+        |p| {
+            (
+                format!("{:.2}", p.median),
+                format!("{:.2}{dash}{:.2}", p.min, p.max),
+            )
+        },
+    );
+    [
+        c.working_set_name.clone(),
+        c.guest_pages.clone(),
+        backing,
+        med,
+        range,
+        ratio(c.slowdown_vs_native),
+        ratio(c.slowdown_best_vs_native),
+        opt_u(c.kvm_pages_2m),
+        opt_u(c.kvm_pages_4k),
+    ]
+}
+
 /// The human-readable table.
 pub fn table(r: &[ConfigResult]) -> String {
-    let mut s = format!(
-        "{:<8} {:<6} {:<16} {:>10} {:>17} {:>9} {:>9} {:>9} {:>9}\n",
+    let head = [
         "ws",
         "gpages",
         "backing",
@@ -195,34 +224,15 @@ pub fn table(r: &[ConfigResult]) -> String {
         "vs native",
         "best vs",
         "pages_2m",
-        "pages_4k"
-    );
+        "pages_4k",
+    ]
+    .map(String::from);
+    let line = |[ws, gp, b, med, range, vs, best, p2, p4]: [String; 9]| {
+        format!("{ws:<8} {gp:<6} {b:<16} {med:>10} {range:>17} {vs:>9} {best:>9} {p2:>9} {p4:>9}\n")
+    };
+    let mut s = line(head);
     for c in r {
-        let backing = match &c.native_backing {
-            Some(n) => format!("native ({n})"),
-            None => c.backing.clone(),
-        };
-        let (med, range) = c.ns_per_access.map_or_else(
-            || ("-".to_string(), "-".to_string()),
-            |p| {
-                (
-                    format!("{:.2}", p.median),
-                    format!("{:.2}-{:.2}", p.min, p.max),
-                )
-            },
-        );
-        s.push_str(&format!(
-            "{:<8} {:<6} {:<16} {:>10} {:>17} {:>9} {:>9} {:>9} {:>9}\n",
-            c.working_set_name,
-            c.guest_pages,
-            backing,
-            med,
-            range,
-            ratio(c.slowdown_vs_native),
-            ratio(c.slowdown_best_vs_native),
-            opt_u(c.kvm_pages_2m),
-            opt_u(c.kvm_pages_4k)
-        ));
+        s.push_str(&line(row_cells(c, "-")));
     }
     s
 }
@@ -233,31 +243,7 @@ pub fn markdown_table(r: &[ConfigResult]) -> String {
         "| working set | guest pages | backing | ns/access (median) | min–max | vs native (median) | vs native (best) | pages_2m | pages_4k |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in r {
-        let backing = match &c.native_backing {
-            Some(n) => format!("native ({n})"),
-            None => c.backing.clone(),
-        };
-        let (med, range) = c.ns_per_access.map_or_else(
-            || ("-".to_string(), "-".to_string()),
-            |p| {
-                (
-                    format!("{:.2}", p.median),
-                    format!("{:.2}–{:.2}", p.min, p.max),
-                )
-            },
-        );
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-            c.working_set_name,
-            c.guest_pages,
-            backing,
-            med,
-            range,
-            ratio(c.slowdown_vs_native),
-            ratio(c.slowdown_best_vs_native),
-            opt_u(c.kvm_pages_2m),
-            opt_u(c.kvm_pages_4k)
-        ));
+        s.push_str(&format!("| {} |\n", row_cells(c, "–").join(" | ")));
     }
     s
 }
@@ -302,5 +288,22 @@ mod tests {
         let t = table(&r);
         assert!(t.contains("1.20x"), "{t}");
         assert!(markdown_table(&r).contains("| 64M | 2m | hugetlb | 12.00 |"));
+        // Whole rows, header and a native row included.
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "ws       gpages backing           ns/access           min-max vs native   best vs  pages_2m  pages_4k"
+        );
+        assert_eq!(
+            lines[3],
+            "64M      2m     hugetlb               12.00       11.00-13.00     1.20x     1.10x        32         3"
+        );
+        assert!(lines[1].starts_with("64M      2m     native  "), "{t}");
+        let md: Vec<String> = markdown_table(&r).lines().map(String::from).collect();
+        assert_eq!(
+            md[4],
+            "| 64M | 2m | hugetlb | 12.00 | 11.00–13.00 | 1.20x | 1.10x | 32 | 3 |"
+        );
+        assert_eq!(md.len(), 2 + r.len());
     }
 }

@@ -130,7 +130,7 @@ fn one(
             ))
         }
         Some(_) => {
-            let r = guest::run(c, p, a.timeout, &a.kvm_dev)?;
+            let r = guest::run(c, p, a.timeout, &a.kvm.kvm_dev)?;
             checksum_ok(r.checksum)?;
             let ns = tsc.ns_per(r.cycles, r.accesses);
             let setup = tsc.ns_per(r.setup_cycles, 1) / 1e9;
@@ -159,7 +159,7 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
     let cfgs = plan::configs(&a.working_set, &a.guest_pages, &a.backing, a.native);
     check_hugetlb_pool(&cfgs)?;
     let host = HostDesc::detect(&info);
-    let tsc = tsc::detect(&a.kvm_dev);
+    let tsc = tsc::detect(&a.kvm.kvm_dev);
     progress(&format!("host: {}", host.line()));
     progress(&format!(
         "TSC {} kHz from {} (host TSC calibrated: {} kHz)",

@@ -8,6 +8,7 @@ use guest_mem::Backing;
 use serde::{Deserialize, Serialize};
 
 use super::events::{OpsMix, DEFAULT_MIX};
+use crate::cli::KvmDevArg;
 
 /// Exit codes of `vmm stress`.
 pub const EXIT_CODES: &str = "Exit codes:
@@ -51,7 +52,7 @@ pub struct StressArgs {
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=32))]
     pub vcpus: u8,
     /// What backs guest RAM on the host.
-    #[arg(long, value_name = "hugetlb|thp|4k", default_value = "hugetlb", value_parser = parse_backing)]
+    #[arg(long, value_name = "hugetlb|thp|4k", default_value = "hugetlb", value_parser = crate::cli::parse_backing)]
     pub backing: Backing,
     /// Fire events for this many seconds (default 10 when --ops is not given).
     #[arg(long, value_name = "SECS", conflicts_with = "ops")]
@@ -83,19 +84,9 @@ pub struct StressArgs {
     /// Test only: a deliberate bug (skip-log, skip-discard).
     #[arg(long, value_name = "BUG", hide = true)]
     pub inject_bug: Option<InjectBug>,
-    /// KVM device node (for tests).
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/dev/kvm",
-        env = "VMM_KVM_DEV",
-        hide = true
-    )]
-    pub kvm_dev: PathBuf,
-}
-
-fn parse_backing(s: &str) -> Result<Backing, String> {
-    s.parse::<Backing>().map_err(|e| e.to_string())
+    /// KVM device node (hidden, for tests).
+    #[command(flatten)]
+    pub kvm: KvmDevArg,
 }
 
 fn parse_mix(s: &str) -> Result<OpsMix, String> {

@@ -5,28 +5,23 @@ use std::fmt;
 use std::str::FromStr;
 
 use guest_mem::Backing;
+use serde::de::{self, Deserializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
+use thp::interleave::SplitMix64;
 
-/// A kind of host-side event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// The eight host-side event kinds `--ops-mix` names: one definition,
+/// shared with the THP model's interleaver (same names, same order).
+pub use thp::interleave::EventKind as HostKind;
+
+/// A kind of event of a stress run: a host-side event, or a quiescent point.
+/// Spelled (CLI, report, replay file) as the [`HostKind`] name, `quiesce`
+/// or `quiescedirty`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EventKind {
-    /// Discard (and take back) one 4K page: it must read zero afterwards.
-    Discard4k,
-    /// Discard (and take back) a whole 2M frame.
-    Discard2m,
-    /// Split a huge frame into small pages, keeping every byte.
-    Split,
-    /// Collapse a small frame into a huge page, keeping every byte.
-    Collapse,
-    /// `mprotect(PROT_READ)` a frame while the vCPUs write to it, then restore.
-    Wrprotect,
-    /// Dirty logging on slot 0 on, then off.
-    Dirtylog,
-    /// Slot 0 deleted and re-created at the same place (vCPUs paused).
-    Slot,
-    /// `MADV_PAGEOUT` of a frame.
-    Pageout,
+    /// A host-side event (discard4k, discard2m, split, collapse, wrprotect,
+    /// dirtylog, slot, pageout).
+    Host(HostKind),
     /// Quiescent point: KVM's counters against the mirror's prediction.
     Quiesce,
     /// Quiescent point with dirty logging on (the mirror predicts no 2M).
@@ -34,29 +29,22 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    /// The kinds `--ops-mix` weighs (quiescent points are not random).
-    pub const RANDOM: [EventKind; 8] = [
-        EventKind::Discard4k,
-        EventKind::Discard2m,
-        EventKind::Split,
-        EventKind::Collapse,
-        EventKind::Wrprotect,
-        EventKind::Dirtylog,
-        EventKind::Slot,
-        EventKind::Pageout,
-    ];
+    /// The kinds `--ops-mix` weighs (quiescent points are not random), in
+    /// [`HostKind::ALL`] order.
+    pub const RANDOM: [EventKind; HostKind::ALL.len()] = {
+        let mut out = [EventKind::Quiesce; HostKind::ALL.len()];
+        let mut i = 0;
+        while i < out.len() {
+            out[i] = EventKind::Host(HostKind::ALL[i]);
+            i += 1;
+        }
+        out
+    };
 
     /// CLI / report spelling.
     pub fn as_str(self) -> &'static str {
         match self {
-            EventKind::Discard4k => "discard4k",
-            EventKind::Discard2m => "discard2m",
-            EventKind::Split => "split",
-            EventKind::Collapse => "collapse",
-            EventKind::Wrprotect => "wrprotect",
-            EventKind::Dirtylog => "dirtylog",
-            EventKind::Slot => "slot",
-            EventKind::Pageout => "pageout",
+            EventKind::Host(k) => k.as_str(),
             EventKind::Quiesce => "quiesce",
             EventKind::QuiesceDirty => "quiescedirty",
         }
@@ -67,7 +55,10 @@ impl EventKind {
     pub fn applies_to(self, backing: Backing) -> bool {
         !matches!(
             (self, backing),
-            (EventKind::Split | EventKind::Collapse, Backing::Small4k)
+            (
+                EventKind::Host(HostKind::Split | HostKind::Collapse),
+                Backing::Small4k
+            )
         )
     }
 }
@@ -78,18 +69,30 @@ impl fmt::Display for EventKind {
     }
 }
 
+/// `--ops-mix` names: the host-side kinds only.
 impl FromStr for EventKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::RANDOM
+        s.parse::<HostKind>()
+            .map(EventKind::Host)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Replay files and reports: every kind, quiescent points included.
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        [EventKind::Quiesce, EventKind::QuiesceDirty]
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown event kind {s:?}; valid: {}",
-                    Self::RANDOM.map(Self::as_str).join(", ")
-                )
-            })
+            .map_or_else(|| s.parse().map_err(de::Error::custom), Ok)
     }
 }
 
@@ -162,28 +165,7 @@ impl OpsMix {
             }
             x -= u64::from(*w);
         }
-        EventKind::Discard4k
-    }
-}
-
-/// SplitMix64: a tiny PRNG whose sequence is fixed forever (unlike library
-/// generators), so a seed means the same event sequence in every version.
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    /// Next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        EventKind::Host(HostKind::Discard4k)
     }
 }
 
@@ -202,7 +184,9 @@ pub struct Draw {
 /// The seeded generator.
 #[derive(Debug, Clone)]
 pub struct Generator {
-    rng: Rng,
+    /// SplitMix64, whose sequence is fixed forever (unlike library
+    /// generators), so a seed means the same event sequence in every version.
+    rng: SplitMix64,
     mix: OpsMix,
 }
 
@@ -210,7 +194,7 @@ impl Generator {
     /// A generator for `seed` and `mix`.
     pub fn new(seed: u64, mix: OpsMix) -> Generator {
         Generator {
-            rng: Rng::new(seed),
+            rng: SplitMix64::new(seed),
             mix,
         }
     }
@@ -243,7 +227,7 @@ impl fmt::Display for Event {
         write!(f, "#{} {}", self.seq, self.kind)?;
         if let Some(fr) = self.frame {
             write!(f, " frame {fr} (gpa {:#x})", fr << 21)?;
-            if self.kind == EventKind::Discard4k {
+            if self.kind == EventKind::Host(HostKind::Discard4k) {
                 write!(
                     f,
                     " page {} (gfn {:#x})",
@@ -264,7 +248,7 @@ mod tests {
     fn mix_parses_and_rejects() {
         let m: OpsMix = DEFAULT_MIX.parse().unwrap();
         assert_eq!(m.total(), 13);
-        assert_eq!(m.weights[0], (EventKind::Discard4k, 4));
+        assert_eq!(m.weights[0], (EventKind::Host(HostKind::Discard4k), 4));
         assert!("discard4k".parse::<OpsMix>().is_err());
         assert!("bogus=1".parse::<OpsMix>().is_err());
         assert!("split=x".parse::<OpsMix>().is_err());
@@ -288,18 +272,44 @@ mod tests {
         let mut g = Generator::new(8, m);
         let c: Vec<Draw> = (0..1000).map(|_| g.draw()).collect();
         assert_ne!(a, c);
-        let slots = a.iter().filter(|d| d.kind == EventKind::Slot).count();
-        assert!((150..350).contains(&slots), "{slots}");
-        assert!(a
+        let slots = a
             .iter()
-            .all(|d| matches!(d.kind, EventKind::Slot | EventKind::Discard4k) && d.page < 512));
+            .filter(|d| d.kind == EventKind::Host(HostKind::Slot))
+            .count();
+        assert!((150..350).contains(&slots), "{slots}");
+        assert!(a.iter().all(|d| matches!(
+            d.kind,
+            EventKind::Host(HostKind::Slot) | EventKind::Host(HostKind::Discard4k)
+        ) && d.page < 512));
+    }
+
+    #[test]
+    fn quiescent_points_round_trip_but_are_no_ops_mix_kind() {
+        for k in [EventKind::Quiesce, EventKind::QuiesceDirty] {
+            let s = serde_json::to_string(&k).unwrap();
+            assert_eq!(s, format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<EventKind>(&s).unwrap(), k);
+            assert!(k.as_str().parse::<EventKind>().is_err());
+        }
+        assert_eq!(EventKind::RANDOM.len(), 8);
+        for k in EventKind::RANDOM {
+            assert_eq!(k.as_str().parse::<EventKind>(), Ok(k));
+        }
+        assert!(serde_json::from_str::<EventKind>("\"bogus\"").is_err());
+    }
+
+    #[test]
+    fn generator_sequence_is_splitmix64() {
+        // The first splitmix64 output for seed 0: replay files depend on it.
+        let mut g = Generator::new(0, "slot=1".parse().unwrap());
+        assert_eq!(g.rng.next_u64(), 0xe220_a839_7b1d_cdaf);
     }
 
     #[test]
     fn events_round_trip_as_json() {
         let e = Event {
             seq: 3,
-            kind: EventKind::Discard4k,
+            kind: EventKind::Host(HostKind::Discard4k),
             frame: Some(5),
             page: 7,
         };

@@ -9,7 +9,7 @@ use kvm_ioctls::VmFd;
 use serde::Serialize;
 
 use super::args::InjectBug;
-use super::events::{Draw, Event, EventKind};
+use super::events::{Draw, Event, EventKind, HostKind};
 use super::shared::{SharedError, SharedLog};
 use super::slot::{Slot0, SlotError};
 use super::vcpu::StressVcpuShared;
@@ -120,6 +120,29 @@ pub struct QuiescePoint {
     pub books_vs_host: Option<Vec<u64>>,
 }
 
+/// `quiescent point at event #N: KVM pages_4k … pages_2m …, mirror …`: what
+/// was compared (not whether it agreed).
+impl std::fmt::Display for QuiescePoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "quiescent point at event #{}{}: KVM pages_4k {} pages_2m {}, mirror predicts {} / {} \
+             (tolerance {} frames)",
+            self.seq,
+            if self.dirty_logging {
+                " (dirty logging on)"
+            } else {
+                ""
+            },
+            self.kvm_pages_4k,
+            self.kvm_pages_2m,
+            self.prediction.pages_4k,
+            self.prediction.pages_2m,
+            self.prediction.tolerance_frames
+        )
+    }
+}
+
 /// Fires events at one machine.
 pub struct Injector<'a> {
     /// The machine.
@@ -180,19 +203,20 @@ impl Injector<'_> {
         let huge = |s: &FrameView| matches!(s, FrameView::Huge { .. });
         let small = |s: &FrameView| matches!(s, FrameView::Small { .. });
         let frame = match d.kind {
-            EventKind::Discard4k | EventKind::Discard2m => Some(base),
-            EventKind::Split => self.find(base, huge),
-            EventKind::Collapse => self.find(base, small),
-            EventKind::Pageout if self.backing == Backing::Hugetlb => self.find(base, small),
-            EventKind::Pageout => Some(base),
-            EventKind::Wrprotect => {
+            EventKind::Host(HostKind::Discard4k | HostKind::Discard2m) => Some(base),
+            EventKind::Host(HostKind::Split) => self.find(base, huge),
+            EventKind::Host(HostKind::Collapse) => self.find(base, small),
+            EventKind::Host(HostKind::Pageout) if self.backing == Backing::Hugetlb => {
+                self.find(base, small)
+            }
+            EventKind::Host(HostKind::Pageout) => Some(base),
+            EventKind::Host(HostKind::Wrprotect) => {
                 let v = (d.target % self.log.vcpus() as u64) as usize;
                 let cursor = self.log.counters(&self.m.mem, v)?.cursor;
                 let f = cursor / HPAGE_SIZE;
                 Some(if w.contains(&f) { f } else { base })
             }
-            EventKind::Dirtylog
-            | EventKind::Slot
+            EventKind::Host(HostKind::Dirtylog | HostKind::Slot)
             | EventKind::Quiesce
             | EventKind::QuiesceDirty => None,
         };
@@ -200,7 +224,7 @@ impl Injector<'_> {
             seq,
             kind: d.kind,
             frame,
-            page: if d.kind == EventKind::Discard4k {
+            page: if d.kind == EventKind::Host(HostKind::Discard4k) {
                 d.page
             } else {
                 0
@@ -213,8 +237,8 @@ impl Injector<'_> {
         let mut x = Extra::default();
         let Some(frame) = ev.frame else {
             let e = match ev.kind {
-                EventKind::Dirtylog => self.dirtylog(&mut x)?,
-                EventKind::Slot => self.slot_cycle(&mut x)?,
+                EventKind::Host(HostKind::Dirtylog) => self.dirtylog(&mut x)?,
+                EventKind::Host(HostKind::Slot) => self.slot_cycle(&mut x)?,
                 EventKind::Quiesce | EventKind::QuiesceDirty => Effect::Done,
                 _ => Effect::Noop,
             };
@@ -222,14 +246,18 @@ impl Injector<'_> {
         };
         let gpa = frame * HPAGE_SIZE;
         let e = match ev.kind {
-            EventKind::Discard4k => {
+            EventKind::Host(HostKind::Discard4k) => {
                 self.discard(gpa + u64::from(ev.page) * PAGE_SIZE, PAGE_SIZE)?
             }
-            EventKind::Discard2m => self.discard(gpa, HPAGE_SIZE)?,
-            EventKind::Split => refused(self.m.ram().split(frame as usize, &self.m.control)),
-            EventKind::Collapse => refused(self.m.ram().collapse(frame as usize, &self.m.control)),
-            EventKind::Wrprotect => self.wrprotect(gpa, &mut x)?,
-            EventKind::Pageout => self.pageout(gpa, &mut x)?,
+            EventKind::Host(HostKind::Discard2m) => self.discard(gpa, HPAGE_SIZE)?,
+            EventKind::Host(HostKind::Split) => {
+                refused(self.m.ram().split(frame as usize, &self.m.control))
+            }
+            EventKind::Host(HostKind::Collapse) => {
+                refused(self.m.ram().collapse(frame as usize, &self.m.control))
+            }
+            EventKind::Host(HostKind::Wrprotect) => self.wrprotect(gpa, &mut x)?,
+            EventKind::Host(HostKind::Pageout) => self.pageout(gpa, &mut x)?,
             _ => Effect::Noop,
         };
         Ok((e, x))

@@ -89,7 +89,7 @@ impl ReplayFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stress::events::{EventKind, DEFAULT_MIX};
+    use crate::stress::events::{EventKind, HostKind, DEFAULT_MIX};
 
     #[test]
     fn round_trip_and_rejects() {
@@ -106,7 +106,7 @@ mod tests {
             inject_bug: Some(InjectBug::SkipLog),
             events: vec![Event {
                 seq: 0,
-                kind: EventKind::Split,
+                kind: EventKind::Host(HostKind::Split),
                 frame: Some(3),
                 page: 0,
             }],

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::events::EventKind;
+use super::events::{EventKind, HostKind};
 use super::inject::{Effect, Extra, QuiescePoint};
 use super::shared::GuestCounters;
 
@@ -71,13 +71,13 @@ impl Tally {
         t.mapped_after_delete += x.mapped_after_delete;
         t.resident_before += x.resident_before;
         t.resident_after += x.resident_after;
-        if kind == EventKind::Dirtylog && x.pages_2m_during < x.pages_2m_before {
+        if kind == EventKind::Host(HostKind::Dirtylog) && x.pages_2m_during < x.pages_2m_before {
             k.pages_2m_fell += 1;
         }
-        if kind == EventKind::Slot && x.mapped_after_delete == 0 {
+        if kind == EventKind::Host(HostKind::Slot) && x.mapped_after_delete == 0 {
             k.unmapped_after_delete += 1;
         }
-        if kind == EventKind::Wrprotect && x.faults > 0 {
+        if kind == EventKind::Host(HostKind::Wrprotect) && x.faults > 0 {
             k.faulted += 1;
         }
     }
@@ -220,18 +220,8 @@ impl StressReport {
             );
         }
         for q in &self.quiescent_points {
-            let _ = writeln!(
-                s,
-                "quiescent point at #{}{}: KVM pages_4k {} pages_2m {}; mirror {} / {} (tolerance {} frames): {}",
-                q.seq,
-                if q.dirty_logging { " (dirty logging on)" } else { "" },
-                q.kvm_pages_4k,
-                q.kvm_pages_2m,
-                q.prediction.pages_4k,
-                q.prediction.pages_2m,
-                q.prediction.tolerance_frames,
-                if q.agrees { "agree" } else { "DISAGREE" }
-            );
+            let verdict = if q.agrees { "agree" } else { "DISAGREE" };
+            let _ = writeln!(s, "{q}: {verdict}");
             if let Some(d) = q.books_vs_host.as_ref().filter(|d| !d.is_empty()) {
                 let _ = writeln!(
                     s,
@@ -265,14 +255,14 @@ mod tests {
         let mut t = Tally::default();
         for us in 1..=100u64 {
             t.add(
-                EventKind::Slot,
+                EventKind::Host(HostKind::Slot),
                 &Effect::Done,
                 &Extra::default(),
                 Duration::from_micros(us),
             );
         }
         t.add(
-            EventKind::Split,
+            EventKind::Host(HostKind::Split),
             &Effect::Refused("busy".into()),
             &Extra::default(),
             Duration::from_micros(7),

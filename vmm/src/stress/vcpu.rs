@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::devices::bus::{self, PioTarget};
-use crate::emulation::{self, EmulationVerdict};
-use crate::machine::{Machine, Report};
+use crate::machine::Machine;
 use crate::outcome::Outcome;
 use crate::testguest::device::TestDeviceAction;
+use crate::vcpu::{self, LoopAction};
 
 use super::gate::WriteGate;
 
@@ -58,17 +58,17 @@ pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>, s: Arc<StressVc
         let next = match vcpu.run() {
             Ok(VcpuExit::MemoryFault { gpa, .. }) => Next::MemoryFault(Some(gpa)),
             Ok(exit) => handle_exit(index, exit, &m),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                Next::Continue
-            }
             Err(e) if e.errno() == libc::EFAULT => Next::MemoryFault(None),
-            Err(e) => Next::Stop(Outcome::Internal(format!(
-                "vCPU {index}: KVM_RUN failed: {e}"
-            ))),
+            Err(e) => match vcpu::run_failed(index, &mut vcpu, &e) {
+                None => Next::Continue,
+                Some(o) => Next::Stop(o),
+            },
         };
         let next = match next {
-            Next::InternalError => internal_error(index, &mut vcpu, &m),
+            Next::InternalError => match vcpu::internal_error(index, &mut vcpu, &m) {
+                None => Next::Continue,
+                Some(o) => Next::Stop(o),
+            },
             Next::MemoryFault(gpa) => {
                 let r = m
                     .control
@@ -92,23 +92,6 @@ pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>, s: Arc<StressVc
         }
     }
     m.control.thread_exited(index);
-}
-
-fn internal_error(index: usize, vcpu: &mut VcpuFd, m: &Machine) -> Next {
-    // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so the kernel
-    // filled the `internal` member of the kvm_run union.
-    let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
-    let n = (internal.ndata as usize).min(internal.data.len());
-    match emulation::handle(
-        vcpu,
-        &m.mem,
-        &m.host,
-        internal.suberror,
-        &internal.data[..n],
-    ) {
-        EmulationVerdict::Resumed => Next::Continue,
-        EmulationVerdict::Fatal(s) => Next::Stop(Outcome::GuestPanic(format!("vCPU {index}: {s}"))),
-    }
 }
 
 fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine) -> Next {
@@ -145,41 +128,17 @@ fn handle_exit(index: usize, exit: VcpuExit<'_>, m: &Machine) -> Next {
 }
 
 fn test_action(index: usize, a: TestDeviceAction, m: &Machine) -> Next {
-    match a {
-        TestDeviceAction::None => Next::Continue,
-        TestDeviceAction::Print(s) => {
+    match vcpu::common_test_action(index, a, m) {
+        Ok(None) => Next::Continue,
+        Ok(Some(o)) => Next::Stop(o),
+        Err(LoopAction::Print(s)) => {
             log::info!("stress guest vCPU {index}: {s}");
             Next::Continue
         }
-        TestDeviceAction::Report { key, value } => {
-            m.report(Report {
-                vcpu: index,
-                key,
-                value,
-            });
-            Next::Continue
-        }
-        TestDeviceAction::Checkpoint { phase } => {
-            m.checkpoint(index, phase);
-            Next::Continue
-        }
-        TestDeviceAction::Exit(status) => Next::Stop(Outcome::TestExit(status)),
-        TestDeviceAction::Discard { gpa, len } | TestDeviceAction::Refill { gpa, len } => {
+        Err(LoopAction::Discard { gpa, len } | LoopAction::Refill { gpa, len }) => {
             Next::Stop(Outcome::Internal(format!(
                 "vCPU {index}: the stress guest does not discard or refill ([{gpa:#x}, +{len:#x}))"
             )))
         }
-        TestDeviceAction::Fault {
-            vector,
-            error_code,
-            rip,
-            cr2,
-        } => Next::Stop(Outcome::TestFault {
-            vcpu: index,
-            vector,
-            error_code,
-            rip,
-            cr2,
-        }),
     }
 }

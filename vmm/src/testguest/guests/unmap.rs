@@ -21,7 +21,10 @@ use crate::testguest::builder::{Arg, GuestBuilder};
 use crate::testguest::device::ReportKey;
 use crate::testguest::{TestGuestError, TestGuestParams};
 
-/// Arguments: `frames` (K, default all frames of the slice), `page` (index of
+/// Frames each vCPU gives a page of back unless `frames` says otherwise.
+pub const DEFAULT_FRAMES: u64 = 8;
+
+/// Arguments: `frames` (K, default [`DEFAULT_FRAMES`]), `page` (index of
 /// the 4K page given back in each frame, 0..512, default 1).
 pub const ARGS: &[&str] = &["frames", "page"];
 
@@ -105,7 +108,7 @@ fn for_each_discarded(
 
 /// Emits the workload.
 pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGuestError> {
-    let frames = arg(params, "frames", u64::from(u32::MAX), u64::from(u32::MAX))?;
+    let frames = arg(params, "frames", DEFAULT_FRAMES, u64::from(u32::MAX))?;
     let page = arg(params, "page", 1, 511)?;
     // r8 = bad kept pages, r15/r14 reserved, r10 = GOLDEN, r11 = K, rbp = page,
     // rbx = generation, r9/rsi loop registers, [rsp] = pages checked,

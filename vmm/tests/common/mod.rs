@@ -1,0 +1,141 @@
+//! Helpers shared by the integration tests of `vmm`: running the built
+//! binary, host checks that decide whether a test can run here (skip
+//! reasons), scratch directories and reading JSON reports.
+//!
+//! Every test crate uses only some of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+// The same helper the workspace-level integration tests use, one source file.
+#[path = "../../../tests/src/json.rs"]
+mod json;
+#[allow(unused_imports)] // not every test crate reads numbers
+pub use json::num;
+
+/// The `vmm` binary Cargo built for these tests.
+pub fn vmm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmm")
+}
+
+/// Run `vmm args...` with `RUST_LOG=error` and capture its output.
+pub fn vmm(args: &[&str]) -> Output {
+    Command::new(vmm_bin())
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("running vmm")
+}
+
+/// The captured stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The captured stdout, a newline, then stderr, as text.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A fresh scratch directory `<tmp>/<prefix>-<pid>-<name>`.
+pub fn out_dir(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Parse the JSON file at `path` (panics with the path if it is missing or
+/// not JSON).
+pub fn read_json(path: &Path) -> Value {
+    let t =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&t).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()))
+}
+
+/// The JSON file at `path`, or `Value::Null` if it is missing or not JSON
+/// (a run that failed before writing its report).
+pub fn read_json_or_null(path: &Path) -> Value {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Whether `/dev/kvm` opens read-write.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// `true` if KVM is usable; otherwise prints why the test skips and
+/// returns `false`.
+pub fn kvm_or_skip() -> bool {
+    let ok = kvm_usable();
+    if !ok {
+        eprintln!("skip: /dev/kvm is not usable here");
+    }
+    ok
+}
+
+/// A number (kB or pages) from `/proc/meminfo`.
+pub fn meminfo(key: &str) -> Option<u64> {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// Free 2M hugetlb pages, if the default huge page size is 2M (else 0).
+pub fn hugetlb_free() -> u64 {
+    if meminfo("Hugepagesize:") != Some(2048) {
+        return 0;
+    }
+    meminfo("HugePages_Free:").unwrap_or(0)
+}
+
+/// Whether shmem (memfd) THP is enabled in some mode.
+pub fn shmem_thp_enabled() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .map(|s| {
+            ["[always]", "[advise]", "[within_size]", "[force]"]
+                .iter()
+                .any(|m| s.contains(m))
+        })
+        .unwrap_or(false)
+}
+
+/// Why a run on `backing` cannot happen here, if it cannot: no KVM, fewer
+/// than `hugetlb_pages` free 2M pages (hugetlb), or shmem THP disabled (thp).
+pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
+    if !kvm_usable() {
+        return Some("/dev/kvm is not usable".into());
+    }
+    match backing {
+        "hugetlb" => {
+            let free = hugetlb_free();
+            (free < hugetlb_pages).then(|| {
+                format!(
+                    "hugetlb: {free} free 2M pages, need {hugetlb_pages} \
+                     (echo N > /proc/sys/vm/nr_hugepages)"
+                )
+            })
+        }
+        "thp" => (!shmem_thp_enabled()).then(|| {
+            "shmem THP disabled (echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled)"
+                .into()
+        }),
+        _ => None,
+    }
+}

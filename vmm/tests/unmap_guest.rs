@@ -1,0 +1,279 @@
+//! Guest-driven partial unmap end to end: the `unmap` test guest gives one 4K
+//! page of each of K = 8 frames back, checks every byte, takes the pages back
+//! and re-stamps. At the checkpoint after the take-back the VMM's collapser
+//! runs one full pass (deterministic), so:
+//!
+//! * phase 1 → 2: KVM's `pages_2m` drops by exactly K (each split frame is
+//!   mapped with 4K pages on the host), every other frame stays 2M, and the
+//!   THP mirror predicts the same drop;
+//! * phase 4: the collapser collapses exactly the K frames;
+//! * phase 5: `pages_2m` is back at its phase-1 value;
+//! * the guest saw no changed byte in the pages it kept (mismatches = 0).
+//!
+//! Also: the API socket (`vmm ctl`) against a running guest.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::num;
+use serde_json::Value;
+
+const K: u64 = 8;
+const MIB: u64 = 64;
+
+fn skip_reason(backing: &str) -> Option<String> {
+    common::skip_reason(backing, MIB / 2)
+}
+
+fn tmp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("vmm-unmap-{}-{name}", std::process::id()))
+}
+
+fn run_unmap(backing: &str) -> Value {
+    let json = tmp(&format!("{backing}.json"));
+    let o = Command::new(common::vmm_bin())
+        .args([
+            "run",
+            "--test-guest",
+            "unmap",
+            "--backing",
+            backing,
+            "--memory",
+            &format!("{MIB}M"),
+            "--serial",
+            "/dev/null",
+            "--timeout",
+            "120",
+            "--stats",
+            "--stats-json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("running vmm");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let report = common::read_json_or_null(&json);
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stdout.contains("checkpoints"),
+        "--stats shows the checkpoints:\n{stdout}"
+    );
+    report
+}
+
+fn phase(r: &Value, p: u64) -> &Value {
+    r["checkpoints"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["phase"].as_u64() == Some(p)))
+        .unwrap_or_else(|| panic!("no checkpoint {p} in {r:#}"))
+}
+
+fn check_split_and_collapse(backing: &str) {
+    if let Some(why) = skip_reason(backing) {
+        eprintln!("skip: {why}");
+        return;
+    }
+    let r = run_unmap(backing);
+    // The guest verified every kept byte and every given-back page.
+    assert_eq!(num(&r, &["report_totals", "mismatches"]), 0, "{r:#}");
+    assert_eq!(num(&r, &["report_totals", "nonzero_discarded"]), 0);
+    assert_eq!(num(&r, &["report_totals", "pages_discarded"]), K);
+    let frames = MIB / 2;
+
+    let (c1, c2, c3, c4, c5) = (
+        phase(&r, 1),
+        phase(&r, 2),
+        phase(&r, 3),
+        phase(&r, 4),
+        phase(&r, 5),
+    );
+    let kvm2m = |c: &Value| num(c, &["kvm", "pages_2m"]);
+    let mir2m = |c: &Value| num(c, &["mirror_pages_2m"]);
+    let base = kvm2m(c1);
+    assert!(
+        base >= frames - 2,
+        "phase 1: KVM maps {base} frames at 2M of {frames}"
+    );
+    // Give-back: exactly K frames lose their 2M mapping, the others keep it.
+    assert_eq!(kvm2m(c2), base - K, "after give-back: {r:#}");
+    assert_eq!(kvm2m(c3), base - K, "after the guest re-read everything");
+    assert_eq!(num(c2, &["frames", "small"]), K);
+    assert_eq!(num(c2, &["frames", "huge"]), frames - K);
+    // The mirror predicts the same drop.
+    assert_eq!(mir2m(c1) - mir2m(c2), K, "mirror: {r:#}");
+    let tol = num(&r, &["mirror", "tolerance_frames"]);
+    for c in [c1, c2, c3, c5] {
+        assert!(
+            kvm2m(c).abs_diff(mir2m(c)) <= tol,
+            "phase {}: KVM {} vs mirror {}",
+            c["phase"],
+            kvm2m(c),
+            mir2m(c)
+        );
+    }
+    // Take-back: still split until the collapser's pass at checkpoint 4.
+    assert_eq!(num(c4, &["frames", "small"]), K);
+    assert_eq!(num(c4, &["collapsed_after"]), K, "{r:#}");
+    assert_eq!(num(c5, &["frames", "small"]), 0);
+    assert_eq!(kvm2m(c5), base, "after take-back and collapse: {r:#}");
+    assert_eq!(mir2m(c5), mir2m(c1));
+
+    assert_eq!(num(&r, &["unmap", "frames_split"]), K);
+    assert_eq!(num(&r, &["unmap", "frames_collapsed"]), K);
+    assert_eq!(num(&r, &["unmap", "split_latency", "count"]), K);
+    let split_pauses = num(&r, &["unmap", "split_pause", "count"]);
+    match backing {
+        // hugetlb copies the kept pages with the vCPUs paused, once per split.
+        "hugetlb" => {
+            assert_eq!(split_pauses, K);
+            assert_eq!(num(&r, &["unmap", "collapse_pause", "count"]), K);
+        }
+        // thp: the kernel splits in place on the punch, no pause.
+        _ => assert_eq!(split_pauses, 0),
+    }
+    assert!(
+        r["unmap"]["collapse_rate_frames_per_s"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
+}
+
+#[test]
+fn unmap_k8_hugetlb_splits_exactly_k_frames_and_collapses_them() {
+    check_split_and_collapse("hugetlb");
+}
+
+#[test]
+fn unmap_k8_thp_splits_exactly_k_frames_and_collapses_them() {
+    check_split_and_collapse("thp");
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = Command::new(common::vmm_bin())
+        .arg("ctl")
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("running vmm ctl");
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn ctl_without_a_vm_says_which_socket_it_tried() {
+    let sock = tmp("absent.sock");
+    let (code, _, err) = ctl(&sock, &["stats"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("no VM is running"), "{err}");
+    assert!(err.contains(&sock.display().to_string()), "{err}");
+}
+
+#[test]
+fn api_socket_stats_pause_resume_stop_and_errors() {
+    if let Some(why) = skip_reason("hugetlb") {
+        eprintln!("skip: {why}");
+        return;
+    }
+    let sock = tmp("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    // A guest that runs long enough to be talked to; killed at the end.
+    let mut child = Command::new(common::vmm_bin())
+        .args([
+            "run",
+            "--test-guest",
+            "tlb",
+            "--guest-arg",
+            "accesses=1099511627776",
+            "--memory",
+            &format!("{MIB}M"),
+            "--serial",
+            "/dev/null",
+            "--timeout",
+            "60",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting vmm");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (code, out, err) = ctl(&sock, &["--json", "stats"]);
+        assert_eq!(code, Some(0), "{err}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["ok"], true);
+        assert_eq!(num(&v, &["frames", "huge"]), MIB / 2, "{v:#}");
+        assert!(v["kvm"]["pages_2m"].is_u64(), "{v:#}");
+        assert!(v["mirror"]["pages_2m"].is_u64(), "{v:#}");
+        assert_eq!(num(&v, &["pool", "capacity"]), MIB / 2);
+        assert_eq!(v["paused"], false);
+
+        let (code, _, err) = ctl(&sock, &["pause"]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, err) = ctl(&sock, &["pause"]);
+        assert_eq!(code, Some(1), "second pause must be refused");
+        assert!(err.contains("already paused"), "{err}");
+        let (_, out, _) = ctl(&sock, &["--json", "stats"]);
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["paused"], true);
+        let (code, _, err) = ctl(&sock, &["resume"]);
+        assert_eq!(code, Some(0), "{err}");
+        let (code, _, err) = ctl(&sock, &["resume"]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("not paused"), "{err}");
+
+        // A test guest has no balloon.
+        let (code, _, err) = ctl(&sock, &["balloon", "8M"]);
+        assert_eq!(code, Some(1));
+        assert!(err.contains("--balloon"), "{err}");
+        // Human-readable stats show KVM beside the mirror.
+        let (code, out, _) = ctl(&sock, &["stats"]);
+        assert_eq!(code, Some(0));
+        assert!(
+            out.contains("mirror predicts") && out.contains("pages_2m"),
+            "{out}"
+        );
+        // Stop: the VM ends with exit code 0 (not the timeout's 5) and removes the socket.
+        let (code, _, err) = ctl(&sock, &["stop"]);
+        assert_eq!(code, Some(0), "{err}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("waiting for vmm") {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let status = status.expect("vmm run still running 30 s after `vmm ctl stop`");
+        assert_eq!(status.code(), Some(0), "vmm run after ctl stop");
+        assert!(!sock.exists(), "the API socket outlived the VM");
+        let (code, _, err) = ctl(&sock, &["stats"]);
+        assert_eq!(code, Some(2), "no VM any more: {err}");
+        assert!(err.contains("no VM is running"), "{err}");
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&sock);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
