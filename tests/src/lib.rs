@@ -4,7 +4,8 @@
 //!   (built by `resources/setup-host.sh`);
 //! * [`host`]: what this host can do (VT-x/AMD-V or paravirtual KVM, free hugetlb pages);
 //! * [`vmm_bin`]: the `vmm` binary, built on demand, and running it;
-//! * [`json`]: numbers out of `vmm`'s JSON reports.
+//! * [`json`]: numbers out of `vmm`'s JSON reports;
+//! * [`linux_vm`]: a Linux test guest in the background, driven through `vmm ctl`.
 //!
 //! A test that needs something the host lacks prints `SKIP: <reason>` (see [`skip!`])
 //! and returns.
@@ -12,6 +13,7 @@
 pub mod host;
 pub mod images;
 pub mod json;
+pub mod linux_vm;
 pub mod vmm_bin;
 
 /// Print why a test does not run here and return from the test.
