@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare a host to run vmm and its tests. Run as root; idempotent, non-interactive.
 #
-#   sudo bash resources/setup-host.sh [--no-kernel] [--hugepages N]
+#   bash resources/setup-host.sh [--no-kernel] [--hugepages N]   (as root; else it re-runs itself with sudo)
 #
 # What it does:
 #   1. installs the Debian packages needed (only the missing ones);
@@ -44,12 +44,20 @@ while (($#)); do
     shift
 done
 [[ $HUGEPAGES =~ ^[0-9]+$ ]] || die "--hugepages wants a number, got '$HUGEPAGES'"
-[[ $(id -u) == 0 ]] || die "run as root (sudo bash $0 ...): it installs packages and sets /proc/sys/vm/nr_hugepages"
+if [[ $(id -u) != 0 ]]; then
+    # It installs packages and writes /proc/sys/vm/nr_hugepages: root only.
+    command -v sudo >/dev/null 2>&1 ||
+        die "run as root: it installs packages and sets /proc/sys/vm/nr_hugepages (no sudo here)"
+    log "not root: re-running with sudo"
+    again=(--hugepages "$HUGEPAGES")
+    ((KERNEL)) || again+=(--no-kernel)
+    exec sudo env VMM_CACHE_DIR="$CACHE" bash "${BASH_SOURCE[0]}" "${again[@]}"
+fi
 
 # 1. Packages. A C toolchain is needed to link Rust programs; the rest builds the test guest.
 pkgs=(build-essential)
 if ((KERNEL)); then
-    pkgs+=(linux-source-6.1 flex bison bc libelf-dev xz-utils busybox-static cpio gzip)
+    pkgs+=(linux-source-6.1 flex bison bc libelf-dev xz-utils busybox-static cpio gzip binutils)
 fi
 missing=()
 for p in "${pkgs[@]}"; do
