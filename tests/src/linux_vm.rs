@@ -142,7 +142,8 @@ impl LinuxVm {
 
     /// Poll the stats every `every` until `done(stats, at_init)` holds and return
     /// those stats; panics (with the console and stderr) when the VM ends or
-    /// `limit` passes first. `progress` names what is awaited in the 30 s log lines.
+    /// `limit` passes first. `what` names what is awaited, in messages and in the
+    /// progress lines printed every 30 s.
     pub fn wait_for(
         &mut self,
         what: &str,

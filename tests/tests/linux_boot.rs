@@ -40,7 +40,7 @@ fn linux_boots_to_init_on_hugetlb() {
     let kind = host_kind();
     let marker = match kind {
         HostKind::HardwareVirt => INIT_OK_MARKER,
-        HostKind::Paravirtual => RUN_INIT_MARKER,
+        HostKind::ParavirtShadow => RUN_INIT_MARKER,
     };
 
     let serial = std::env::temp_dir().join(format!("vmm-linux-boot-{}.log", std::process::id()));
@@ -87,7 +87,7 @@ fn linux_boots_to_init_on_hugetlb() {
         // /init's first system call fails here, the kernel panics ("Attempted to kill
         // init") and reboots (panic=-1): vmm reports the panic (3) or the reset (0),
         // never a timeout or an internal error.
-        HostKind::Paravirtual => assert!(
+        HostKind::ParavirtShadow => assert!(
             matches!(run.code(), Some(0 | 3)),
             "after {marker:?} vmm exited with {:?}, expected 0 or 3; stderr:\n{}",
             run.code(),

@@ -87,33 +87,9 @@ pub fn kvm_or_skip() -> bool {
     ok
 }
 
-/// A number (kB or pages) from `/proc/meminfo`.
-pub fn meminfo(key: &str) -> Option<u64> {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-/// Free 2M hugetlb pages, if the default huge page size is 2M (else 0).
+/// Free 2M hugetlb pages, as the VMM's allocator reads them (0 when unreadable).
 pub fn hugetlb_free() -> u64 {
-    if meminfo("Hugepagesize:") != Some(2048) {
-        return 0;
-    }
-    meminfo("HugePages_Free:").unwrap_or(0)
-}
-
-/// Whether shmem (memfd) THP is enabled in some mode.
-pub fn shmem_thp_enabled() -> bool {
-    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
-        .map(|s| {
-            ["[always]", "[advise]", "[within_size]", "[force]"]
-                .iter()
-                .any(|m| s.contains(m))
-        })
-        .unwrap_or(false)
+    guest_mem::backing::hugetlb_2m_counters(&guest_mem::HostPaths::default()).map_or(0, |c| c.free)
 }
 
 /// Why a run on `backing` cannot happen here, if it cannot: no KVM, fewer
@@ -132,10 +108,9 @@ pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
                 )
             })
         }
-        "thp" => (!shmem_thp_enabled()).then(|| {
-            "shmem THP disabled (echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled)"
-                .into()
-        }),
+        "thp" => guest_mem::backing::check_shmem_thp(&guest_mem::HostPaths::default())
+            .err()
+            .map(|e| e.to_string()),
         _ => None,
     }
 }
