@@ -55,14 +55,7 @@ impl HostRange {
                 0,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(GuestMemError::Mmap {
-                what: "guest RAM reservation",
-                addr: 0,
-                len: len as u64,
-                source: GuestMemError::last_os(),
-            });
-        }
+        let p = mapped(p, "guest RAM reservation", 0, len as u64)?;
         let start = p as usize;
         let base = (start + hp - 1) & !(hp - 1);
         let head = base - start;
@@ -148,14 +141,7 @@ impl HostRange {
                 fo,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(GuestMemError::Mmap {
-                what,
-                addr: addr as u64,
-                len,
-                source: GuestMemError::last_os(),
-            });
-        }
+        mapped(p, what, addr as u64, len)?;
         Ok(())
     }
 
@@ -176,14 +162,7 @@ impl HostRange {
                 0,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(GuestMemError::Mmap {
-                what,
-                addr: addr as u64,
-                len,
-                source: GuestMemError::last_os(),
-            });
-        }
+        mapped(p, what, addr as u64, len)?;
         // Best effort: keep anonymous filler out of THP so the host view stays exact.
         self.madvise(off, len, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
     }
@@ -287,9 +266,7 @@ impl TempMap {
                 fo,
             )
         };
-        if p == libc::MAP_FAILED {
-            return Err(err(GuestMemError::last_os()));
-        }
+        let p = mapped(p, what, 0, len)?;
         Ok(Self {
             addr: p as usize,
             len: l,
@@ -327,6 +304,25 @@ impl Drop for TempMap {
             libc::munmap(self.addr as *mut libc::c_void, self.len);
         }
     }
+}
+
+/// `mmap`'s result: `MAP_FAILED` becomes [`GuestMemError::Mmap`] with the errno
+/// (call it right after `mmap`, before anything else can change errno).
+fn mapped(
+    p: *mut libc::c_void,
+    what: &'static str,
+    addr: u64,
+    len: u64,
+) -> Result<*mut libc::c_void, GuestMemError> {
+    if p == libc::MAP_FAILED {
+        return Err(GuestMemError::Mmap {
+            what,
+            addr,
+            len,
+            source: GuestMemError::last_os(),
+        });
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
