@@ -287,27 +287,44 @@ pub fn run_exhaustive(s: &Scenario) -> Result<Report, InterleaveFailure> {
 fn dfs(w: World, path: &mut Vec<usize>, report: &mut Report) -> Result<(), InterleaveFailure> {
     let enabled = w.enabled_actors();
     if enabled.is_empty() {
-        if !w.all_done() {
-            return Err(InterleaveFailure {
-                schedule: path.clone(),
-                violation: InvariantViolation::new("deadlock: actors left, none enabled"),
-            });
-        }
-        report.add(&w.outcomes);
-        return Ok(());
+        return finish(&w, path, report);
     }
     for &i in &enabled {
         let mut next = w.clone();
-        next.step(i);
-        report.steps += 1;
-        path.push(i);
-        next.check().map_err(|violation| InterleaveFailure {
-            schedule: path.clone(),
-            violation,
-        })?;
+        step_checked(&mut next, i, path, report)?;
         dfs(next, path, report)?;
         path.pop();
     }
+    Ok(())
+}
+
+/// Step actor `i` of `w`, extend the schedule `path`, and check the invariants;
+/// a violation carries the schedule that led to it.
+fn step_checked(
+    w: &mut World,
+    i: usize,
+    path: &mut Vec<usize>,
+    report: &mut Report,
+) -> Result<(), InterleaveFailure> {
+    w.step(i);
+    report.steps += 1;
+    path.push(i);
+    w.check().map_err(|violation| InterleaveFailure {
+        schedule: path.clone(),
+        violation,
+    })
+}
+
+/// The end of a schedule (no actor enabled): every actor must have finished,
+/// else the schedule deadlocked; the outcomes are counted.
+fn finish(w: &World, path: &[usize], report: &mut Report) -> Result<(), InterleaveFailure> {
+    if !w.all_done() {
+        return Err(InterleaveFailure {
+            schedule: path.to_vec(),
+            violation: InvariantViolation::new("deadlock: actors left, none enabled"),
+        });
+    }
+    report.add(&w.outcomes);
     Ok(())
 }
 
@@ -326,21 +343,9 @@ pub fn run_random(s: &Scenario, seed: u64, schedules: u64) -> Result<Report, Int
                 break;
             }
             let i = enabled[rng.below(enabled.len() as u64) as usize];
-            w.step(i);
-            report.steps += 1;
-            path.push(i);
-            w.check().map_err(|violation| InterleaveFailure {
-                schedule: path.clone(),
-                violation,
-            })?;
+            step_checked(&mut w, i, &mut path, &mut report)?;
         }
-        if !w.all_done() {
-            return Err(InterleaveFailure {
-                schedule: path,
-                violation: InvariantViolation::new("deadlock: actors left, none enabled"),
-            });
-        }
-        report.add(&w.outcomes);
+        finish(&w, &path, &mut report)?;
     }
     Ok(report)
 }
