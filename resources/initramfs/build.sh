@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Build a busybox-static initramfs (cpio newc, gzip) for the test guest kernel.
 #
-#   bash resources/initramfs/build.sh [hello|spin]   # prints the image path as the last stdout line
+#   bash resources/initramfs/build.sh [hello|spin|memwork]   # prints the image path as the last stdout line
 #
 # Variants (the /init each one runs):
 #   hello  prints VMM-TEST-INIT-OK on the console, then `poweroff -f`.
+#   memwork  runs resources/initramfs/memwork.c (built static here): round after round it
+#          maps, writes, checks and unmaps 48 MiB while it watches MemTotal, until a
+#          balloon inflate and deflate have come and gone (MEMWORK-OK), then `poweroff -f`.
 #   spin   /init is a 2-instruction static ELF (`pause; jmp`) that spins at CPL3 and makes
 #          no system call, so the kernel keeps running (timer ticks, its kworkers, the
 #          virtio-balloon driver) until the VMM is stopped (`vmm ctl stop`). It prints
@@ -33,18 +36,27 @@ hello)
 poweroff -f'
     ;;
 spin) body='' ;;
-*) die "unknown variant '$VARIANT' (expected hello or spin)" ;;
+memwork)
+    body='/bin/memwork 48 600
+echo "MEMWORK-EXIT rc=$?"
+poweroff -f'
+    ;;
+*) die "unknown variant '$VARIANT' (expected hello, spin or memwork)" ;;
 esac
 
 # shellcheck source=../lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+[[ $VARIANT != memwork ]] || DEPS+=(gcc libc6-dev)
 ensure_packages "${DEPS[@]}"
 [[ $(id -u) == 0 ]] || die "needs root (to create /dev/console in the image)"
 
 busybox=/bin/busybox
 [[ -x $busybox ]] || die "$busybox not found (package busybox-static)"
 bb_version="$(dpkg-query -W -f='${Version}' busybox-static)"
-key="$(cat "${BASH_SOURCE[0]}" <(echo "$bb_version") | sha256sum | cut -c1-16)"
+MEMWORK_C="$(dirname "${BASH_SOURCE[0]}")/memwork.c"
+extra=""
+[[ $VARIANT != memwork ]] || extra="$(cat "$MEMWORK_C"; gcc --version | head -n1)"
+key="$(cat "${BASH_SOURCE[0]}" <(echo "$bb_version") <(echo "$extra") | sha256sum | cut -c1-16)"
 image="$CACHE/initramfs-$VARIANT-$key.cpio.gz"
 
 mkdir -p "$CACHE"
@@ -63,6 +75,9 @@ if [[ $VARIANT != spin ]]; then # spin needs no busybox: a small image unpacks f
     for applet in sh echo mount sleep poweroff cat; do
         ln -s busybox "$root/bin/$applet"
     done
+fi
+if [[ $VARIANT == memwork ]]; then
+    gcc -O2 -static -o "$root/bin/memwork" "$MEMWORK_C" || die "gcc -static memwork.c failed (packages gcc libc6-dev)"
 fi
 mknod -m 600 "$root/dev/console" c 5 1
 mknod -m 666 "$root/dev/null" c 1 3

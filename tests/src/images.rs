@@ -14,6 +14,9 @@ pub const KERNEL: &str = "VMM_TEST_KERNEL";
 pub const INITRD: &str = "VMM_TEST_INITRD";
 /// Initramfs whose /init spins at CPL3 without system calls (prints nothing).
 pub const INITRD_SPIN: &str = "VMM_TEST_INITRD_SPIN";
+/// Initramfs whose /init runs `memwork` (memory work across a balloon inflate and
+/// deflate, resources/initramfs/memwork.c), then powers off.
+pub const INITRD_MEMWORK: &str = "VMM_TEST_INITRD_MEMWORK";
 
 /// Printed by the `hello` initramfs's /init.
 pub const INIT_OK_MARKER: &str = "VMM-TEST-INIT-OK";
@@ -40,8 +43,8 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
-/// The path of image `name` (one of [`KERNEL`], [`INITRD`], [`INITRD_SPIN`]), or why
-/// there is none.
+/// The path of image `name` (one of [`KERNEL`], [`INITRD`], [`INITRD_SPIN`],
+/// [`INITRD_MEMWORK`], or the L1 host image directory), or why there is none.
 pub fn image(name: &str) -> Result<PathBuf, String> {
     let (path, from) = match std::env::var(name) {
         Ok(v) if !v.is_empty() => (PathBuf::from(v), format!("${name}")),
@@ -60,7 +63,7 @@ pub fn image(name: &str) -> Result<PathBuf, String> {
             (PathBuf::from(v), env_file.display().to_string())
         }
     };
-    if path.is_file() {
+    if path.is_file() || path.is_dir() {
         Ok(path)
     } else {
         Err(format!(

@@ -5,7 +5,8 @@
 //! * [`host`]: what this host can do (VT-x/AMD-V or paravirtual KVM, free hugetlb pages);
 //! * [`vmm_bin`]: the `vmm` binary, built on demand, and running it;
 //! * [`json`]: numbers out of `vmm`'s JSON reports;
-//! * [`linux_vm`]: a Linux test guest in the background, driven through `vmm ctl`.
+//! * [`linux_vm`]: a Linux test guest in the background, driven through `vmm ctl`;
+//! * [`l1host`]: the emulated AMD-V + NPT host (QEMU TCG): run `vmm` commands on KVM's TDP MMU.
 //!
 //! A test that needs something the host lacks prints `SKIP: <reason>` (see [`skip!`])
 //! and returns.
@@ -13,6 +14,7 @@
 pub mod host;
 pub mod images;
 pub mod json;
+pub mod l1host;
 pub mod linux_vm;
 pub mod vmm_bin;
 
