@@ -137,6 +137,13 @@ impl VcpuControl {
         }
     }
 
+    /// Kick every vCPU out of `KVM_RUN` once (it runs again at once unless
+    /// paused or stopped): to make each vCPU thread look at its vCPU.
+    pub fn kick(&self) {
+        let st = self.lock();
+        self.kick_all(&st);
+    }
+
     /// Stop every vCPU for good and wait until all threads left the guest.
     pub fn stop(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;

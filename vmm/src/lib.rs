@@ -12,6 +12,7 @@ pub mod cpuid;
 pub mod devices;
 pub mod emulation;
 pub mod exit_code;
+pub mod halt;
 pub mod host;
 pub mod machine;
 pub mod mirror;

@@ -12,6 +12,7 @@ use crate::balloon_backend::BalloonDevice;
 use crate::collapser::Collapser;
 use crate::control::VcpuControl;
 use crate::devices::serial::{SerialDevice, SerialFlags};
+use crate::halt::HaltWatch;
 use crate::host::HostInfo;
 use crate::mirror::{self, MirrorContext};
 use crate::outcome::Outcome;
@@ -63,6 +64,8 @@ pub struct Checkpoint {
 pub struct Machine {
     /// Pause / stop of the vCPU threads.
     pub control: VcpuControl,
+    /// The probe for a guest that halted for good (Linux guests).
+    pub halt: HaltWatch,
     /// COM1.
     pub serial: Mutex<SerialDevice>,
     /// What the serial watcher saw.
@@ -131,6 +134,7 @@ impl Machine {
         let mem = p.ram.memory();
         Machine {
             control: VcpuControl::new(p.vcpus),
+            halt: HaltWatch::new(p.vcpus),
             serial: Mutex::new(p.serial),
             serial_flags: p.serial_flags,
             mem,

@@ -7,6 +7,9 @@ use crate::exit_code;
 pub enum Outcome {
     /// The guest asked for a reset / power-off (i8042 reset, orderly reboot).
     Reset,
+    /// The guest halted for good: every vCPU in `hlt` with interrupts off (a
+    /// kernel's power-off without a power-off method). The text says what was seen.
+    Halted(String),
     /// A test guest exited with this status (0 = success).
     TestExit(u64),
     /// A test guest took an unexpected exception.
@@ -36,7 +39,9 @@ impl Outcome {
     /// The process exit code (table in [`exit_code`]).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::Reset | Outcome::TestExit(0) | Outcome::Stopped => exit_code::OK,
+            Outcome::Reset | Outcome::Halted(_) | Outcome::TestExit(0) | Outcome::Stopped => {
+                exit_code::OK
+            }
             Outcome::TestExit(_) | Outcome::TestFault { .. } => exit_code::TEST_FAILURE,
             Outcome::GuestPanic(_) => exit_code::GUEST_PANIC,
             Outcome::Internal(_) => exit_code::INTERNAL,
@@ -48,6 +53,7 @@ impl Outcome {
     pub fn describe(&self) -> String {
         match self {
             Outcome::Reset => "guest reset / powered off".into(),
+            Outcome::Halted(why) => format!("guest halted for good: {why}"),
             Outcome::TestExit(0) => "test guest reported success".into(),
             Outcome::TestExit(s) => format!("test guest reported failure (status {s:#x})"),
             Outcome::TestFault {
@@ -74,6 +80,7 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_table() {
         assert_eq!(Outcome::Reset.exit_code(), 0);
+        assert_eq!(Outcome::Halted("x".into()).exit_code(), 0);
         assert_eq!(Outcome::TestExit(0).exit_code(), 0);
         assert_eq!(Outcome::TestExit(1).exit_code(), 4);
         assert_eq!(Outcome::GuestPanic("x".into()).exit_code(), 3);

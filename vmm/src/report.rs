@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::balloon_backend::BalloonStatus;
 use crate::cli::RunArgs;
+use crate::devices::console::ConsoleStats;
 use crate::machine::{Checkpoint, Machine, Report};
 use crate::mirror::{self, Prediction};
 use crate::outcome::Outcome;
@@ -67,6 +68,8 @@ pub struct RunReport {
     pub balloon: Option<BalloonStatus>,
     /// Splits and collapses: counts, latencies, pause times, collapse rate.
     pub unmap: UnmapMetrics,
+    /// The guest console: bytes written out and dropped (slow or gone reader).
+    pub console: ConsoleStats,
     #[serde(skip)]
     outcome_value: Option<Outcome>,
 }
@@ -136,6 +139,7 @@ pub fn collect(
         host_memory_end,
         balloon,
         unmap: m.unmap.snapshot(),
+        console: ConsoleStats::default(),
         outcome_value: Some(outcome),
     }
 }

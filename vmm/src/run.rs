@@ -17,9 +17,11 @@ use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
 use crate::cli::RunArgs;
 use crate::collapser::{Collapser, CollapserConfig};
+use crate::devices::console::{self, Console};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
 use crate::devices::virtio_balloon::BalloonError;
 use crate::exit_code;
+use crate::halt::HaltTracker;
 use crate::host::{HostInfo, PV_CLEARCPUID};
 use crate::machine::{GuestKind, Machine, MachineParts};
 use crate::mirror;
@@ -34,6 +36,10 @@ use crate::vm::{self, Vm, VmError};
 const PANIC_GRACE: Duration = Duration::from_secs(2);
 /// How long the vCPU threads get to stop.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the console's reader gets to take the last bytes at the end.
+const CONSOLE_DRAIN: Duration = Duration::from_secs(5);
+/// How often a Linux guest is probed for a halt for good ([`crate::halt`]).
+const HALT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Errors before the guest runs.
 #[derive(Debug, thiserror::Error)]
@@ -154,14 +160,21 @@ fn check_args(a: &RunArgs) -> Result<(), RunError> {
     Ok(())
 }
 
-fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<SerialOut, RunError> {
+/// The serial console's sink: `--serial` (stdout or a file) behind a
+/// [`Console`] buffer, so a slow or gone reader never blocks a vCPU.
+fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
     let out: Box<dyn Write + Send> = if a.serial == "stdout" {
         Box::new(std::io::stdout())
     } else {
         let path = PathBuf::from(&a.serial);
         Box::new(File::create(&path).map_err(|source| RunError::SerialFile { path, source })?)
     };
-    Ok(SerialOut::new(out, flags))
+    let (console, writer) =
+        Console::spawn(out, console::DEFAULT_CAPACITY).map_err(|source| RunError::Os {
+            what: "spawning the console writer thread",
+            source,
+        })?;
+    Ok((SerialOut::new(Box::new(writer), flags), console))
 }
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.
@@ -255,7 +268,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         what: "cloning the serial irq eventfd",
         source,
     })?;
-    let serial_dev = serial::new_serial(irq_clone, serial_sink(args, flags.clone())?);
+    let (serial_out, console) = serial_sink(args, flags.clone())?;
+    let serial_dev = serial::new_serial(irq_clone, serial_out);
 
     let stats = match KvmStats::open(&vm.fd) {
         Ok(s) => Some(s),
@@ -369,10 +383,19 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}");
     }
     let elapsed = started.elapsed();
-    if let Err(e) = machine.serial().writer_mut().flush() {
-        log::warn!("flushing the serial output failed: {e}");
+    let console_stats = console.finish(CONSOLE_DRAIN);
+    if console_stats.bytes_dropped > 0 {
+        log::warn!(
+            "guest console: {} bytes dropped (reader too slow or gone{})",
+            console_stats.bytes_dropped,
+            console_stats
+                .error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
     }
-    let rep = report::collect(
+    let mut rep = report::collect(
         &machine,
         &vm,
         args,
@@ -381,6 +404,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         elapsed,
         host_memory_start,
     );
+    rep.console = console_stats;
     drop(vm);
     Ok(rep)
 }
@@ -400,6 +424,8 @@ pub fn collapser_config(a: &RunArgs) -> CollapserConfig {
 
 fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {
     let mut panic_seen: Option<Instant> = None;
+    let mut halt = HaltTracker::default();
+    let mut next_probe = Instant::now() + HALT_PROBE_INTERVAL;
     loop {
         if let Some(o) = m.wait_outcome(Duration::from_millis(50)) {
             return o;
@@ -418,6 +444,25 @@ fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {
                 ));
             }
         }
+        if m.kind == GuestKind::Linux && Instant::now() >= next_probe {
+            next_probe = Instant::now() + HALT_PROBE_INTERVAL;
+            if halt.step(&m.halt, || m.control.kick()) {
+                m.finish(Outcome::Halted(halt_reason(m)));
+            }
+        }
+    }
+}
+
+/// What the VMM saw of a guest that halted for good.
+fn halt_reason(m: &Machine) -> String {
+    let all = "every vCPU executes hlt with interrupts disabled";
+    if m.serial_flags.halting.load(Ordering::SeqCst) {
+        format!(
+            "the kernel printed `{}` (a power-off without a power-off method) and {all}",
+            serial::HALT_MARKER
+        )
+    } else {
+        all.to_string()
     }
 }
 

@@ -51,8 +51,23 @@ pub fn run_vcpu(index: usize, mut vcpu: VcpuFd, m: Arc<Machine>) {
             m.finish(o);
             break;
         }
+        if let Some(generation) = m.halt.wanted(index) {
+            m.halt
+                .answer(index, generation, halted_for_good(index, &vcpu));
+        }
     }
     m.control.thread_exited(index);
+}
+
+/// Whether this vCPU sits in `hlt` with interrupts off ([`crate::halt`]).
+fn halted_for_good(index: usize, vcpu: &VcpuFd) -> bool {
+    match (vcpu.get_mp_state(), vcpu.get_regs()) {
+        (Ok(mp), Ok(regs)) => crate::halt::halted_for_good(mp.mp_state, regs.rflags),
+        (Err(e), _) | (_, Err(e)) => {
+            log::debug!("vCPU {index}: reading its state for the halt probe failed: {e}");
+            false
+        }
+    }
 }
 
 /// A failed `KVM_RUN` (other than the cases a caller handles itself):

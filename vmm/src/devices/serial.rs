@@ -1,5 +1,7 @@
 //! The 16550 UART at 0x3f8 (vm-superio) with its interrupt on IRQ 4 through an
-//! irqfd, and a watcher of the output for the guest's panic and reboot lines.
+//! irqfd, and a watcher of the output for the guest's panic, reboot and halt
+//! lines. The bytes go on to a [`super::console::ConsoleWriter`] in `vmm run`,
+//! which never blocks the vCPU.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,6 +21,8 @@ pub const COM1_IRQ: u32 = 4;
 pub const PANIC_MARKER: &str = "Kernel panic";
 /// Lines Linux prints on an orderly restart / power-off.
 pub const REBOOT_MARKERS: [&str; 2] = ["reboot: Restarting system", "reboot: Power down"];
+/// Line Linux prints when it halts (a power-off without a power-off method).
+pub const HALT_MARKER: &str = "reboot: System halted";
 
 /// An `EventFd` raising the UART's interrupt.
 #[derive(Debug)]
@@ -38,6 +42,8 @@ pub struct SerialFlags {
     pub panicked: AtomicBool,
     /// An orderly restart / power-off line appeared.
     pub rebooting: AtomicBool,
+    /// The kernel said it halts ([`HALT_MARKER`]).
+    pub halting: AtomicBool,
 }
 
 /// The serial sink: forwards bytes and scans each line for markers.
@@ -72,6 +78,9 @@ impl SerialOut {
         }
         if REBOOT_MARKERS.iter().any(|m| text.contains(m)) {
             self.flags.rebooting.store(true, Ordering::SeqCst);
+        }
+        if text.contains(HALT_MARKER) {
+            self.flags.halting.store(true, Ordering::SeqCst);
         }
         self.line.clear();
     }
@@ -126,6 +135,9 @@ mod tests {
         assert!(!flags.rebooting.load(Ordering::SeqCst));
         o.write_all(b"reboot: Restarting system\n").unwrap();
         assert!(flags.rebooting.load(Ordering::SeqCst));
+        assert!(!flags.halting.load(Ordering::SeqCst));
+        o.write_all(b"[ 9.9] reboot: System halted\n").unwrap();
+        assert!(flags.halting.load(Ordering::SeqCst));
     }
 
     #[test]
