@@ -3,9 +3,12 @@
 
 use std::fs;
 
-/// The kernel command-line entries that hide instructions the paravirtual
-/// host's emulator cannot run (see docs/PLATFORM notes).
-pub const PV_CLEARCPUID: &str = "clearcpuid=smap,smep,umip,cx16,xsave,popcnt";
+/// The kernel command-line entries a paravirtual, shadow-paging host needs:
+/// `clearcpuid` hides instructions its emulator cannot run, and `nolapic_timer`
+/// keeps the kernel on the PIT (the boot-time LAPIC timer calibration runs at
+/// emulated CPL0 there). On VT-x/AMD-V hosts the LAPIC timer is kept: with the
+/// PIT alone a nested guest was seen to wait forever for a timer tick.
+pub const PV_CMDLINE: &str = "nolapic_timer clearcpuid=smap,smep,umip,cx16,xsave,popcnt";
 
 /// What kind of KVM this host offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -61,6 +64,15 @@ impl HostInfo {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_paravirtual_hosts_lose_the_lapic_timer() {
+        let hw = crate::boot::linux::DEFAULT_CMDLINE;
+        assert!(!hw.contains("nolapic_timer"), "{hw}");
+        assert!(PV_CMDLINE.contains("nolapic_timer"));
+        assert!(PV_CMDLINE.contains("clearcpuid="));
+    }
+
     use super::*;
 
     #[test]

@@ -22,7 +22,7 @@ use crate::devices::serial::{self, SerialFlags, SerialOut};
 use crate::devices::virtio_balloon::BalloonError;
 use crate::exit_code;
 use crate::halt::HaltTracker;
-use crate::host::{HostInfo, PV_CLEARCPUID};
+use crate::host::{HostInfo, PV_CMDLINE};
 use crate::machine::{GuestKind, Machine, MachineParts};
 use crate::mirror;
 use crate::outcome::Outcome;
@@ -222,7 +222,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             let kernel = args.kernel.clone().ok_or_else(|| {
                 RunError::Usage("either --kernel or --test-guest is required".into())
             })?;
-            let extra = host.needs_emulator_workarounds().then_some(PV_CLEARCPUID);
+            let extra = host.needs_emulator_workarounds().then_some(PV_CMDLINE);
             let user = match (args.balloon, args.cmdline.as_deref()) {
                 (true, Some(c)) => Some(format!("{} {c}", BALLOON_SLOT.cmdline_arg())),
                 (true, None) => Some(BALLOON_SLOT.cmdline_arg()),

@@ -29,7 +29,7 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Default command line.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 \
-reboot=t noapic nolapic_timer tsc=reliable lpj=1000000 init_on_alloc=0";
+reboot=t noapic tsc=reliable lpj=1000000 init_on_alloc=0";
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
