@@ -1,6 +1,8 @@
 //! Bad input and missing host prerequisites: every error is produced and its
 //! message checked for what to do.
 
+mod common;
+
 use guest_mem::{
     Backing, FrameView, GuestMemError, GuestRam, GuestRamConfig, HostPaths, NoVcpus, HPAGE_SIZE,
 };
@@ -148,7 +150,7 @@ fn hugetlb_pool_too_small_strict_errors_default_falls_back() {
         .map(|m| m.available())
         .unwrap_or(0);
     if real < 2 + 8 {
-        eprintln!("skip fallback half: host has {real} free 2M pages");
+        common::skip(&format!("fallback half: host has {real} free 2M pages"));
         std::fs::remove_dir_all(paths.sys).unwrap();
         return;
     }

@@ -21,11 +21,13 @@ fn thp_whole_frame_discard_then_refill_stays_small_on_the_host() {
     .expect("thp guest RAM");
     ram.populate_all().expect("populate");
     let Some(before) = pmd_mapped_frames(ram.host_addr(), frames).expect("pagemap") else {
-        eprintln!("skip: PAGEMAP_SCAN is not available on this kernel");
+        common::skip("PAGEMAP_SCAN is not available on this kernel");
         return;
     };
     if !before[1] {
-        eprintln!("skip: the kernel did not back frame 1 with a huge page ({before:?})");
+        common::skip(&format!(
+            "the kernel did not back frame 1 with a huge page ({before:?})"
+        ));
         return;
     }
     ram.discard(HPAGE_SIZE, HPAGE_SIZE, &NoVcpus)

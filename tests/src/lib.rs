@@ -18,11 +18,25 @@ pub mod l1host;
 pub mod linux_vm;
 pub mod vmm_bin;
 
-/// Print why a test does not run here and return from the test.
+/// Set (by `.ci/run`) where every host kind the tests need is provided: a test that
+/// would skip fails instead.
+pub const NO_SKIP_ENV: &str = "VMM_TEST_NO_SKIP";
+
+/// Say why a test does not run here (`SKIP: <reason>` on stderr), or fail the test
+/// when [`NO_SKIP_ENV`] is set.
+pub fn skip_here(reason: &str) {
+    if std::env::var_os(NO_SKIP_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("this test would skip, and {NO_SKIP_ENV} forbids skips: {reason}");
+    }
+    eprintln!("SKIP: {reason}");
+}
+
+/// Print why a test does not run here and return from the test ([`skip_here`]:
+/// a failure where skips are forbidden).
 #[macro_export]
 macro_rules! skip {
     ($($arg:tt)*) => {{
-        eprintln!("SKIP: {}", format_args!($($arg)*));
+        $crate::skip_here(&format!($($arg)*));
         return;
     }};
 }

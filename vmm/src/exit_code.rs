@@ -1,6 +1,6 @@
 //! Documented process exit codes of `vmm run`.
 
-/// Guest powered off / reset, or a test guest reported success.
+/// Guest powered off, reset or halted for good, or a test guest reported success.
 pub const OK: i32 = 0;
 /// Internal VMM error.
 pub const INTERNAL: i32 = 1;
@@ -15,7 +15,7 @@ pub const TIMEOUT: i32 = 5;
 
 /// The table printed by `vmm run --help`.
 pub const TABLE: &str = "Exit codes:
-  0  guest powered off / reset, or test guest reported success
+  0  guest powered off, reset or halted for good, or test guest reported success
   1  internal VMM error
   2  bad input (CLI, files, host prerequisites)
   3  guest panic (Linux panic marker / triple fault / unhandled emulation failure)

@@ -36,7 +36,7 @@ fn bench(extra: &[&str]) -> (Option<i32>, String, String) {
 
 fn tiny(backing: &str, native: bool) -> Option<Value> {
     if let Some(why) = skip_reason(backing) {
-        eprintln!("skipping bench smoke for {backing}: {why}");
+        common::skip(&format!("bench smoke for {backing}: {why}"));
         return None;
     }
     let json = tmp(&format!("{backing}.json"));

@@ -71,7 +71,7 @@ fn run_guest(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Run 
 /// Run the guest, or `None` (after saying why) when the host cannot.
 fn run_or_skip(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Option<Run> {
     if let Some(why) = skip_reason(backing, memory_mib) {
-        eprintln!("skip: {why}");
+        common::skip(&why);
         return None;
     }
     Some(run_guest(name, backing, memory_mib, extra))

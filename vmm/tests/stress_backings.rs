@@ -51,7 +51,9 @@ fn stress(backing: &str) {
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     if o.status.code() == Some(2) {
-        eprintln!("skip: the host cannot run --backing {backing}: {stderr}");
+        common::skip(&format!(
+            "the host cannot run --backing {backing}: {stderr}"
+        ));
         return;
     }
     assert_eq!(

@@ -34,7 +34,7 @@ fn broken(bug: &str, dir: &Path) -> Option<(Output, PathBuf)> {
         r,
     ]);
     if o.status.code() == Some(2) {
-        eprintln!("skip: {}", text(&o));
+        common::skip(&text(&o));
         return None;
     }
     Some((o, replay))

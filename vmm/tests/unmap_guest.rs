@@ -78,7 +78,7 @@ fn phase(r: &Value, p: u64) -> &Value {
 
 fn check_split_and_collapse(backing: &str) {
     if let Some(why) = skip_reason(backing) {
-        eprintln!("skip: {why}");
+        common::skip(&why);
         return;
     }
     let r = run_unmap(backing);
@@ -184,7 +184,7 @@ fn ctl_without_a_vm_says_which_socket_it_tried() {
 #[test]
 fn api_socket_stats_pause_resume_stop_and_errors() {
     if let Some(why) = skip_reason("hugetlb") {
-        eprintln!("skip: {why}");
+        common::skip(&why);
         return;
     }
     let sock = tmp("api.sock");

@@ -8,23 +8,36 @@ use vm_memory::{Bytes, GuestAddress};
 
 pub const PPH: usize = 512;
 
+/// Set (by `.ci/run`) where every host kind the tests need is provided: a test
+/// that would skip fails instead.
+pub const NO_SKIP_ENV: &str = "VMM_TEST_NO_SKIP";
+
+/// Say why a test does not run here (`skip: <reason>` on stderr), or fail it
+/// when [`NO_SKIP_ENV`] is set.
+pub fn skip(reason: &str) {
+    if std::env::var_os(NO_SKIP_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("this test would skip, and {NO_SKIP_ENV} forbids skips: {reason}");
+    }
+    eprintln!("skip: {reason}");
+}
+
 /// Whether the host has `need` free 2M hugetlb pages (plus a margin for the
 /// other users of the shared pool); prints the reason when it has not.
 pub fn hugetlb_available(need: u64) -> bool {
     match read_meminfo() {
         Ok(m) if m.available() >= need + 8 => true,
         Ok(m) => {
-            eprintln!(
-                "skip: need {} free 2M hugetlb pages, host has {} (HugePages_Free {} - Rsvd {})",
+            skip(&format!(
+                "need {} free 2M hugetlb pages, host has {} (HugePages_Free {} - Rsvd {})",
                 need + 8,
                 m.available(),
                 m.free,
                 m.rsvd
-            );
+            ));
             false
         }
         Err(e) => {
-            eprintln!("skip: no hugetlb on this host: {e}");
+            skip(&format!("no hugetlb on this host: {e}"));
             false
         }
     }
@@ -35,7 +48,7 @@ pub fn shmem_thp_available() -> bool {
     match guest_mem::backing::check_shmem_thp(&Default::default()) {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("skip: {e}");
+            skip(&e.to_string());
             false
         }
     }

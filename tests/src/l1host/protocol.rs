@@ -52,13 +52,22 @@ pub fn parse(tag: &str, text: &str) -> Transcript {
     let mut out = String::new();
     for raw in text.split('\n') {
         let line = raw.trim_end_matches('\r');
-        let Some(rest) = line.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) else {
+        // A marker may follow output that did not end its last line.
+        let marker = line
+            .match_indices(tag)
+            .map(|(at, _)| at)
+            .find(|&at| line[at + tag.len()..].starts_with(' '));
+        let Some(at) = marker else {
             if t.running.is_some() {
                 out.push_str(line);
                 out.push('\n');
             }
             continue;
         };
+        if t.running.is_some() {
+            out.push_str(&line[..at]);
+        }
+        let rest = &line[at + tag.len() + 1..];
         let (word, arg) = rest.split_once(' ').unwrap_or((rest, ""));
         match word {
             "BOOTED" => t.booted = true,
@@ -121,7 +130,11 @@ mod tests {
         assert!(t.result("b").is_none());
         let t = parse("T1", &format!("{text}\nT1 END b rc=137 secs=9\nT1 DONE\n"));
         assert_eq!(t.result("b").unwrap().rc, 137);
+        assert_eq!(t.result("b").unwrap().output, "half\n");
         assert!(t.done);
+        // Output without a final newline: the marker follows on the same line.
+        let t = parse("T1", "T1 BEGIN c\n{\"a\": 1}T1 END c rc=0 secs=1\n");
+        assert_eq!(t.result("c").unwrap().output, "{\"a\": 1}");
         // Another batch's tag is not ours.
         assert!(!parse("T2", text).booted);
     }

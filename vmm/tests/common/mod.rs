@@ -77,12 +77,25 @@ pub fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// Set (by `.ci/run`) where every host kind the tests need is provided: a test
+/// that would skip fails instead.
+pub const NO_SKIP_ENV: &str = "VMM_TEST_NO_SKIP";
+
+/// Say why a test does not run here (`skip: <reason>` on stderr), or fail it
+/// when [`NO_SKIP_ENV`] is set.
+pub fn skip(reason: &str) {
+    if std::env::var_os(NO_SKIP_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        panic!("this test would skip, and {NO_SKIP_ENV} forbids skips: {reason}");
+    }
+    eprintln!("skip: {reason}");
+}
+
 /// `true` if KVM is usable; otherwise prints why the test skips and
 /// returns `false`.
 pub fn kvm_or_skip() -> bool {
     let ok = kvm_usable();
     if !ok {
-        eprintln!("skip: /dev/kvm is not usable here");
+        skip("/dev/kvm is not usable here");
     }
     ok
 }

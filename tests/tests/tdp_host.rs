@@ -1,0 +1,373 @@
+//! Tests on the emulated hardware-virtualization host: KVM with AMD-V + NPT (the TDP
+//! MMU, what every real user runs) inside QEMU in software mode
+//! (`integration_tests::l1host`). One L1 boot runs every command of this file in a
+//! batch; each test checks its own command's result.
+//!
+//! Host kinds: the emulated AMD-V + NPT host only (QEMU TCG runs on any x86-64
+//! machine: /dev/kvm is not needed outside). Timings inside the emulator mean
+//! nothing: these tests check what KVM maps, guest behaviour and exit codes.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use integration_tests::images::{self, INITRD, INITRD_MEMWORK, INIT_OK_MARKER, KERNEL};
+use integration_tests::l1host::{self, Batch, BatchOutcome, CommandResult, Image, Mode};
+use integration_tests::skip;
+use integration_tests::vmm_bin::{tail, vmm_bin};
+use serde_json::Value;
+
+/// Separates a command's own output from the JSON report it prints at its end.
+const JSON_MARK: &str = "@@JSON";
+
+/// A `vmm` command line that writes `--stats-json` and prints it after [`JSON_MARK`],
+/// keeping vmm's exit code.
+fn with_report(id: &str, vmm_args: &str) -> String {
+    let json = format!("/tmp/{id}.json");
+    format!(
+        "/bin/vmm {vmm_args} --stats-json {json}; rc=$?; echo {JSON_MARK}; cat {json}; exit $rc"
+    )
+}
+
+/// Waits (in L1's shell) for `$1` on the guest console file `$C`, at most 300 s.
+const WAIT_CONSOLE: &str = r#"wait_console() { i=0; while ! grep -q "$1" "$C" 2>/dev/null; do i=$((i+1)); if [ $i -gt 600 ]; then echo "TIMEOUT waiting for $1 on the console"; return 1; fi; if ! kill -0 $pid 2>/dev/null; then echo "vmm ended while waiting for $1"; return 1; fi; sleep 0.5; done; }"#;
+/// Waits for `$1` in `vmm ctl --json stats`, at most 300 s.
+const WAIT_STATS: &str = r#"wait_stats() { i=0; while ! /bin/vmm ctl --api-socket "$S" --json stats 2>/dev/null | grep -q "$1"; do i=$((i+1)); if [ $i -gt 600 ]; then echo "TIMEOUT waiting for $1 in the stats"; /bin/vmm ctl --api-socket "$S" --json stats; return 1; fi; sleep 0.5; done; }"#;
+
+/// The balloon scenario: boot with a 32M balloon, let `memwork` start, inflate to
+/// 64M while it works, deflate to 0, let it finish and power off.
+fn balloon_script() -> String {
+    [
+        "C=/tmp/balloon.console S=/tmp/balloon.sock",
+        WAIT_CONSOLE,
+        WAIT_STATS,
+        "/bin/vmm run --kernel /images/vmlinux --initrd /images/memwork.cpio.gz --memory 256M \
+         --backing hugetlb --balloon --balloon-target 32M --api-socket $S --serial $C \
+         --collapse-interval-ms 200 --timeout 500 --stats-json /tmp/balloon.json 2>/tmp/balloon.err & pid=$!",
+        "wait_console MEMWORK-START && /bin/vmm ctl --api-socket $S balloon 64M \
+         && wait_stats '\"actual_pages\":16384' && echo inflated-64M-while-working \
+         && /bin/vmm ctl --api-socket $S balloon 0 && wait_stats '\"actual_pages\":0,' \
+         && echo deflated-to-0",
+        "wait $pid; rc=$?",
+        "echo --- vmm stderr; tail -n 20 /tmp/balloon.err",
+        "echo --- console; cat $C",
+        &format!("echo {JSON_MARK}; cat /tmp/balloon.json; exit $rc"),
+    ]
+    .join("\n")
+}
+
+/// Everything this file runs on L1, by command id (`VMM_L1_ONLY=id,id` keeps only
+/// those: for a developer re-running one test's command).
+fn plan() -> Batch {
+    let mut b = Batch::default();
+    let tg = |name: &str, backing: &str| {
+        format!("run --test-guest {name} --backing {backing} --memory 256M --stats")
+    };
+    b.command(
+        "linux-hello",
+        300,
+        Mode::Console,
+        // stdout (the guest console) on L1's own slow serial console; the report on stderr.
+        format!(
+            "/bin/vmm run --kernel /images/vmlinux --initrd /images/hello.cpio.gz --memory 256M \
+             --backing hugetlb --timeout 280 --stats-json /tmp/lh.json; rc=$?; echo {JSON_MARK} >&2; \
+             cat /tmp/lh.json >&2; exit $rc"
+        ),
+    );
+    b.command(
+        "hello-hugetlb",
+        120,
+        Mode::Capture,
+        with_report("hello-hugetlb", &tg("hello", "hugetlb")),
+    );
+    for backing in ["hugetlb", "thp"] {
+        let id = format!("verify-{backing}");
+        b.command(
+            &id,
+            180,
+            Mode::Capture,
+            with_report(&id, &tg("verify", backing)),
+        );
+        let id = format!("unmap-{backing}");
+        b.command(
+            &id,
+            180,
+            Mode::Capture,
+            with_report(&id, &tg("unmap", backing)),
+        );
+    }
+    b.command("balloon-memwork", 600, Mode::Capture, balloon_script());
+    for backing in ["hugetlb", "thp"] {
+        let id = format!("stress-{backing}");
+        b.command(
+            &id,
+            240,
+            Mode::Capture,
+            format!(
+                "/bin/vmm stress --backing {backing} --memory 128M --vcpus 1 --seconds 20 --seed 5 \
+                 --quiesce-every 4 --json /tmp/{id}.json; rc=$?; echo {JSON_MARK}; cat /tmp/{id}.json; exit $rc"
+            ),
+        );
+    }
+    if let Ok(only) = std::env::var("VMM_L1_ONLY") {
+        let keep: Vec<&str> = only.split(',').map(str::trim).collect();
+        b.commands.retain(|c| keep.contains(&c.id.as_str()));
+    }
+    b
+}
+
+/// The batch's outcome (run once for all tests of this file), or why it cannot run here.
+fn batch() -> Result<&'static BatchOutcome, String> {
+    static BATCH: OnceLock<Result<BatchOutcome, String>> = OnceLock::new();
+    BATCH
+        .get_or_init(|| {
+            let img = Image::locate()?;
+            let mut b = plan();
+            let file = |name: &str| images::image(name).map_err(|e| format!("guest image: {e}"));
+            b.file("/images/vmlinux", file(KERNEL)?);
+            b.file("/images/hello.cpio.gz", file(INITRD)?);
+            b.file("/images/memwork.cpio.gz", file(INITRD_MEMWORK)?);
+            let vmm: PathBuf = vmm_bin();
+            eprintln!(
+                "booting the emulated AMD-V + NPT host for {} commands (deadline {} s)",
+                b.commands.len(),
+                b.deadline().as_secs()
+            );
+            let out = l1host::run(&img, &vmm, &b).map_err(|e| e.to_string())?;
+            eprintln!(
+                "L1 batch: {:.0} s wall, complete {}",
+                out.wall.as_secs_f64(),
+                out.complete()
+            );
+            Ok(out)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Command `id`'s result; fails with the batch's diagnosis when it did not run.
+fn result<'a>(out: &'a BatchOutcome, id: &str) -> &'a CommandResult {
+    out.transcript
+        .result(id)
+        .unwrap_or_else(|| panic!("command {id} did not finish.\n{}", out.diagnosis()))
+}
+
+/// The JSON after [`JSON_MARK`] in `text`.
+fn report(text: &str) -> Value {
+    let json = text.rsplit_once(JSON_MARK).map_or("", |(_, j)| j.trim());
+    serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}) in:\n{}", tail(text, 40)))
+}
+
+fn num(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number at {path:?} in {v:#}"))
+}
+
+macro_rules! batch_or_skip {
+    () => {
+        match batch() {
+            Ok(b) => b,
+            Err(why) => skip!("the emulated AMD-V host cannot run here: {why}"),
+        }
+    };
+}
+
+#[test]
+fn l1_runs_kvm_with_npt_and_the_tdp_mmu() {
+    let out = batch_or_skip!();
+    let t = &out.transcript;
+    assert!(t.booted, "{}", out.diagnosis());
+    assert!(t.errors.is_empty(), "{}", out.diagnosis());
+    assert_eq!(t.host_value("kvm"), Some("yes"), "{:?}", t.host);
+    assert_eq!(t.host_value("npt"), Some("Y"), "{:?}", t.host);
+    assert_eq!(t.host_value("tdp_mmu"), Some("Y"), "{:?}", t.host);
+    assert_ne!(t.host_value("svm"), Some("0"), "{:?}", t.host);
+    assert!(out.complete(), "{}", out.diagnosis());
+}
+
+#[test]
+fn linux_prints_init_ok_and_vmm_exits_0_with_stdout_on_the_console() {
+    let out = batch_or_skip!();
+    let r = result(out, "linux-hello");
+    assert!(
+        out.console.contains(INIT_OK_MARKER),
+        "{INIT_OK_MARKER} not on L1's console.\n{}\n--- vmm stderr:\n{}",
+        out.diagnosis(),
+        tail(&r.output, 30)
+    );
+    assert_eq!(
+        r.rc,
+        0,
+        "vmm run did not exit 0 by itself:\n{}",
+        tail(&r.output, 40)
+    );
+    let rep = report(&r.output);
+    let outcome = rep["outcome"].as_str().unwrap_or_default();
+    assert!(
+        outcome.contains("halted for good") && outcome.contains("System halted"),
+        "{outcome}"
+    );
+    assert_eq!(num(&rep, &["console", "bytes_dropped"]), 0, "{rep:#}");
+    assert!(num(&rep, &["console", "bytes_written"]) > 1000, "{rep:#}");
+}
+
+/// KVM's counters equal the mirror's at the end and at every checkpoint (TDP MMU:
+/// exact for 2M and 4K).
+fn kvm_equals_mirror(out: &BatchOutcome, id: &str) -> Value {
+    let r = result(out, id);
+    assert_eq!(r.rc, 0, "{id}:\n{}", tail(&r.output, 40));
+    let rep = report(&r.output);
+    assert_eq!(rep["host"]["kind"], "HardwareVirt", "{}", rep["host"]);
+    assert_eq!(
+        (
+            num(&rep, &["kvm", "pages_2m"]),
+            num(&rep, &["kvm", "pages_4k"])
+        ),
+        (
+            num(&rep, &["mirror", "pages_2m"]),
+            num(&rep, &["mirror", "pages_4k"])
+        ),
+        "{id} at the end: KVM (2m, 4k) vs mirror"
+    );
+    for c in rep["checkpoints"].as_array().into_iter().flatten() {
+        assert_eq!(
+            (num(c, &["kvm", "pages_2m"]), num(c, &["kvm", "pages_4k"])),
+            (num(c, &["mirror_pages_2m"]), num(c, &["mirror_pages_4k"])),
+            "{id} checkpoint {}: KVM (2m, 4k) vs mirror",
+            c["phase"]
+        );
+    }
+    rep
+}
+
+#[test]
+fn hello_maps_every_frame_2m_as_the_mirror_predicts() {
+    let out = batch_or_skip!();
+    let rep = kvm_equals_mirror(out, "hello-hugetlb");
+    assert_eq!(
+        num(&rep, &["kvm", "pages_2m"]),
+        128,
+        "256 MiB = 128 frames, all 2M"
+    );
+}
+
+#[test]
+fn verify_hugetlb_kvm_equals_mirror() {
+    let out = batch_or_skip!();
+    kvm_equals_mirror(out, "verify-hugetlb");
+}
+
+#[test]
+fn verify_thp_kvm_equals_mirror() {
+    let out = batch_or_skip!();
+    kvm_equals_mirror(out, "verify-thp");
+}
+
+fn unmap(id: &str) {
+    let out = batch_or_skip!();
+    let rep = kvm_equals_mirror(out, id);
+    let k = num(&rep, &["report_totals", "pages_discarded"]);
+    assert_eq!(k, 8);
+    assert_eq!(num(&rep, &["report_totals", "mismatches"]), 0);
+    let phase = |p: u64| {
+        rep["checkpoints"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["phase"].as_u64() == Some(p)))
+            .unwrap_or_else(|| panic!("no checkpoint {p}"))
+            .clone()
+    };
+    let two_m = |p: u64| num(&phase(p), &["kvm", "pages_2m"]);
+    assert_eq!(two_m(1) - two_m(2), k, "give-back splits exactly K frames");
+    assert_eq!(two_m(5), two_m(1), "collapse brings them back");
+}
+
+#[test]
+fn unmap_hugetlb_splits_and_collapses_exactly_on_tdp() {
+    unmap("unmap-hugetlb");
+}
+
+#[test]
+fn unmap_thp_splits_and_collapses_exactly_on_tdp() {
+    unmap("unmap-thp");
+}
+
+fn stress(id: &str) {
+    let out = batch_or_skip!();
+    let r = result(out, id);
+    assert_eq!(r.rc, 0, "{id}:\n{}", tail(&r.output, 60));
+    let rep = report(&r.output);
+    assert_eq!(
+        rep["violations"].as_array().map(Vec::len),
+        Some(0),
+        "{rep:#}"
+    );
+    assert!(num(&rep, &["pages_verified"]) > 0);
+    let points = rep["quiescent_points"]
+        .as_array()
+        .expect("quiescent points");
+    assert!(!points.is_empty(), "{rep:#}");
+    assert!(points.iter().all(|p| p["agrees"] == true), "{rep:#}");
+}
+
+#[test]
+fn stress_hugetlb_on_tdp_has_no_violations() {
+    stress("stress-hugetlb");
+}
+
+#[test]
+fn stress_thp_on_tdp_has_no_violations() {
+    stress("stress-thp");
+}
+
+#[test]
+fn linux_balloon_while_user_space_works_then_clean_power_off() {
+    let out = batch_or_skip!();
+    let r = result(out, "balloon-memwork");
+    // The script's own lines and the guest console, without the JSON report.
+    let text = &r
+        .output
+        .split(JSON_MARK)
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        text.contains("inflated-64M-while-working"),
+        "{}",
+        tail(text, 60)
+    );
+    assert!(text.contains("deflated-to-0"), "{}", tail(text, 60));
+    assert!(
+        text.contains("MEMWORK-OK"),
+        "user-space memory work failed:\n{}",
+        tail(text, 60)
+    );
+    assert!(text.contains("MEMWORK-EXIT rc=0"), "{}", tail(text, 60));
+    assert_eq!(
+        r.rc,
+        0,
+        "vmm run did not exit 0 after the guest's power-off:\n{}",
+        tail(text, 60)
+    );
+    let rep = report(&r.output);
+    assert!(rep["outcome"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("halted for good"));
+    let b = &rep["balloon"];
+    assert!(num(b, &["inflated_total"]) >= 16384, "{b:#}");
+    assert_eq!(
+        num(b, &["inflated_total"]),
+        num(b, &["deflated_total"]),
+        "{b:#}"
+    );
+    assert_eq!(num(b, &["inflated_pages"]), 0, "{b:#}");
+    assert_eq!(num(b, &["rejected"]), 0, "{b:#}");
+    // The give-back split hugetlb frames (partial frames) or freed whole ones.
+    let u = &rep["unmap"];
+    assert!(
+        num(u, &["frames_split"]) + num(u, &["huge_frames_freed"]) > 0,
+        "{u:#}"
+    );
+}
