@@ -62,7 +62,7 @@ impl Primary {
         }
         match m.lookup(page) {
             Some((_, _, _, writable)) if writable || !write => Ok(FaultOutcome::AlreadyMapped),
-            Some((Level::M2, _, id, _)) => self.wp_fault_pmd(mm, page, id),
+            Some((Level::M2 | Level::G1, _, id, _)) => self.wp_fault_pmd(mm, page, id),
             Some((Level::K4, _, id, _)) => self.wp_fault_pte(mm, page, id),
             None => {
                 if allow_huge
