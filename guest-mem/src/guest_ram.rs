@@ -74,6 +74,9 @@ pub struct GuestRam {
     model: RamModel,
     region: Arc<GuestRegionMmap>,
     host: HostMem,
+    /// Frames whose host mapping changed (each such change fires the
+    /// host's mmu notifier over the frame) since [`GuestRam::take_changed_frames`].
+    changed: std::collections::BTreeSet<usize>,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -185,6 +188,7 @@ impl GuestRam {
             model,
             region,
             host,
+            changed: Default::default(),
         })
     }
 
@@ -270,6 +274,9 @@ impl GuestRam {
     pub fn populate(&mut self, frame: usize) -> Result<(), GuestMemError> {
         self.check_frame(frame)?;
         let plan = self.model.populate(frame)?;
+        if !matches!(plan, PopulatePlan::AlreadyPopulated) {
+            self.changed.insert(frame);
+        }
         self.apply_populate(frame, plan)
     }
 
@@ -319,6 +326,11 @@ impl GuestRam {
     ) -> Result<DiscardReport, GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         let steps = self.model.discard(first, n)?;
+        self.changed.extend(steps.iter().map(|s| match s {
+            DiscardStep::WholeHuge { frame, .. }
+            | DiscardStep::SplitHuge { frame, .. }
+            | DiscardStep::Small { frame, .. } => *frame,
+        }));
         let mut rep = DiscardReport::default();
         let needs_pause = self.backing == Backing::Hugetlb
             && steps
@@ -387,6 +399,12 @@ impl GuestRam {
         let (first, n) = self.check_range(gpa, len)?;
         let before = self.model.clone();
         let steps = self.model.refill(first, n)?;
+        self.changed.extend(
+            steps
+                .iter()
+                .filter(|s| !s.filled.is_empty())
+                .map(|s| s.frame),
+        );
         let r = if self.backing == Backing::Hugetlb {
             match quiesce::pause(q) {
                 Ok(_guard) => self.apply_refill(steps),
@@ -445,6 +463,7 @@ impl GuestRam {
         else {
             return Ok(());
         };
+        self.changed.insert(frame);
         let r = match quiesce::pause(q) {
             Ok(_guard) => match self.backing {
                 Backing::Hugetlb => self.apply_split_hugetlb(frame, huge_slot, &copied),
@@ -497,6 +516,7 @@ impl GuestRam {
         else {
             return Ok(());
         };
+        self.changed.insert(frame);
         let r = match self.backing {
             Backing::Hugetlb => match quiesce::pause(q) {
                 Ok(_guard) => self.apply_collapse_hugetlb(frame, huge_slot, &copy, &free_small),
@@ -523,6 +543,14 @@ impl GuestRam {
         self.host.copy_to_huge(frame, huge_slot, &pages)?;
         self.host.huge_map(frame, huge_slot)?;
         self.host.small_free(free_small)
+    }
+
+    /// Frames whose host mapping changed since the last call, in frame
+    /// order: each change fired the host's mmu notifier over
+    /// (part of) the frame, so KVM dropped its mappings there. The KVM mirror
+    /// replays them as invalidations of the whole frame.
+    pub fn take_changed_frames(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     /// Our books: the state of every frame.

@@ -15,6 +15,7 @@ pub mod exit_code;
 pub mod host;
 pub mod machine;
 pub mod mirror;
+pub mod mmu_params;
 pub mod msr;
 pub mod outcome;
 pub mod report;

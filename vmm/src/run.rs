@@ -265,7 +265,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
     };
 
-    let mirror_ctx = mirror::context(size, &host, args, &image);
+    let mirror_ctx = mirror::MirrorContext {
+        mmu: crate::mmu_params::detect(&host),
+        guest: image
+            .as_ref()
+            .map(crate::testguest::touch::GuestTouches::of),
+    };
     let balloon_irq = if args.balloon {
         let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
             what: "creating the balloon irq eventfd",
@@ -372,15 +377,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     if let Err(e) = machine.serial().writer_mut().flush() {
         log::warn!("flushing the serial output failed: {e}");
     }
-    let rep = report::collect(
-        &machine,
-        &vm,
-        args,
-        &image,
-        outcome,
-        elapsed,
-        host_memory_start,
-    );
+    let rep = report::collect(&machine, &vm, args, outcome, elapsed, host_memory_start);
     drop(vm);
     Ok(rep)
 }

@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::balloon_backend::BalloonStatus;
 use crate::machine::Machine;
-use crate::mirror::{self, Prediction};
+use crate::machine::MirrorPoint;
+use crate::mirror::Prediction;
 use crate::stats::MappingStats;
 use crate::unmap_stats::UnmapMetrics;
 
@@ -128,11 +129,9 @@ pub fn take(m: &Machine) -> Snapshot {
         .and_then(|s| s.mapping().ok())
         .unwrap_or_default();
     let balloon = m.balloon().map(|b| b.status());
-    let ram = m.ram();
+    let mut ram = m.ram();
+    let mirror = m.predict(&mut ram, MirrorPoint::Snapshot);
     let states = ram.frame_states();
-    let mirror = m
-        .mirror_context()
-        .and_then(|ctx| mirror::predict_with(&ram, &states, ctx));
     let snap = Snapshot {
         kvm,
         mirror,
