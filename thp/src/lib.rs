@@ -15,12 +15,12 @@
 //! | here | kernel |
 //! |---|---|
 //! | [`folio::Folio`] refcount / `entire_mapcount` / per-page mapcounts / pins | `struct folio` after the THP refcount redesign and the folio mapcount work; `folio_maybe_dma_pinned` |
-//! | [`folio::Folio::likely_mapped_shared`] | `folio_likely_mapped_shared` (6.7-6.10: `page_mapcount(first page) > 1`, with its documented false negatives) |
+//! | [`folio::Folio::folio_maybe_mapped_shared`], [`folio::Folio::folio_add_return_large_mapcount`] / `folio_sub_return_large_mapcount` | `folio_maybe_mapped_shared` (include/linux/mm.h) over the CONFIG_MM_ID tracking of include/linux/rmap.h (6.15+): two MM-id slots with per-MM mapcounts and the maybe-shared bit; never a false negative |
 //! | [`policy`] | `transparent_hugepage/{enabled,defrag}`, `khugepaged/{max_ptes_none,max_ptes_shared,max_ptes_swap,pages_to_scan,scan_sleep_millisecs}` |
 //! | [`primary::Primary::fault`] | `do_anonymous_page` / `do_huge_pmd_anonymous_page` with THP fallback (`thp_fault_fallback`), `do_wp_page` / `do_huge_pmd_wp_page` (COW) |
 //! | [`primary::Primary::unmap`], [`primary::Primary::split_huge_pmd`] | `zap_page_range_single` (`MADV_DONTNEED`), `__split_huge_pmd` (never fails) |
-//! | [`primary::Primary::split_folio`], [`primary::Primary::shrink_deferred_split`] | `split_folio` (`-EBUSY` with extra pins/references), `deferred_split_folio` + `deferred_split_scan` |
-//! | [`primary::Primary::collapse`] | khugepaged `hpage_collapse_scan_pmd` + `collapse_huge_page` (`SCAN_EXCEED_NONE_PTE`, `SCAN_EXCEED_SHARED_PTE`, `SCAN_PAGE_COUNT`, `SCAN_PAGE_RO`, `SCAN_ALLOC_HUGE_PAGE_FAIL`) |
+//! | [`primary::Primary::split_folio`], [`primary::Primary::shrink_deferred_split`] | `split_folio` (`-EBUSY` with extra pins/references), `deferred_split_folio` (6.12+: every new PMD THP queued at its fault; `partially_mapped` flag, `thp_deferred_split_page` counted once when part of it is unmapped) + `deferred_split_scan` (fully mapped and not `thp_underused`: dequeued; partial: split, or kept queued while pinned) |
+//! | [`primary::Primary::collapse`] | khugepaged `hpage_collapse_scan_pmd` + `collapse_huge_page` (`SCAN_EXCEED_NONE_PTE`, `SCAN_EXCEED_SHARED_PTE` counted per PTE whose folio `folio_maybe_mapped_shared` (6.10+), `SCAN_PAGE_COUNT`, `SCAN_PAGE_RO`, `SCAN_ALLOC_HUGE_PAGE_FAIL`) |
 //! | [`primary::Primary::fork`] | `copy_page_range` (COW sharing; eager copy of pinned pages, `copy_huge_pmd` split of a pinned PMD) |
 //! | [`kvm_mirror::SecondaryMmu::kvm_mmu_hugepage_adjust`], [`kvm_mirror::SecondaryMmu::kvm_mmu_max_mapping_level`], [`kvm_mirror::SecondaryMmu::host_pfn_mapping_level`] | the same functions of arch/x86/kvm/mmu/mmu.c, per level (2M and 1G, `max_huge_page_level`); `lpage_info` per level from `kvm_alloc_memslot_metadata` (x86.c), `update_gfn_disallow_lpage_count` |
 //! | `disallowed_hugepage_adjust`, NX exec faults ([`kvm_mirror::Access::exec`]) | `nx_huge_pages`: an exec fault maps 4K and its table stays 4K (`nx_lpage_splits`) |
@@ -41,7 +41,12 @@
 //! a 1G host level), the huge zero page, NX huge page recovery (the worker
 //! that zaps NX-split tables), shadow pages keyed by guest address
 //! (unsync pages, one SPTE per guest mapping), prefetch through indirect
-//! shadow pages (guest accessed bits), mremap (a folio never moves frame).
+//! shadow pages (guest accessed bits), mremap (a folio never moves frame),
+//! page contents (`thp_underused` answers false, as the kernel does with the
+//! default `max_ptes_none`), shmem semantics for the `thp` backing (the
+//! primary model is anonymous memory: a shmem `split_huge_pmd` that only
+//! clears the PMD, `collapse_file`, and `MADV_COLLAPSE` ignoring khugepaged's
+//! limits are not modelled).
 #![deny(missing_docs)]
 
 pub mod folio;

@@ -327,19 +327,21 @@ impl Machine {
     /// frame its policy allows (so the next checkpoint sees the result
     /// deterministically). Called on a vCPU thread, outside `KVM_RUN`.
     pub fn checkpoint(&self, vcpu: usize, phase: u64) {
-        let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                log::warn!("checkpoint {phase}: reading KVM stats failed: {e}");
-                MappingStats::default()
-            }
-            None => MappingStats::default(),
-        };
-        // Another thread may hold guest RAM while it pauses every vCPU.
-        let (frames, predicted) = self.control.parked_while(|| {
+        // Another thread may hold guest RAM while it pauses every vCPU. KVM's
+        // counters are read with guest RAM locked: no host change can run
+        // between them and the prediction.
+        let (kvm, frames, predicted) = self.control.parked_while(|| {
             let mut ram = self.ram();
+            let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    log::warn!("checkpoint {phase}: reading KVM stats failed: {e}");
+                    MappingStats::default()
+                }
+                None => MappingStats::default(),
+            };
             let p = self.predict(&mut ram, MirrorPoint::Checkpoint { vcpu, phase });
-            (FrameCounts::of(&ram.frame_states()), p)
+            (kvm, FrameCounts::of(&ram.frame_states()), p)
         });
         let agrees = match (&predicted, kvm.pages_4k, kvm.pages_2m) {
             (Some(p), Some(k4), Some(k2)) => p.agrees(k4, k2),

@@ -108,7 +108,9 @@ impl Primary {
         let mut writable = false;
         for (i, pte) in t.iter() {
             let f = self.folio(pte.folio)?;
-            if f.page_mapcount(pte.idx as usize) > 1 {
+            // 6.10+: a page counts as shared if any part of its folio may be
+            // (`folio_maybe_mapped_shared`, hpage_collapse_scan_pmd).
+            if f.folio_maybe_mapped_shared() {
                 shared += 1;
                 if shared > k.max_ptes_shared {
                     return refuse(CollapseRefusal::ExceedSharedPte {

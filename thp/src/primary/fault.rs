@@ -71,6 +71,8 @@ impl Primary {
                 {
                     if let Some(id) = self.alloc_huge_for_fault(f, madvised) {
                         self.install_pmd(mm, f, id, true)?;
+                        // 6.12+: every new PMD THP goes on the deferred-split queue.
+                        self.deferred_split_folio(id, false);
                         self.stat.thp_fault_alloc += 1;
                         return Ok(FaultOutcome::MappedHuge(id));
                     }
