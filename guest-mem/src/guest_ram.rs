@@ -171,7 +171,10 @@ impl GuestRam {
                 }
             }
         }
-        let model = RamModel::new(frames, capacity, policy);
+        let model = match cfg.backing {
+            Backing::Thp => RamModel::shmem(frames, capacity, policy),
+            _ => RamModel::new(frames, capacity, policy),
+        };
         let region = Self::build_region(&host)?;
         debug!(
             "guest RAM: {} MiB on {} at {:#x}, pool {capacity}/{requested_pool} huge pages",

@@ -76,6 +76,9 @@ pub struct Folio {
     pub mm_ids: [Option<(usize, u32)>; 2],
     /// `FOLIO_MM_IDS_SHARED_BIT`.
     pub mm_ids_shared: bool,
+    /// `folio_test_anon`: false for a shmem (page-cache) folio, which never
+    /// goes on the deferred-split queue.
+    pub anon: bool,
 }
 
 impl Folio {
@@ -98,6 +101,7 @@ impl Folio {
             partially_mapped_flag: false,
             mm_ids: [None; 2],
             mm_ids_shared: false,
+            anon: true,
         }
     }
 

@@ -20,6 +20,8 @@
 //! | [`primary::Primary::fault`] | `do_anonymous_page` / `do_huge_pmd_anonymous_page` with THP fallback (`thp_fault_fallback`), `do_wp_page` / `do_huge_pmd_wp_page` (COW) |
 //! | [`primary::Primary::unmap`], [`primary::Primary::split_huge_pmd`] | `zap_page_range_single` (`MADV_DONTNEED`), `__split_huge_pmd` (never fails) |
 //! | [`primary::Primary::split_folio`], [`primary::Primary::shrink_deferred_split`] | `split_folio` (`-EBUSY` with extra pins/references), `deferred_split_folio` (6.12+: every new PMD THP queued at its fault; `partially_mapped` flag, `thp_deferred_split_page` counted once when part of it is unmapped) + `deferred_split_scan` (fully mapped and not `thp_underused`: dequeued; partial: split, or kept queued while pinned) |
+//! | [`primary::Primary::new_shmem_mm`], [`RamModel::shmem`] | the `thp` backing is shmem: page-cache folios (`!folio_test_anon`) never go on the deferred-split queue; collapse is `hpage_collapse_scan_file` + `collapse_file` (no writable PTE needed) |
+//! | [`primary::Primary::madvise_collapse`] | `madvise_collapse`: `cc->is_khugepaged` false, khugepaged's `max_ptes_*` limits ignored |
 //! | [`primary::Primary::collapse`] | khugepaged `hpage_collapse_scan_pmd` + `collapse_huge_page` (`SCAN_EXCEED_NONE_PTE`, `SCAN_EXCEED_SHARED_PTE` counted per PTE whose folio `folio_maybe_mapped_shared` (6.10+), `SCAN_PAGE_COUNT`, `SCAN_PAGE_RO`, `SCAN_ALLOC_HUGE_PAGE_FAIL`) |
 //! | [`primary::Primary::fork`] | `copy_page_range` (COW sharing; eager copy of pinned pages, `copy_huge_pmd` split of a pinned PMD) |
 //! | [`kvm_mirror::SecondaryMmu::kvm_mmu_hugepage_adjust`], [`kvm_mirror::SecondaryMmu::kvm_mmu_max_mapping_level`], [`kvm_mirror::SecondaryMmu::host_pfn_mapping_level`] | the same functions of arch/x86/kvm/mmu/mmu.c, per level (2M and 1G, `max_huge_page_level`); `lpage_info` per level from `kvm_alloc_memslot_metadata` (x86.c), `update_gfn_disallow_lpage_count` |
@@ -43,10 +45,10 @@
 //! (unsync pages, one SPTE per guest mapping), prefetch through indirect
 //! shadow pages (guest accessed bits), mremap (a folio never moves frame),
 //! page contents (`thp_underused` answers false, as the kernel does with the
-//! default `max_ptes_none`), shmem semantics for the `thp` backing (the
-//! primary model is anonymous memory: a shmem `split_huge_pmd` that only
-//! clears the PMD, `collapse_file`, and `MADV_COLLAPSE` ignoring khugepaged's
-//! limits are not modelled).
+//! default `max_ptes_none`), the page cache of a shmem mapping (a shmem
+//! `split_huge_pmd` that only clears the PMD and a refault that maps the
+//! page-cache folio with a PMD again; the model keeps PTE mappings), fork of a
+//! shmem mapping (modelled as COW).
 #![deny(missing_docs)]
 
 pub mod folio;

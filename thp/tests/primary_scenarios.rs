@@ -416,3 +416,63 @@ fn split_folio_of_pmd_mapped_folio_splits_mappings_in_every_mm() {
         assert_eq!(pfn, thp::folio::HUGE_PFN_BASE + 3);
     }
 }
+
+fn strict_policy() -> ThpPolicy {
+    let mut pol = ThpPolicy::always();
+    pol.khugepaged.max_ptes_none = 0;
+    pol
+}
+
+/// The `thp` backing is shmem: its folios are page-cache folios and never go
+/// on the deferred-split queue (anonymous ones do, at the fault since 6.12
+/// and when partially unmapped).
+#[test]
+fn shmem_folios_are_never_queued_for_deferred_split() {
+    let mut p = Primary::new(2, None, ThpPolicy::always());
+    let anon = p.new_mm(1, HVA, true);
+    let shm = p.new_shmem_mm(1, HVA + (2 << 20), true);
+    let FaultOutcome::MappedHuge(a) = p.fault(anon, 0, true).unwrap() else {
+        panic!("huge");
+    };
+    let FaultOutcome::MappedHuge(s) = p.fault(shm, 0, true).unwrap() else {
+        panic!("huge");
+    };
+    assert!(p.folio(a).unwrap().on_deferred_split);
+    assert!(!p.folio(s).unwrap().on_deferred_split);
+    p.unmap(shm, 7, 1).unwrap();
+    assert!(!p.folio(s).unwrap().on_deferred_split);
+    assert_eq!(p.stat().thp_deferred_split_page, 0);
+    ok(&p);
+}
+
+/// `MADV_COLLAPSE` (`cc->is_khugepaged` false) ignores `max_ptes_none`;
+/// khugepaged refuses. `collapse_file` (shmem) needs no writable PTE.
+#[test]
+fn madvise_collapse_ignores_khugepaged_limits_and_file_collapse_needs_no_writable_pte() {
+    let mut p = Primary::new(4, None, strict_policy());
+    let anon = p.new_mm(1, HVA, true);
+    let shm = p.new_shmem_mm(1, HVA + (2 << 20), true);
+    for mm in [anon, shm] {
+        for pg in (0..512).filter(|pg| *pg != 10) {
+            p.fault_nohuge(mm, pg, true).unwrap();
+        }
+        assert!(matches!(
+            p.collapse(mm, 0),
+            Err(MmError::Collapse(CollapseRefusal::ExceedNonePte {
+                none: 1,
+                max: 0
+            }))
+        ));
+    }
+    p.mprotect(anon, 0, false).unwrap();
+    p.mprotect(shm, 0, false).unwrap();
+    assert!(matches!(
+        p.madvise_collapse(anon, 0),
+        Err(MmError::Collapse(CollapseRefusal::NoWritablePte))
+    ));
+    let r = p.madvise_collapse(shm, 0).unwrap();
+    assert_eq!(r.zeroed, vec![10]);
+    p.mprotect(anon, 0, true).unwrap();
+    p.madvise_collapse(anon, 0).unwrap();
+    ok(&p);
+}

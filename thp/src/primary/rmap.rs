@@ -60,7 +60,7 @@ impl Primary {
     /// partially mapped) so the shrinker can split it when underused.
     pub(crate) fn deferred_split_folio(&mut self, id: FolioId, partially_mapped: bool) {
         if let Some(f) = self.folios.get_mut(id) {
-            if !f.is_large() {
+            if !f.is_large() || !f.anon {
                 return;
             }
             if partially_mapped && !f.partially_mapped_flag {
@@ -127,6 +127,10 @@ impl Primary {
         writable: bool,
     ) -> Result<(), MmError> {
         let pfn = self.folio(folio)?.pfn(idx as usize);
+        let shmem = self.mm(mm)?.is_shmem();
+        if let Some(f) = self.folios.get_mut(folio) {
+            f.anon &= !shmem;
+        }
         self.rmap_add_pte(folio, idx, mm);
         let (f, i) = split_page(page);
         let m = self.mm_mut(mm)?;
@@ -169,7 +173,9 @@ impl Primary {
         id: FolioId,
         writable: bool,
     ) -> Result<(), MmError> {
+        let shmem = self.mm(mm)?.is_shmem();
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.anon &= !shmem;
         f.entire_mapcount += 1;
         f.refcount += 1;
         let total = f.total_mapcount();
