@@ -567,6 +567,51 @@ mod tests {
         }
     }
 
+    /// `vmm stress` quiescent points on the TDP MMU: exact; with dirty
+    /// logging on, eager splitting makes every frame 512 4K leaves.
+    #[test]
+    fn stress_on_tdp_is_exact_and_dirty_logging_splits_everything() {
+        let c = ctx(
+            MmuParams::tdp(),
+            TestGuestName::Stress,
+            256,
+            GuestPageSize::Size2M,
+        );
+        let mut states = huge(128);
+        for s in &mut states[10..20] {
+            *s = guest_mem::FrameView::Small { present: 512 };
+        }
+        let p =
+            predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), false, None).unwrap();
+        assert_eq!(
+            (p.pages_4k, p.pages_4k_max, p.pages_2m),
+            (10 * 512, 10 * 512, 118)
+        );
+        let d = predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), true, None).unwrap();
+        assert_eq!((d.pages_4k, d.pages_4k_max, d.pages_2m), (65536, 65536, 0));
+        // Shadow MMU: frame 0 at 4K (page tables), a range for its prefetch.
+        let c = ctx(
+            MmuParams::shadow(),
+            TestGuestName::Stress,
+            256,
+            GuestPageSize::Size2M,
+        );
+        let p =
+            predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), false, None).unwrap();
+        assert_eq!(p.pages_2m, 117);
+        assert_eq!(
+            p.pages_4k_max,
+            10 * 512 + 40,
+            "code, stack, ctrl and two flag groups"
+        );
+        assert_eq!(p.pages_4k, 10 * 512);
+        assert_eq!(p.verdict(10 * 512 + 32, 117), Verdict::Match);
+        assert!(matches!(
+            p.verdict(10 * 512 + 32, 118),
+            Verdict::Mismatch(_)
+        ));
+    }
+
     #[test]
     fn linux_prediction_is_informative_but_checks_the_2m_ceiling() {
         let c = MirrorContext {
