@@ -484,16 +484,20 @@ pub fn predict_all_touched(
 
 /// The bound `vmm stress` puts on the shadow MMU's `pages_4k` beyond the
 /// gfn-keyed model: up to `PTE_PREFETCH_NUM` (8) SPTEs per frame the host
-/// remapped since the last zap of everything (memslot delete), with why.
+/// remapped since the last zap of everything (memslot delete) and maps with
+/// small pages now, with why. Measured on this project's shadow host: every
+/// 2M frame the host splits under a running guest ends with exactly 8 more
+/// 4K SPTEs than gfns, gone when the frame is collapsed; the mechanism is not
+/// identified yet (shadow pages are keyed by role, the mirror by gfn).
 pub fn shadow_remap_slack(ctx: &MirrorContext, remapped_frames: u64) -> Option<(u64, String)> {
     (ctx.mmu.shadow_paging() && remapped_frames > 0).then(|| {
         (
             PTE_PREFETCH_NUM * remapped_frames,
             format!(
-                "shadow MMU: a frame the host remapped and the guest faulted back can leave up to \
-                 PTE_PREFETCH_NUM (8) 4K SPTEs beyond one per gfn (measured on this host; shadow \
-                 pages are keyed by role, the mirror by gfn); {remapped_frames} frames remapped \
-                 since the last memslot delete"
+                "shadow MMU: a frame the host split under the running guest carries up to \
+                 PTE_PREFETCH_NUM (8) 4K SPTEs beyond one per gfn (measured on this host, mechanism \
+                 not identified); {remapped_frames} such frames (remapped since the last memslot \
+                 delete and small now)"
             ),
         )
     })

@@ -481,6 +481,13 @@ impl Injector<'_> {
                 source,
             })?;
         let levels = host_levels(&states, host_pmd.as_deref());
+        // The shadow MMU's extra SPTEs stay with frames the host split (a
+        // collapse takes them away): at most one group per small frame.
+        let small = levels
+            .iter()
+            .filter(|l| **l == Some(thp::units::Level::K4))
+            .count() as u64;
+        let remapped = remapped.min(small);
         let books_vs_host = host_pmd.as_ref().map(|pmd| {
             states
                 .iter()
