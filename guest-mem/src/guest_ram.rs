@@ -74,6 +74,9 @@ pub struct GuestRam {
     model: RamModel,
     region: Arc<GuestRegionMmap>,
     host: HostMem,
+    /// Frames whose host mapping changed (each such change fires the
+    /// host's mmu notifier over the frame) since [`GuestRam::take_changed_frames`].
+    changed: std::collections::BTreeSet<usize>,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -168,7 +171,10 @@ impl GuestRam {
                 }
             }
         }
-        let model = RamModel::new(frames, capacity, policy);
+        let model = match cfg.backing {
+            Backing::Thp => RamModel::shmem(frames, capacity, policy),
+            _ => RamModel::new(frames, capacity, policy),
+        };
         let region = Self::build_region(&host)?;
         debug!(
             "guest RAM: {} MiB on {} at {:#x}, pool {capacity}/{requested_pool} huge pages",
@@ -185,6 +191,7 @@ impl GuestRam {
             model,
             region,
             host,
+            changed: Default::default(),
         })
     }
 
@@ -270,6 +277,9 @@ impl GuestRam {
     pub fn populate(&mut self, frame: usize) -> Result<(), GuestMemError> {
         self.check_frame(frame)?;
         let plan = self.model.populate(frame)?;
+        if !matches!(plan, PopulatePlan::AlreadyPopulated) {
+            self.changed.insert(frame);
+        }
         self.apply_populate(frame, plan)
     }
 
@@ -319,6 +329,11 @@ impl GuestRam {
     ) -> Result<DiscardReport, GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         let steps = self.model.discard(first, n)?;
+        self.changed.extend(steps.iter().map(|s| match s {
+            DiscardStep::WholeHuge { frame, .. }
+            | DiscardStep::SplitHuge { frame, .. }
+            | DiscardStep::Small { frame, .. } => *frame,
+        }));
         let mut rep = DiscardReport::default();
         let needs_pause = self.backing == Backing::Hugetlb
             && steps
@@ -387,6 +402,12 @@ impl GuestRam {
         let (first, n) = self.check_range(gpa, len)?;
         let before = self.model.clone();
         let steps = self.model.refill(first, n)?;
+        self.changed.extend(
+            steps
+                .iter()
+                .filter(|s| !s.filled.is_empty())
+                .map(|s| s.frame),
+        );
         let r = if self.backing == Backing::Hugetlb {
             match quiesce::pause(q) {
                 Ok(_guard) => self.apply_refill(steps),
@@ -445,6 +466,7 @@ impl GuestRam {
         else {
             return Ok(());
         };
+        self.changed.insert(frame);
         let r = match quiesce::pause(q) {
             Ok(_guard) => match self.backing {
                 Backing::Hugetlb => self.apply_split_hugetlb(frame, huge_slot, &copied),
@@ -497,6 +519,7 @@ impl GuestRam {
         else {
             return Ok(());
         };
+        self.changed.insert(frame);
         let r = match self.backing {
             Backing::Hugetlb => match quiesce::pause(q) {
                 Ok(_guard) => self.apply_collapse_hugetlb(frame, huge_slot, &copy, &free_small),
@@ -523,6 +546,14 @@ impl GuestRam {
         self.host.copy_to_huge(frame, huge_slot, &pages)?;
         self.host.huge_map(frame, huge_slot)?;
         self.host.small_free(free_small)
+    }
+
+    /// Frames whose host mapping changed since the last call, in frame
+    /// order: each change fired the host's mmu notifier over
+    /// (part of) the frame, so KVM dropped its mappings there. The KVM mirror
+    /// replays them as invalidations of the whole frame.
+    pub fn take_changed_frames(&mut self) -> Vec<usize> {
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     /// Our books: the state of every frame.

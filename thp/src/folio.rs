@@ -68,6 +68,17 @@ pub struct Folio {
     pub frame: usize,
     /// Whether the folio is on the deferred-split queue.
     pub on_deferred_split: bool,
+    /// `folio_test_partially_mapped`: set (once, sticky) when the folio was
+    /// queued for deferred split because part of it got unmapped.
+    pub partially_mapped_flag: bool,
+    /// `_mm_id[0..2]` / `_mm_id_mapcount[0..2]` (CONFIG_MM_ID, 6.15+): up
+    /// to two address spaces and how many mappings each holds.
+    pub mm_ids: [Option<(usize, u32)>; 2],
+    /// `FOLIO_MM_IDS_SHARED_BIT`.
+    pub mm_ids_shared: bool,
+    /// `folio_test_anon`: false for a shmem (page-cache) folio, which never
+    /// goes on the deferred-split queue.
+    pub anon: bool,
 }
 
 impl Folio {
@@ -87,6 +98,10 @@ impl Folio {
             held: 0,
             frame,
             on_deferred_split: false,
+            partially_mapped_flag: false,
+            mm_ids: [None; 2],
+            mm_ids_shared: false,
+            anon: true,
         }
     }
 
@@ -135,16 +150,72 @@ impl Folio {
             && self.page_mapcount.contains(&0)
     }
 
-    /// `folio_likely_mapped_shared` as in Linux 6.7-6.10:
-    /// `page_mapcount(folio_page(folio, 0)) > 1`, i.e. only the first page's
-    /// mapcount plus the entire mapcount is looked at.
-    ///
-    /// Documented approximation: for a large folio this has false negatives
-    /// when the first page is not mapped (or not shared) while other pages
-    /// are, and false positives when the first page is mapped twice into the
-    /// same process. For a small folio it is exact (`mapcount > 1`).
-    pub fn likely_mapped_shared(&self) -> bool {
-        self.page_mapcount(0) > 1
+    /// `folio_add_return_large_mapcount` (include/linux/rmap.h, Linux 6.18,
+    /// CONFIG_MM_ID): `diff` new mappings by address space `mm`, the folio's
+    /// large mapcount now `new_total`. The mm's slot counts them; a free slot
+    /// is claimed (and the folio marked maybe-shared if others map it too);
+    /// with both slots taken by others nothing is tracked (the bit is
+    /// already set).
+    pub fn folio_add_return_large_mapcount(&mut self, diff: u32, mm: usize, new_total: u32) {
+        if !self.is_large() {
+            return;
+        }
+        if let Some(s) = self.mm_ids.iter_mut().flatten().find(|s| s.0 == mm) {
+            s.1 += diff;
+        } else if self.mm_ids[0].is_none() {
+            self.mm_ids[0] = Some((mm, diff));
+            if new_total != diff {
+                self.mm_ids_shared = true;
+            }
+        } else if self.mm_ids[1].is_none() {
+            self.mm_ids[1] = Some((mm, diff));
+            self.mm_ids_shared = true;
+        }
+    }
+
+    /// `folio_sub_return_large_mapcount` (include/linux/rmap.h, Linux 6.18):
+    /// `diff` mappings of `mm` gone, large mapcount now `new_total`. When
+    /// the mm's slot still has mappings nothing else changes; otherwise (slot
+    /// freed, or the mm had none) the folio is exclusive again if one slot
+    /// holds all mappings.
+    pub fn folio_sub_return_large_mapcount(&mut self, diff: u32, mm: usize, new_total: u32) {
+        if !self.is_large() {
+            return;
+        }
+        if let Some(i) = self
+            .mm_ids
+            .iter()
+            .position(|s| s.is_some_and(|s| s.0 == mm))
+        {
+            let s = self.mm_ids[i].as_mut().map(|s| &mut s.1);
+            if let Some(c) = s {
+                if *c > diff {
+                    *c -= diff;
+                    return;
+                }
+            }
+            self.mm_ids[i] = None;
+        }
+        let holds = |s: Option<(usize, u32)>| s.map_or(0, |s| s.1);
+        if holds(self.mm_ids[0]) == new_total || holds(self.mm_ids[1]) == new_total {
+            self.mm_ids_shared = false;
+        }
+    }
+
+    /// `folio_maybe_mapped_shared` (include/linux/mm.h, Linux 6.18): small
+    /// folio: mapcount > 1 (exact). Large folio: at most one mapping means
+    /// exclusive; else the MM-id tracking's maybe-shared bit. Never false
+    /// for a folio two address spaces map; may stay true after a third one
+    /// (untracked) came and went while two others keep their slots.
+    pub fn folio_maybe_mapped_shared(&self) -> bool {
+        let mapcount = self.total_mapcount();
+        if !self.is_large() {
+            return mapcount > 1;
+        }
+        if mapcount <= 1 {
+            return false;
+        }
+        self.mm_ids_shared
     }
 }
 

@@ -227,7 +227,7 @@ pub fn check_primary(p: &Primary) -> Result<(), InvariantViolation> {
 /// entry only where the host maps a PMD, the slot allows 2M and dirty
 /// logging is off.
 pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), InvariantViolation> {
-    let (mut n4, mut n2) = (0u64, 0u64);
+    let (mut n4, mut n2, mut n1) = (0u64, 0u64, 0u64);
     for (gfn, level, pfn, writable) in s.entries_access() {
         let Some(slot) = s.slot_for_gfn(gfn) else {
             return fail(format!(
@@ -245,24 +245,33 @@ pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), Invar
                     ));
                 }
             }
-            Level::M2 => {
-                n2 += 1;
-                if gfn % PAGES_PER_HPAGE != 0 || pfn % PAGES_PER_HPAGE != 0 {
-                    return fail(format!("2M entry gfn {gfn:#x} pfn {pfn:#x} not aligned"));
+            Level::M2 | Level::G1 => {
+                if level == Level::M2 {
+                    n2 += 1;
+                } else {
+                    n1 += 1;
                 }
-                if slot.dirty_logging {
+                let n = level.pages();
+                if gfn % n != 0 || pfn % n != 0 {
                     return fail(format!(
-                        "2M entry at gfn {gfn:#x} while dirty logging is on"
+                        "{level:?} entry gfn {gfn:#x} pfn {pfn:#x} not aligned"
                     ));
                 }
-                if !s.lpage_allowed(gfn) {
+                // Dirty logging without eager split and write tracking keep
+                // a huge leaf, read-only; a writable one there is a bug.
+                if slot.dirty_logging && writable {
                     return fail(format!(
-                        "2M entry at gfn {gfn:#x} where the slot disallows 2M"
+                        "writable {level:?} entry at gfn {gfn:#x} while dirty logging is on"
                     ));
                 }
-                for i in [0, PAGES_PER_HPAGE / 2, PAGES_PER_HPAGE - 1] {
+                if !s.lpage_allowed_at(gfn, level) && writable {
+                    return fail(format!(
+                        "writable {level:?} entry at gfn {gfn:#x} where lpage_info disallows it"
+                    ));
+                }
+                for i in [0, n / 2, n - 1] {
                     let h = hva + i * PAGE_SIZE;
-                    if host.host_level(h) != Level::M2 || host.pfn(h) != Some(pfn + i) {
+                    if host.host_level(h) < level || host.pfn(h) != Some(pfn + i) {
                         return fail(format!(
                             "stale 2M entry gfn {gfn:#x} -> pfn {pfn:#x}: host page {i} is {:?} at {:?}",
                             host.pfn(h),
@@ -278,11 +287,12 @@ pub fn check_secondary(s: &SecondaryMmu, host: &dyn HostMap) -> Result<(), Invar
             ));
         }
     }
-    if (n4, n2) != (s.pages_4k(), s.pages_2m()) {
+    if (n4, n2, n1) != (s.pages_4k(), s.pages_2m(), s.pages_1g()) {
         return fail(format!(
-            "counters pages_4k/pages_2m = {}/{} but entries are {n4}/{n2}",
+            "counters pages_4k/pages_2m/pages_1g = {}/{}/{} but entries are {n4}/{n2}/{n1}",
             s.pages_4k(),
-            s.pages_2m()
+            s.pages_2m(),
+            s.pages_1g()
         ));
     }
     Ok(())

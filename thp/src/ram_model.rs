@@ -208,6 +208,14 @@ impl RamModel {
         Self::with_small_limit(frames, huge_pool_capacity, policy, None)
     }
 
+    /// Like [`Self::new`] for shmem (the `thp` backing: a memfd whose huge
+    /// pages the kernel manages): page-cache folios never go on the
+    /// deferred-split queue, and [`Self::collapse`] is `MADV_COLLAPSE` of a
+    /// file (`collapse_file` without khugepaged's limits).
+    pub fn shmem(frames: usize, huge_pool_capacity: usize, policy: ThpPolicy) -> Self {
+        Self::build(frames, huge_pool_capacity, policy, None, true)
+    }
+
     /// Like [`Self::new`] with a limit on small pages in use (fault injection).
     pub fn with_small_limit(
         frames: usize,
@@ -215,8 +223,22 @@ impl RamModel {
         policy: ThpPolicy,
         small_limit: Option<usize>,
     ) -> Self {
+        Self::build(frames, huge_pool_capacity, policy, small_limit, false)
+    }
+
+    fn build(
+        frames: usize,
+        huge_pool_capacity: usize,
+        policy: ThpPolicy,
+        small_limit: Option<usize>,
+        shmem: bool,
+    ) -> Self {
         let mut primary = Primary::new(huge_pool_capacity, small_limit, policy);
-        let mm = primary.new_mm(frames, 0, true);
+        let mm = if shmem {
+            primary.new_shmem_mm(frames, 0, true)
+        } else {
+            primary.new_mm(frames, 0, true)
+        };
         primary.log_frees();
         RamModel {
             primary,
@@ -478,8 +500,9 @@ impl RamModel {
         })
     }
 
-    /// Collapses a small frame into a huge page with khugepaged's rules
-    /// (`max_ptes_none` counts not-present pages).
+    /// Collapses a small frame into a huge page: anonymous memory with
+    /// khugepaged's rules (`max_ptes_none` counts not-present pages); shmem
+    /// ([`Self::shmem`]) as `MADV_COLLAPSE` does (no `max_ptes_*` limits).
     pub fn collapse(&mut self, frame: usize) -> Result<CollapsePlan, ModelError> {
         self.check_frame(frame)?;
         if let FrameMap::Pmd(_) = self.mm().frame(frame) {
@@ -487,7 +510,13 @@ impl RamModel {
         }
         self.check_unpinned(frame)?;
         self.primary.take_freed();
-        let r = match self.primary.collapse(self.mm, frame) {
+        let shmem = self.primary.mm(self.mm).is_ok_and(|m| m.is_shmem());
+        let r = if shmem {
+            self.primary.madvise_collapse(self.mm, frame)
+        } else {
+            self.primary.collapse(self.mm, frame)
+        };
+        let r = match r {
             Ok(r) => r,
             Err(MmError::Collapse(CollapseRefusal::PoolEmpty)) => {
                 return Err(ModelError::HugePoolEmpty {

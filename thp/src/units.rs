@@ -40,22 +40,46 @@ pub fn is_page_aligned(addr: u64) -> bool {
     addr.is_multiple_of(PAGE_SIZE)
 }
 
-/// A mapping level, as in KVM's `PG_LEVEL_4K` / `PG_LEVEL_2M` (1G is not modelled).
+/// Number of 4K pages in a 1G page (`KVM_PAGES_PER_HPAGE(PG_LEVEL_1G)`).
+pub const PAGES_PER_GPAGE: u64 = PAGES_PER_HPAGE * PAGES_PER_HPAGE;
+
+/// A mapping level, as in KVM's `PG_LEVEL_4K` / `PG_LEVEL_2M` / `PG_LEVEL_1G`.
+/// No backing maps 1G yet; the KVM mirror's `lpage_info` and host-level
+/// rules already work per level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// A 4K leaf (PTE).
     K4,
     /// A 2M leaf (PMD).
     M2,
+    /// A 1G leaf (PUD).
+    G1,
 }
 
 impl Level {
-    /// Number of 4K pages a leaf at this level covers.
+    /// The huge levels, smallest first (`PG_LEVEL_2M ..= KVM_MAX_HUGEPAGE_LEVEL`).
+    pub const HUGE: [Level; 2] = [Level::M2, Level::G1];
+
+    /// Number of 4K pages a leaf at this level covers (`KVM_PAGES_PER_HPAGE`).
     pub fn pages(self) -> u64 {
         match self {
             Level::K4 => 1,
             Level::M2 => PAGES_PER_HPAGE,
+            Level::G1 => PAGES_PER_GPAGE,
         }
+    }
+
+    /// The next level down (4K stays 4K).
+    pub fn below(self) -> Level {
+        match self {
+            Level::G1 => Level::M2,
+            Level::M2 | Level::K4 => Level::K4,
+        }
+    }
+
+    /// Index of the leaf of this level that covers `gfn` (`gfn >> shift`).
+    pub fn index(self, gfn: u64) -> u64 {
+        gfn / self.pages()
     }
 }
 

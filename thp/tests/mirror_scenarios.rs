@@ -79,62 +79,6 @@ fn misaligned_memslot_never_maps_2m() {
 }
 
 #[test]
-fn dirty_logging_forbids_2m() {
-    let (p, mm, mut s) = setup(2);
-    let host = p.mm(mm).unwrap();
-    s.fault(0, Level::M2, host).unwrap();
-    assert_eq!(s.pages_2m(), 1);
-    s.set_dirty_logging(0, true).unwrap();
-    assert_eq!(
-        s.pages_2m(),
-        0,
-        "huge leaves dropped when dirty logging starts"
-    );
-    assert_eq!(s.max_mapping_level(0, host, Level::M2).unwrap(), Level::K4);
-    s.fault(0, Level::M2, host).unwrap();
-    s.fault(700, Level::M2, host).unwrap();
-    assert_eq!((s.pages_4k(), s.pages_2m()), (2, 0));
-    ok2(&p, mm, &s);
-    s.set_dirty_logging(0, false).unwrap();
-    assert_eq!(s.pages_4k(), 0);
-    s.fault(0, Level::M2, host).unwrap();
-    assert_eq!(s.pages_2m(), 1);
-    ok2(&p, mm, &s);
-}
-
-#[test]
-fn write_tracked_frame_forbids_2m_until_untracked() {
-    let (p, mm, mut s) = setup(2);
-    let host = p.mm(mm).unwrap();
-    s.fault(600, Level::M2, host).unwrap();
-    s.track_write(513).unwrap();
-    assert_eq!(s.pages_2m(), 0, "tracking drops the 2M leaf over the frame");
-    assert_eq!(
-        s.max_mapping_level(600, host, Level::M2).unwrap(),
-        Level::K4
-    );
-    assert_eq!(
-        s.max_mapping_level(10, host, Level::M2).unwrap(),
-        Level::M2,
-        "other frames unaffected"
-    );
-    s.track_write(514).unwrap();
-    s.untrack_write(513).unwrap();
-    assert_eq!(
-        s.max_mapping_level(600, host, Level::M2).unwrap(),
-        Level::K4,
-        "count still 1"
-    );
-    s.untrack_write(514).unwrap();
-    assert!(s.untrack_write(514).is_err());
-    assert_eq!(
-        s.max_mapping_level(600, host, Level::M2).unwrap(),
-        Level::M2
-    );
-    ok2(&p, mm, &s);
-}
-
-#[test]
 fn guest_4k_page_caps_level_on_shadow_paging() {
     let (p, mm, mut s) = setup(1);
     let host = p.mm(mm).unwrap();

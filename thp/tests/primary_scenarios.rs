@@ -149,11 +149,11 @@ fn collapse_max_ptes_shared_kernel_selftest_sequence() {
     assert_eq!(p.stat().thp_collapse_alloc, 1);
 }
 
-/// Documented false negative of folio_likely_mapped_shared: 256 pages of a
-/// 2M folio shared with a child, the first page not mapped, one writable PTE
-/// to another page, 255 none: reported as exclusive.
+/// `folio_maybe_mapped_shared` (6.18, CONFIG_MM_ID) has no false negative
+/// where `folio_likely_mapped_shared` (6.7-6.10, first page only) had one:
+/// 255 pages of a 2M folio shared with a child, the first page unmapped.
 #[test]
-fn likely_mapped_shared_false_negative_when_first_page_unmapped() {
+fn maybe_mapped_shared_has_no_false_negative_when_first_page_unmapped() {
     let (mut p, parent) = huge_mm(1, 1);
     let FaultOutcome::MappedHuge(id) = p.fault(parent, 0, true).unwrap() else {
         panic!("huge");
@@ -161,6 +161,7 @@ fn likely_mapped_shared_false_negative_when_first_page_unmapped() {
     // Keep pages 1..=256 in the parent (page 0 and 257.. unmapped).
     p.unmap(parent, 0, 1).unwrap();
     p.unmap(parent, 257, 255).unwrap();
+    assert!(!p.folio(id).unwrap().folio_maybe_mapped_shared(), "one mm");
     let child = p.fork(parent).unwrap();
     // One writable PTE to another page: the child COWs page 256.
     p.fault(child, 256, true).unwrap();
@@ -169,47 +170,84 @@ fn likely_mapped_shared_false_negative_when_first_page_unmapped() {
     let shared_pages = (0..512).filter(|&i| f.page_mapcount(i) > 1).count();
     assert_eq!(shared_pages, 255, "255 pages mapped by parent and child");
     assert_eq!(f.page_mapcount(0), 0);
-    assert!(
-        !f.likely_mapped_shared(),
-        "reported exclusive: the documented false negative"
-    );
-    let t = match p.mm(child).unwrap().frame(0) {
-        FrameMap::Table(t) => t.clone(),
-        _ => panic!("child frame must be PTE-mapped"),
-    };
-    assert_eq!(t.present(), 256);
-    assert_eq!(t.iter().filter(|(_, pte)| pte.writable).count(), 1);
-    assert_eq!(512 - t.present(), 256, "none PTEs in the child");
+    assert!(f.folio_maybe_mapped_shared(), "two mms map it");
 }
 
+/// khugepaged 6.10+ (`hpage_collapse_scan_pmd`): a PTE counts against
+/// `max_ptes_shared` when its *folio* may be mapped shared, even if that
+/// page itself is mapped once (the per-page rule of older kernels counted
+/// one less here).
 #[test]
-fn likely_mapped_shared_true_when_first_page_is_shared() {
+fn max_ptes_shared_counts_every_pte_of_a_maybe_shared_folio() {
+    let (mut p, parent) = huge_mm(1, 1);
+    p.fault(parent, 0, true).unwrap();
+    p.unmap(parent, 0, 1).unwrap();
+    p.unmap(parent, 257, 255).unwrap();
+    let child = p.fork(parent).unwrap();
+    p.fault(child, 256, true).unwrap(); // COW: the child's page 256 is its own
+    p.unmap(parent, 10, 1).unwrap(); // page 10: mapped by the child only
+    ok(&p);
+    let (none, shared) = p.collapse_scan(child, 0).unwrap();
+    assert_eq!(none, 256);
+    assert_eq!(
+        shared, 255,
+        "pages 1..=255 of the shared folio, page 10 included"
+    );
+}
+
+/// 6.12+ (`deferred_split_folio(folio, false)` at the huge fault): every new
+/// PMD THP is queued; the shrinker drops a fully mapped one (not underused
+/// with max_ptes_none 511); `thp_deferred_split_page` counts only partial ones.
+#[test]
+fn new_pmd_thp_is_queued_for_deferred_split() {
+    let (mut p, mm) = huge_mm(1, 1);
+    let FaultOutcome::MappedHuge(id) = p.fault(mm, 0, true).unwrap() else {
+        panic!("huge");
+    };
+    assert!(p.folio(id).unwrap().on_deferred_split);
+    assert_eq!(p.stat().thp_deferred_split_page, 0);
+    ok(&p);
+    let r = p.shrink_deferred_split();
+    assert_eq!((r.dequeued, r.split), (1, 0));
+    assert!(!p.folio(id).unwrap().on_deferred_split);
+    p.unmap(mm, 5, 1).unwrap();
+    assert!(p.folio(id).unwrap().partially_mapped_flag);
+    assert_eq!(p.stat().thp_deferred_split_page, 1);
+    ok(&p);
+}
+
+/// Two address spaces map it: shared; the second unmaps everything:
+/// exclusive again (its MM-id slot freed, the other holds every mapping).
+#[test]
+fn maybe_mapped_shared_follows_the_mm_id_slots() {
     let (mut p, parent) = huge_mm(1, 1);
     let FaultOutcome::MappedHuge(id) = p.fault(parent, 0, true).unwrap() else {
         panic!("huge");
     };
-    assert!(!p.folio(id).unwrap().likely_mapped_shared());
-    let _child = p.fork(parent).unwrap();
+    assert!(!p.folio(id).unwrap().folio_maybe_mapped_shared());
+    let child = p.fork(parent).unwrap();
     assert!(
-        p.folio(id).unwrap().likely_mapped_shared(),
-        "entire mapcount 2"
+        p.folio(id).unwrap().folio_maybe_mapped_shared(),
+        "entire mapcount 2, two mms"
     );
+    p.unmap(child, 0, 512).unwrap();
+    assert!(!p.folio(id).unwrap().folio_maybe_mapped_shared());
     ok(&p);
 }
 
 #[test]
-fn likely_mapped_shared_small_folio_is_exact() {
+fn maybe_mapped_shared_small_folio_is_exact() {
     let mut p = Primary::new(0, None, ThpPolicy::never());
     let mm = p.new_mm(1, HVA, true);
     let FaultOutcome::MappedSmall { folio, fallback } = p.fault(mm, 3, true).unwrap() else {
         panic!("small");
     };
     assert!(!fallback);
-    assert!(!p.folio(folio).unwrap().likely_mapped_shared());
+    assert!(!p.folio(folio).unwrap().folio_maybe_mapped_shared());
     let child = p.fork(mm).unwrap();
-    assert!(p.folio(folio).unwrap().likely_mapped_shared());
+    assert!(p.folio(folio).unwrap().folio_maybe_mapped_shared());
     p.fault(child, 3, true).unwrap();
-    assert!(!p.folio(folio).unwrap().likely_mapped_shared());
+    assert!(!p.folio(folio).unwrap().folio_maybe_mapped_shared());
     ok(&p);
 }
 
@@ -377,4 +415,64 @@ fn split_folio_of_pmd_mapped_folio_splits_mappings_in_every_mm() {
         );
         assert_eq!(pfn, thp::folio::HUGE_PFN_BASE + 3);
     }
+}
+
+fn strict_policy() -> ThpPolicy {
+    let mut pol = ThpPolicy::always();
+    pol.khugepaged.max_ptes_none = 0;
+    pol
+}
+
+/// The `thp` backing is shmem: its folios are page-cache folios and never go
+/// on the deferred-split queue (anonymous ones do, at the fault since 6.12
+/// and when partially unmapped).
+#[test]
+fn shmem_folios_are_never_queued_for_deferred_split() {
+    let mut p = Primary::new(2, None, ThpPolicy::always());
+    let anon = p.new_mm(1, HVA, true);
+    let shm = p.new_shmem_mm(1, HVA + (2 << 20), true);
+    let FaultOutcome::MappedHuge(a) = p.fault(anon, 0, true).unwrap() else {
+        panic!("huge");
+    };
+    let FaultOutcome::MappedHuge(s) = p.fault(shm, 0, true).unwrap() else {
+        panic!("huge");
+    };
+    assert!(p.folio(a).unwrap().on_deferred_split);
+    assert!(!p.folio(s).unwrap().on_deferred_split);
+    p.unmap(shm, 7, 1).unwrap();
+    assert!(!p.folio(s).unwrap().on_deferred_split);
+    assert_eq!(p.stat().thp_deferred_split_page, 0);
+    ok(&p);
+}
+
+/// `MADV_COLLAPSE` (`cc->is_khugepaged` false) ignores `max_ptes_none`;
+/// khugepaged refuses. `collapse_file` (shmem) needs no writable PTE.
+#[test]
+fn madvise_collapse_ignores_khugepaged_limits_and_file_collapse_needs_no_writable_pte() {
+    let mut p = Primary::new(4, None, strict_policy());
+    let anon = p.new_mm(1, HVA, true);
+    let shm = p.new_shmem_mm(1, HVA + (2 << 20), true);
+    for mm in [anon, shm] {
+        for pg in (0..512).filter(|pg| *pg != 10) {
+            p.fault_nohuge(mm, pg, true).unwrap();
+        }
+        assert!(matches!(
+            p.collapse(mm, 0),
+            Err(MmError::Collapse(CollapseRefusal::ExceedNonePte {
+                none: 1,
+                max: 0
+            }))
+        ));
+    }
+    p.mprotect(anon, 0, false).unwrap();
+    p.mprotect(shm, 0, false).unwrap();
+    assert!(matches!(
+        p.madvise_collapse(anon, 0),
+        Err(MmError::Collapse(CollapseRefusal::NoWritablePte))
+    ));
+    let r = p.madvise_collapse(shm, 0).unwrap();
+    assert_eq!(r.zeroed, vec![10]);
+    p.mprotect(anon, 0, true).unwrap();
+    p.madvise_collapse(anon, 0).unwrap();
+    ok(&p);
 }

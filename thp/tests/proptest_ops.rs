@@ -9,7 +9,7 @@ use proptest::test_runner::{Config, TestRunner};
 use std::cell::Cell;
 use thp::folio::FolioId;
 use thp::invariants::{check_primary, check_secondary};
-use thp::kvm_mirror::{HostMap, Memslot, PendingFault, SecondaryMmu};
+use thp::kvm_mirror::{HostMap, Memslot, MmuParams, PendingFault, SecondaryMmu};
 use thp::policy::{Defrag, Enabled, ThpPolicy};
 use thp::primary::{FrameMap, MmId, Primary};
 use thp::units::{Level, PAGES_PER_HPAGE, PAGE_SIZE};
@@ -398,7 +398,13 @@ fn host_range(op: &MmOp) -> (u64, u64) {
 fn run_mirror(ops: &[MirOp]) -> Result<(), TestCaseError> {
     let mut p = Primary::new(2, Some(3000), ThpPolicy::always());
     let mm: MmId = p.new_mm(MM_FRAMES, HVA, true);
-    let mut s = SecondaryMmu::new();
+    // Odd-length sequences run on the shadow MMU, even ones on the TDP MMU.
+    let shadow = ops.len() % 2 == 1;
+    let mut s = SecondaryMmu::with_params(if shadow {
+        MmuParams::shadow()
+    } else {
+        MmuParams::tdp()
+    });
     s.add_slot(Memslot {
         id: 0,
         base_gfn: 0,
@@ -485,11 +491,17 @@ fn run_mirror(ops: &[MirOp]) -> Result<(), TestCaseError> {
                 let _ = zapped_before;
                 s.invalidate_range_end(hva(*g), hva(end)).unwrap();
             }
-            MirOp::Track(g) => s.track_write(*g).unwrap(),
-            MirOp::Untrack(g) => {
-                let _ = s.untrack_write(*g);
+            MirOp::Track(g) => {
+                if shadow {
+                    s.account_shadowed(*g).unwrap();
+                } else {
+                    prop_assert!(s.account_shadowed(*g).is_err());
+                }
             }
-            MirOp::DirtyLog(on) => s.set_dirty_logging(0, *on).unwrap(),
+            MirOp::Untrack(g) => {
+                let _ = s.unaccount_shadowed(*g);
+            }
+            MirOp::DirtyLog(on) => s.set_dirty_logging(0, *on, p.mm(mm).unwrap()).unwrap(),
         }
         if let Err(e) = check_primary(&p).and_then(|_| check_secondary(&s, p.mm(mm).unwrap())) {
             return Err(TestCaseError::fail(format!("after {op:?}: {e}")));

@@ -275,3 +275,20 @@ fn out_of_range_requests_are_typed_errors() {
     assert_eq!(m.frame(9), FrameView::Unpopulated);
     ok(&m);
 }
+
+/// The `thp` backing (shmem): collapse is `MADV_COLLAPSE` of a file, which
+/// ignores khugepaged's `max_ptes_none` (the VMM's collapser applies its own
+/// policy before asking).
+#[test]
+fn shmem_collapse_is_madvise_collapse_without_max_ptes_none() {
+    let mut policy = ThpPolicy::always();
+    policy.khugepaged.max_ptes_none = 100;
+    let mut m = RamModel::shmem(1, 1, policy);
+    m.populate(0).unwrap();
+    m.discard(0, 101).unwrap();
+    let CollapsePlan::Collapse { zero, .. } = m.collapse(0).unwrap() else {
+        panic!("collapse expected");
+    };
+    assert_eq!(zero.len(), 101);
+    ok(&m);
+}

@@ -19,5 +19,5 @@ pub const TABLE: &str = "Exit codes:
   1  internal VMM error
   2  bad input (CLI, files, host prerequisites)
   3  guest panic (Linux panic marker / triple fault / unhandled emulation failure)
-  4  test guest reported failure
+  4  test guest reported failure, or KVM disagrees with the mirror
   5  timeout";

@@ -16,6 +16,7 @@ pub mod halt;
 pub mod host;
 pub mod machine;
 pub mod mirror;
+pub mod mmu_params;
 pub mod msr;
 pub mod outcome;
 pub mod report;

@@ -14,7 +14,7 @@ use crate::control::VcpuControl;
 use crate::devices::serial::{SerialDevice, SerialFlags};
 use crate::halt::HaltWatch;
 use crate::host::HostInfo;
-use crate::mirror::{self, MirrorContext};
+use crate::mirror::{self, LiveMirror, MirrorContext, Prediction};
 use crate::outcome::Outcome;
 use crate::snapshot::FrameCounts;
 use crate::stats::{KvmStats, MappingStats};
@@ -42,7 +42,7 @@ pub struct Report {
 }
 
 /// KVM's counters at a test guest's CHECKPOINT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Checkpoint {
     /// vCPU that asked.
     pub vcpu: usize,
@@ -54,10 +54,30 @@ pub struct Checkpoint {
     pub mirror_pages_4k: Option<u64>,
     /// The mirror's predicted 2M mappings then.
     pub mirror_pages_2m: Option<u64>,
+    /// The whole prediction then.
+    pub mirror: Option<Prediction>,
+    /// Whether KVM agreed with it (exactly, or within the printed bound).
+    pub mirror_agrees: bool,
     /// Host frame states then (from `GuestRam`).
     pub frames: FrameCounts,
     /// Frames the collapser collapsed right after this checkpoint.
     pub collapsed_after: u64,
+}
+
+/// When the mirror is asked for a prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorPoint {
+    /// A test guest's CHECKPOINT `phase` from `vcpu`.
+    Checkpoint {
+        /// vCPU.
+        vcpu: usize,
+        /// Phase.
+        phase: u64,
+    },
+    /// The end of the run (every vCPU stopped).
+    End,
+    /// A live look in the middle of a phase (`vmm ctl stats`): informative.
+    Snapshot,
 }
 
 /// Everything the vCPU threads share.
@@ -91,6 +111,7 @@ pub struct Machine {
     balloon: OnceLock<Arc<BalloonDevice>>,
     collapser: OnceLock<Arc<Collapser>>,
     mirror_ctx: OnceLock<MirrorContext>,
+    live_mirror: Mutex<Option<LiveMirror>>,
     outcome: Mutex<Option<Outcome>>,
     outcome_cv: Condvar,
 }
@@ -149,6 +170,7 @@ impl Machine {
             balloon: OnceLock::new(),
             collapser: OnceLock::new(),
             mirror_ctx: OnceLock::new(),
+            live_mirror: Mutex::new(None),
             outcome: Mutex::new(None),
             outcome_cv: Condvar::new(),
         }
@@ -252,33 +274,99 @@ impl Machine {
         self.mirror_ctx.get()
     }
 
+    /// The mirror's prediction at `at`, with `ram` locked by the caller
+    /// (`None` without a mirror context or when the mirror refuses). For a
+    /// test guest the run's [`LiveMirror`] first replays the host changes
+    /// since its last look, then the guest's accesses of the phase.
+    pub fn predict(&self, ram: &mut GuestRam, at: MirrorPoint) -> Option<Prediction> {
+        let ctx = self.mirror_ctx.get()?;
+        let states = ram.frame_states();
+        let r = match &ctx.guest {
+            None => mirror::predict_all_touched(
+                ctx,
+                ram.host_addr(),
+                ram.size(),
+                mirror::host_levels(&states),
+                false,
+                None,
+            ),
+            Some(g) => {
+                let mut live = lock(&self.live_mirror);
+                let l = match live.as_mut() {
+                    Some(l) => l,
+                    None => match LiveMirror::new(ctx, ram.host_addr(), ram.size()) {
+                        Ok(l) => live.insert(l),
+                        Err(e) => {
+                            log::warn!("the KVM mirror could not start: {e}");
+                            return None;
+                        }
+                    },
+                };
+                let changed = ram.take_changed_frames();
+                let single = g.work.len() <= 1;
+                let (work, vcpu, comparable) = match at {
+                    MirrorPoint::Checkpoint { vcpu, phase } => (
+                        g.work_touched_before(Some(phase)),
+                        (!single).then_some(vcpu),
+                        single,
+                    ),
+                    MirrorPoint::End => (g.work_touched_before(None), None, true),
+                    MirrorPoint::Snapshot => (false, None, false),
+                };
+                l.invalidate_frames(&changed)
+                    .and_then(|()| l.observe(ctx, &states, work, vcpu, comparable))
+            }
+        };
+        match r {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::warn!("the KVM mirror could not predict: {e}");
+                None
+            }
+        }
+    }
+
     /// Record KVM's counters, the mirror's prediction and the frame states at
     /// a checkpoint; then, if the run has a collapser, let it collapse every
     /// frame its policy allows (so the next checkpoint sees the result
     /// deterministically). Called on a vCPU thread, outside `KVM_RUN`.
     pub fn checkpoint(&self, vcpu: usize, phase: u64) {
-        let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                log::warn!("checkpoint {phase}: reading KVM stats failed: {e}");
-                MappingStats::default()
-            }
-            None => MappingStats::default(),
-        };
-        // Another thread may hold guest RAM while it pauses every vCPU.
-        let (frames, predicted) = self.control.parked_while(|| {
-            let ram = self.ram();
-            let states = ram.frame_states();
-            let p = self
-                .mirror_ctx
-                .get()
-                .and_then(|ctx| mirror::predict_with(&ram, &states, ctx));
-            (FrameCounts::of(&states), p)
+        // Another thread may hold guest RAM while it pauses every vCPU. KVM's
+        // counters are read with guest RAM locked: no host change can run
+        // between them and the prediction.
+        let (kvm, frames, predicted) = self.control.parked_while(|| {
+            let mut ram = self.ram();
+            let kvm = match self.stats.as_ref().map(KvmStats::mapping) {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    log::warn!("checkpoint {phase}: reading KVM stats failed: {e}");
+                    MappingStats::default()
+                }
+                None => MappingStats::default(),
+            };
+            let p = self.predict(&mut ram, MirrorPoint::Checkpoint { vcpu, phase });
+            (kvm, FrameCounts::of(&ram.frame_states()), p)
         });
-        log::info!(
-            "checkpoint {phase} (vCPU {vcpu}): KVM {kvm:?}, frames {frames:?}, mirror {:?}",
-            predicted.as_ref().map(|p| (p.pages_4k, p.pages_2m))
-        );
+        let agrees = match (&predicted, kvm.pages_4k, kvm.pages_2m) {
+            (Some(p), Some(k4), Some(k2)) => p.agrees(k4, k2),
+            _ => true,
+        };
+        if let (Some(p), Some(k4), Some(k2)) = (&predicted, kvm.pages_4k, kvm.pages_2m) {
+            let line = p.describe(k4, k2);
+            if agrees {
+                log::info!(
+                    "checkpoint {phase} (vCPU {vcpu}): KVM {k4}/{k2}, mirror {}/{}: {line}",
+                    p.pages_4k,
+                    p.pages_2m
+                );
+            } else {
+                log::error!(
+                    "checkpoint {phase} (vCPU {vcpu}): KVM {k4}/{k2}, mirror {}/{}: {line}",
+                    p.pages_4k,
+                    p.pages_2m
+                );
+            }
+        }
         let collapsed_after = match self.collapser.get() {
             Some(c) => self.control.parked_while(|| c.pass_all(self)),
             None => 0,
@@ -289,6 +377,8 @@ impl Machine {
             kvm,
             mirror_pages_4k: predicted.as_ref().map(|p| p.pages_4k),
             mirror_pages_2m: predicted.as_ref().map(|p| p.pages_2m),
+            mirror: predicted,
+            mirror_agrees: agrees,
             frames,
             collapsed_after,
         });

@@ -33,6 +33,9 @@ pub enum Outcome {
     Timeout,
     /// Stopped from outside (`vmm ctl stop`).
     Stopped,
+    /// A test guest succeeded but KVM's counters disagree with the mirror
+    /// (at a checkpoint or at the end): what differed.
+    MirrorMismatch(String),
 }
 
 impl Outcome {
@@ -42,7 +45,9 @@ impl Outcome {
             Outcome::Reset | Outcome::Halted(_) | Outcome::TestExit(0) | Outcome::Stopped => {
                 exit_code::OK
             }
-            Outcome::TestExit(_) | Outcome::TestFault { .. } => exit_code::TEST_FAILURE,
+            Outcome::TestExit(_) | Outcome::TestFault { .. } | Outcome::MirrorMismatch(_) => {
+                exit_code::TEST_FAILURE
+            }
             Outcome::GuestPanic(_) => exit_code::GUEST_PANIC,
             Outcome::Internal(_) => exit_code::INTERNAL,
             Outcome::Timeout => exit_code::TIMEOUT,
@@ -69,6 +74,9 @@ impl Outcome {
             Outcome::Internal(why) => format!("internal VMM error: {why}"),
             Outcome::Timeout => "timeout".into(),
             Outcome::Stopped => "stopped by `vmm ctl stop`".into(),
+            Outcome::MirrorMismatch(why) => {
+                format!("test guest reported success, but KVM disagrees with the mirror: {why}")
+            }
         }
     }
 }
@@ -87,5 +95,6 @@ mod tests {
         assert_eq!(Outcome::Internal("x".into()).exit_code(), 1);
         assert_eq!(Outcome::Timeout.exit_code(), 5);
         assert_eq!(Outcome::Stopped.exit_code(), 0);
+        assert_eq!(Outcome::MirrorMismatch("x".into()).exit_code(), 4);
     }
 }

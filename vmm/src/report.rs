@@ -9,12 +9,13 @@ use serde::Serialize;
 use crate::balloon_backend::BalloonStatus;
 use crate::cli::RunArgs;
 use crate::devices::console::ConsoleStats;
-use crate::machine::{Checkpoint, Machine, Report};
-use crate::mirror::{self, Prediction};
+use crate::machine::MirrorPoint;
+use crate::machine::{Checkpoint, GuestKind, Machine, Report};
+use crate::mirror::{Prediction, Verdict};
 use crate::outcome::Outcome;
 use crate::snapshot::{self, HostMemory, PoolReport};
 use crate::stats::MappingStats;
-use crate::testguest::{ReportKey, TestGuestImage};
+use crate::testguest::ReportKey;
 use crate::unmap_stats::UnmapMetrics;
 use crate::vm::Vm;
 
@@ -86,7 +87,6 @@ pub fn collect(
     m: &Machine,
     _vm: &Vm,
     args: &RunArgs,
-    image: &Option<TestGuestImage>,
     outcome: Outcome,
     elapsed: Duration,
     host_memory_start: Option<HostMemory>,
@@ -102,13 +102,20 @@ pub fn collect(
         None => (MappingStats::default(), BTreeMap::new()),
     };
     let balloon = m.balloon().map(|b| b.status());
-    let ram = m.ram();
+    let mut ram = m.ram();
+    let prediction = m.predict(&mut ram, MirrorPoint::End);
     let states = ram.frame_states();
     let frames = FrameCounts::of(&states);
-    let prediction = mirror::predict_run(&ram, &states, &m.host, args, image);
     let pool = snapshot::pool_report(&ram);
     let host_memory_end = HostMemory::read(&ram);
     drop(ram);
+    let outcome = match mirror_mismatch(m, &kvm, &prediction) {
+        Some(why) if outcome.exit_code() == 0 && m.kind == GuestKind::TestGuest => {
+            log::error!("KVM disagrees with the mirror: {why}");
+            Outcome::MirrorMismatch(why)
+        }
+        _ => outcome,
+    };
     let reports = m.reports();
     let mut totals = BTreeMap::new();
     for r in &reports {
@@ -142,6 +149,26 @@ pub fn collect(
         console: ConsoleStats::default(),
         outcome_value: Some(outcome),
     }
+}
+
+/// The first disagreement between KVM and a comparable prediction, at a
+/// checkpoint or at the end.
+fn mirror_mismatch(m: &Machine, kvm: &MappingStats, end: &Option<Prediction>) -> Option<String> {
+    let check = |p: &Prediction, k: &MappingStats| match (k.pages_4k, k.pages_2m) {
+        (Some(k4), Some(k2)) => match p.verdict(k4, k2) {
+            Verdict::Mismatch(w) | Verdict::Informative(Some(w)) => Some(w),
+            Verdict::Match | Verdict::Informative(None) => None,
+        },
+        _ => None,
+    };
+    for c in m.checkpoints() {
+        if let Some(w) = c.mirror.as_ref().and_then(|p| check(p, &c.kvm)) {
+            return Some(format!("checkpoint {} (vCPU {}): {w}", c.phase, c.vcpu));
+        }
+    }
+    end.as_ref()
+        .and_then(|p| check(p, kvm))
+        .map(|w| format!("at the end: {w}"))
 }
 
 fn opt(v: Option<u64>) -> String {
@@ -186,20 +213,11 @@ pub fn stats_text(r: &RunReport) -> String {
         opt(Some(0))
     ));
     if let Some(p) = &r.mirror {
-        let verdict = match (r.kvm.pages_4k, r.kvm.pages_2m) {
-            _ if !p.comparable => "not compared".to_string(),
-            (Some(k4), Some(k2)) if p.agrees(k4, k2) => "match".to_string(),
-            (Some(k4), Some(k2)) => format!(
-                "MISMATCH: pages_2m differs by {} frames, pages_4k by {}",
-                k2.abs_diff(p.pages_2m),
-                k4.abs_diff(p.pages_4k)
-            ),
+        let line = match (r.kvm.pages_4k, r.kvm.pages_2m) {
+            (Some(k4), Some(k2)) => p.describe(k4, k2),
             _ => "KVM has no pages_4k / pages_2m statistics".to_string(),
         };
-        s.push_str(&format!(
-            "  mirror: {} (tolerance {} frames: {})\n",
-            verdict, p.tolerance_frames, p.tolerance_reason
-        ));
+        s.push_str(&format!("  mirror: {line}\n"));
     }
     if !r.checkpoints.is_empty() {
         s.push_str(&checkpoints_text(&r.checkpoints));
@@ -221,20 +239,44 @@ fn checkpoints_text(cps: &[Checkpoint]) -> String {
         "  checkpoints (KVM vs mirror; frames huge/small on the host; collapsed right after):\n",
     );
     s.push_str(&format!(
-        "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9}\n",
-        "phase", "vcpu", "KVM 2m", "mirror 2m", "KVM 4k", "mirror 4k", "huge/small", "collapsed"
+        "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>12} {:>11} {:>9}  {}\n",
+        "phase",
+        "vcpu",
+        "KVM 2m",
+        "mirror 2m",
+        "KVM 4k",
+        "mirror 4k",
+        "huge/small",
+        "collapsed",
+        "verdict"
     ));
     for c in cps {
+        let m4 = match &c.mirror {
+            Some(p) if p.pages_4k_max != p.pages_4k => {
+                format!("{}..{}", p.pages_4k, p.pages_4k_max)
+            }
+            _ => opt(c.mirror_pages_4k),
+        };
+        let verdict = match (&c.mirror, c.kvm.pages_4k, c.kvm.pages_2m) {
+            (Some(p), Some(k4), Some(k2)) => match p.verdict(k4, k2) {
+                Verdict::Match => "match".to_string(),
+                Verdict::Mismatch(w) => format!("MISMATCH: {w}"),
+                Verdict::Informative(None) => "informative".to_string(),
+                Verdict::Informative(Some(w)) => format!("VIOLATION: {w}"),
+            },
+            _ => "n/a".to_string(),
+        };
         s.push_str(&format!(
-            "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>10} {:>11} {:>9}\n",
+            "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>12} {:>11} {:>9}  {}\n",
             c.phase,
             c.vcpu,
             opt(c.kvm.pages_2m),
             opt(c.mirror_pages_2m),
             opt(c.kvm.pages_4k),
-            opt(c.mirror_pages_4k),
+            m4,
             format!("{}/{}", c.frames.huge, c.frames.small),
-            c.collapsed_after
+            c.collapsed_after,
+            verdict
         ));
     }
     s

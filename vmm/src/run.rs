@@ -279,7 +279,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
     };
 
-    let mirror_ctx = mirror::context(size, &host, args, &image);
+    let mirror_ctx = mirror::MirrorContext {
+        mmu: crate::mmu_params::detect(&host),
+        guest: image
+            .as_ref()
+            .map(crate::testguest::touch::GuestTouches::of),
+    };
     let balloon_irq = if args.balloon {
         let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
             what: "creating the balloon irq eventfd",
@@ -395,15 +400,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 .unwrap_or_default()
         );
     }
-    let mut rep = report::collect(
-        &machine,
-        &vm,
-        args,
-        &image,
-        outcome,
-        elapsed,
-        host_memory_start,
-    );
+    let mut rep = report::collect(&machine, &vm, args, outcome, elapsed, host_memory_start);
     rep.console = console_stats;
     drop(vm);
     Ok(rep)

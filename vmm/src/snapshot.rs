@@ -7,7 +7,8 @@ use serde::Serialize;
 
 use crate::balloon_backend::BalloonStatus;
 use crate::machine::Machine;
-use crate::mirror::{self, Prediction};
+use crate::machine::MirrorPoint;
+use crate::mirror::Prediction;
 use crate::stats::MappingStats;
 use crate::unmap_stats::UnmapMetrics;
 
@@ -122,17 +123,17 @@ pub fn pool_report(ram: &guest_mem::GuestRam) -> PoolReport {
 /// Take a snapshot of `m` (safe on any thread that is not a vCPU's in
 /// `KVM_RUN`; on a vCPU thread call it inside `VcpuControl::parked_while`).
 pub fn take(m: &Machine) -> Snapshot {
+    let balloon = m.balloon().map(|b| b.status());
+    let mut ram = m.ram();
+    // With guest RAM locked no host change runs between KVM's counters and
+    // the prediction.
     let kvm = m
         .stats
         .as_ref()
         .and_then(|s| s.mapping().ok())
         .unwrap_or_default();
-    let balloon = m.balloon().map(|b| b.status());
-    let ram = m.ram();
+    let mirror = m.predict(&mut ram, MirrorPoint::Snapshot);
     let states = ram.frame_states();
-    let mirror = m
-        .mirror_context()
-        .and_then(|ctx| mirror::predict_with(&ram, &states, ctx));
     let snap = Snapshot {
         kvm,
         mirror,

@@ -1,14 +1,11 @@
 //! Built-in test guests on real KVM, checked against KVM's own statistics
 //! (`--stats-json`) and the THP mirror's prediction.
 //!
-//! Tolerance: the mirror predicts KVM's mappings for memslot 0 with every gfn
-//! touched. It may differ only in the frames of the test guest's reserved
-//! region `[0, reserved_end)` (VMM boot page tables and GDT, the guest's code,
-//! page tables and stacks: partly touched, and on shadow-paging hosts KVM
-//! write-protects guest page-table pages so those frames map at 4K). The
-//! report carries that frame count as `mirror.tolerance_frames`; the tests
-//! assert it is small (at most 4 frames) and that KVM's `pages_2m` is within
-//! it of the prediction.
+//! No tolerance: the mirror knows the host's MMU (TDP or shadow), the gfns
+//! holding guest page tables (write-tracked on the shadow MMU, so their frame
+//! maps 4K) and what the guest touches; KVM's `pages_2m` must equal the
+//! prediction and its `pages_4k` must lie in `[mirror.pages_4k,
+//! mirror.pages_4k_max]` (equal for these guests: the bound is for `vmm stress`).
 
 mod common;
 
@@ -17,8 +14,6 @@ use std::process::Command;
 
 use common::num;
 use serde_json::Value;
-
-const MAX_TOLERANCE_FRAMES: u64 = 4;
 
 /// Why a guest of `memory_mib` MiB on `backing` cannot run here, if it cannot.
 fn skip_reason(backing: &str, memory_mib: u64) -> Option<String> {
@@ -90,17 +85,26 @@ fn run_ok(name: &str, backing: &str, memory_mib: u64, extra: &[&str]) -> Option<
     Some(r)
 }
 
-/// KVM's `pages_2m` is within the mirror's tolerance of its prediction;
-/// returns that tolerance (frames).
-fn assert_2m_as_predicted(report: &Value) -> u64 {
-    let tol = num(report, &["mirror", "tolerance_frames"]);
-    let kvm_2m = num(report, &["kvm", "pages_2m"]);
-    let pred_2m = num(report, &["mirror", "pages_2m"]);
-    assert!(
-        kvm_2m.abs_diff(pred_2m) <= tol,
-        "KVM pages_2m {kvm_2m} vs mirror {pred_2m} (tolerance {tol} frames)"
+/// KVM's counters equal the mirror's prediction: `pages_2m` exactly,
+/// `pages_4k` exactly (the prediction is exact for a finished test guest).
+fn assert_as_predicted(report: &Value) {
+    let kvm = (
+        num(report, &["kvm", "pages_4k"]),
+        num(report, &["kvm", "pages_2m"]),
     );
-    tol
+    let pred = (
+        num(report, &["mirror", "pages_4k"]),
+        num(report, &["mirror", "pages_2m"]),
+    );
+    assert_eq!(
+        num(report, &["mirror", "pages_4k_max"]),
+        pred.0,
+        "a finished test guest's prediction is exact: {report:#}"
+    );
+    assert_eq!(
+        kvm, pred,
+        "KVM (pages_4k, pages_2m) vs the mirror: {report:#}"
+    );
 }
 
 fn check_hello_huge(backing: &str) {
@@ -108,23 +112,42 @@ fn check_hello_huge(backing: &str) {
     let Some(r) = run_ok("hello", backing, mib, &["--guest-pages", "2m"]) else {
         return;
     };
-    let kvm_2m = num(&r.report, &["kvm", "pages_2m"]);
-    let kvm_4k = num(&r.report, &["kvm", "pages_4k"]);
-    assert!(kvm_2m > 0, "KVM mapped no 2M pages: {:#}", r.report);
-    // hello writes every page of its work region.
+    assert!(
+        num(&r.report, &["kvm", "pages_2m"]) > 0,
+        "KVM mapped no 2M pages: {:#}",
+        r.report
+    );
+    // hello writes every page of its work region (all frames but frame 0).
     let frames = mib / 2;
-    let work_frames = frames - num(&r.report, &["mirror", "tolerance_frames"]);
-    assert!(num(&r.report, &["report_totals", "pages_touched"]) >= work_frames * 512);
-    let tol = assert_2m_as_predicted(&r.report);
-    assert!(
-        tol <= MAX_TOLERANCE_FRAMES,
-        "tolerance {tol} frames is too loose"
+    assert_eq!(
+        num(&r.report, &["report_totals", "pages_touched"]),
+        (frames - 1) * 512
     );
-    let pred_4k = num(&r.report, &["mirror", "pages_4k"]);
-    assert!(
-        kvm_4k <= pred_4k + 512 * tol,
-        "KVM pages_4k {kvm_4k} vs mirror {pred_4k} (+512 x {tol})"
+    assert_as_predicted(&r.report);
+    // The frame holding the guest's page tables maps 2M only on a TDP host.
+    let shadow = r.report["host"]["kind"] == "ParavirtShadow";
+    let expect_2m = if shadow { frames - 1 } else { frames };
+    assert_eq!(
+        num(&r.report, &["kvm", "pages_2m"]),
+        expect_2m,
+        "{:#}",
+        r.report
     );
+}
+
+/// 4K guest pages: on the shadow MMU every leaf is 4K, and the reserved
+/// region's code, data and stacks are mapped through two guest tables.
+#[test]
+fn hello_4k_guest_pages_hugetlb_as_predicted() {
+    let Some(r) = run_ok(
+        "hello",
+        "hugetlb",
+        128,
+        &["--guest-pages", "4k", "--vcpus", "2"],
+    ) else {
+        return;
+    };
+    assert_as_predicted(&r.report);
 }
 
 #[test]
@@ -144,8 +167,8 @@ fn hello_4k_maps_no_2m() {
         return;
     };
     assert_eq!(num(&r.report, &["kvm", "pages_2m"]), 0, "{:#}", r.report);
-    assert_eq!(num(&r.report, &["mirror", "pages_2m"]), 0);
     assert!(num(&r.report, &["kvm", "pages_4k"]) > 0);
+    assert_as_predicted(&r.report);
 }
 
 #[test]
@@ -201,6 +224,6 @@ fn unmap_two_vcpus_hugetlb_splits_with_vcpus_paused() {
     // Frames that lost a page are split to small pages on the host...
     assert!(num(&r.report, &["frames", "small"]) > 0, "{:#}", r.report);
     // ...and KVM maps them at 4K, as the mirror predicts.
-    assert_2m_as_predicted(&r.report);
+    assert_as_predicted(&r.report);
     assert_eq!(r.report["test_device_rejected"].as_u64(), Some(0));
 }

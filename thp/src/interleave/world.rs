@@ -310,7 +310,13 @@ impl World {
     /// A memslot update (`KVM_SET_USER_MEMORY_REGION`) on slot 0.
     fn kvm_op(&mut self, op: KvmOp) {
         let r = match op {
-            KvmOp::DirtyLog { on } => self.mmu.set_dirty_logging(0, on).map_err(|e| e.to_string()),
+            KvmOp::DirtyLog { on } => match self.primary.mm(self.mm) {
+                Ok(host) => self
+                    .mmu
+                    .set_dirty_logging(0, on, host)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
             KvmOp::DeleteSlot => match self.mmu.remove_slot(0) {
                 Ok(s) => {
                     self.removed_slot = Some(s);

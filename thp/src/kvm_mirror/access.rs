@@ -96,7 +96,8 @@ impl SecondaryMmu {
     }
 
     /// Fault step 4 (under `mmu_lock`, retry check passed): the level from
-    /// the fault's own cap, the memslot flags it saw, the current
+    /// the fault's own cap, the memslot flags it saw
+    /// (`kvm_mmu_hugepage_adjust` reads `fault->slot`), the current
     /// `lpage_info` (4K when the gfn has no slot now) and the host level;
     /// the leaf is writable iff `map_writable`.
     pub fn access_install(
@@ -107,14 +108,6 @@ impl SecondaryMmu {
         let Some(pfn) = f.fault.pfn else {
             return Ok(FaultResult::NoHostPage);
         };
-        let lpage = self
-            .state_for_gfn(f.fault.gfn)
-            .is_some_and(|s| s.lpage_allowed(f.fault.gfn));
-        let level = if f.fault.guest_max_level == Level::K4 || f.slot.dirty_logging || !lpage {
-            Level::K4
-        } else {
-            host.host_level(f.fault.hva).min(f.fault.guest_max_level)
-        };
-        Ok(self.install_leaf(f.fault.gfn, level, pfn, f.map_writable))
+        Ok(self.map(&f.fault, f.slot.dirty_logging, pfn, f.map_writable, host))
     }
 }

@@ -4,19 +4,24 @@
 //! `host_pfn_mapping_level`), the fault path against the mmu-notifier
 //! protocol (`mmu_invalidate_seq`, `mmu_invalidate_in_progress`,
 //! `mmu_invalidate_retry_gfn`), range invalidation, and the `pages_4k` /
-//! `pages_2m` statistics as KVM counts them.
+//! `pages_2m` statistics as KVM counts them. Which MMU (TDP or shadow) and
+//! which module parameters: [`MmuParams`]. Every rule follows [`KERNEL`].
 
 mod access;
+mod dirty_log;
 mod hash;
 mod host;
 mod mmu;
+mod params;
 mod predict;
 mod slots;
+mod track;
 
 pub use access::{AccessFault, Translation};
 pub use host::{HostMap, LevelMap};
-pub use mmu::{FaultResult, PendingFault, SecondaryMmu};
-pub use predict::predict;
+pub use mmu::{Access, FaultResult, PendingFault, SecondaryMmu};
+pub use params::{MmuKind, MmuParams, KERNEL, PTE_PREFETCH_NUM};
+pub use predict::{predict, predict_with, Touch};
 pub use slots::Memslot;
 
 /// Errors of the mirror.
@@ -56,7 +61,14 @@ pub enum MirrorError {
     /// `invalidate_range_end` without a matching start.
     #[error("invalidate_range_end without invalidate_range_start")]
     UnbalancedInvalidate,
-    /// `untrack_write` of a gfn that is not write-tracked.
+    /// A memslot update while an mmu-notifier invalidation is in progress
+    /// (KVM makes it wait for `mn_active_invalidate_count` to drop to 0).
+    #[error("memslot update while an mmu-notifier invalidation is in progress")]
+    InvalidationActive,
+    /// Write tracking of shadowed guest page tables asked of the TDP MMU.
+    #[error("the TDP MMU shadows no guest page tables")]
+    NotShadowMmu,
+    /// `unaccount_shadowed` of a gfn that is not write-tracked.
     #[error("gfn {gfn:#x} is not write-tracked")]
     NotTracked {
         /// The gfn.

@@ -1,8 +1,8 @@
-//! Memslots and their `lpage_info` (`kvm_alloc_memslot_metadata`):
-//! a per-2M-frame `disallow_lpage` count.
+//! Memslots and their `lpage_info` (`kvm_alloc_memslot_metadata`): a
+//! `disallow_lpage` count per large page, for each huge level (2M and 1G).
 
 use super::MirrorError;
-use crate::units::{PAGES_PER_HPAGE, PAGE_SIZE};
+use crate::units::{Level, PAGES_PER_HPAGE, PAGE_SIZE};
 
 /// A KVM memslot (`KVM_SET_USER_MEMORY_REGION`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,17 +39,25 @@ impl Memslot {
     }
 }
 
-/// A slot plus its `lpage_info[PG_LEVEL_2M]`.
+/// A slot plus its `lpage_info` for each huge level (2M and 1G).
 #[derive(Debug, Clone)]
 pub(crate) struct SlotState {
     pub(crate) slot: Memslot,
-    /// `disallow_lpage` per 2M index (`gfn_to_index`).
-    pub(crate) disallow: Vec<u32>,
+    /// `lpage_info[level - 2][i].disallow_lpage` for [`Level::HUGE`], per
+    /// index `gfn_to_index(gfn, base_gfn, level)`.
+    pub(crate) disallow: [Vec<u32>; 2],
+}
+
+fn huge_idx(level: Level) -> Option<usize> {
+    Level::HUGE.iter().position(|l| *l == level)
 }
 
 impl SlotState {
-    /// `kvm_alloc_memslot_metadata` for the 2M level.
-    pub(crate) fn new(slot: Memslot) -> Result<Self, MirrorError> {
+    /// `kvm_alloc_memslot_metadata` (arch/x86/kvm/x86.c): for each huge
+    /// level, a partial first or last large page of the slot is disallowed,
+    /// and when guest and host addresses are not congruent modulo the large
+    /// page size every large page of the slot is.
+    pub(crate) fn kvm_alloc_memslot_metadata(slot: Memslot) -> Result<Self, MirrorError> {
         let bad = |why| Err(MirrorError::BadSlot { id: slot.id, why });
         if slot.npages == 0 {
             return bad("zero pages");
@@ -60,33 +68,52 @@ impl SlotState {
         if slot.base_gfn.checked_add(slot.npages).is_none() {
             return bad("gfn range overflows");
         }
-        let first = slot.base_gfn / PAGES_PER_HPAGE;
-        let last = (slot.base_gfn + slot.npages - 1) / PAGES_PER_HPAGE;
-        let n = (last - first + 1) as usize;
-        let mut disallow = vec![0u32; n];
-        // A partial first or last 2M frame cannot be mapped huge.
-        if !slot.base_gfn.is_multiple_of(PAGES_PER_HPAGE) {
-            disallow[0] = 1;
-        }
-        if !(slot.base_gfn + slot.npages).is_multiple_of(PAGES_PER_HPAGE) {
-            disallow[n - 1] = 1;
-        }
-        // Guest and host not congruent mod 2M: no 2M anywhere in the slot.
-        if slot.misaligned() {
-            for d in disallow.iter_mut() {
-                *d += 1;
+        let ugfn = slot.userspace_addr / PAGE_SIZE;
+        let disallow = Level::HUGE.map(|level| {
+            let n = level.pages();
+            let first = level.index(slot.base_gfn);
+            let last = level.index(slot.base_gfn + slot.npages - 1);
+            let len = (last - first + 1) as usize;
+            let mut d = vec![0u32; len];
+            if !slot.base_gfn.is_multiple_of(n) {
+                d[0] = 1;
             }
-        }
+            if !(slot.base_gfn + slot.npages).is_multiple_of(n) {
+                d[len - 1] = 1;
+            }
+            if (slot.base_gfn ^ ugfn) & (n - 1) != 0 {
+                for x in d.iter_mut() {
+                    *x += 1;
+                }
+            }
+            d
+        });
         Ok(SlotState { slot, disallow })
     }
 
-    /// `gfn_to_index(gfn, base_gfn, PG_LEVEL_2M)`.
-    pub(crate) fn index(&self, gfn: u64) -> usize {
-        (gfn / PAGES_PER_HPAGE - self.slot.base_gfn / PAGES_PER_HPAGE) as usize
+    /// `gfn_to_index(gfn, base_gfn, level)`.
+    pub(crate) fn index(&self, gfn: u64, level: Level) -> usize {
+        (level.index(gfn) - level.index(self.slot.base_gfn)) as usize
     }
 
-    /// Whether the 2M frame holding `gfn` may be mapped huge (lpage_info only).
-    pub(crate) fn lpage_allowed(&self, gfn: u64) -> bool {
-        self.disallow.get(self.index(gfn)) == Some(&0)
+    /// `lpage_info_slot(gfn, slot, level)->disallow_lpage == 0`: whether a
+    /// leaf of `level` over `gfn` is allowed by `lpage_info` (4K always is).
+    pub(crate) fn lpage_allowed_at(&self, gfn: u64, level: Level) -> bool {
+        match huge_idx(level) {
+            None => true,
+            Some(i) => self.disallow[i].get(self.index(gfn, level)) == Some(&0),
+        }
+    }
+
+    /// `update_gfn_disallow_lpage_count` (arch/x86/kvm/mmu/mmu.c): adds
+    /// `count` to `disallow_lpage` of every huge level's page holding `gfn`
+    /// (`kvm_mmu_gfn_disallow_lpage` is `+1`, `kvm_mmu_gfn_allow_lpage` `-1`).
+    pub(crate) fn update_gfn_disallow_lpage_count(&mut self, gfn: u64, count: i32) {
+        for (i, level) in Level::HUGE.iter().enumerate() {
+            let idx = self.index(gfn, *level);
+            if let Some(d) = self.disallow[i].get_mut(idx) {
+                *d = d.saturating_add_signed(count);
+            }
+        }
     }
 }

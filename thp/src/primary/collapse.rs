@@ -62,6 +62,13 @@ impl fmt::Display for CollapseRefusal {
     }
 }
 
+/// `struct collapse_control` (mm/khugepaged.c): who collapses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CollapseControl {
+    /// khugepaged (its `max_ptes_*` limits apply), or `MADV_COLLAPSE` (false).
+    pub is_khugepaged: bool,
+}
+
 /// What a successful collapse did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CollapseReport {
@@ -79,6 +86,23 @@ impl Primary {
     /// Scans `frame` of `mm` with khugepaged's rules; refusal reason or the
     /// counts (none, shared) when collapsible. Changes nothing.
     pub fn collapse_scan(&self, mm: MmId, frame: usize) -> Result<(u32, u32), MmError> {
+        self.collapse_scan_cc(
+            mm,
+            frame,
+            CollapseControl {
+                is_khugepaged: true,
+            },
+        )
+    }
+
+    /// The scan for `cc`: `hpage_collapse_scan_pmd` (anonymous) or
+    /// `hpage_collapse_scan_file` (shmem), mm/khugepaged.c.
+    pub fn collapse_scan_cc(
+        &self,
+        mm: MmId,
+        frame: usize,
+        cc: CollapseControl,
+    ) -> Result<(u32, u32), MmError> {
         let m = self.mm(mm)?;
         if frame >= m.frames() {
             return Err(MmError::OutOfRange {
@@ -88,17 +112,38 @@ impl Primary {
             });
         }
         let refuse = |r| Err(MmError::Collapse(r));
-        if !self.policy.collapse_allowed(m.madvised) {
+        if cc.is_khugepaged && !self.policy.collapse_allowed(m.madvised) {
             return refuse(CollapseRefusal::Disabled);
         }
-        let k = self.policy.khugepaged;
         let t = match &m.frames[frame] {
             FrameMap::None => return refuse(CollapseRefusal::NoPageTable),
             FrameMap::Pmd(_) => return refuse(CollapseRefusal::AlreadyPmdMapped),
             FrameMap::Table(t) => t,
         };
+        if m.is_shmem() {
+            self.hpage_collapse_scan_file(t, cc)
+        } else {
+            self.hpage_collapse_scan_pmd(m, frame, t, cc)
+        }
+    }
+
+    /// `hpage_collapse_scan_pmd` (mm/khugepaged.c, Linux 6.18): none PTEs
+    /// above `max_ptes_none` and PTEs of maybe-shared folios above
+    /// `max_ptes_shared` refuse only for khugepaged (`cc->is_khugepaged`;
+    /// `MADV_COLLAPSE` ignores the limits); a pinned or otherwise referenced
+    /// page (`SCAN_PAGE_COUNT`) and no writable PTE (`SCAN_PAGE_RO`) refuse
+    /// for both.
+    fn hpage_collapse_scan_pmd(
+        &self,
+        m: &super::Mm,
+        frame: usize,
+        t: &super::PageTable,
+        cc: CollapseControl,
+    ) -> Result<(u32, u32), MmError> {
+        let refuse = |r| Err(MmError::Collapse(r));
+        let k = self.policy.khugepaged;
         let none = PAGES_PER_HPAGE as u32 - t.present();
-        if none > k.max_ptes_none {
+        if cc.is_khugepaged && none > k.max_ptes_none {
             return refuse(CollapseRefusal::ExceedNonePte {
                 none,
                 max: k.max_ptes_none,
@@ -108,9 +153,11 @@ impl Primary {
         let mut writable = false;
         for (i, pte) in t.iter() {
             let f = self.folio(pte.folio)?;
-            if f.page_mapcount(pte.idx as usize) > 1 {
+            // 6.10+: a page counts as shared if any part of its folio may be
+            // (`folio_maybe_mapped_shared`).
+            if f.folio_maybe_mapped_shared() {
                 shared += 1;
-                if shared > k.max_ptes_shared {
+                if cc.is_khugepaged && shared > k.max_ptes_shared {
                     return refuse(CollapseRefusal::ExceedSharedPte {
                         shared,
                         max: k.max_ptes_shared,
@@ -128,10 +175,69 @@ impl Primary {
         Ok((none, shared))
     }
 
+    /// `hpage_collapse_scan_file` (mm/khugepaged.c, Linux 6.18) for a shmem
+    /// frame (the model's page cache is what is mapped): fewer than
+    /// `512 - max_ptes_none` present pages refuse only for khugepaged; a
+    /// pinned or referenced page refuses (`SCAN_PAGE_COUNT`); no writable
+    /// PTE and sharing are no reason (`collapse_file` works on the page cache).
+    fn hpage_collapse_scan_file(
+        &self,
+        t: &super::PageTable,
+        cc: CollapseControl,
+    ) -> Result<(u32, u32), MmError> {
+        let k = self.policy.khugepaged;
+        let present = t.present();
+        let none = PAGES_PER_HPAGE as u32 - present;
+        if cc.is_khugepaged && present < PAGES_PER_HPAGE as u32 - k.max_ptes_none {
+            return Err(MmError::Collapse(CollapseRefusal::ExceedNonePte {
+                none,
+                max: k.max_ptes_none,
+            }));
+        }
+        for (i, pte) in t.iter() {
+            let f = self.folio(pte.folio)?;
+            if f.maybe_dma_pinned() || f.held > 0 {
+                return Err(MmError::Collapse(CollapseRefusal::Pinned {
+                    page: i as u16,
+                }));
+            }
+        }
+        Ok((none, 0))
+    }
+
     /// Collapses `frame` of `mm` into a fresh PMD-mapped huge folio
     /// (khugepaged). On refusal nothing changed.
     pub fn collapse(&mut self, mm: MmId, frame: usize) -> Result<CollapseReport, MmError> {
-        self.collapse_scan(mm, frame)?;
+        self.collapse_cc(
+            mm,
+            frame,
+            CollapseControl {
+                is_khugepaged: true,
+            },
+        )
+    }
+
+    /// `MADV_COLLAPSE` (`madvise_collapse`): the collapse without
+    /// khugepaged's limits (`cc->is_khugepaged` false) and regardless of the
+    /// THP `enabled` policy.
+    pub fn madvise_collapse(&mut self, mm: MmId, frame: usize) -> Result<CollapseReport, MmError> {
+        self.collapse_cc(
+            mm,
+            frame,
+            CollapseControl {
+                is_khugepaged: false,
+            },
+        )
+    }
+
+    /// `collapse_huge_page` / `collapse_file` after the scan for `cc`.
+    pub fn collapse_cc(
+        &mut self,
+        mm: MmId,
+        frame: usize,
+        cc: CollapseControl,
+    ) -> Result<CollapseReport, MmError> {
+        self.collapse_scan_cc(mm, frame, cc)?;
         let Some(new) = self.alloc_huge(frame) else {
             self.stat.thp_collapse_alloc_failed += 1;
             return Err(MmError::Collapse(CollapseRefusal::PoolEmpty));

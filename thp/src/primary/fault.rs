@@ -62,7 +62,7 @@ impl Primary {
         }
         match m.lookup(page) {
             Some((_, _, _, writable)) if writable || !write => Ok(FaultOutcome::AlreadyMapped),
-            Some((Level::M2, _, id, _)) => self.wp_fault_pmd(mm, page, id),
+            Some((Level::M2 | Level::G1, _, id, _)) => self.wp_fault_pmd(mm, page, id),
             Some((Level::K4, _, id, _)) => self.wp_fault_pte(mm, page, id),
             None => {
                 if allow_huge
@@ -71,6 +71,8 @@ impl Primary {
                 {
                     if let Some(id) = self.alloc_huge_for_fault(f, madvised) {
                         self.install_pmd(mm, f, id, true)?;
+                        // 6.12+: every new PMD THP goes on the deferred-split queue.
+                        self.deferred_split_folio(id, false);
                         self.stat.thp_fault_alloc += 1;
                         return Ok(FaultOutcome::MappedHuge(id));
                     }

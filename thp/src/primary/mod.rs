@@ -15,7 +15,7 @@ mod rmap;
 mod split;
 mod unmap;
 
-pub use collapse::{CollapseRefusal, CollapseReport};
+pub use collapse::{CollapseControl, CollapseRefusal, CollapseReport};
 pub use fault::FaultOutcome;
 pub use split::ShrinkReport;
 
@@ -112,12 +112,19 @@ pub struct Mm {
     frames: Vec<FrameMap>,
     /// Per frame: the VMA there lost `PROT_WRITE` (`mprotect(PROT_READ)`).
     wrprotected: Vec<bool>,
+    /// A shmem (file) mapping instead of anonymous memory: its folios are
+    /// page-cache folios (no deferred split), collapse is `collapse_file`.
+    shmem: bool,
 }
 
 impl Mm {
     /// First host virtual address of the VMA (2M aligned).
     pub fn base_hva(&self) -> u64 {
         self.base_hva
+    }
+    /// Whether this is a shmem mapping (`!vma_is_anonymous`).
+    pub fn is_shmem(&self) -> bool {
+        self.shmem
     }
     /// Number of 2M frames.
     pub fn frames(&self) -> usize {
@@ -293,8 +300,19 @@ impl Primary {
             madvised,
             frames: vec![FrameMap::None; frames],
             wrprotected: vec![false; frames],
+            shmem: false,
         }));
         self.mms.len() - 1
+    }
+
+    /// Like [`Self::new_mm`] for a shared shmem mapping (a memfd): its
+    /// folios are page-cache folios.
+    pub fn new_shmem_mm(&mut self, frames: usize, base_hva: u64, madvised: bool) -> MmId {
+        let id = self.new_mm(frames, base_hva, madvised);
+        if let Some(Some(m)) = self.mms.get_mut(id) {
+            m.shmem = true;
+        }
+        id
     }
 
     /// The address space `id`.

@@ -7,21 +7,21 @@ impl Primary {
     /// `MADV_PAGEOUT` of `frame` of `mm` (`madvise_cold_or_pageout_pte_range`,
     /// then `reclaim_pages`): every page whose folio is neither pinned
     /// (`try_to_unmap` refuses `folio_maybe_dma_pinned`) nor mapped shared
-    /// (`folio_likely_mapped_shared`) is unmapped; a PMD-mapped folio goes as
+    /// (`folio_maybe_mapped_shared`) is unmapped; a PMD-mapped folio goes as
     /// a whole. The contents live on in swap / the page cache (not modelled):
     /// the next fault maps a fresh folio, possibly at a new pfn. Callers wrap
     /// this in an mmu-notifier invalidation. Returns the pages unmapped.
     pub fn pageout(&mut self, mm: MmId, frame: usize) -> Result<u64, MmError> {
         let first = frame as u64 * PAGES_PER_HPAGE;
         self.check_range(mm, first, PAGES_PER_HPAGE)?;
-        let skip = |p: &Primary, id, idx: usize| {
+        let skip = |p: &Primary, id| {
             p.folio(id)
-                .map(|f| f.maybe_dma_pinned() || f.page_mapcount(idx) > 1)
+                .map(|f| f.maybe_dma_pinned() || f.folio_maybe_mapped_shared())
         };
         match self.mm(mm)?.frame(frame).clone() {
             FrameMap::None => Ok(0),
             FrameMap::Pmd(pmd) => {
-                if skip(self, pmd.folio, 0)? {
+                if skip(self, pmd.folio)? {
                     return Ok(0);
                 }
                 self.unmap(mm, first, PAGES_PER_HPAGE)?;
@@ -30,7 +30,7 @@ impl Primary {
             FrameMap::Table(t) => {
                 let mut n = 0;
                 for (i, pte) in t.iter() {
-                    if !skip(self, pte.folio, pte.idx as usize)? {
+                    if !skip(self, pte.folio)? {
                         self.clear_pte(mm, first + i as u64)?;
                         n += 1;
                     }

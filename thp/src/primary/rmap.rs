@@ -53,38 +53,66 @@ impl Primary {
         Ok(())
     }
 
-    /// Queues a large folio for deferred split if it is now partially mapped
-    /// (`deferred_split_folio`).
-    fn maybe_defer(&mut self, id: FolioId) {
+    /// `deferred_split_folio` (mm/huge_memory.c, Linux 6.18): queues a large
+    /// folio. `partially_mapped` (part of it got unmapped) sets the sticky
+    /// `partially_mapped` flag and counts `thp_deferred_split_page` once;
+    /// since 6.12 every new PMD-mapped anonymous THP is queued too (not
+    /// partially mapped) so the shrinker can split it when underused.
+    pub(crate) fn deferred_split_folio(&mut self, id: FolioId, partially_mapped: bool) {
         if let Some(f) = self.folios.get_mut(id) {
-            if !f.on_deferred_split && f.partially_mapped() {
+            if !f.is_large() || !f.anon {
+                return;
+            }
+            if partially_mapped && !f.partially_mapped_flag {
+                f.partially_mapped_flag = true;
+                self.stat.thp_deferred_split_page += 1;
+            }
+            if !f.on_deferred_split {
                 f.on_deferred_split = true;
                 self.deferred.insert(id);
-                self.stat.thp_deferred_split_page += 1;
             }
         }
     }
 
-    /// Adds a PTE mapping of page `idx` of `id` (`folio_add_*_rmap_pte` + ref).
-    pub(crate) fn rmap_add_pte(&mut self, id: FolioId, idx: u16) {
-        if let Some(f) = self.folios.get_mut(id) {
-            f.page_mapcount[idx as usize] += 1;
-            f.refcount += 1;
+    /// After an unmap: a large folio that is now partially mapped is queued
+    /// (`__folio_remove_rmap` → `deferred_split_folio(folio, true)`).
+    fn maybe_defer(&mut self, id: FolioId) {
+        if self.folios.get(id).is_some_and(|f| f.partially_mapped()) {
+            self.deferred_split_folio(id, true);
         }
     }
 
-    /// Removes a PTE mapping and its reference (`folio_remove_rmap_pte` + put).
-    pub(crate) fn rmap_remove_pte(&mut self, id: FolioId, idx: u16) -> Result<(), MmError> {
+    /// Adds a PTE mapping of page `idx` of `id` by `mm` (`folio_add_*_rmap_pte` + ref).
+    pub(crate) fn rmap_add_pte(&mut self, id: FolioId, idx: u16, mm: MmId) {
+        if let Some(f) = self.folios.get_mut(id) {
+            f.page_mapcount[idx as usize] += 1;
+            f.refcount += 1;
+            let total = f.total_mapcount();
+            f.folio_add_return_large_mapcount(1, mm, total);
+        }
+    }
+
+    /// Removes a PTE mapping of `mm` and its reference (`folio_remove_rmap_pte` + put).
+    pub(crate) fn rmap_remove_pte(
+        &mut self,
+        id: FolioId,
+        idx: u16,
+        mm: MmId,
+    ) -> Result<(), MmError> {
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
         f.page_mapcount[idx as usize] -= 1;
+        let total = f.total_mapcount();
+        f.folio_sub_return_large_mapcount(1, mm, total);
         self.maybe_defer(id);
         self.put_ref(id)
     }
 
-    /// Removes a PMD mapping and its reference (`folio_remove_rmap_pmd` + put).
-    pub(crate) fn rmap_remove_pmd(&mut self, id: FolioId) -> Result<(), MmError> {
+    /// Removes a PMD mapping of `mm` and its reference (`folio_remove_rmap_pmd` + put).
+    pub(crate) fn rmap_remove_pmd(&mut self, id: FolioId, mm: MmId) -> Result<(), MmError> {
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
         f.entire_mapcount -= 1;
+        let total = f.total_mapcount();
+        f.folio_sub_return_large_mapcount(1, mm, total);
         self.maybe_defer(id);
         self.put_ref(id)
     }
@@ -99,7 +127,11 @@ impl Primary {
         writable: bool,
     ) -> Result<(), MmError> {
         let pfn = self.folio(folio)?.pfn(idx as usize);
-        self.rmap_add_pte(folio, idx);
+        let shmem = self.mm(mm)?.is_shmem();
+        if let Some(f) = self.folios.get_mut(folio) {
+            f.anon &= !shmem;
+        }
+        self.rmap_add_pte(folio, idx, mm);
         let (f, i) = split_page(page);
         let m = self.mm_mut(mm)?;
         let slot = &mut m.frames[f];
@@ -128,7 +160,7 @@ impl Primary {
             _ => None,
         };
         if let Some(p) = old {
-            self.rmap_remove_pte(p.folio, p.idx)?;
+            self.rmap_remove_pte(p.folio, p.idx, mm)?;
         }
         Ok(old)
     }
@@ -141,9 +173,13 @@ impl Primary {
         id: FolioId,
         writable: bool,
     ) -> Result<(), MmError> {
+        let shmem = self.mm(mm)?.is_shmem();
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
+        f.anon &= !shmem;
         f.entire_mapcount += 1;
         f.refcount += 1;
+        let total = f.total_mapcount();
+        f.folio_add_return_large_mapcount(1, mm, total);
         let pfn = f.pfn(0);
         self.mm_mut(mm)?.frames[frame] = FrameMap::Pmd(Pmd {
             folio: id,

@@ -169,13 +169,23 @@ impl Primary {
         Ok(out)
     }
 
-    /// Runs the deferred-split shrinker over the whole queue.
+    /// `thp_underused` (mm/huge_memory.c): more zero-filled pages than
+    /// `max_ptes_none`. Page contents are not modelled: false, which is the
+    /// kernel's answer too with the default `max_ptes_none` = 511.
+    fn thp_underused(&self, _id: FolioId) -> bool {
+        false
+    }
+
+    /// `deferred_split_scan` (mm/huge_memory.c, Linux 6.18) over the whole
+    /// queue: a folio not partially mapped and not underused leaves the
+    /// queue; a partially mapped one is split (`split_folio`), or stays
+    /// queued when that fails (pinned).
     pub fn shrink_deferred_split(&mut self) -> ShrinkReport {
         let mut r = ShrinkReport::default();
         let queued: Vec<FolioId> = self.deferred.iter().copied().collect();
         for id in queued {
-            let partial = self.folios.get(id).is_some_and(|f| f.partially_mapped());
-            if !partial {
+            let partial = self.folios.get(id).is_some_and(|f| f.partially_mapped_flag);
+            if !partial && !self.thp_underused(id) {
                 self.deferred.remove(&id);
                 if let Some(f) = self.folios.get_mut(id) {
                     f.on_deferred_split = false;

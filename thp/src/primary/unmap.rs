@@ -38,11 +38,15 @@ impl Primary {
             .folios
             .get_mut(pmd.folio)
             .ok_or(MmError::NoSuchFolio(pmd.folio))?;
-        // The PMD's mapping and reference become 512 PTE mappings and references.
-        f.entire_mapcount -= 1;
+        // The PMD's mapping and reference become 512 PTE mappings and
+        // references (`folio_add_anon_rmap_ptes`, then `folio_remove_rmap_pmd`).
+        let before = f.total_mapcount();
         for m in f.page_mapcount.iter_mut() {
             *m += 1;
         }
+        f.folio_add_return_large_mapcount(PAGES_PER_HPAGE as u32, mm, before + 512);
+        f.entire_mapcount -= 1;
+        f.folio_sub_return_large_mapcount(1, mm, before + 511);
         f.refcount += PAGES_PER_HPAGE as u32 - 1;
         self.stat.thp_split_pmd += 1;
         Ok(true)
@@ -65,7 +69,7 @@ impl Primary {
                 FrameMap::Pmd(pmd) if whole => {
                     let id = pmd.folio;
                     self.mm_mut(mm)?.frames[f] = FrameMap::None;
-                    self.rmap_remove_pmd(id)?;
+                    self.rmap_remove_pmd(id, mm)?;
                 }
                 FrameMap::Pmd(_) => {
                     self.split_huge_pmd(mm, f)?;

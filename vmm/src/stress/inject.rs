@@ -2,6 +2,7 @@
 //! Runs on the main thread; events are strictly sequential.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use guest_mem::{quiesce, Backing, FrameView, GuestMemError, QuiesceError, HPAGE_SIZE, PAGE_SIZE};
@@ -108,7 +109,8 @@ pub struct QuiescePoint {
     pub kvm_pages_2m: u64,
     /// The mirror's prediction.
     pub prediction: Prediction,
-    /// Whether they agree within the tolerance.
+    /// Whether they agree (pages_2m exactly, pages_4k exactly or within
+    /// the printed bound).
     pub agrees: bool,
     /// Frames our books (the RAM model) hold huge.
     pub huge_frames: u64,
@@ -126,8 +128,8 @@ impl std::fmt::Display for QuiescePoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "quiescent point at event #{}{}: KVM pages_4k {} pages_2m {}, mirror predicts {} / {} \
-             (tolerance {} frames)",
+            "quiescent point at event #{}{}: KVM pages_4k {} pages_2m {}, mirror predicts {}{} / {} \
+             ({})",
             self.seq,
             if self.dirty_logging {
                 " (dirty logging on)"
@@ -137,8 +139,13 @@ impl std::fmt::Display for QuiescePoint {
             self.kvm_pages_4k,
             self.kvm_pages_2m,
             self.prediction.pages_4k,
+            if self.prediction.pages_4k_max != self.prediction.pages_4k {
+                format!("..{}", self.prediction.pages_4k_max)
+            } else {
+                String::new()
+            },
             self.prediction.pages_2m,
-            self.prediction.tolerance_frames
+            self.prediction.describe(self.kvm_pages_4k, self.kvm_pages_2m)
         )
     }
 }
@@ -163,6 +170,9 @@ pub struct Injector<'a> {
     pub work_frames: Range<u64>,
     /// Reserved region end (gpa).
     pub reserved_end: u64,
+    /// Frames the host remapped (or protected / paged out) since the last
+    /// memslot delete: the shadow MMU's `pages_4k` bound.
+    pub remapped: AtomicU64,
 }
 
 impl std::fmt::Debug for Injector<'_> {
@@ -280,6 +290,7 @@ impl Injector<'_> {
     }
 
     fn wrprotect(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
+        self.remapped.fetch_add(1, Ordering::Relaxed);
         let ram = self.m.ram();
         let addr = ram.host_addr() + gpa;
         let gate = &self.vshared.gate;
@@ -337,6 +348,7 @@ impl Injector<'_> {
     }
 
     fn pageout(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
+        self.remapped.fetch_add(1, Ordering::Relaxed);
         let ram = self.m.ram();
         let addr = ram.host_addr() + gpa;
         x.resident_before = Self::resident(addr)?;
@@ -399,6 +411,9 @@ impl Injector<'_> {
     fn slot_cycle(&self, x: &mut Extra) -> Result<Effect, InjectError> {
         let _paused = quiesce::pause(&self.m.control)?;
         self.slot.delete(self.vm)?;
+        // kvm_mmu_zap_all_fast: everything KVM mapped is gone.
+        self.m.ram().take_changed_frames();
+        self.remapped.store(0, Ordering::Relaxed);
         let after = self.mapping();
         self.slot.create(self.vm)?;
         let (p4, p2) = after?;
@@ -451,7 +466,9 @@ impl Injector<'_> {
         self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))?;
         let _paused = quiesce::pause(&self.m.control)?;
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
-        let ram = self.m.ram();
+        let mut ram = self.m.ram();
+        let changed = ram.take_changed_frames().len() as u64;
+        let remapped = self.remapped.fetch_add(changed, Ordering::Relaxed) + changed;
         let states = ram.frame_states();
         let huge_frames = states
             .iter()
@@ -464,6 +481,13 @@ impl Injector<'_> {
                 source,
             })?;
         let levels = host_levels(&states, host_pmd.as_deref());
+        // The shadow MMU's extra SPTEs stay with frames the host split (a
+        // collapse takes them away): at most one group per small frame.
+        let small = levels
+            .iter()
+            .filter(|l| **l == Some(thp::units::Level::K4))
+            .count() as u64;
+        let remapped = remapped.min(small);
         let books_vs_host = host_pmd.as_ref().map(|pmd| {
             states
                 .iter()
@@ -473,7 +497,7 @@ impl Injector<'_> {
                 .map(|(f, _)| f as u64)
                 .collect::<Vec<u64>>()
         });
-        let prediction = predict(&ram, levels, self.m, dirty, self.reserved_end);
+        let prediction = predict(&ram, levels, self.m, dirty, remapped);
         let agrees = self.m.stats.is_none()
             || (prediction.comparable && prediction.agrees(kvm_pages_4k, kvm_pages_2m));
         Ok(QuiescePoint {
@@ -513,45 +537,28 @@ fn host_levels(states: &[FrameView], pmd: Option<&[bool]>) -> Vec<Option<thp::un
     levels
 }
 
-/// The mirror's prediction with every gfn touched (the guest touched all of
-/// its slices in the last full pass; the reserved region partly: tolerance).
+/// The mirror's prediction with every page the guest touches touched (the
+/// guest made full passes over its slices since the last event).
 fn predict(
     ram: &guest_mem::GuestRam,
     levels: Vec<Option<thp::units::Level>>,
     m: &Machine,
     dirty: bool,
-    reserved_end: u64,
+    remapped: u64,
 ) -> Prediction {
-    let size = ram.size();
-    let level = mirror::guest_level(&m.host, Some(crate::testguest::GuestPageSize::Size2M));
-    let slot = thp::kvm_mirror::Memslot {
-        id: 0,
-        base_gfn: 0,
-        npages: size / PAGE_SIZE,
-        userspace_addr: ram.host_addr(),
-        dirty_logging: dirty,
+    let failed = |why: String| Prediction {
+        pages_4k: 0,
+        pages_2m: 0,
+        pages_4k_max: 0,
+        pages_4k_bound: Some(why),
+        max_pages_2m: 0,
+        comparable: false,
+        mmu: String::new(),
     };
-    let map = thp::kvm_mirror::LevelMap::new(ram.host_addr(), levels);
-    let tolerance_frames = reserved_end.div_ceil(HPAGE_SIZE);
-    let tolerance_reason = format!(
-        "the reserved region [0, {reserved_end:#x}) holds boot tables, the guest's code, stacks and \
-         page tables and the shared log: only part of it is touched, and on shadow-paging hosts KVM \
-         maps guest page-table frames at 4K"
-    );
-    match thp::kvm_mirror::predict(&[slot], &map, |_| level, 0..size / PAGE_SIZE) {
-        Ok((pages_4k, pages_2m)) => Prediction {
-            pages_4k,
-            pages_2m,
-            tolerance_frames,
-            tolerance_reason,
-            comparable: true,
-        },
-        Err(e) => Prediction {
-            pages_4k: 0,
-            pages_2m: 0,
-            tolerance_frames: 0,
-            tolerance_reason: format!("the mirror refused: {e}"),
-            comparable: false,
-        },
-    }
+    let Some(ctx) = m.mirror_context() else {
+        return failed("no mirror context".into());
+    };
+    let extra = mirror::shadow_remap_slack(ctx, remapped);
+    mirror::predict_all_touched(ctx, ram.host_addr(), ram.size(), levels, dirty, extra)
+        .unwrap_or_else(|e| failed(format!("the mirror refused: {e}")))
 }

@@ -192,7 +192,9 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
     }
 
     let (host_addr, size) = {
-        let ram = m.ram();
+        let mut ram = m.ram();
+        // Populating guest RAM is no remap of a mapping KVM had.
+        ram.take_changed_frames();
         (ram.host_addr(), ram.size())
     };
     let inj = Injector {
@@ -205,6 +207,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         bug: p.bug,
         work_frames: image.reserved.end / HPAGE_SIZE..size / HPAGE_SIZE,
         reserved_end: image.reserved.end,
+        remapped: std::sync::atomic::AtomicU64::new(0),
     };
     let mut source = match replay_events {
         Some(events) => Source::Replay { events, next: 0 },

@@ -86,5 +86,9 @@ pub fn build(
         kind: GuestKind::TestGuest,
         stats,
     }));
+    machine.set_mirror_context(crate::mirror::MirrorContext {
+        mmu: crate::mmu_params::detect(&host),
+        guest: Some(testguest::touch::GuestTouches::of(&image)),
+    });
     Ok(Built { vm, machine, image })
 }

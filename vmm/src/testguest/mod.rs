@@ -34,6 +34,7 @@ pub mod guests;
 pub mod layout;
 mod runtime;
 pub mod tables;
+pub mod touch;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -268,6 +269,10 @@ pub struct TestGuestImage {
     pub slices: Vec<Range<u64>>,
     /// The computed layout.
     pub layout: Layout,
+    /// Gpa range of the guest's code.
+    pub code: Range<u64>,
+    /// The parameters it was built from.
+    pub params: TestGuestParams,
 }
 
 impl TestGuestImage {
@@ -311,7 +316,7 @@ pub fn build(params: &TestGuestParams) -> Result<TestGuestImage, TestGuestError>
     let layout = Layout::new(params.ram_size, params.vcpus, params.guest_pages)?;
     let mut b = builder::GuestBuilder::new(layout.clone())?;
     let workload = guests::emit(&mut b, params)?;
-    let (entry, bytes) = runtime::assemble(b, workload)?;
+    let (entry, bytes, code_len) = runtime::assemble(b, workload)?;
     log::debug!(
         "test guest {}: {} image bytes, entry {entry:#x}, reserved {:#x?}, {} vCPUs, {} guest pages",
         params.name,
@@ -327,6 +332,8 @@ pub fn build(params: &TestGuestParams) -> Result<TestGuestImage, TestGuestError>
         entry,
         reserved: layout.reserved.clone(),
         slices: layout.slices.clone(),
+        code: layout::CODE_ADDR..layout::CODE_ADDR + code_len,
+        params: params.clone(),
         layout,
     })
 }

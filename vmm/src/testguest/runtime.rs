@@ -328,7 +328,7 @@ fn put(image: &mut [u8], gpa: u64, bytes: &[u8]) {
 pub(super) fn assemble(
     mut b: GuestBuilder,
     workload: CodeLabel,
-) -> Result<(u64, Vec<u8>), TestGuestError> {
+) -> Result<(u64, Vec<u8>, u64), TestGuestError> {
     let mut user_entry = b.a.create_label();
     let entry = emit_entry(&mut b.a, &b.layout, user_entry)?;
     let mut sites = Sites {
@@ -344,7 +344,8 @@ pub(super) fn assemble(
         BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
     )?;
     let code = &result.inner.code_buffer;
-    if code.len() as u64 > CODE_END - CODE_ADDR {
+    let code_len = code.len() as u64;
+    if code_len > CODE_END - CODE_ADDR {
         return Err(TestGuestError::TooLarge {
             what: "code",
             size: code.len() as u64,
@@ -382,7 +383,7 @@ pub(super) fn assemble(
     }
     put(&mut image, STRINGS_ADDR, &b.strings);
     put(&mut image, CODE_ADDR, code);
-    Ok((result.label_ip(&labels.entry)?, image))
+    Ok((result.label_ip(&labels.entry)?, image, code_len))
 }
 
 #[cfg(test)]

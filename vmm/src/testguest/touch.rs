@@ -1,0 +1,157 @@
+//! What a built-in test guest touches, for the KVM mirror: its page tables
+//! (write-tracked by the shadow MMU), what its CPL3 code reads, writes and
+//! executes in the reserved region, and which work pages it touched before
+//! each checkpoint.
+//!
+//! On a paravirtual (shadow-paging) host the guest's CPL0 code is emulated
+//! instruction by instruction: its accesses go through KVM's emulator and
+//! install no SPTE. Only CPL3 code (native) faults pages in. On a TDP host
+//! CPL0 runs natively too, and the CPU's own accesses (page-table walks,
+//! IDT, GDT, TSS) go through the TDP page tables: every reserved frame that
+//! holds any of these is touched.
+
+use std::ops::Range;
+
+use super::guests::stress::SharedArea;
+use super::layout::{self, Layout, IMAGE_ADDR, PAGE, USTACK_ADDR, USTACK_SHIFT};
+use super::{GuestPageSize, TestGuestImage, TestGuestName};
+use crate::boot::long_mode::{BOOT_PD_ADDR, BOOT_PD_COUNT, BOOT_PML4_ADDR};
+
+/// Where a test guest's accesses land.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestTouches {
+    /// Page size of the guest's final page tables.
+    pub guest_pages: GuestPageSize,
+    /// Gpa ranges of guest page tables: the VMM's boot identity map and the
+    /// guest's own tables (the shadow MMU shadows and write-tracks them).
+    pub page_tables: Vec<Range<u64>>,
+    /// The guest's code (CPL3 executes it).
+    pub code: Range<u64>,
+    /// Reserved-region data CPL3 reads or writes (or the host's event
+    /// delivery reads for it): the pages from the image start to the code
+    /// (GDT with sync words and slice table, IDT, TSS, command blocks,
+    /// strings), the top page of each user stack, the stress guest's shared
+    /// area.
+    pub data: Vec<Range<u64>>,
+    /// The 4K page tables vCPU 0 writes at CPL3 through the bootstrap 2M map
+    /// (`guest_pages = 4k` only).
+    pub built_tables: Option<Range<u64>>,
+    /// Work pages each vCPU touches in a phase that touches work (per vCPU).
+    pub work: Vec<Range<u64>>,
+    /// The guest's name (phases differ per guest).
+    pub name: TestGuestName,
+    /// Every reserved frame (TDP hosts: the CPU walks tables and descriptor
+    /// tables there).
+    pub reserved: Range<u64>,
+}
+
+impl GuestTouches {
+    /// What `img` touches.
+    pub fn of(img: &TestGuestImage) -> GuestTouches {
+        let l = &img.layout;
+        let mut page_tables = Vec::from([
+            BOOT_PML4_ADDR..BOOT_PD_ADDR + BOOT_PD_COUNT * PAGE,
+            layout::BOOT_PML4..layout::BOOT_TABLES_END,
+        ]);
+        let built_tables = match l.guest_pages {
+            GuestPageSize::Size4K => {
+                let r = layout::PT4K_PML4..l.tables_end;
+                page_tables.push(r.clone());
+                Some(r)
+            }
+            GuestPageSize::Size2M => None,
+        };
+        // GDT page (sync words, slice table), IDT, TSS, command blocks and
+        // strings: everything between the image start and the code.
+        let mut data = Vec::with_capacity(l.vcpus + 3);
+        data.push(IMAGE_ADDR..layout::CODE_ADDR);
+        for cpu in 0..l.vcpus as u64 {
+            let top = USTACK_ADDR + ((cpu + 1) << USTACK_SHIFT);
+            data.push(top - PAGE..top);
+        }
+        if img.name == TestGuestName::Stress {
+            if let Ok(a) = SharedArea::new(l) {
+                data.push(a.ctrl..a.ctrl + PAGE);
+                data.push(a.flags..a.flags + a.pages);
+            }
+        }
+        GuestTouches {
+            guest_pages: l.guest_pages,
+            page_tables,
+            code: img.code.clone(),
+            data,
+            built_tables,
+            work: work_ranges(img, l),
+            name: img.name,
+            reserved: img.reserved.clone(),
+        }
+    }
+
+    /// Whether the guest touched every page of [`Self::work`] since the
+    /// previous checkpoint, before checkpoint `phase` (`None`: the end of
+    /// the run, after the last checkpoint).
+    pub fn work_touched_before(&self, phase: Option<u64>) -> bool {
+        match self.name {
+            // Phase 2 follows the give-back (nothing read); after phase 5 the
+            // guest only reports and exits.
+            TestGuestName::Unmap => !matches!(phase, Some(2) | None),
+            TestGuestName::Fault => false,
+            TestGuestName::Hello
+            | TestGuestName::Verify
+            | TestGuestName::Tlb
+            | TestGuestName::Stress => true,
+        }
+    }
+}
+
+/// The work each vCPU touches: its slice, or for `tlb` the first `ws` bytes.
+fn work_ranges(img: &TestGuestImage, l: &Layout) -> Vec<Range<u64>> {
+    match img.name {
+        TestGuestName::Fault => Vec::new(),
+        TestGuestName::Tlb => {
+            let slice = l.slices.iter().map(|s| s.end - s.start).min().unwrap_or(0);
+            let ws = img.params.args.get("ws").copied().unwrap_or(slice);
+            l.slices
+                .iter()
+                .map(|s| s.start..s.start + ws.min(s.end - s.start))
+                .collect()
+        }
+        _ => l.slices.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testguest::{build, TestGuestParams};
+
+    #[test]
+    fn hello_touches_code_stack_and_its_slice() {
+        let mut p = TestGuestParams::new(TestGuestName::Hello, 64 << 20);
+        p.guest_pages = GuestPageSize::Size2M;
+        p.vcpus = 2;
+        let img = build(&p).unwrap();
+        let t = GuestTouches::of(&img);
+        assert!(t.code.start == layout::CODE_ADDR && t.code.end > t.code.start);
+        assert_eq!(t.work, img.slices);
+        assert!(t.built_tables.is_none());
+        assert!(t.data.contains(&(0x41000..0x42000)));
+        assert!(t.data.contains(&(0x43000..0x44000)));
+        assert!(t.page_tables.iter().any(|r| r.contains(&layout::BOOT_PML4)));
+        assert!(t.work_touched_before(None));
+    }
+
+    #[test]
+    fn unmap_phase_2_touches_no_work() {
+        let img = build(&TestGuestParams::new(TestGuestName::Unmap, 64 << 20)).unwrap();
+        let t = GuestTouches::of(&img);
+        assert!(t.work_touched_before(Some(1)));
+        assert!(!t.work_touched_before(Some(2)));
+        assert!(t.work_touched_before(Some(3)));
+        assert!(!t.work_touched_before(None));
+        assert_eq!(
+            t.built_tables,
+            Some(layout::PT4K_PML4..img.layout.tables_end)
+        );
+    }
+}
