@@ -10,10 +10,12 @@
  * raises it again. It prints, on stdout (the console):
  *   MEMWORK-START total_kib=N
  *   MEMWORK round R total_kib=N            (every round)
+ *   MEMWORK-LOW total_kib=N                (once: MemTotal fell 24 MiB below its start)
+ *   MEMWORK-HIGH total_kib=N               (once, after LOW: 24 MiB above the lowest seen)
  *   MEMWORK-OK rounds=R checked_mib=M min_total_kib=A final_total_kib=B
- * once MemTotal has come back up by at least 48 MiB from the lowest value seen (the
- * balloon was inflated while it worked, then deflated) and 3 more rounds passed;
- * exit status 0. A wrong word prints MEMWORK-FAIL with the address and exits 1;
+ * after HIGH and 3 more rounds (the balloon was inflated while it worked, then
+ * deflated); exit status 0. A host that drives the balloon waits for LOW before it
+ * deflates, so a short inflate between two rounds is not missed. A wrong word prints MEMWORK-FAIL with the address and exits 1;
  * MAX_SECONDS (default 600) without a deflate prints MEMWORK-FAIL and exits 2.
  */
 #include <stdint.h>
@@ -42,8 +44,8 @@ int main(int argc, char **argv)
 	long mib = argc > 1 ? atol(argv[1]) : 48;
 	long max_s = argc > 2 ? atol(argv[2]) : 600;
 	size_t len = (size_t)mib << 20, words = len / 8;
-	long total = mem_total_kib(), min_total = total;
-	long after = -1, rounds = 0;
+	long total = mem_total_kib(), start_total = total, min_total = total;
+	long after = -1, rounds = 0, low = 0;
 	time_t start = time(NULL);
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -75,8 +77,14 @@ int main(int argc, char **argv)
 		if (total < min_total)
 			min_total = total;
 		printf("MEMWORK round %ld total_kib=%ld\n", rounds, total);
-		if (after < 0 && total >= min_total + 48 * 1024)
+		if (!low && total <= start_total - 24 * 1024) {
+			low = 1;
+			printf("MEMWORK-LOW total_kib=%ld\n", total);
+		}
+		if (low && after < 0 && total >= min_total + 24 * 1024) {
 			after = rounds;
+			printf("MEMWORK-HIGH total_kib=%ld\n", total);
+		}
 		if (after >= 0 && rounds >= after + 3) {
 			printf("MEMWORK-OK rounds=%ld checked_mib=%ld min_total_kib=%ld final_total_kib=%ld\n",
 			       rounds, rounds * mib, min_total, total);

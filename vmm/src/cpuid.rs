@@ -1,17 +1,39 @@
 //! CPUID for each vCPU: KVM's supported set with per-vCPU fixes.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 /// Reading KVM's supported CPUID failed.
 #[derive(Debug, thiserror::Error)]
 #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
 pub struct CpuidError(pub kvm_ioctls::Error);
 
-/// KVM's supported CPUID leaves.
+/// KVM's supported CPUID leaves, plus the TSC-deadline timer where KVM's
+/// in-kernel LAPIC emulates it (`KVM_CAP_TSC_DEADLINE_TIMER`: KVM reports the
+/// capability, not the CPUID bit; VMMs set the bit themselves).
 pub fn supported(kvm: &Kvm) -> Result<CpuId, CpuidError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(CpuidError)
+    let mut c = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuidError)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        offer_tsc_deadline(&mut c);
+    }
+    Ok(c)
+}
+
+/// TSC-deadline mode of the LAPIC timer in leaf 1 ECX.
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Offer the TSC-deadline timer (leaf 1 ECX bit 24). A Linux guest then arms
+/// its LAPIC timer in TSC-deadline mode and skips the LAPIC timer calibration
+/// against the PIT, which fails now and then on slow (emulated) hosts and
+/// leaves the guest on the PIT alone.
+pub fn offer_tsc_deadline(c: &mut CpuId) {
+    for e in c.as_mut_slice() {
+        if e.function == 1 {
+            e.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
 }
 
 /// Hypervisor-present bit in leaf 1 ECX.
@@ -68,5 +90,24 @@ mod tests {
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(c.as_slice()[1].edx, 3);
+    }
+
+    #[test]
+    fn tsc_deadline_bit_only_in_leaf_1() {
+        let mut c = CpuId::from_entries(&[
+            kvm_cpuid_entry2 {
+                function: 1,
+                ecx: 0x1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 7,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        offer_tsc_deadline(&mut c);
+        assert_eq!(c.as_slice()[0].ecx, 0x1 | 1 << 24);
+        assert_eq!(c.as_slice()[1].ecx, 0);
     }
 }

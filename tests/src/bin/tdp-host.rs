@@ -37,6 +37,10 @@ struct Args {
     /// 2M hugetlb pages L1 reserves for its guests.
     #[arg(long, default_value_t = l1host::DEFAULT_HUGEPAGES)]
     l1_hugepages: u32,
+    /// Take the arguments after `--` as one shell command line run in L1 (where
+    /// `vmm` is `/bin/vmm`), instead of `vmm` arguments.
+    #[arg(long)]
+    shell: bool,
     /// The `vmm` arguments (after `--`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     vmm_args: Vec<String>,
@@ -91,10 +95,14 @@ fn main() {
     } else {
         Mode::Capture
     };
-    let line = std::iter::once("/bin/vmm".to_string())
-        .chain(args.vmm_args.iter().map(|a| l1host::sh_quote(a)))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let line = if args.shell {
+        args.vmm_args.join(" ")
+    } else {
+        std::iter::once("/bin/vmm".to_string())
+            .chain(args.vmm_args.iter().map(|a| l1host::sh_quote(a)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     batch.command("cmd", args.timeout, mode, line);
     eprintln!(
         "tdp-host: booting L1 (QEMU TCG, -cpu max: AMD-V + NPT); deadline {} s",

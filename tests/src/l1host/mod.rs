@@ -36,6 +36,9 @@ pub const DEFAULT_MEMORY_MIB: u32 = 3072;
 pub const DEFAULT_HUGEPAGES: u32 = 640;
 /// Time L1 gets to boot to its /init, on top of the commands' own limits.
 const BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
+/// How long past a command's own limit L1 may stay silent before the driver
+/// gives up on it (L1 enforces the limit itself; silence past it means L1 is stuck).
+const COMMAND_GRACE: Duration = Duration::from_secs(45);
 
 /// The L1 image: kernel and base initramfs.
 #[derive(Debug, Clone)]
@@ -383,6 +386,8 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
     let deadline = batch.deadline();
     let mut reported = 0;
     let mut timed_out = false;
+    // The command L1 runs now and when the driver saw it begin.
+    let mut current: Option<(String, Instant)> = None;
     loop {
         let exited = matches!(child.try_wait(), Ok(Some(_)));
         let text = fs::read_to_string(&results).unwrap_or_default();
@@ -400,7 +405,25 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
         if exited {
             break;
         }
-        if start.elapsed() > deadline {
+        if current.as_ref().map(|(id, _)| id) != t.running.as_ref() {
+            current = t.running.clone().map(|id| (id, Instant::now()));
+        }
+        let stuck = current.as_ref().is_some_and(|(id, since)| {
+            let limit = batch
+                .commands
+                .iter()
+                .find(|c| &c.id == id)
+                .map_or(Duration::ZERO, |c| c.limit);
+            since.elapsed() > limit + COMMAND_GRACE
+        });
+        if stuck {
+            eprintln!(
+                "[l1host {:>4.0} s] L1 silent past the limit of {:?}: stopping QEMU",
+                start.elapsed().as_secs_f64(),
+                t.running
+            );
+        }
+        if stuck || start.elapsed() > deadline {
             timed_out = true;
             let _ = child.kill();
             let _ = child.wait();
