@@ -43,14 +43,8 @@ fn ok(s: &SecondaryMmu, host: &dyn HostMap) {
     }
 }
 
-const WRITE: Access = Access {
-    write: true,
-    exec: false,
-};
-const EXEC: Access = Access {
-    write: false,
-    exec: true,
-};
+const WRITE: Access = Access::WRITE;
+const EXEC: Access = Access::EXEC;
 
 // ---- row 1: shadow MMU write tracking (account_shadowed) ----
 

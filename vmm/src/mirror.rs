@@ -187,14 +187,8 @@ fn touch(gfn: u64, guest_max_level: Level, access: Access) -> Touch {
     }
 }
 
-const WRITE: Access = Access {
-    write: true,
-    exec: false,
-};
-const EXEC: Access = Access {
-    write: false,
-    exec: true,
-};
+const WRITE: Access = Access::WRITE;
+const EXEC: Access = Access::EXEC;
 
 /// The reserved-region accesses of a test guest.
 struct Reserved {

@@ -69,6 +69,19 @@ pub struct Access {
     pub exec: bool,
 }
 
+impl Access {
+    /// A data write.
+    pub const WRITE: Access = Access {
+        write: true,
+        exec: false,
+    };
+    /// An instruction fetch.
+    pub const EXEC: Access = Access {
+        write: false,
+        exec: true,
+    };
+}
+
 /// One pending `invalidate_range_start`: its hva range and whether it hit a
 /// memslot (only then did `kvm_mmu_invalidate_begin` count it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
