@@ -4,18 +4,23 @@
 
 use std::fmt;
 
-use iced_x86::{Decoder, DecoderError, DecoderOptions, Mnemonic};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction, Mnemonic};
 
 use super::hint;
 use super::rules;
+use super::simd;
 
 /// The vCPU state the rules look at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuState {
     /// Code size: 16, 32 or 64 ([`bitness`]).
     pub bitness: u32,
+    /// RIP (RIP-relative operands are computed from it).
+    pub rip: u64,
     /// CR0.
     pub cr0: u64,
+    /// CR4.
+    pub cr4: u64,
     /// x87 status word; `None` when it could not be read.
     pub fsw: Option<u16>,
 }
@@ -41,11 +46,14 @@ pub enum Quirk {
     Fwait,
     /// UD0/UD1/UD2: #UD injected.
     Ud,
+    /// SSE integer instructions, LDMXCSR/STMXCSR: executed by the VMM
+    /// ([`simd`]).
+    Sse,
 }
 
 impl Quirk {
     /// Every kind, in report order.
-    pub const ALL: [Quirk; 3] = [Quirk::Int3, Quirk::Fwait, Quirk::Ud];
+    pub const ALL: [Quirk; 4] = [Quirk::Int3, Quirk::Fwait, Quirk::Ud, Quirk::Sse];
 
     /// Name in logs and the run report.
     pub fn name(self) -> &'static str {
@@ -53,6 +61,7 @@ impl Quirk {
             Quirk::Int3 => "int3",
             Quirk::Fwait => "fwait",
             Quirk::Ud => "ud",
+            Quirk::Sse => "sse",
         }
     }
 
@@ -86,6 +95,12 @@ pub enum Action {
         /// Bytes RIP moves before the exception is delivered.
         advance: u8,
     },
+    /// Execute the instruction in the VMM ([`simd::execute`]), then move RIP
+    /// past it.
+    Execute {
+        /// The decoded instruction (decoded at the guest's RIP).
+        insn: Instruction,
+    },
 }
 
 impl fmt::Display for Action {
@@ -106,6 +121,7 @@ impl fmt::Display for Action {
                 }
                 Ok(())
             }
+            Action::Execute { insn } => write!(f, "executed ({:?})", insn.code()),
         }
     }
 }
@@ -174,7 +190,7 @@ pub fn decide(bytes: &[u8], cpu: &CpuState) -> Result<Decision, Unhandled> {
         16 | 32 | 64 => cpu.bitness,
         _ => 64,
     };
-    let mut decoder = Decoder::new(bitness, bytes, DecoderOptions::NONE);
+    let mut decoder = Decoder::with_ip(bitness, bytes, cpu.rip, DecoderOptions::NONE);
     let insn = decoder.decode();
     if insn.is_invalid() {
         return Err(match decoder.last_error() {
@@ -189,6 +205,10 @@ pub fn decide(bytes: &[u8], cpu: &CpuState) -> Result<Decision, Unhandled> {
         Mnemonic::Int3 => (Quirk::Int3, rules::int3(len)),
         Mnemonic::Wait => (Quirk::Fwait, wait(len, cpu)?),
         Mnemonic::Ud0 | Mnemonic::Ud1 | Mnemonic::Ud2 => (Quirk::Ud, rules::ud()),
+        _ if simd::supported(insn.code()) => (
+            Quirk::Sse,
+            rules::sse_fault(cpu.cr0, cpu.cr4).unwrap_or(Action::Execute { insn }),
+        ),
         m if is_wait_form(m) => {
             // The decoder merges a WAIT with the x87 instruction after it
             // (`9B DB E2` = FCLEX); the CPU runs them as two instructions:
@@ -249,7 +269,9 @@ mod tests {
     fn linux() -> CpuState {
         CpuState {
             bitness: 64,
+            rip: 0xffff_ffff_8100_0000,
             cr0: LINUX_CR0,
+            cr4: 0x3006f0,
             fsw: Some(0),
         }
     }
@@ -350,6 +372,36 @@ mod tests {
             let d = decide(bytes, &linux()).unwrap();
             assert_eq!(d.quirk, Quirk::Ud, "{bytes:x?}");
             assert_eq!(d.action, rules::ud(), "{bytes:x?}");
+        }
+    }
+
+    #[test]
+    fn sse_instructions_are_executed_unless_cr0_cr4_forbid() {
+        // ldmxcsr 0x4(%rsp); pshufb %xmm12,%xmm3; movdqa 0x10(%rip),%xmm2
+        for bytes in [
+            &[0x0f, 0xae, 0x54, 0x24, 0x04][..],
+            &[0x66, 0x41, 0x0f, 0x38, 0x00, 0xdc],
+            &[0x66, 0x0f, 0x6f, 0x15, 0x10, 0, 0, 0],
+        ] {
+            let d = decide(bytes, &linux()).unwrap();
+            assert_eq!(d.quirk, Quirk::Sse);
+            let Action::Execute { insn } = d.action else {
+                panic!("{bytes:x?}: {:?}", d.action)
+            };
+            assert_eq!(insn.len(), bytes.len());
+            assert_eq!(insn.ip(), linux().rip);
+            let ts = CpuState {
+                cr0: LINUX_CR0 | rules::CR0_TS,
+                ..linux()
+            };
+            assert_eq!(
+                decide(bytes, &ts).unwrap().action,
+                Action::Raise {
+                    vector: rules::NM_VECTOR,
+                    error_code: None,
+                    advance: 0
+                }
+            );
         }
     }
 

@@ -2,11 +2,13 @@
 //! suberror 1) on hosts whose KVM emulates guest CPL0 code instruction by
 //! instruction. An instruction that emulator cannot run but whose effect the
 //! VMM knows is done here as the processor would (INT3 → #BP, FWAIT → no-op
-//! or #NM/#MF, UD0/1/2 → #UD); anything else stops the VM with RIP, the bytes
-//! there and a hint.
+//! or #NM/#MF, UD0/1/2 → #UD, SSE integer instructions and LDMXCSR/STMXCSR
+//! executed on the vCPU's XMM registers); anything else stops the VM with
+//! RIP, the bytes there and a hint.
 //!
 //! - [`decide`]: bytes + vCPU state → what to do (pure, unit-tested);
 //! - [`rules`]: the architectural rule of each handled instruction;
+//! - [`simd`]: the SSE instructions the VMM executes (pure);
 //! - [`guest`]: reading the vCPU and carrying the decision out;
 //! - [`hint`]: hints for what stays unhandled;
 //! - [`counts`]: how many of each kind were handled (in the run report).
@@ -16,6 +18,7 @@ pub mod decide;
 pub mod guest;
 pub mod hint;
 pub mod rules;
+pub mod simd;
 
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
@@ -80,12 +83,12 @@ pub fn handle(
     if !host.needs_emulator_workarounds() {
         return fatal(&"KVM could not emulate this instruction (hardware-virtualization host)");
     }
-    let cpu = match guest::cpu_state(vcpu) {
+    let cpu = match guest::cpu_state(vcpu, &regs) {
         Ok(c) => c,
         Err(e) => return fatal(&format_args!("KVM_GET_SREGS failed: {e}")),
     };
     match decide(&bytes, &cpu) {
-        Ok(d) => match guest::apply(vcpu, regs, &d.action) {
+        Ok(d) => match guest::apply(vcpu, mem, regs, &d.action) {
             Ok(()) => {
                 counts().record(d.quirk);
                 log::debug!("quirk {} at {rip:#x}: {}", d.quirk, d.action);

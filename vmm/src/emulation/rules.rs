@@ -11,15 +11,25 @@ pub const BP_VECTOR: u8 = 3;
 pub const UD_VECTOR: u8 = 6;
 /// #NM, device not available.
 pub const NM_VECTOR: u8 = 7;
+/// #GP, general protection.
+pub const GP_VECTOR: u8 = 13;
 /// #MF, x87 floating-point error.
 pub const MF_VECTOR: u8 = 16;
 
 /// CR0.MP (monitor coprocessor).
 pub const CR0_MP: u64 = 1 << 1;
+/// CR0.EM (x87 emulation).
+pub const CR0_EM: u64 = 1 << 2;
 /// CR0.TS (task switched).
 pub const CR0_TS: u64 = 1 << 3;
 /// CR0.NE (native x87 error reporting).
 pub const CR0_NE: u64 = 1 << 5;
+/// CR4.OSFXSR (OS supports FXSAVE/FXRSTOR and SSE).
+pub const CR4_OSFXSR: u64 = 1 << 9;
+/// The MXCSR bits LDMXCSR accepts: MXCSR_MASK 0xFFFF, the value of every
+/// x86-64 processor with DAZ (SDM Vol. 1 11.6.6 "Guidelines for Writing to
+/// the MXCSR Register"). AMD's optional MM bit (17) counts as reserved.
+pub const MXCSR_MASK: u32 = 0xffff;
 /// x87 status word ES (error summary): some unmasked exception flag is set.
 pub const FSW_ES: u16 = 1 << 7;
 
@@ -87,6 +97,37 @@ pub fn ud() -> Action {
     }
 }
 
+/// Whether an SSE instruction (LDMXCSR and STMXCSR included) may run: the
+/// exceptions of SDM Vol. 2A 2.5 "Exception Type 4/5" checked in order:
+/// #UD if CR0.EM = 1 or CR4.OSFXSR = 0, then #NM if CR0.TS = 1. `None` when
+/// it runs.
+pub fn sse_fault(cr0: u64, cr4: u64) -> Option<Action> {
+    let vector = if cr0 & CR0_EM != 0 || cr4 & CR4_OSFXSR == 0 {
+        UD_VECTOR
+    } else if cr0 & CR0_TS != 0 {
+        NM_VECTOR
+    } else {
+        return None;
+    };
+    Some(Action::Raise {
+        vector,
+        error_code: None,
+        advance: 0,
+    })
+}
+
+/// LDMXCSR (SDM Vol. 2A "LDMXCSR—Load MXCSR Register"): "#GP(0) For an
+/// attempt to set reserved bits in MXCSR" ([`MXCSR_MASK`]). The new MXCSR,
+/// or the vector to raise (error code 0). Linux loads 0x1f80
+/// (`MXCSR_DEFAULT`) in `kernel_fpu_begin_mask()`.
+pub fn ldmxcsr(value: u32) -> Result<u32, u8> {
+    if value & !MXCSR_MASK != 0 {
+        Err(GP_VECTOR)
+    } else {
+        Ok(value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +183,31 @@ mod tests {
         );
         assert_eq!(fwait(1, cr0 & !CR0_NE, Some(FSW_ES)), Err(WAIT_FERR));
         assert!(fwait(1, cr0, None).is_err());
+    }
+
+    #[test]
+    fn sse_faults_ud_before_nm() {
+        let cr0 = 0x8005_0033;
+        let cr4 = CR4_OSFXSR | (1 << 10);
+        assert_eq!(sse_fault(cr0, cr4), None);
+        let raise = |vector| {
+            Some(Action::Raise {
+                vector,
+                error_code: None,
+                advance: 0,
+            })
+        };
+        assert_eq!(sse_fault(cr0 | CR0_TS, cr4), raise(NM_VECTOR));
+        assert_eq!(sse_fault(cr0 | CR0_TS | CR0_EM, cr4), raise(UD_VECTOR));
+        assert_eq!(sse_fault(cr0 | CR0_TS, 0), raise(UD_VECTOR));
+    }
+
+    #[test]
+    fn ldmxcsr_refuses_reserved_bits() {
+        assert_eq!(ldmxcsr(0x1f80), Ok(0x1f80));
+        assert_eq!(ldmxcsr(0xffff), Ok(0xffff));
+        assert_eq!(ldmxcsr(0x1_1f80), Err(GP_VECTOR));
+        assert_eq!(ldmxcsr(0x8000_0000), Err(GP_VECTOR));
     }
 
     #[test]
