@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::balloon_backend::BalloonStatus;
 use crate::cli::RunArgs;
 use crate::devices::console::ConsoleStats;
+use crate::emulation;
 use crate::machine::MirrorPoint;
 use crate::machine::{Checkpoint, GuestKind, Machine, Report};
 use crate::mirror::{Prediction, Verdict};
@@ -71,6 +72,9 @@ pub struct RunReport {
     pub unmap: UnmapMetrics,
     /// The guest console: bytes written out and dropped (slow or gone reader).
     pub console: ConsoleStats,
+    /// Instructions the emulation quirk layer handled, by kind
+    /// ([`crate::emulation::Quirk`]; every kind listed, zeros included).
+    pub emulation_quirks: BTreeMap<String, u64>,
     #[serde(skip)]
     outcome_value: Option<Outcome>,
 }
@@ -123,6 +127,11 @@ pub fn collect(
             .map_or_else(|| format!("key_{}", r.key), |k| k.name().to_string());
         *totals.entry(name).or_insert(0u64) += r.value;
     }
+    let emulation_quirks = emulation::counts().snapshot();
+    let quirks = quirks_text(&emulation_quirks);
+    if !quirks.is_empty() {
+        log::info!("{}", quirks.trim());
+    }
     RunReport {
         outcome: outcome.describe(),
         exit_code: outcome.exit_code(),
@@ -147,6 +156,7 @@ pub fn collect(
         balloon,
         unmap: m.unmap.snapshot(),
         console: ConsoleStats::default(),
+        emulation_quirks,
         outcome_value: Some(outcome),
     }
 }
@@ -226,7 +236,22 @@ pub fn stats_text(r: &RunReport) -> String {
     for (k, v) in &r.report_totals {
         s.push_str(&format!("  guest {k} = {v}\n"));
     }
+    s.push_str(&quirks_text(&r.emulation_quirks));
     s
+}
+
+/// The quirk layer's counts, when it handled anything.
+fn quirks_text(q: &BTreeMap<String, u64>) -> String {
+    let handled: Vec<String> = q
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if handled.is_empty() {
+        String::new()
+    } else {
+        format!("  emulation quirks handled: {}\n", handled.join(", "))
+    }
 }
 
 fn us(v: Option<f64>) -> String {
@@ -331,4 +356,23 @@ fn unmap_text(r: &RunReport) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quirks_text_lists_only_what_was_handled() {
+        let mut q = BTreeMap::new();
+        q.insert("fwait".to_string(), 3);
+        q.insert("int3".to_string(), 1);
+        q.insert("ud".to_string(), 0);
+        assert_eq!(
+            quirks_text(&q),
+            "  emulation quirks handled: fwait 3, int3 1\n"
+        );
+        q.values_mut().for_each(|v| *v = 0);
+        assert_eq!(quirks_text(&q), "");
+    }
 }
