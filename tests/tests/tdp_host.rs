@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use integration_tests::images::{self, INITRD, INITRD_MEMWORK, INIT_OK_MARKER, KERNEL};
+use integration_tests::json::num;
 use integration_tests::l1host::{self, Batch, BatchOutcome, CommandResult, Image, Mode};
 use integration_tests::skip;
 use integration_tests::vmm_bin::{tail, vmm_bin};
@@ -19,12 +20,19 @@ use serde_json::Value;
 /// Separates a command's own output from the JSON report it prints at its end.
 const JSON_MARK: &str = "@@JSON";
 
+/// The shell tail of a command that wrote its JSON report to `json`: print the
+/// report after [`JSON_MARK`] (to stderr with `to = ">&2"`), keep the exit code.
+fn then_report(json: &str, to: &str) -> String {
+    format!("rc=$?; echo {JSON_MARK} {to}; cat {json} {to}; exit $rc")
+}
+
 /// A `vmm` command line that writes `--stats-json` and prints it after [`JSON_MARK`],
 /// keeping vmm's exit code.
 fn with_report(id: &str, vmm_args: &str) -> String {
     let json = format!("/tmp/{id}.json");
     format!(
-        "/bin/vmm {vmm_args} --stats-json {json}; rc=$?; echo {JSON_MARK}; cat {json}; exit $rc"
+        "/bin/vmm {vmm_args} --stats-json {json}; {}",
+        then_report(&json, "")
     )
 }
 
@@ -52,10 +60,10 @@ fn balloon_script() -> String {
          && wait_console MEMWORK-LOW && echo guest-saw-the-inflate \
          && /bin/vmm ctl --api-socket $S balloon 0 && wait_stats '\"actual_pages\":0,' \
          && echo deflated-to-0",
-        "wait $pid; rc=$?; kill $tailer",
+        "wait $pid; vmm_rc=$?; kill $tailer",
         "echo --- vmm stderr; tail -n 20 /tmp/balloon.err",
         "echo --- console; cat $C",
-        &format!("echo {JSON_MARK}; cat /tmp/balloon.json; exit $rc"),
+        &format!("(exit $vmm_rc); {}", then_report("/tmp/balloon.json", "")),
     ]
     .join("\n")
 }
@@ -74,8 +82,8 @@ fn plan() -> Batch {
         // stdout (the guest console) on L1's own slow serial console; the report on stderr.
         format!(
             "/bin/vmm run --kernel /images/vmlinux --initrd /images/hello.cpio.gz --memory 256M \
-             --backing hugetlb --timeout 280 --stats-json /tmp/lh.json; rc=$?; echo {JSON_MARK} >&2; \
-             cat /tmp/lh.json >&2; exit $rc"
+             --backing hugetlb --timeout 280 --stats-json /tmp/lh.json; {}",
+            then_report("/tmp/lh.json", ">&2")
         ),
     );
     b.command(
@@ -110,8 +118,8 @@ fn plan() -> Batch {
         Mode::Capture,
         format!(
             "/bin/vmm stress --backing hugetlb --memory 128M --vcpus 1 --seconds 20 --seed 5 \
-             --quiesce-every 4 --json /tmp/stress-hugetlb.json; rc=$?; echo {JSON_MARK}; \
-             cat /tmp/stress-hugetlb.json; exit $rc"
+             --quiesce-every 4 --json /tmp/stress-hugetlb.json; {}",
+            then_report("/tmp/stress-hugetlb.json", "")
         ),
     );
     if let Ok(only) = std::env::var("VMM_L1_ONLY") {
@@ -162,13 +170,6 @@ fn report(text: &str) -> Value {
     let json = text.rsplit_once(JSON_MARK).map_or("", |(_, j)| j.trim());
     serde_json::from_str(json)
         .unwrap_or_else(|e| panic!("no JSON report ({e}) in:\n{}", tail(text, 40)))
-}
-
-fn num(v: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .fold(v, |v, k| &v[*k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number at {path:?} in {v:#}"))
 }
 
 macro_rules! batch_or_skip {

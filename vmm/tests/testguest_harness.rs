@@ -4,6 +4,8 @@
 //!
 //! Skips (with a printed reason) when /dev/kvm is unusable.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
@@ -138,7 +140,7 @@ fn run(
     let kvm = match Kvm::new() {
         Ok(k) => k,
         Err(e) => {
-            println!("SKIP: /dev/kvm unusable: {e}");
+            common::skip(&format!("/dev/kvm unusable: {e}"));
             return None;
         }
     };

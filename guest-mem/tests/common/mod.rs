@@ -8,18 +8,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 pub const PPH: usize = 512;
 
-/// Set (by `.ci/run`) where every host kind the tests need is provided: a test
-/// that would skip fails instead.
-pub const NO_SKIP_ENV: &str = "VMM_TEST_NO_SKIP";
-
-/// Say why a test does not run here (`skip: <reason>` on stderr), or fail it
-/// when [`NO_SKIP_ENV`] is set.
-pub fn skip(reason: &str) {
-    if std::env::var_os(NO_SKIP_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
-        panic!("this test would skip, and {NO_SKIP_ENV} forbids skips: {reason}");
-    }
-    eprintln!("skip: {reason}");
-}
+/// Skipping a test the host cannot run: one policy for every test crate.
+#[path = "../../../tests/src/skip.rs"]
+mod skip_policy;
+pub use skip_policy::skip;
 
 /// Whether the host has `need` free 2M hugetlb pages (plus a margin for the
 /// other users of the shared pool); prints the reason when it has not.

@@ -111,11 +111,6 @@ impl Console {
         ))
     }
 
-    /// Bytes buffered and not yet written.
-    pub fn pending(&self) -> usize {
-        self.shared.lock().buf.len()
-    }
-
     /// No more output: let the writer drain for at most `timeout`, then count
     /// whatever it has not written as dropped.
     pub fn finish(mut self, timeout: Duration) -> ConsoleStats {
