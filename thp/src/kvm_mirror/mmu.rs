@@ -70,6 +70,11 @@ pub struct Access {
 }
 
 impl Access {
+    /// A data read.
+    pub const READ: Access = Access {
+        write: false,
+        exec: false,
+    };
     /// A data write.
     pub const WRITE: Access = Access {
         write: true,

@@ -43,6 +43,9 @@ pub struct GuestTouches {
     /// Every reserved frame (TDP hosts: the CPU walks tables and descriptor
     /// tables there).
     pub reserved: Range<u64>,
+    /// Ranges CPL3 reads one byte of per page at the end of every pass
+    /// through its final page tables (`stress`: the whole reserved region).
+    pub swept: Vec<Range<u64>>,
 }
 
 impl GuestTouches {
@@ -84,6 +87,10 @@ impl GuestTouches {
             work: work_ranges(img, l),
             name: img.name,
             reserved: img.reserved.clone(),
+            swept: match img.name {
+                TestGuestName::Stress => vec![img.reserved.clone()],
+                _ => Vec::new(),
+            },
         }
     }
 

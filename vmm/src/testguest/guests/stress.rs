@@ -3,7 +3,9 @@
 //! A variant of `verify` that never stops on its own: every vCPU makes pass
 //! after pass `g = 1, 2, ...` over its slice; for each 4K page it checks the
 //! stamp of the previous pass (generation `g - 1`; generation 0 = all zero),
-//! then writes the stamp of generation `g`. It stops at the end of a pass
+//! then writes the stamp of generation `g`; at the end of each pass it reads
+//! every page of the reserved region (so a quiescent point finds all of it
+//! mapped, whatever the host zapped before). It stops at the end of a pass
 //! once the VMM set `stop` in its control block, reports and exits.
 //!
 //! # Stamp
@@ -150,6 +152,10 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
         value: params.ram_size,
         why,
     })?;
+    // The reserved region ends below 2 GiB (it holds at most the 4K tables
+    // of MAX_RAM), so it fits the sweep's 32-bit immediates.
+    let reserved_start = b.layout.reserved.start as u32;
+    let reserved_end = b.layout.reserved.end as i32;
     let a = &mut b.a;
     let mut pass = a.create_label();
     let mut page_loop = a.create_label();
@@ -282,7 +288,19 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     a.inc(qword_ptr(rsi + OFF_VIOLATIONS as i32))?;
     a.jmp(stamp)?;
 
+    // End of a pass: read one byte of every page of the reserved region,
+    // so that every pass maps all of it again whatever the host zapped
+    // (e.g. 6.1's `kvm_mmu_zap_collapsible_sptes` when dirty logging
+    // stops) and a quiescent point finds it mapped: the mirror counts
+    // it touched (`GuestTouches::data`).
     a.set_label(&mut pass_done)?;
+    let mut sweep = a.create_label();
+    a.mov(eax, reserved_start)?;
+    a.set_label(&mut sweep)?;
+    a.mov(dl, byte_ptr(rax))?;
+    a.add(rax, PAGE as i32)?;
+    a.cmp(rax, reserved_end)?;
+    a.jb(sweep)?;
     a.inc(qword_ptr(rsi + OFF_PASSES as i32))?;
     a.cmp(qword_ptr(rsi + OFF_STOP as i32), 0)?;
     a.jne(finish)?;
