@@ -10,12 +10,14 @@ pub mod backing;
 pub mod error;
 pub mod guest_ram;
 mod host_mem;
+pub mod kpageflags;
 pub mod mapping;
 pub mod memfd;
 pub mod pagemap;
 pub mod quiesce;
 pub mod smaps;
 pub mod stats;
+mod vma_probe;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;

@@ -1,12 +1,15 @@
 //! Per-frame host truth: which 2M frames of a range the host maps with one
 //! PMD (a hugetlb page or a PMD-mapped THP), via the `PAGEMAP_SCAN` ioctl of
 //! `/proc/self/pagemap` (Linux 6.7+), whose `PAGE_IS_HUGE` category is set
-//! exactly for PMD-level (and hugetlb) mappings.
+//! exactly for PMD-level (and hugetlb) mappings. Older kernels: the 2M
+//! folios of [`crate::kpageflags`], trusted only when their count equals
+//! what smaps says is PMD-mapped in the range.
 
 use std::os::fd::AsRawFd;
 
 use crate::error::GuestMemError;
-use crate::HPAGE_SIZE;
+use crate::kpageflags::{self, FrameFolio};
+use crate::{smaps, vma_probe, HPAGE_SIZE};
 
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_HUGE: u64 = 1 << 6;
@@ -43,8 +46,68 @@ const PAGEMAP_SCAN: u64 =
 const PAGEMAP: &str = "/proc/self/pagemap";
 
 /// For each 2M frame of `[start, start + frames * 2M)` (2M aligned), whether the
-/// host maps it with a PMD. `Ok(None)` when the kernel lacks `PAGEMAP_SCAN`.
+/// host maps it with a PMD. `Ok(None)` when the host cannot tell: no
+/// `PAGEMAP_SCAN`, and the fallback of [`pmd_mapped_by_folio`] is unavailable
+/// or disagrees with smaps.
 pub fn pmd_mapped_frames(start: u64, frames: usize) -> Result<Option<Vec<bool>>, GuestMemError> {
+    match scan_pmd_mapped(start, frames)? {
+        Some(v) => Ok(Some(v)),
+        None => pmd_mapped_by_folio(start, frames),
+    }
+}
+
+/// Kernels without `PAGEMAP_SCAN`: a frame is PMD-mapped when it is one
+/// present 2M folio ([`kpageflags::frame_folios`]), checked against smaps'
+/// `*_Hugetlb` and `*PmdMapped` totals over the range's VMAs. A THP can also
+/// be mapped with PTEs: when the THP count exceeds smaps' PMD total, each
+/// THP frame is asked about alone ([`vma_probe`]). `Ok(None)` when the
+/// sources still disagree.
+pub fn pmd_mapped_by_folio(start: u64, frames: usize) -> Result<Option<Vec<bool>>, GuestMemError> {
+    let Some(folios) = kpageflags::frame_folios(start, frames)? else {
+        return Ok(None);
+    };
+    let end = start + frames as u64 * HPAGE_SIZE;
+    let t = smaps::sum(&smaps::read_vmas(start, end)?);
+    let bytes = |k: FrameFolio| folios.iter().filter(|f| **f == k).count() as u64 * HPAGE_SIZE;
+    let thp_pmd = t.shmem_pmd_mapped + t.file_pmd_mapped + t.anon_huge_pages;
+    if bytes(FrameFolio::Hugetlb) != t.hugetlb() {
+        log::debug!(
+            "hugetlb 2M folios ({} B) and smaps hugetlb ({} B) disagree: per-frame truth unknown",
+            bytes(FrameFolio::Hugetlb),
+            t.hugetlb()
+        );
+        return Ok(None);
+    }
+    let mut out: Vec<bool> = folios
+        .iter()
+        .map(|f| matches!(f, FrameFolio::Hugetlb | FrameFolio::Thp))
+        .collect();
+    if bytes(FrameFolio::Thp) != thp_pmd {
+        // Some THP is mapped with PTEs (KVM maps it 4K): ask smaps about
+        // each THP frame alone.
+        for (f, folio) in folios.iter().enumerate() {
+            if *folio == FrameFolio::Thp {
+                out[f] = vma_probe::frame_pmd_mapped(start + f as u64 * HPAGE_SIZE)?;
+            }
+        }
+        let found = out
+            .iter()
+            .zip(&folios)
+            .filter(|(pmd, f)| **pmd && **f == FrameFolio::Thp)
+            .count() as u64;
+        if found * HPAGE_SIZE != thp_pmd {
+            log::debug!(
+                "THP frames smaps calls PMD-mapped one by one ({found}) and in total ({thp_pmd} B) \
+                 disagree: per-frame truth unknown"
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The `PAGEMAP_SCAN` answer, `Ok(None)` when the kernel lacks the ioctl.
+fn scan_pmd_mapped(start: u64, frames: usize) -> Result<Option<Vec<bool>>, GuestMemError> {
     let f = std::fs::File::open(PAGEMAP).map_err(|source| GuestMemError::HostRead {
         path: PAGEMAP.into(),
         source,

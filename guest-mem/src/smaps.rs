@@ -50,6 +50,8 @@ pub struct SmapsVma {
     pub end: u64,
     /// `KernelPageSize` in bytes (2M for a hugetlb VMA).
     pub kernel_page_size: u64,
+    /// `VmFlags` has `dd` (`VM_DONTDUMP`).
+    pub dontdump: bool,
     /// The VMA's fields.
     pub totals: SmapsTotals,
 }
@@ -65,6 +67,10 @@ pub fn parse_smaps(text: &str, start: u64, end: u64) -> Result<Vec<SmapsVma>, Gu
         let Some(first) = it.next() else { continue };
         if let Some(name) = first.strip_suffix(':') {
             let Some(v) = cur.as_mut() else { continue };
+            if name == "VmFlags" {
+                v.dontdump = it.any(|f| f == "dd");
+                continue;
+            }
             let (Some(num), Some("kB")) = (it.next(), it.next()) else {
                 continue;
             };
@@ -94,6 +100,7 @@ pub fn parse_smaps(text: &str, start: u64, end: u64) -> Result<Vec<SmapsVma>, Gu
                 start: a,
                 end: b,
                 kernel_page_size: 0,
+                dontdump: false,
                 totals: SmapsTotals {
                     vmas: 1,
                     ..SmapsTotals::default()
@@ -208,7 +215,7 @@ KernelPageSize:     2048 kB
 Rss:                   0 kB
 Private_Hugetlb:    2048 kB
 Shared_Hugetlb:        0 kB
-VmFlags: rd wr sh mr mw me ms de ht
+VmFlags: rd wr sh mr mw me ms de dd ht
 7f0000200000-7f0000400000 rw-s 00000000 00:01 6 /memfd:thp (deleted)
 Size:               2048 kB
 KernelPageSize:        4 kB
@@ -227,6 +234,7 @@ Rss:                   8 kB
         let v = parse_smaps(SAMPLE, 0x7f00_0000_0000, 0x7f00_0040_0000).unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].kernel_page_size, 2 << 20);
+        assert!(v[0].dontdump && !v[1].dontdump);
         let t = sum(&v);
         assert_eq!(t.vmas, 2);
         assert_eq!(t.hugetlb(), 2 << 20);

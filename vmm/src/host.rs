@@ -62,6 +62,13 @@ impl HostInfo {
     }
 }
 
+/// The host kernel's release (`/proc/sys/kernel/osrelease`), or `unknown`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
 

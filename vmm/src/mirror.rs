@@ -46,7 +46,7 @@ pub struct Prediction {
     /// vCPU's accesses are known) or the numbers are informative (Linux,
     /// `vmm ctl stats` in the middle of a phase).
     pub comparable: bool,
-    /// The MMU mirrored, e.g. "shadow MMU (Linux 6.18; nx_huge_pages=N, eager_page_split=Y)".
+    /// The MMU mirrored, e.g. "shadow MMU (rules of Linux 6.18, host kernel 6.18.44; nx_huge_pages=N, eager_page_split=Y)".
     pub mmu: String,
 }
 
@@ -153,12 +153,13 @@ impl MirrorContext {
     pub fn mmu_name(&self) -> String {
         let p = &self.mmu;
         format!(
-            "{} ({}; nx_huge_pages={}, eager_page_split={})",
+            "{} (rules of {}, host kernel {}; nx_huge_pages={}, eager_page_split={})",
             match p.kind {
                 MmuKind::Tdp => "TDP MMU",
                 MmuKind::Shadow => "shadow MMU",
             },
             kvm_mirror::KERNEL,
+            crate::host::kernel_release(),
             if p.nx_huge_pages { "Y" } else { "N" },
             if p.eager_page_split { "Y" } else { "N" },
         )
