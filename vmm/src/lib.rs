@@ -14,6 +14,7 @@ pub mod emulation;
 pub mod exit_code;
 pub mod halt;
 pub mod host;
+pub mod input_file;
 pub mod machine;
 pub mod mirror;
 pub mod mmu_params;

@@ -27,6 +27,7 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
+pub mod protect;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -115,7 +116,7 @@ enum Source {
     },
 }
 
-fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
+fn params(a: &StressArgs) -> Result<(Params, Option<ReplayFile>), StressError> {
     if let Some(s) = a.seconds {
         if !(s > 0.0 && s.is_finite()) {
             return Err(StressError::Usage(format!(
@@ -140,10 +141,10 @@ fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
             vcpus: f.vcpus,
             backing,
             seed: f.seed,
-            mix: f.ops_mix,
+            mix: f.ops_mix.clone(),
             bug: f.inject_bug,
         };
-        return Ok((p, Some(f.events)));
+        return Ok((p, Some(f)));
     }
     let mix = a
         .ops_mix
@@ -164,13 +165,19 @@ fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
 
 /// Run `vmm stress`.
 pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
-    let (p, replay_events) = params(a)?;
+    let (p, replay) = params(a)?;
     let built = setup::build(&a.kvm.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let setup::Built {
         mut vm,
         machine: m,
         image,
     } = built;
+    let work_frames = image.reserved.end / HPAGE_SIZE..p.memory / HPAGE_SIZE;
+    // Before any vCPU runs: a replayed event acts only where live ones do.
+    if let (Some(f), Some(path)) = (&replay, &a.replay) {
+        f.check_frames(path, &work_frames)?;
+    }
+    let replay_events = replay.map(|f| f.events);
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
@@ -205,7 +212,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         vshared: &vshared,
         backing: p.backing,
         bug: p.bug,
-        work_frames: image.reserved.end / HPAGE_SIZE..size / HPAGE_SIZE,
+        work_frames,
         reserved_end: image.reserved.end,
         remapped: std::sync::atomic::AtomicU64::new(0),
     };
