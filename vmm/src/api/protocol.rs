@@ -24,15 +24,49 @@ pub enum Request {
     Stop,
 }
 
-/// Parse one request line; the error says what is wrong.
+/// Most characters of a request (or of a parser's message about it) an
+/// error reply repeats: a reply is never much longer than this, whatever
+/// the request.
+pub const ECHO_MAX: usize = 64;
+
+/// `s` cut to at most `max` characters, marked with `…` when cut.
+pub fn prefix(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+fn bad(line: &str, why: &str) -> String {
+    format!(
+        "bad request {:?}: {}; expected one JSON object per line with \"cmd\" one of \
+         balloon (with \"bytes\"), stats, pause, resume, stop",
+        prefix(line, ECHO_MAX),
+        prefix(why, 2 * ECHO_MAX)
+    )
+}
+
+/// Parse one request line; the error says what is wrong (repeating at
+/// most [`ECHO_MAX`] characters of the request). Fields other than the
+/// command's own are refused, for every command.
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line.trim()).map_err(|e| {
-        format!(
-            "bad request {:?}: {e}; expected one JSON object per line with \"cmd\" one of \
-             balloon (with \"bytes\"), stats, pause, resume, stop",
-            line.trim()
-        )
-    })
+    let t = line.trim();
+    let v: serde_json::Value = serde_json::from_str(t).map_err(|e| bad(t, &e.to_string()))?;
+    let Some(obj) = v.as_object() else {
+        return Err(bad(t, "not a JSON object"));
+    };
+    let own: &[&str] = match obj.get("cmd").and_then(|c| c.as_str()) {
+        Some("balloon") => &["cmd", "bytes"],
+        Some(_) => &["cmd"],
+        None => return Err(bad(t, "no \"cmd\" string")),
+    };
+    if let Some(k) = obj.keys().find(|k| !own.contains(&k.as_str())) {
+        return Err(bad(
+            t,
+            &format!("unknown field {:?}", prefix(k, ECHO_MAX / 2)),
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| bad(t, &e.to_string()))
 }
 
 /// A reply: `{"error": ...}` or `{"ok": true, ...fields}`.
@@ -121,6 +155,34 @@ mod tests {
             let e = parse_request(bad).unwrap_err();
             assert!(e.contains("expected one JSON object"), "{e}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_on_every_command() {
+        for bad in [
+            r#"{"cmd":"stats","x":1}"#,
+            r#"{"cmd":"pause","bytes":1}"#,
+            r#"{"cmd":"stop","force":true}"#,
+            r#"{"cmd":"balloon","bytes":1,"x":2}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains("unknown field"), "{bad}: {e}");
+        }
+        assert_eq!(parse_request(r#"{"cmd":"stats"}"#).unwrap(), Request::Stats);
+    }
+
+    #[test]
+    fn errors_echo_a_short_prefix_only() {
+        let huge_cmd = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(60_000));
+        let huge_junk = "y".repeat(60_000);
+        let huge_key = format!(r#"{{"cmd":"stats","{}":1}}"#, "k".repeat(60_000));
+        for req in [huge_cmd, huge_junk, huge_key] {
+            let e = parse_request(&req).unwrap_err();
+            assert!(e.len() < 512, "{} bytes: {}", e.len(), prefix(&e, 200));
+            assert!(e.contains('…'), "{e}");
+        }
+        assert_eq!(prefix("abc", 2), "ab…");
+        assert_eq!(prefix("äöü", 5), "äöü");
     }
 
     #[test]
