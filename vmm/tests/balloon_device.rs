@@ -955,7 +955,9 @@ fn run_fuzz_case(c: &FuzzCase, reach: &Cell<Reach>) -> Result<(), TestCaseError>
 
 #[test]
 fn fuzz_rings_pfns_and_registers() {
+    // VMM_FUZZ_CASES (every fuzz test) or BALLOON_FUZZ_CASES (this one).
     let cases: u32 = std::env::var("BALLOON_FUZZ_CASES")
+        .or_else(|_| std::env::var("VMM_FUZZ_CASES"))
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12_000);

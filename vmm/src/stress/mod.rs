@@ -77,6 +77,9 @@ pub enum StressError {
     /// Bad options.
     #[error("{0}")]
     Usage(String),
+    /// An output path that cannot be written.
+    #[error(transparent)]
+    Output(#[from] crate::output_path::OutputPathError),
     /// Spawning a vCPU thread.
     #[error("spawning a vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -87,7 +90,9 @@ impl StressError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StressError::Setup(e) => e.exit_code(),
-            StressError::Replay(_) | StressError::Usage(_) => exit_code::BAD_INPUT,
+            StressError::Replay(_) | StressError::Usage(_) | StressError::Output(_) => {
+                exit_code::BAD_INPUT
+            }
             StressError::Thread(_) => exit_code::INTERNAL,
         }
     }
@@ -166,6 +171,10 @@ fn params(a: &StressArgs) -> Result<(Params, Option<ReplayFile>), StressError> {
 /// Run `vmm stress`.
 pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
     let (p, replay) = params(a)?;
+    crate::output_path::check_all([
+        ("--json", a.json.as_deref()),
+        ("--replay-out", a.replay_out.as_deref()),
+    ])?;
     let built = setup::build(&a.kvm.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let setup::Built {
         mut vm,
@@ -227,7 +236,8 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
             };
             Source::Live {
                 gen: Generator::new(p.seed, p.mix.clone()),
-                deadline: secs.map(|s| started + Duration::from_secs_f64(s)),
+                // Bounded at parse time; a deadline past the clock's range is none.
+                deadline: secs.and_then(|s| started.checked_add(Duration::from_secs_f64(s))),
                 ops: a.ops,
             }
         }
@@ -236,7 +246,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
     let mut lp = Loop::default();
     let started = Instant::now();
     let every = Duration::from_secs_f64(a.quiesce_every);
-    let mut next_q = started + every;
+    let mut next_q = started.checked_add(every).unwrap_or(started);
     let mut q_count = 0u64;
     loop {
         let ev = match &mut source {
@@ -276,7 +286,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
             break;
         }
         if was_q {
-            next_q = Instant::now() + every;
+            next_q = Instant::now().checked_add(every).unwrap_or(next_q);
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -509,7 +519,7 @@ impl Loop {
 pub fn run_cli(a: &StressArgs) -> i32 {
     match run(a) {
         Ok(rep) => {
-            print!("{}", rep.text());
+            crate::stdout::print(&rep.text());
             if let Some(f) = &rep.replay_file {
                 eprintln!(
                     "vmm stress: VIOLATION (seed {}); replay file written to {f}",
@@ -522,7 +532,10 @@ pub fn run_cli(a: &StressArgs) -> i32 {
                     .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()));
                 if let Err(e) = written {
                     eprintln!("vmm stress: writing {}: {e}", path.display());
-                    return exit_code::INTERNAL;
+                    // A violation's exit 4 stays 4.
+                    if rep.exit_code == exit_code::OK {
+                        return exit_code::INTERNAL;
+                    }
                 }
             }
             rep.exit_code
