@@ -24,26 +24,46 @@ pub enum Request {
     Stop,
 }
 
-/// Most characters of a request (or of a parser's message about it) an
-/// error reply repeats: a reply is never much longer than this, whatever
+/// Most bytes of a request (or of a parser's message about it), escaped,
+/// an error reply repeats: a reply is never much longer than this, whatever
 /// the request.
 pub const ECHO_MAX: usize = 64;
 
-/// `s` cut to at most `max` characters, marked with `…` when cut.
+/// `s` cut to at most `max` bytes (at a character boundary), marked with
+/// `…` when cut.
 pub fn prefix(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
+    if s.len() <= max {
+        return s.to_string();
     }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 fn bad(line: &str, why: &str) -> String {
+    // Escaped before cutting: escapes can be many times longer than the
+    // characters they stand for.
     format!(
-        "bad request {:?}: {}; expected one JSON object per line with \"cmd\" one of \
+        "bad request {}: {}; expected one JSON object per line with \"cmd\" one of \
          balloon (with \"bytes\"), stats, pause, resume, stop",
-        prefix(line, ECHO_MAX),
-        prefix(why, 2 * ECHO_MAX)
+        prefix(&format!("{line:?}"), ECHO_MAX),
+        prefix(&printable(why), 2 * ECHO_MAX)
     )
+}
+
+/// `s` with everything but printable ASCII escaped.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c.to_string()
+            } else {
+                c.escape_default().to_string()
+            }
+        })
+        .collect()
 }
 
 /// Parse one request line; the error says what is wrong (repeating at
@@ -182,7 +202,18 @@ mod tests {
             assert!(e.contains('…'), "{e}");
         }
         assert_eq!(prefix("abc", 2), "ab…");
-        assert_eq!(prefix("äöü", 5), "äöü");
+        assert_eq!(prefix("äöü", 5), "äö…");
+        assert_eq!(prefix("äöü", 6), "äöü");
+    }
+
+    /// Found by `fuzz_parse_request_arbitrary_text` at 10^6 cases: a line
+    /// of control and astral-plane characters made a 513-byte reply, the
+    /// `{:?}` escapes (`\u{3347a}`) being longer than the characters.
+    #[test]
+    fn escaped_echo_stays_short() {
+        let line = "\"\u{3347a}\u{e000}\0\u{b}\u{7f}".repeat(40);
+        let e = parse_request(&line).unwrap_err();
+        assert!(e.len() < 512, "{} bytes: {e}", e.len());
     }
 
     #[test]
