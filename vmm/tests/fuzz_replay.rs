@@ -85,7 +85,7 @@ fn acceptable(f: &ReplayFile) -> bool {
     let frames = f.memory / (2 * MB);
     f.version == REPLAY_VERSION
         && f.memory > 0
-        && f.memory % (2 * MB) == 0
+        && f.memory.is_multiple_of(2 * MB)
         && f.memory <= MAX_RAM
         && (1..=32).contains(&f.vcpus)
         && ["hugetlb", "thp", "4k"].contains(&f.backing.as_str())
