@@ -69,8 +69,8 @@ pub struct RunArgs {
     /// Write the run's outcome and statistics as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
-    /// Stop the guest after this many seconds (exit code 5).
-    #[arg(long, value_name = "SECS")]
+    /// Stop the guest after this many seconds (exit code 5; at most 1e9).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub timeout: Option<f64>,
     /// Run a built-in test guest instead of a kernel (hello, verify, unmap, fault).
     #[arg(long, value_name = "NAME", value_parser = parse_test_guest)]
@@ -78,9 +78,10 @@ pub struct RunArgs {
     /// Page size of the test guest's own page tables.
     #[arg(long, value_name = "4k|2m", default_value = "2m", value_parser = parse_guest_pages)]
     pub guest_pages: GuestPageSize,
-    /// Generations of the `verify` / `unmap` test guests.
-    #[arg(long, value_name = "N", default_value_t = 2)]
-    pub generations: u32,
+    /// Generations of the `verify` test guest (default 2; the other guests
+    /// take none).
+    #[arg(long, value_name = "N", requires = "test_guest")]
+    pub generations: Option<u32>,
     /// A test-guest argument KEY=VALUE (repeatable).
     #[arg(long = "guest-arg", value_name = "KEY=VALUE", value_parser = parse_guest_arg)]
     pub guest_args: Vec<(String, u64)>,
@@ -173,6 +174,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
+/// Most seconds a duration option takes (about 31 years): larger values
+/// cannot be added to a clock without overflow.
+pub const MAX_SECS: f64 = 1e9;
+
+/// Parse a positive number of seconds, at most [`MAX_SECS`].
+pub fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 30 or 2.5)"))?;
+    if !(v > 0.0 && v.is_finite()) {
+        return Err(format!("{s} must be a positive, finite number of seconds"));
+    }
+    if v > MAX_SECS {
+        return Err(format!(
+            "{s} seconds is too large: at most {MAX_SECS:e} seconds (about 31 years)"
+        ));
+    }
+    Ok(v)
+}
+
 pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
     s.parse::<Backing>().map_err(|e| e.to_string())
 }
@@ -215,6 +237,16 @@ mod tests {
         for bad in ["", "M", "12X", "1.5G", "-1M", "0", "99999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn seconds_are_bounded() {
+        assert_eq!(parse_secs("2.5").unwrap(), 2.5);
+        assert_eq!(parse_secs("1e9").unwrap(), 1e9);
+        for bad in ["0", "-1", "nan", "inf", "1e300", "1e19", "x", ""] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+        assert!(parse_secs("1e300").unwrap_err().contains("too large"));
     }
 
     #[test]

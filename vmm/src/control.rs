@@ -48,6 +48,8 @@ struct State {
 pub struct VcpuControl {
     state: Mutex<State>,
     cv: Condvar,
+    /// How long a pause waits (`None`: [`PAUSE_TIMEOUT`]).
+    pause_timeout: Option<Duration>,
 }
 
 impl VcpuControl {
@@ -59,7 +61,19 @@ impl VcpuControl {
                 ..State::default()
             }),
             cv: Condvar::new(),
+            pause_timeout: None,
         }
+    }
+
+    /// The same with another pause timeout (tests).
+    pub fn with_pause_timeout(mut self, t: Duration) -> VcpuControl {
+        self.pause_timeout = Some(t);
+        self
+    }
+
+    /// Pause requests in force.
+    pub fn pausers(&self) -> usize {
+        self.lock().pausers
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -162,18 +176,19 @@ impl VcpuControl {
 
 impl Quiesce for VcpuControl {
     fn pause(&self) -> Result<(), QuiesceError> {
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let timeout = self.pause_timeout.unwrap_or(PAUSE_TIMEOUT);
+        let deadline = Instant::now() + timeout;
         let mut st = self.lock();
         st.pausers += 1;
         while st.parked < st.active {
             if Instant::now() >= deadline {
                 let (parked, active) = (st.parked, st.active);
-                st.pausers -= 1;
+                // Saturating: a resume that came in meanwhile may already
+                // have taken this pause's count away.
+                st.pausers = st.pausers.saturating_sub(1);
                 self.cv.notify_all();
                 return Err(QuiesceError {
-                    reason: format!(
-                        "only {parked} of {active} vCPUs parked within {PAUSE_TIMEOUT:?}"
-                    ),
+                    reason: format!("only {parked} of {active} vCPUs parked within {timeout:?}"),
                 });
             }
             st = self.kick_and_wait(st);
@@ -193,6 +208,27 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn resume_during_a_pause_that_times_out_does_not_underflow() {
+        let c = Arc::new(VcpuControl::new(1).with_pause_timeout(Duration::from_millis(300)));
+        // A vCPU that never parks (stuck outside `before_run`).
+        c.thread_started(0);
+        let c2 = c.clone();
+        let pauser = std::thread::spawn(move || c2.pause());
+        while c.pausers() == 0 {
+            std::thread::yield_now();
+        }
+        c.resume(); // a resume accepted while the pause still waits
+        assert!(pauser.join().unwrap().is_err(), "the pause cannot succeed");
+        assert_eq!(c.pausers(), 0, "pauser count wrapped");
+        c.thread_exited(0);
+        // A vCPU starting now runs (would park forever after an underflow).
+        c.thread_started(0);
+        let c3 = c.clone();
+        let runner = std::thread::spawn(move || c3.before_run());
+        assert!(runner.join().unwrap());
+    }
 
     #[test]
     fn pause_parks_all_threads_and_resume_releases_them() {

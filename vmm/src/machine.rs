@@ -82,6 +82,10 @@ pub enum MirrorPoint {
 
 /// Everything the vCPU threads share.
 pub struct Machine {
+    /// The balloon holds a vm-memory view of guest RAM: declared (so
+    /// dropped) before `mem` and `ram`, or guest RAM would be dropped while
+    /// a view is alive (and leak its address range).
+    balloon: OnceLock<Arc<BalloonDevice>>,
     /// Pause / stop of the vCPU threads.
     pub control: VcpuControl,
     /// The probe for a guest that halted for good (Linux guests).
@@ -108,7 +112,6 @@ pub struct Machine {
     pub checkpoints: Mutex<Vec<Checkpoint>>,
     /// Split / collapse measurements.
     pub unmap: UnmapRecorder,
-    balloon: OnceLock<Arc<BalloonDevice>>,
     collapser: OnceLock<Arc<Collapser>>,
     mirror_ctx: OnceLock<MirrorContext>,
     live_mirror: Mutex<Option<LiveMirror>>,

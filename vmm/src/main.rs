@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Stress(args) => vmm::stress::run_cli(&args),
         Command::Ctl(args) => match vmm::api::ctl(&args) {
             Ok(text) => {
-                print!("{text}");
+                vmm::stdout::print(&text);
                 exit_code::OK
             }
             Err(e) => {
@@ -33,13 +33,21 @@ fn main() -> ExitCode {
                 if rep.exit_code != exit_code::OK {
                     eprintln!("vmm: {}", rep.outcome);
                 }
+                // The report file first: stdout may be a closed pipe.
+                let written = args.stats_json.as_deref().map(|p| write_json(p, &rep));
                 if args.stats {
-                    print!("{}", report::stats_text(&rep));
+                    vmm::stdout::print(&report::stats_text(&rep));
                 }
-                match args.stats_json.as_deref().map(|p| write_json(p, &rep)) {
+                match written {
+                    // The path was checked before the run; a failure now
+                    // keeps the run's own outcome when it has one.
                     Some(Err(e)) => {
                         eprintln!("vmm: {e:#}");
-                        exit_code::INTERNAL
+                        if rep.exit_code == exit_code::OK {
+                            exit_code::INTERNAL
+                        } else {
+                            rep.exit_code
+                        }
                     }
                     _ => rep.exit_code,
                 }

@@ -33,6 +33,8 @@ pub enum Outcome {
     Timeout,
     /// Stopped from outside (`vmm ctl stop`).
     Stopped,
+    /// Stopped by a signal (SIGINT, SIGTERM, SIGHUP): exit code 128 + its number.
+    Signal(i32),
     /// A test guest succeeded but KVM's counters disagree with the mirror
     /// (at a checkpoint or at the end): what differed.
     MirrorMismatch(String),
@@ -51,6 +53,7 @@ impl Outcome {
             Outcome::GuestPanic(_) => exit_code::GUEST_PANIC,
             Outcome::Internal(_) => exit_code::INTERNAL,
             Outcome::Timeout => exit_code::TIMEOUT,
+            Outcome::Signal(sig) => exit_code::SIGNAL_BASE + sig,
         }
     }
 
@@ -74,6 +77,7 @@ impl Outcome {
             Outcome::Internal(why) => format!("internal VMM error: {why}"),
             Outcome::Timeout => "timeout".into(),
             Outcome::Stopped => "stopped by `vmm ctl stop`".into(),
+            Outcome::Signal(sig) => format!("stopped by {}", crate::signals::name(*sig)),
             Outcome::MirrorMismatch(why) => {
                 format!("test guest reported success, but KVM disagrees with the mirror: {why}")
             }
@@ -96,5 +100,8 @@ mod tests {
         assert_eq!(Outcome::Timeout.exit_code(), 5);
         assert_eq!(Outcome::Stopped.exit_code(), 0);
         assert_eq!(Outcome::MirrorMismatch("x".into()).exit_code(), 4);
+        assert_eq!(Outcome::Signal(libc::SIGINT).exit_code(), 130);
+        assert_eq!(Outcome::Signal(libc::SIGTERM).exit_code(), 143);
+        assert_eq!(Outcome::Signal(libc::SIGHUP).exit_code(), 129);
     }
 }

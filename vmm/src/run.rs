@@ -1,7 +1,6 @@
 //! `vmm run`: create guest RAM and the VM, load a kernel or a test guest, run
 //! the vCPUs until the guest ends, then report.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -23,13 +22,15 @@ use crate::devices::virtio_balloon::BalloonError;
 use crate::exit_code;
 use crate::halt::HaltTracker;
 use crate::host::{HostInfo, PV_CMDLINE};
+use crate::input_file::{self, InputFileError};
 use crate::machine::{GuestKind, Machine, MachineParts};
 use crate::mirror;
 use crate::outcome::Outcome;
+use crate::output_path::{self, OutputPathError};
 use crate::report::{self, RunReport};
 use crate::snapshot::HostMemory;
 use crate::stats::KvmStats;
-use crate::testguest::{self, TestGuestError, TestGuestParams};
+use crate::testguest::{self, TestGuestError, TestGuestName, TestGuestParams};
 use crate::vm::{self, Vm, VmError};
 
 /// How long after a panic line the VMM waits for the guest to reset by itself.
@@ -76,6 +77,12 @@ pub enum RunError {
     /// The API socket.
     #[error(transparent)]
     Api(#[from] ApiServerError),
+    /// An output path (`--stats-json`) that cannot be written.
+    #[error(transparent)]
+    Output(#[from] OutputPathError),
+    /// An input or serial file that is not a regular file.
+    #[error(transparent)]
+    Input(#[from] InputFileError),
     /// eventfd / thread creation and other OS failures.
     #[error("{what}: {source}")]
     Os {
@@ -90,7 +97,11 @@ impl RunError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         let bad = match self {
-            RunError::Usage(_) | RunError::SerialFile { .. } | RunError::Api(_) => true,
+            RunError::Usage(_)
+            | RunError::SerialFile { .. }
+            | RunError::Api(_)
+            | RunError::Output(_)
+            | RunError::Input(_) => true,
             RunError::Balloon(_) => false,
             RunError::GuestMem(e) => matches!(
                 e,
@@ -148,16 +159,35 @@ fn check_args(a: &RunArgs) -> Result<(), RunError> {
             )));
         }
     }
+    // Input files: regular files only (a FIFO would hang the open).
     if let Some(k) = &a.kernel {
-        if !k.exists() {
-            return Err(RunError::Boot(BootError::File {
-                what: "kernel",
-                path: k.clone(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }));
+        input_file::open_regular("--kernel", k)?;
+    }
+    if let Some(i) = &a.initrd {
+        let f = input_file::open_regular("--initrd", i)?;
+        if f.metadata().map(|m| m.len()).unwrap_or(0) == 0 {
+            return Err(RunError::Usage(format!(
+                "--initrd {} is empty: name an initramfs (cpio, optionally compressed)",
+                i.display()
+            )));
         }
     }
+    if let Some((k, _)) = duplicate_guest_arg(&a.guest_args) {
+        return Err(RunError::Usage(format!(
+            "--guest-arg {k} is given more than once: give each key once"
+        )));
+    }
+    // Outputs: checked now so a bad path never costs the run its report.
+    output_path::check_all([("--stats-json", a.stats_json.as_deref())])?;
     Ok(())
+}
+
+/// The first key given twice in `--guest-arg`, if any.
+fn duplicate_guest_arg(args: &[(String, u64)]) -> Option<&(String, u64)> {
+    args.iter()
+        .enumerate()
+        .find(|(i, (k, _))| args[..*i].iter().any(|(k2, _)| k2 == k))
+        .map(|(_, a)| a)
 }
 
 /// The serial console's sink: `--serial` (stdout or a file) behind a
@@ -166,8 +196,10 @@ fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Conso
     let out: Box<dyn Write + Send> = if a.serial == "stdout" {
         Box::new(std::io::stdout())
     } else {
-        let path = PathBuf::from(&a.serial);
-        Box::new(File::create(&path).map_err(|source| RunError::SerialFile { path, source })?)
+        Box::new(input_file::create_output(
+            "--serial",
+            &PathBuf::from(&a.serial),
+        )?)
     };
     let (console, writer) =
         Console::spawn(out, console::DEFAULT_CAPACITY).map_err(|source| RunError::Os {
@@ -179,6 +211,10 @@ fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Conso
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.
 pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
+    crate::signals::install().map_err(|source| RunError::Os {
+        what: "installing the SIGINT/SIGTERM/SIGHUP handler",
+        source,
+    })?;
     check_args(args)?;
     let host = HostInfo::detect();
     log::info!("host: {:?}", host);
@@ -190,7 +226,15 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             let mut p = TestGuestParams::new(name, args.memory);
             p.vcpus = usize::from(args.vcpus);
             p.guest_pages = args.guest_pages;
-            p.generations = args.generations;
+            if let Some(g) = args.generations {
+                if name != TestGuestName::Verify {
+                    return Err(RunError::Usage(format!(
+                        "--generations {g}: only the verify test guest takes generations \
+                         (--test-guest {name} does not); drop the option"
+                    )));
+                }
+                p.generations = g;
+            }
             p.args = args.guest_arg_map();
             Some(testguest::build(&p)?)
         }
@@ -426,6 +470,11 @@ fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {
     loop {
         if let Some(o) = m.wait_outcome(Duration::from_millis(50)) {
             return o;
+        }
+        if let Some(sig) = crate::signals::received() {
+            log::info!("{} received: stopping the VM", crate::signals::name(sig));
+            m.finish(Outcome::Signal(sig));
+            continue;
         }
         if let Some(t) = timeout {
             if started.elapsed() >= t {

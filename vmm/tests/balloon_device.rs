@@ -738,6 +738,25 @@ fn reset_gives_every_inflated_page_back() {
 }
 
 #[test]
+fn a_guest_cannot_flood_the_log() {
+    let mut d = Driver::new(BalloonConfig::new(64 * MB));
+    let ((), logs) = capture_logs(|| {
+        for _ in 0..1000 {
+            d.w32(VIRTIO_MMIO_MAGIC_VALUE, 0); // read-only register
+            d.w32(VIRTIO_MMIO_QUEUE_SEL, 77);
+            d.w32(VIRTIO_MMIO_QUEUE_NUM, 8); // nonexistent queue
+        }
+    });
+    for needle in ["read-only register", "nonexistent queue"] {
+        let n = logs.iter().filter(|l| l.contains(needle)).count();
+        // The first 10 of each cause, then the 100th and the 1000th.
+        assert_eq!(n, 12, "{needle}: {n} lines");
+    }
+    assert!(logged(&logs, "1000 times from this thread"), "{logs:?}");
+    assert_eq!(d.r32(VIRTIO_MMIO_MAGIC_VALUE), 0x7472_6976);
+}
+
+#[test]
 fn odd_register_accesses_are_ignored() {
     let mut d = Driver::new(BalloonConfig::new(64 * MB));
     let ((), logs) = capture_logs(|| {
@@ -955,7 +974,9 @@ fn run_fuzz_case(c: &FuzzCase, reach: &Cell<Reach>) -> Result<(), TestCaseError>
 
 #[test]
 fn fuzz_rings_pfns_and_registers() {
+    // VMM_FUZZ_CASES (every fuzz test) or BALLOON_FUZZ_CASES (this one).
     let cases: u32 = std::env::var("BALLOON_FUZZ_CASES")
+        .or_else(|_| std::env::var("VMM_FUZZ_CASES"))
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(12_000);

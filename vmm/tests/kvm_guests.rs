@@ -214,7 +214,7 @@ fn unmap_two_vcpus_hugetlb_splits_with_vcpus_paused() {
         mib,
         // Without the collapser the split frames stay split until the end
         // (vmm/tests/unmap_guest.rs covers split-then-collapse).
-        &["--vcpus", "2", "--generations", "2", "--no-collapser"],
+        &["--vcpus", "2", "--no-collapser"],
     ) else {
         return;
     };

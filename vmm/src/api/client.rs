@@ -2,6 +2,7 @@
 //! print its reply.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,6 +76,16 @@ pub enum CtlError {
         /// The path tried.
         path: PathBuf,
     },
+    /// Something that is not a socket is at the path.
+    #[error(
+        "{path} is a {kind}, not an API socket: pass the path given to `vmm run --api-socket`"
+    )]
+    NotASocket {
+        /// The path tried.
+        path: PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
     /// Other I/O errors.
     #[error("talking to the VMM at {path}: {what}: {source}")]
     Io {
@@ -103,7 +114,9 @@ impl CtlError {
     /// 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            CtlError::NoSocket { .. } | CtlError::NotListening { .. } => exit_code::BAD_INPUT,
+            CtlError::NoSocket { .. }
+            | CtlError::NotListening { .. }
+            | CtlError::NotASocket { .. } => exit_code::BAD_INPUT,
             _ => exit_code::INTERNAL,
         }
     }
@@ -122,8 +135,14 @@ pub fn request(
         std::io::ErrorKind::NotFound => CtlError::NoSocket {
             path: path.to_path_buf(),
         },
-        std::io::ErrorKind::ConnectionRefused => CtlError::NotListening {
-            path: path.to_path_buf(),
+        std::io::ErrorKind::ConnectionRefused => match std::fs::symlink_metadata(path) {
+            Ok(md) if !md.file_type().is_socket() => CtlError::NotASocket {
+                path: path.to_path_buf(),
+                kind: crate::input_file::kind_name(md.file_type()),
+            },
+            _ => CtlError::NotListening {
+                path: path.to_path_buf(),
+            },
         },
         _ => CtlError::Io {
             path: path.to_path_buf(),
@@ -261,6 +280,22 @@ mod tests {
         assert_eq!(e.exit_code(), exit_code::BAD_INPUT);
         assert!(e.to_string().contains("no VM is running"), "{e}");
         assert!(e.to_string().contains(&p.display().to_string()));
+    }
+
+    #[test]
+    fn a_regular_file_is_not_called_a_stale_socket() {
+        let p = std::env::temp_dir().join(format!("vmm-ctl-regular-{}", std::process::id()));
+        std::fs::write(&p, "x").unwrap();
+        let e = request(&p, &Request::Stats).unwrap_err();
+        let _ = std::fs::remove_file(&p);
+        assert!(matches!(e, CtlError::NotASocket { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("is a regular file, not an API socket"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("stale"), "{e}");
+        assert_eq!(e.exit_code(), exit_code::BAD_INPUT);
     }
 
     #[test]

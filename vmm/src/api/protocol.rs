@@ -24,15 +24,69 @@ pub enum Request {
     Stop,
 }
 
-/// Parse one request line; the error says what is wrong.
+/// Most bytes of a request (or of a parser's message about it), escaped,
+/// an error reply repeats: a reply is never much longer than this, whatever
+/// the request.
+pub const ECHO_MAX: usize = 64;
+
+/// `s` cut to at most `max` bytes (at a character boundary), marked with
+/// `…` when cut.
+pub fn prefix(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn bad(line: &str, why: &str) -> String {
+    // Escaped before cutting: escapes can be many times longer than the
+    // characters they stand for.
+    format!(
+        "bad request {}: {}; expected one JSON object per line with \"cmd\" one of \
+         balloon (with \"bytes\"), stats, pause, resume, stop",
+        prefix(&format!("{line:?}"), ECHO_MAX),
+        prefix(&printable(why), 2 * ECHO_MAX)
+    )
+}
+
+/// `s` with everything but printable ASCII escaped.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c.to_string()
+            } else {
+                c.escape_default().to_string()
+            }
+        })
+        .collect()
+}
+
+/// Parse one request line; the error says what is wrong (repeating at
+/// most [`ECHO_MAX`] characters of the request). Fields other than the
+/// command's own are refused, for every command.
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line.trim()).map_err(|e| {
-        format!(
-            "bad request {:?}: {e}; expected one JSON object per line with \"cmd\" one of \
-             balloon (with \"bytes\"), stats, pause, resume, stop",
-            line.trim()
-        )
-    })
+    let t = line.trim();
+    let v: serde_json::Value = serde_json::from_str(t).map_err(|e| bad(t, &e.to_string()))?;
+    let Some(obj) = v.as_object() else {
+        return Err(bad(t, "not a JSON object"));
+    };
+    let own: &[&str] = match obj.get("cmd").and_then(|c| c.as_str()) {
+        Some("balloon") => &["cmd", "bytes"],
+        Some(_) => &["cmd"],
+        None => return Err(bad(t, "no \"cmd\" string")),
+    };
+    if let Some(k) = obj.keys().find(|k| !own.contains(&k.as_str())) {
+        return Err(bad(
+            t,
+            &format!("unknown field {:?}", prefix(k, ECHO_MAX / 2)),
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| bad(t, &e.to_string()))
 }
 
 /// A reply: `{"error": ...}` or `{"ok": true, ...fields}`.
@@ -121,6 +175,45 @@ mod tests {
             let e = parse_request(bad).unwrap_err();
             assert!(e.contains("expected one JSON object"), "{e}");
         }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_on_every_command() {
+        for bad in [
+            r#"{"cmd":"stats","x":1}"#,
+            r#"{"cmd":"pause","bytes":1}"#,
+            r#"{"cmd":"stop","force":true}"#,
+            r#"{"cmd":"balloon","bytes":1,"x":2}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.contains("unknown field"), "{bad}: {e}");
+        }
+        assert_eq!(parse_request(r#"{"cmd":"stats"}"#).unwrap(), Request::Stats);
+    }
+
+    #[test]
+    fn errors_echo_a_short_prefix_only() {
+        let huge_cmd = format!(r#"{{"cmd":"{}"}}"#, "x".repeat(60_000));
+        let huge_junk = "y".repeat(60_000);
+        let huge_key = format!(r#"{{"cmd":"stats","{}":1}}"#, "k".repeat(60_000));
+        for req in [huge_cmd, huge_junk, huge_key] {
+            let e = parse_request(&req).unwrap_err();
+            assert!(e.len() < 512, "{} bytes: {}", e.len(), prefix(&e, 200));
+            assert!(e.contains('…'), "{e}");
+        }
+        assert_eq!(prefix("abc", 2), "ab…");
+        assert_eq!(prefix("äöü", 5), "äö…");
+        assert_eq!(prefix("äöü", 6), "äöü");
+    }
+
+    /// Found by `fuzz_parse_request_arbitrary_text` at 10^6 cases: a line
+    /// of control and astral-plane characters made a 513-byte reply, the
+    /// `{:?}` escapes (`\u{3347a}`) being longer than the characters.
+    #[test]
+    fn escaped_echo_stays_short() {
+        let line = "\"\u{3347a}\u{e000}\0\u{b}\u{7f}".repeat(40);
+        let e = parse_request(&line).unwrap_err();
+        assert!(e.len() < 512, "{} bytes: {e}", e.len());
     }
 
     #[test]

@@ -1,26 +1,56 @@
 //! The API socket server of `vmm run --api-socket PATH`: a thread accepting
 //! connections on a Unix socket; each connection is served by its own thread,
 //! one JSON request line in, one JSON reply line out.
+//!
+//! The socket is created owner-only (0600, whatever the umask) and only a
+//! peer with the VMM's uid or root is served; connections are bounded
+//! ([`ServerLimits`]): how many at once, how long idle, how long a line.
+//! Nothing but a stale socket is ever replaced at the path, and on exit the
+//! file is removed only while it is still the socket this server bound.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use guest_mem::Quiesce;
 use serde::Serialize;
 
+use super::framing::{read_frame, Frame};
+use super::pause::ApiPause;
+use super::peer;
 use super::protocol::{parse_request, Reply, Request};
+use crate::input_file::kind_name;
 use crate::machine::Machine;
 use crate::snapshot;
 
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
-/// Longest request line accepted.
-const MAX_LINE: usize = 64 * 1024;
+
+/// The server's bounds on what clients may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Connections served at once; one more is told so and closed.
+    pub max_connections: usize,
+    /// A connection that sends nothing (or reads no reply) this long is closed.
+    pub idle_timeout: Duration,
+    /// Longest request line (bytes, newline excluded); a longer line is
+    /// refused whole and the connection closed.
+    pub max_line: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(60),
+            max_line: 64 * 1024,
+        }
+    }
+}
 
 /// Starting the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +60,17 @@ pub enum ApiServerError {
     InUse {
         /// The path.
         path: PathBuf,
+    },
+    /// Something that is not a socket is at the path: never replaced.
+    #[error(
+        "--api-socket {path}: a {kind} exists there and is not a socket; the VMM never removes \
+         what it did not create: pick another path (or remove it yourself)"
+    )]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+        /// What is there.
+        kind: &'static str,
     },
     /// Binding or configuring the socket failed.
     #[error("--api-socket {path}: {what}: {source}")]
@@ -47,13 +88,19 @@ pub enum ApiServerError {
 struct Shared {
     machine: Weak<Machine>,
     stop: AtomicBool,
-    /// Whether the API holds a pause of the vCPUs.
-    paused: AtomicBool,
+    /// The API's pause of the vCPUs.
+    pause: ApiPause,
+    /// Connections being served.
+    connections: AtomicUsize,
+    limits: ServerLimits,
 }
 
-/// The running server; dropping it stops it and removes the socket file.
+/// The running server; dropping it stops it and removes the socket file
+/// if it is still the one it created (same device and inode).
 pub struct ApiServer {
     path: PathBuf,
+    /// Device and inode of the socket file at bind time.
+    identity: (u64, u64),
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -71,42 +118,105 @@ fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Api
     move |source| ApiServerError::Io { path, what, source }
 }
 
+/// Clear the way for a socket at `path`: nothing there, or a stale socket
+/// (nobody listening), which is removed. Anything else is refused.
+fn clear_stale(path: &Path) -> Result<(), ApiServerError> {
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path, "inspecting the path")(e)),
+    };
+    if !md.file_type().is_socket() {
+        return Err(ApiServerError::NotASocket {
+            path: path.to_path_buf(),
+            kind: kind_name(md.file_type()),
+        });
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(ApiServerError::InUse {
+            path: path.to_path_buf(),
+        });
+    }
+    std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))
+}
+
+/// Bind a socket at `path` that only its owner may connect to, whatever the
+/// process umask.
+fn bind_owner_only(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerError> {
+    // SAFETY: umask only swaps the process file-mode mask; it is put back
+    // right after the bind (other threads create no files meanwhile, and
+    // would get stricter modes at worst).
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(io_err(path, "binding the socket"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io_err(path, "making the socket owner-only (chmod 0600)"))?;
+    let md = std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
+    Ok((listener, (md.dev(), md.ino())))
+}
+
 impl ApiServer {
-    /// Listen on `path` (a stale socket file there is replaced) for `m`.
+    /// Listen on `path` for `m` with the default [`ServerLimits`]: a stale
+    /// socket there is replaced, anything else refused.
     pub fn start(path: &Path, m: Weak<Machine>) -> Result<ApiServer, ApiServerError> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiServerError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))?;
-        }
-        let listener = UnixListener::bind(path).map_err(io_err(path, "binding the socket"))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err(path, "making the socket non-blocking"))?;
+        ApiServer::start_with(path, m, ServerLimits::default())
+    }
+
+    /// The same with explicit limits.
+    pub fn start_with(
+        path: &Path,
+        m: Weak<Machine>,
+        limits: ServerLimits,
+    ) -> Result<ApiServer, ApiServerError> {
+        clear_stale(path)?;
+        let (listener, identity) = bind_owner_only(path)?;
         let shared = Arc::new(Shared {
             machine: m,
             stop: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
+            pause: ApiPause::default(),
+            connections: AtomicUsize::new(0),
+            limits,
         });
-        let s = shared.clone();
+        // From here on, a failure drops `server`, which removes the socket.
+        let mut server = ApiServer {
+            path: path.to_path_buf(),
+            identity,
+            shared: shared.clone(),
+            thread: None,
+        };
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err(path, "making the socket non-blocking"))?;
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(&listener, &s))
+            .spawn(move || accept_loop(&listener, &shared))
             .map_err(io_err(path, "spawning the API thread"))?;
         log::info!("API socket listening at {}", path.display());
-        Ok(ApiServer {
-            path: path.to_path_buf(),
-            shared,
-            thread: Some(thread),
-        })
+        server.thread = Some(thread);
+        Ok(server)
     }
 
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Remove the socket file if it is still ours.
+    fn remove_socket(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(md) if (md.dev(), md.ino()) == self.identity => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    log::warn!("removing the API socket {}: {e}", self.path.display());
+                }
+            }
+            Ok(_) => log::info!(
+                "{} is no longer the socket this VMM created; left in place",
+                self.path.display()
+            ),
+            Err(e) => log::info!("API socket {}: {e}; nothing to remove", self.path.display()),
+        }
     }
 }
 
@@ -118,29 +228,34 @@ impl Drop for ApiServer {
                 log::error!("the API thread panicked");
             }
         }
-        if self.shared.paused.swap(false, Ordering::SeqCst) {
-            if let Some(m) = self.shared.machine.upgrade() {
-                m.control.resume();
-            }
+        if let Some(m) = self.shared.machine.upgrade() {
+            self.shared.pause.release(&m.control);
         }
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            log::warn!("removing the API socket {}: {e}", self.path.display());
-        }
+        self.remove_socket();
     }
+}
+
+/// Counts a connection while it is served.
+struct ConnSlot(Arc<Shared>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Tell a client why it is not served, and close.
+fn refuse(mut stream: UnixStream, why: String) {
+    let _ = stream.set_write_timeout(Some(POLL));
+    let mut out = Reply::Error(why).to_line();
+    out.push('\n');
+    let _ = stream.write_all(out.as_bytes());
 }
 
 fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         match listener.accept() {
-            Ok((stream, _)) => {
-                let s = shared.clone();
-                let r = std::thread::Builder::new()
-                    .name("api-conn".into())
-                    .spawn(move || serve(stream, &s));
-                if let Err(e) = r {
-                    log::warn!("API: cannot start a connection thread: {e}");
-                }
-            }
+            Ok((stream, _)) => admit(stream, shared),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) => {
                 log::warn!("API: accept failed: {e}");
@@ -150,8 +265,44 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
     }
 }
 
+/// Check a new connection's peer and the connection cap; serve it on its
+/// own thread.
+fn admit(stream: UnixStream, shared: &Arc<Shared>) {
+    match peer::allowed(&stream) {
+        Ok(()) => {}
+        Err(why) => {
+            log::warn!("API: {why}");
+            return refuse(stream, why);
+        }
+    }
+    let max = shared.limits.max_connections;
+    if shared.connections.fetch_add(1, Ordering::SeqCst) >= max {
+        shared.connections.fetch_sub(1, Ordering::SeqCst);
+        log::info!("API: connection refused: {max} connections are open");
+        return refuse(
+            stream,
+            format!("too many connections ({max} open): close one and retry"),
+        );
+    }
+    let slot = ConnSlot(shared.clone());
+    let r = std::thread::Builder::new()
+        .name("api-conn".into())
+        .spawn(move || {
+            let slot = slot;
+            serve(stream, &slot.0);
+        });
+    if let Err(e) = r {
+        log::warn!("API: cannot start a connection thread: {e}");
+    }
+}
+
 fn serve(stream: UnixStream, shared: &Shared) {
-    if let Err(e) = stream.set_nonblocking(false) {
+    let idle = Some(shared.limits.idle_timeout);
+    let configured = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(idle))
+        .and_then(|()| stream.set_write_timeout(idle));
+    if let Err(e) = configured {
         log::warn!("API: configuring a connection: {e}");
         return;
     }
@@ -163,27 +314,38 @@ fn serve(stream: UnixStream, shared: &Shared) {
         }
     };
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
+    let max = shared.limits.max_line;
     loop {
-        line.clear();
-        match (&mut reader).take(MAX_LINE as u64).read_line(&mut line) {
-            Ok(0) => return,
-            Ok(_) => {}
+        let (reply, last) = match read_frame(&mut reader, max) {
+            Ok(Frame::Eof) => return,
             Err(e) => {
-                log::debug!("API: reading a request: {e}");
+                // Idle past the timeout (EAGAIN) or a broken connection.
+                log::debug!("API: closing a connection: {e}");
                 return;
             }
-        }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match parse_request(&line) {
-            Ok(req) => handle(req, shared),
-            Err(e) => Reply::Error(e),
+            Ok(Frame::TooLong) => (
+                Reply::Error(format!(
+                    "request line longer than {max} bytes: refused whole; connection closed"
+                )),
+                true,
+            ),
+            Ok(Frame::Line(bytes)) => {
+                let reply = match std::str::from_utf8(&bytes) {
+                    Err(_) => {
+                        Reply::Error("request is not UTF-8: send one JSON object per line".into())
+                    }
+                    Ok(line) if line.trim().is_empty() => continue,
+                    Ok(line) => match parse_request(line) {
+                        Ok(req) => handle(req, shared),
+                        Err(e) => Reply::Error(e),
+                    },
+                };
+                (reply, false)
+            }
         };
         let mut out = reply.to_line();
         out.push('\n');
-        if writer.write_all(out.as_bytes()).is_err() {
+        if writer.write_all(out.as_bytes()).is_err() || last {
             return;
         }
     }
@@ -236,30 +398,19 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             if let Reply::Ok(map) = &mut r {
                 map.insert(
                     "paused".into(),
-                    serde_json::Value::Bool(shared.paused.load(Ordering::SeqCst)),
+                    serde_json::Value::Bool(shared.pause.is_paused()),
                 );
             }
             r
         }
-        Request::Pause => {
-            if shared.paused.swap(true, Ordering::SeqCst) {
-                return Reply::Error("the vCPUs are already paused (send resume)".into());
-            }
-            match m.control.pause() {
-                Ok(()) => Reply::ok(Paused { paused: true }),
-                Err(e) => {
-                    shared.paused.store(false, Ordering::SeqCst);
-                    Reply::Error(e.to_string())
-                }
-            }
-        }
-        Request::Resume => {
-            if !shared.paused.swap(false, Ordering::SeqCst) {
-                return Reply::Error("the vCPUs are not paused (send pause first)".into());
-            }
-            m.control.resume();
-            Reply::ok(Paused { paused: false })
-        }
+        Request::Pause => match shared.pause.pause(&m.control) {
+            Ok(()) => Reply::ok(Paused { paused: true }),
+            Err(e) => Reply::Error(e),
+        },
+        Request::Resume => match shared.pause.resume(&m.control) {
+            Ok(()) => Reply::ok(Paused { paused: false }),
+            Err(e) => Reply::Error(e),
+        },
         Request::Stop => {
             log::info!("API: stop requested");
             m.finish(crate::outcome::Outcome::Stopped);

@@ -102,7 +102,7 @@ pub struct TlbArgs {
     #[arg(long, value_name = "N", default_value_t = tlb::DEFAULT_SEED)]
     pub seed: u64,
     /// Stop a guest run after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 300.0, value_parser = crate::cli::parse_secs)]
     pub timeout: f64,
     /// KVM device node (hidden, for tests).
     #[command(flatten)]

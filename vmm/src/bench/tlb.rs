@@ -209,14 +209,32 @@ fn write(path: &Path, text: &str) -> Result<(), BenchError> {
 
 /// `vmm bench tlb`: run, print the table, write JSON / SVG.
 pub fn run_cli(a: &TlbArgs) -> Result<(), BenchError> {
+    crate::output_path::check_all([
+        ("--json", a.json.as_deref()),
+        ("--markdown", a.markdown.as_deref()),
+        ("--svg", a.svg.as_deref()),
+    ])
+    .map_err(|e| BenchError::Usage(e.to_string()))?;
     let r = run(a, &mut |l| eprintln!("{l}"))?;
-    println!(
-        "vmm bench tlb: mode {:?}, {} accesses, {} repeats, TSC {} kHz ({}), {:.1} s",
-        r.mode, r.accesses, r.repeat, r.tsc.khz, r.tsc.source, r.seconds
-    );
-    print!("{}", summary::table(&r.configs));
+    // Files first: stdout may be a closed pipe.
+    let written = write_outputs(a, &r);
+    crate::stdout::print(&format!(
+        "vmm bench tlb: mode {:?}, {} accesses, {} repeats, TSC {} kHz ({}), {:.1} s\n{}",
+        r.mode,
+        r.accesses,
+        r.repeat,
+        r.tsc.khz,
+        r.tsc.source,
+        r.seconds,
+        summary::table(&r.configs)
+    ));
+    written
+}
+
+/// Write `--json`, `--markdown`, `--svg`.
+fn write_outputs(a: &TlbArgs, r: &TlbResults) -> Result<(), BenchError> {
     if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(&r).map_err(|e| BenchError::Output {
+        let text = serde_json::to_string_pretty(r).map_err(|e| BenchError::Output {
             path: p.clone(),
             why: e.to_string(),
         })?;

@@ -43,6 +43,9 @@ const PAGE: u64 = 4096;
 /// A problem with the kernel, initrd, command line or memory size.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// A file is not a readable regular file (a FIFO is refused, not opened).
+    #[error(transparent)]
+    Input(#[from] crate::input_file::InputFileError),
     /// A file could not be opened or read.
     #[error("cannot read {what} {path}: {source}")]
     File {
@@ -177,11 +180,12 @@ enum Kind {
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
-    File::open(path).map_err(|source| BootError::File {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    let opt = if what == "initrd" {
+        "--initrd"
+    } else {
+        "--kernel"
+    };
+    Ok(crate::input_file::open_regular(opt, path)?)
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {

@@ -6,3 +6,4 @@ pub mod i8042;
 pub mod serial;
 pub mod virtio_balloon;
 pub mod virtio_mmio;
+pub mod warn_limit;

@@ -55,7 +55,7 @@ pub struct StressArgs {
     #[arg(long, value_name = "hugetlb|thp|4k", default_value = "hugetlb", value_parser = crate::cli::parse_backing)]
     pub backing: Backing,
     /// Fire events for this many seconds (default 10 when --ops is not given).
-    #[arg(long, value_name = "SECS", conflicts_with = "ops")]
+    #[arg(long, value_name = "SECS", conflicts_with = "ops", value_parser = crate::cli::parse_secs)]
     pub seconds: Option<f64>,
     /// Fire this many events.
     #[arg(long, value_name = "N")]
@@ -69,7 +69,7 @@ pub struct StressArgs {
     #[arg(long, value_name = "MIX", default_value = DEFAULT_MIX, value_parser = parse_mix)]
     pub ops_mix: OpsMix,
     /// Seconds between quiescent points (KVM's counters against the mirror).
-    #[arg(long, value_name = "SECS", default_value_t = 2.5)]
+    #[arg(long, value_name = "SECS", default_value_t = 2.5, value_parser = crate::cli::parse_secs)]
     pub quiesce_every: f64,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "PATH")]

@@ -226,14 +226,20 @@ impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{} {}", self.seq, self.kind)?;
         if let Some(fr) = self.frame {
-            write!(f, " frame {fr} (gpa {:#x})", fr << 21)?;
+            // Checked: a replay file may name any frame (it is refused
+            // afterwards, by a message that shows it).
+            match fr.checked_mul(1 << 21) {
+                Some(gpa) => write!(f, " frame {fr} (gpa {gpa:#x})")?,
+                None => write!(f, " frame {fr}")?,
+            }
             if self.kind == EventKind::Host(HostKind::Discard4k) {
-                write!(
-                    f,
-                    " page {} (gfn {:#x})",
-                    self.page,
-                    (fr << 9) + u64::from(self.page)
-                )?;
+                write!(f, " page {}", self.page)?;
+                if let Some(gfn) = fr
+                    .checked_mul(512)
+                    .and_then(|g| g.checked_add(u64::from(self.page)))
+                {
+                    write!(f, " (gfn {gfn:#x})")?;
+                }
             }
         }
         Ok(())

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::args::InjectBug;
 use super::events::{Draw, Event, EventKind, HostKind};
+use super::protect;
 use super::shared::{SharedError, SharedLog};
 use super::slot::{Slot0, SlotError};
 use super::vcpu::StressVcpuShared;
@@ -59,6 +60,17 @@ pub enum InjectError {
         addr: u64,
         /// Cause.
         source: std::io::Error,
+    },
+    /// mprotect (the original protection is put back on failure).
+    #[error(transparent)]
+    Protect(#[from] super::protect::ProtectError),
+    /// An event names a frame events may not act on.
+    #[error("event {event}: the frame is outside the work frames {frames:?}")]
+    FrameOutside {
+        /// The event.
+        event: String,
+        /// The frames events act on.
+        frames: Range<u64>,
     },
     /// The guest made no progress.
     #[error("the guest made no progress for {0:?} (vCPU stuck?)")]
@@ -254,6 +266,14 @@ impl Injector<'_> {
             };
             return Ok((e, x));
         };
+        // Never reached with a validated replay file; a guard all the same:
+        // nothing below may touch host memory outside guest RAM.
+        if !self.work_frames.contains(&frame) {
+            return Err(InjectError::FrameOutside {
+                event: ev.to_string(),
+                frames: self.work_frames.clone(),
+            });
+        }
         let gpa = frame * HPAGE_SIZE;
         let e = match ev.kind {
             EventKind::Host(HostKind::Discard4k) => {
@@ -295,36 +315,20 @@ impl Injector<'_> {
         let addr = ram.host_addr() + gpa;
         let gate = &self.vshared.gate;
         gate.close(gpa..gpa + HPAGE_SIZE);
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
         // SAFETY: [addr, addr + 2M) is one frame of guest RAM's host range
-        // (2M aligned, so hugetlb mappings accept it); only the protection
-        // changes, and it is restored below before anything else touches
-        // the mapping (the RAM lock is held).
-        let r = unsafe {
-            libc::mprotect(
-                addr as *mut libc::c_void,
-                HPAGE_SIZE as usize,
-                libc::PROT_READ,
-            )
-        };
-        if r != 0 {
-            let e = os_err("mprotect(PROT_READ)", addr);
+        // (2M aligned, so hugetlb mappings accept it; `gpa` is a frame the
+        // run validated); only the protection changes, and it is restored
+        // below (or by `protect` itself on failure) before anything else
+        // touches the mapping (the RAM lock is held).
+        if let Err(e) = unsafe { protect::protect(addr, HPAGE_SIZE, libc::PROT_READ, rw) } {
             gate.open();
-            return Err(e);
+            return Err(e.into());
         }
         gate.wait_fault(WRPROTECT_HOLD);
         // SAFETY: as above; this restores the original protection.
-        let r = unsafe {
-            libc::mprotect(
-                addr as *mut libc::c_void,
-                HPAGE_SIZE as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        let restore = if r != 0 {
-            Err(os_err("mprotect(PROT_READ|PROT_WRITE)", addr))
-        } else {
-            Ok(())
-        };
+        let restore =
+            unsafe { protect::protect(addr, HPAGE_SIZE, rw, rw) }.map_err(InjectError::from);
         x.faults = gate.episode_faults();
         gate.open();
         restore.map(|()| Effect::Done)

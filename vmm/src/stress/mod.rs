@@ -27,6 +27,7 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
+pub mod protect;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -76,6 +77,9 @@ pub enum StressError {
     /// Bad options.
     #[error("{0}")]
     Usage(String),
+    /// An output path that cannot be written.
+    #[error(transparent)]
+    Output(#[from] crate::output_path::OutputPathError),
     /// Spawning a vCPU thread.
     #[error("spawning a vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -86,7 +90,9 @@ impl StressError {
     pub fn exit_code(&self) -> i32 {
         match self {
             StressError::Setup(e) => e.exit_code(),
-            StressError::Replay(_) | StressError::Usage(_) => exit_code::BAD_INPUT,
+            StressError::Replay(_) | StressError::Usage(_) | StressError::Output(_) => {
+                exit_code::BAD_INPUT
+            }
             StressError::Thread(_) => exit_code::INTERNAL,
         }
     }
@@ -115,7 +121,7 @@ enum Source {
     },
 }
 
-fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
+fn params(a: &StressArgs) -> Result<(Params, Option<ReplayFile>), StressError> {
     if let Some(s) = a.seconds {
         if !(s > 0.0 && s.is_finite()) {
             return Err(StressError::Usage(format!(
@@ -140,10 +146,10 @@ fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
             vcpus: f.vcpus,
             backing,
             seed: f.seed,
-            mix: f.ops_mix,
+            mix: f.ops_mix.clone(),
             bug: f.inject_bug,
         };
-        return Ok((p, Some(f.events)));
+        return Ok((p, Some(f)));
     }
     let mix = a
         .ops_mix
@@ -164,13 +170,23 @@ fn params(a: &StressArgs) -> Result<(Params, Option<Vec<Event>>), StressError> {
 
 /// Run `vmm stress`.
 pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
-    let (p, replay_events) = params(a)?;
+    let (p, replay) = params(a)?;
+    crate::output_path::check_all([
+        ("--json", a.json.as_deref()),
+        ("--replay-out", a.replay_out.as_deref()),
+    ])?;
     let built = setup::build(&a.kvm.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let setup::Built {
         mut vm,
         machine: m,
         image,
     } = built;
+    let work_frames = image.reserved.end / HPAGE_SIZE..p.memory / HPAGE_SIZE;
+    // Before any vCPU runs: a replayed event acts only where live ones do.
+    if let (Some(f), Some(path)) = (&replay, &a.replay) {
+        f.check_frames(path, &work_frames)?;
+    }
+    let replay_events = replay.map(|f| f.events);
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
@@ -205,7 +221,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         vshared: &vshared,
         backing: p.backing,
         bug: p.bug,
-        work_frames: image.reserved.end / HPAGE_SIZE..size / HPAGE_SIZE,
+        work_frames,
         reserved_end: image.reserved.end,
         remapped: std::sync::atomic::AtomicU64::new(0),
     };
@@ -220,7 +236,8 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
             };
             Source::Live {
                 gen: Generator::new(p.seed, p.mix.clone()),
-                deadline: secs.map(|s| started + Duration::from_secs_f64(s)),
+                // Bounded at parse time; a deadline past the clock's range is none.
+                deadline: secs.and_then(|s| started.checked_add(Duration::from_secs_f64(s))),
                 ops: a.ops,
             }
         }
@@ -229,7 +246,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
     let mut lp = Loop::default();
     let started = Instant::now();
     let every = Duration::from_secs_f64(a.quiesce_every);
-    let mut next_q = started + every;
+    let mut next_q = started.checked_add(every).unwrap_or(started);
     let mut q_count = 0u64;
     loop {
         let ev = match &mut source {
@@ -269,7 +286,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
             break;
         }
         if was_q {
-            next_q = Instant::now() + every;
+            next_q = Instant::now().checked_add(every).unwrap_or(next_q);
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -502,7 +519,7 @@ impl Loop {
 pub fn run_cli(a: &StressArgs) -> i32 {
     match run(a) {
         Ok(rep) => {
-            print!("{}", rep.text());
+            crate::stdout::print(&rep.text());
             if let Some(f) = &rep.replay_file {
                 eprintln!(
                     "vmm stress: VIOLATION (seed {}); replay file written to {f}",
@@ -515,7 +532,10 @@ pub fn run_cli(a: &StressArgs) -> i32 {
                     .and_then(|t| std::fs::write(path, t).map_err(|e| e.to_string()));
                 if let Err(e) = written {
                     eprintln!("vmm stress: writing {}: {e}", path.display());
-                    return exit_code::INTERNAL;
+                    // A violation's exit 4 stays 4.
+                    if rep.exit_code == exit_code::OK {
+                        return exit_code::INTERNAL;
+                    }
                 }
             }
             rep.exit_code

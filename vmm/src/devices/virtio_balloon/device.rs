@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use log::{info, warn};
+use crate::devices::warn_limit::guest_warn;
+use log::info;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::desc::split::Descriptor;
@@ -137,7 +138,7 @@ impl<B: BalloonBackend> Balloon<B> {
     pub fn set_target(&mut self, pages: u64) -> u32 {
         let clamped = pages.min(self.inflated.pages()).min(u64::from(u32::MAX));
         if clamped != pages {
-            warn!("balloon: target of {pages} pages clamped to {clamped} (guest RAM)");
+            guest_warn!("balloon: target of {pages} pages clamped to {clamped} (guest RAM)");
         }
         self.num_pages = clamped as u32;
         info!("balloon: target {} pages", self.num_pages);
@@ -274,7 +275,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
             if (4..8).contains(&o) {
                 c[o as usize] = b;
             } else {
-                warn!("balloon: driver write to read-only config byte {o:#x} ignored");
+                guest_warn!("balloon: driver write to read-only config byte {o:#x} ignored");
             }
         }
         self.actual = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
@@ -300,7 +301,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
                         name: role.name(),
                     });
                 }
-                _ if !present => warn!(
+                _ if !present => guest_warn!(
                     "balloon: {} queue {index} negotiated but not set up; it stays idle",
                     role.name()
                 ),
@@ -330,17 +331,17 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
             ..
         } = self;
         let Some(active) = active.as_mut() else {
-            warn!("balloon: notify for queue {index} before activation ignored");
+            guest_warn!("balloon: notify for queue {index} before activation ignored");
             return false;
         };
         let Some(&role) = active.roles.get(index) else {
-            warn!(
+            guest_warn!(
                 "balloon: notify for queue {index}, which has no role with the negotiated features"
             );
             return false;
         };
         let Some(queue) = active.queues.get_mut(index).and_then(Option::as_mut) else {
-            warn!(
+            guest_warn!(
                 "balloon: notify for {} queue {index}, which is not set up",
                 role.name()
             );
@@ -373,7 +374,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
                     let bytes = read_readable(mem, descs, MAX_STATS_BYTES, role.name());
                     let rest = stats.update(&bytes);
                     if rest != 0 {
-                        warn!("balloon stats queue: ignoring {rest} trailing bytes");
+                        guest_warn!("balloon stats queue: ignoring {rest} trailing bytes");
                     }
                     if let Some(old) = stats_head.replace(head) {
                         displaced.push(old);
@@ -381,7 +382,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
                     Completion::Hold
                 });
                 for old in displaced {
-                    warn!("balloon stats queue: driver queued a second stats buffer; returning the old one");
+                    guest_warn!("balloon stats queue: driver queued a second stats buffer; returning the old one");
                     d.notify |= add_used(queue, mem, old, 0, role.name());
                 }
                 d
@@ -393,7 +394,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
                 Completion::Used(0)
             }),
             QueueRole::FreePageHint => {
-                warn!("balloon: free page hinting is not offered; queue {index} ignored");
+                guest_warn!("balloon: free page hinting is not offered; queue {index} ignored");
                 Drained::default()
             }
         };
@@ -415,7 +416,7 @@ fn report_run<B: BalloonBackend>(backend: &mut B, counters: &mut BalloonCounters
         return;
     }
     if (gpa | len) & (PAGE_SIZE - 1) != 0 {
-        warn!("balloon reporting queue: run {gpa:#x}+{len:#x} is not 4K aligned; ignored");
+        guest_warn!("balloon reporting queue: run {gpa:#x}+{len:#x} is not 4K aligned; ignored");
         counters.runs_rejected += 1;
         return;
     }
@@ -432,7 +433,7 @@ fn read_readable(mem: &GuestMemoryMmap, descs: &[Descriptor], max: usize, label:
         let start = bytes.len();
         bytes.resize(start + take, 0);
         if let Err(e) = mem.read_slice(&mut bytes[start..], d.addr()) {
-            warn!("{label} queue: cannot read buffer {:#x}: {e}", d.addr().0);
+            guest_warn!("{label} queue: cannot read buffer {:#x}: {e}", d.addr().0);
             bytes.truncate(start);
         }
     }

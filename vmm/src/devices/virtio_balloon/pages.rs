@@ -1,7 +1,7 @@
 //! Inflate / deflate buffers: arrays of le32 4K page frame numbers, checked
 //! element by element against the set of inflated pages.
 
-use log::warn;
+use crate::devices::warn_limit::guest_warn;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
@@ -39,7 +39,7 @@ pub fn read_pfns(mem: &GuestMemoryMmap, descs: &[Descriptor], op: PageOp) -> Vec
     let mut bytes = Vec::new();
     for d in descs {
         if d.is_write_only() {
-            warn!(
+            guest_warn!(
                 "{} queue: ignoring device-writable buffer {:#x}+{:#x} (PFN arrays are driver-written)",
                 op.name(),
                 d.addr().0,
@@ -50,7 +50,7 @@ pub fn read_pfns(mem: &GuestMemoryMmap, descs: &[Descriptor], op: PageOp) -> Vec
         let room = MAX_PFN_BUFFER_BYTES - bytes.len();
         let take = (d.len() as usize).min(room);
         if take < d.len() as usize {
-            warn!(
+            guest_warn!(
                 "{} queue: PFN array longer than {MAX_PFN_BUFFER_BYTES} bytes; ignoring {} bytes",
                 op.name(),
                 d.len() as usize - take
@@ -59,7 +59,7 @@ pub fn read_pfns(mem: &GuestMemoryMmap, descs: &[Descriptor], op: PageOp) -> Vec
         let start = bytes.len();
         bytes.resize(start + take, 0);
         if let Err(e) = mem.read_slice(&mut bytes[start..], d.addr()) {
-            warn!(
+            guest_warn!(
                 "{} queue: cannot read buffer {:#x}+{take:#x}: {e}; ignoring it",
                 op.name(),
                 d.addr().0
@@ -69,7 +69,7 @@ pub fn read_pfns(mem: &GuestMemoryMmap, descs: &[Descriptor], op: PageOp) -> Vec
     }
     let chunks = bytes.chunks_exact(4);
     if !chunks.remainder().is_empty() {
-        warn!(
+        guest_warn!(
             "{} queue: PFN array of {} bytes is not a multiple of 4; ignoring the last {}",
             op.name(),
             bytes.len(),
@@ -108,13 +108,13 @@ pub fn apply(
                 }
                 rejected += 1;
                 if rejected <= LOG_LIMIT {
-                    warn!("{} queue: ignoring element: {e}", op.name());
+                    guest_warn!("{} queue: ignoring element: {e}", op.name());
                 }
             }
         }
     }
     if rejected > LOG_LIMIT {
-        warn!(
+        guest_warn!(
             "{} queue: {} more invalid PFNs in the same buffer ignored",
             op.name(),
             rejected - LOG_LIMIT

@@ -3,7 +3,7 @@
 //! device needs before trusting a chain: no loop, not longer than the queue,
 //! every buffer inside guest memory.
 
-use log::warn;
+use crate::devices::warn_limit::guest_warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
@@ -118,7 +118,7 @@ pub fn drain_queue(
         let chain = match queue.iter(mem) {
             Ok(mut it) => it.next(),
             Err(e) => {
-                warn!("virtio {label} queue: cannot read available ring: {e}; ignoring the notification");
+                guest_warn!("virtio {label} queue: cannot read available ring: {e}; ignoring the notification");
                 break;
             }
         };
@@ -128,7 +128,7 @@ pub fn drain_queue(
         let completion = match collect_chain(chain, queue.size()) {
             Ok(descs) => handle(head, &descs),
             Err(e) => {
-                warn!("virtio {label} queue: rejecting descriptor chain {head}: {e}");
+                guest_warn!("virtio {label} queue: rejecting descriptor chain {head}: {e}");
                 out.rejected += 1;
                 Completion::Used(0)
             }
@@ -152,7 +152,7 @@ pub fn add_used(
     match queue.add_used(mem, head, len) {
         Ok(()) => true,
         Err(e) => {
-            warn!(
+            guest_warn!(
                 "virtio {label} queue: cannot return descriptor chain {head} to the used ring: {e}"
             );
             false

@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use crate::devices::warn_limit::guest_warn;
+use log::{debug, info};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -172,7 +173,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if end.is_some_and(|e| e <= MMIO_SIZE) && data.len() <= 8 {
                 self.device.read_config(offset - CONFIG_OFFSET, data);
             } else {
-                warn!(
+                guest_warn!(
                     "virtio-mmio: config read of {} bytes at {offset:#x} outside the window",
                     data.len()
                 );
@@ -182,7 +183,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         data.fill(0);
         if data.len() != 4 || offset & 3 != 0 {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: {}-byte register read at {offset:#x} (registers are 32-bit aligned); reads 0",
                 data.len()
             );
@@ -199,7 +200,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             if end.is_some_and(|e| e <= MMIO_SIZE) && data.len() <= 8 {
                 self.device.write_config(offset - CONFIG_OFFSET, data);
             } else {
-                warn!(
+                guest_warn!(
                     "virtio-mmio: config write of {} bytes at {offset:#x} outside the window",
                     data.len()
                 );
@@ -207,14 +208,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: {}-byte register write at {offset:#x} ignored (registers are 32-bit)",
                 data.len()
             );
             return;
         };
         if offset & 3 != 0 {
-            warn!("virtio-mmio: unaligned register write at {offset:#x} ignored");
+            guest_warn!("virtio-mmio: unaligned register write at {offset:#x} ignored");
             return;
         }
         self.write_reg(offset as u32, u32::from_le_bytes(bytes));
@@ -246,7 +247,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             | VIRTIO_MMIO_SHM_BASE_LOW
             | VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => {
-                warn!("virtio-mmio: read of unknown or write-only register {reg:#x}; reads 0");
+                guest_warn!(
+                    "virtio-mmio: read of unknown or write-only register {reg:#x}; reads 0"
+                );
                 0
             }
         }
@@ -275,7 +278,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             VIRTIO_MMIO_STATUS => self.write_status(v),
             VIRTIO_MMIO_SHM_SEL => {}
             _ => {
-                warn!("virtio-mmio: write {v:#x} to unknown or read-only register {reg:#x} ignored")
+                guest_warn!(
+                    "virtio-mmio: write {v:#x} to unknown or read-only register {reg:#x} ignored"
+                )
             }
         }
     }
@@ -284,14 +289,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
             && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         if !negotiating {
-            warn!("virtio-mmio: DriverFeatures written outside feature negotiation (status {:#x}); ignored", self.status);
+            guest_warn!("virtio-mmio: DriverFeatures written outside feature negotiation (status {:#x}); ignored", self.status);
             return;
         }
         match self.driver_features_sel {
             0 => self.acked_features = (self.acked_features & !0xffff_ffff) | u64::from(v),
             1 => self.acked_features = (self.acked_features & 0xffff_ffff) | (u64::from(v) << 32),
             sel if v != 0 => {
-                warn!("virtio-mmio: driver acked features {v:#x} in unknown word {sel}; FEATURES_OK will be refused");
+                guest_warn!("virtio-mmio: driver acked features {v:#x} in unknown word {sel}; FEATURES_OK will be refused");
                 self.acked_unknown_word = true;
             }
             _ => {}
@@ -304,9 +309,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let activated = self.activated;
         match self.queues.get_mut(sel as usize) {
             None => {
-                warn!("virtio-mmio: write to register {reg:#x} of nonexistent queue {sel} ignored")
+                guest_warn!(
+                    "virtio-mmio: write to register {reg:#x} of nonexistent queue {sel} ignored"
+                )
             }
-            Some(q) if q.ready || activated => warn!(
+            Some(q) if q.ready || activated => guest_warn!(
                 "virtio-mmio: write to register {reg:#x} of queue {sel} while it is live ignored"
             ),
             Some(q) => f(q),
@@ -316,12 +323,12 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn write_queue_ready(&mut self, v: u32) {
         let sel = self.queue_sel as usize;
         let Some(regs) = self.queues.get(sel).copied() else {
-            warn!("virtio-mmio: QueueReady for nonexistent queue {sel} ignored");
+            guest_warn!("virtio-mmio: QueueReady for nonexistent queue {sel} ignored");
             return;
         };
         if v == 0 {
             if self.activated && regs.ready {
-                warn!("virtio-mmio: driver disabled queue {sel} of a running device; it is no longer serviced");
+                guest_warn!("virtio-mmio: driver disabled queue {sel} of a running device; it is no longer serviced");
             }
             self.queues[sel].ready = false;
             return;
@@ -330,7 +337,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         if self.activated {
-            warn!("virtio-mmio: QueueReady for queue {sel} after DRIVER_OK ignored");
+            guest_warn!("virtio-mmio: QueueReady for queue {sel} after DRIVER_OK ignored");
             return;
         }
         match regs.build(&self.mem) {
@@ -348,7 +355,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         // Without VIRTIO_F_NOTIFICATION_DATA the value is the queue index.
         let index = v as usize;
         if index >= self.queues.len() {
-            warn!("virtio-mmio: notify for nonexistent queue {v} ignored");
+            guest_warn!("virtio-mmio: notify for nonexistent queue {v} ignored");
             return;
         }
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
@@ -356,7 +363,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return;
         }
         if !self.queues[index].ready {
-            warn!("virtio-mmio: notify for queue {v}, which is not ready; ignored");
+            guest_warn!("virtio-mmio: notify for queue {v}, which is not ready; ignored");
             return;
         }
         if !self.activated {
@@ -378,17 +385,17 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let mut new = (v & !VIRTIO_CONFIG_S_NEEDS_RESET) | (old & VIRTIO_CONFIG_S_NEEDS_RESET);
         let set = new & !old;
         if old & !new != 0 {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: driver cleared status bits {:#x} without a reset",
                 old & !new
             );
         }
         if set & VIRTIO_CONFIG_S_FAILED != 0 {
-            warn!("virtio-mmio: driver set FAILED (status {v:#x})");
+            guest_warn!("virtio-mmio: driver set FAILED (status {v:#x})");
         }
         if set & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
             if let Err(reason) = self.check_features() {
-                warn!("virtio-mmio: refusing FEATURES_OK: {reason}");
+                guest_warn!("virtio-mmio: refusing FEATURES_OK: {reason}");
                 new &= !VIRTIO_CONFIG_S_FEATURES_OK;
             } else {
                 info!(
@@ -427,7 +434,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     fn activate(&mut self) {
         if self.status & VIRTIO_CONFIG_S_NEEDS_RESET != 0 {
-            warn!("virtio-mmio: DRIVER_OK on a device that needs reset; not activated");
+            guest_warn!("virtio-mmio: DRIVER_OK on a device that needs reset; not activated");
             self.irq.signal_config_change();
             return;
         }
@@ -476,7 +483,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// Enter DEVICE_NEEDS_RESET (virtio 1.x 2.1.2): the driver must reset
     /// the device; if it already set DRIVER_OK it gets a config interrupt.
     fn set_needs_reset(&mut self, reason: &str) {
-        warn!(
+        guest_warn!(
             "virtio-mmio: device {} needs reset: {reason}",
             self.device.device_type()
         );
