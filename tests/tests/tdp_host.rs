@@ -109,11 +109,11 @@ fn plan() -> Batch {
         );
     }
     b.command("balloon-memwork", 300, Mode::Capture, balloon_script());
-    // Both backings: L1's 6.1 kernel splits a shmem THP on page-out and can
+    // Every backing. On thp, L1's 6.1 kernel splits a shmem THP on page-out and can
     // leave a frame the books call split in one 2M folio; the quiescent
     // points read the host's own per-frame truth (kpageflags + smaps there,
     // no PAGEMAP_SCAN before 6.7), so the mirror still predicts exactly.
-    for backing in ["hugetlb", "thp"] {
+    for backing in ["hugetlb", "thp", "4k"] {
         let json = format!("/tmp/stress-{backing}.json");
         b.command(
             &format!("stress-{backing}"),
@@ -342,6 +342,11 @@ fn stress_hugetlb_on_tdp_has_no_violations() {
 #[test]
 fn stress_thp_on_tdp_has_no_violations() {
     stress("stress-thp");
+}
+
+#[test]
+fn stress_4k_on_tdp_has_no_violations() {
+    stress("stress-4k");
 }
 
 #[test]
