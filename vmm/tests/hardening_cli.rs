@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::{kvm_or_skip, stderr};
@@ -17,13 +17,7 @@ fn dir(name: &str) -> PathBuf {
 /// Run `vmm args` with a watchdog: a run that hangs (the old FIFO bug) is
 /// killed and reported as such instead of hanging the test suite.
 fn vmm(args: &[&str]) -> Output {
-    let mut c = Command::new(common::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = common::spawn_vmm(args);
     let start = Instant::now();
     while c.try_wait().unwrap().is_none() {
         if start.elapsed() > Duration::from_secs(120) {

@@ -11,13 +11,7 @@ use common::{kvm_or_skip, read_json};
 /// Run `vmm args` with stdout a pipe whose read end is already closed
 /// (`vmm ... | head -0`): every write to stdout fails with EPIPE.
 fn with_closed_stdout(args: &[&str]) -> (Option<i32>, String) {
-    let mut c = Command::new(common::vmm_bin())
-        .args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = common::spawn_vmm(args);
     drop(c.stdout.take());
     let o = c.wait_with_output().unwrap();
     (

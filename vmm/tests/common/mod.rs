@@ -30,6 +30,17 @@ pub fn vmm(args: &[&str]) -> Output {
         .expect("running vmm")
 }
 
+/// Start `vmm args...` with `RUST_LOG=error`, stdout and stderr piped.
+pub fn spawn_vmm(args: &[&str]) -> std::process::Child {
+    Command::new(vmm_bin())
+        .args(args)
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting vmm")
+}
+
 /// The captured stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
