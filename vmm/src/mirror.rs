@@ -489,21 +489,32 @@ pub fn predict_all_touched(
 }
 
 /// The bound `vmm stress` puts on the shadow MMU's `pages_4k` beyond the
-/// gfn-keyed model: up to `PTE_PREFETCH_NUM` (8) SPTEs per frame the host
-/// remapped since the last zap of everything (memslot delete) and maps with
-/// small pages now, with why. Measured on this project's shadow host: every
-/// 2M frame the host splits under a running guest ends with exactly 8 more
-/// 4K SPTEs than gfns, gone when the frame is collapsed; the mechanism is not
-/// identified yet (shadow pages are keyed by role, the mirror by gfn).
-pub fn shadow_remap_slack(ctx: &MirrorContext, remapped_frames: u64) -> Option<(u64, String)> {
-    (ctx.mmu.shadow_paging() && remapped_frames > 0).then(|| {
+/// gfn-keyed model, with why: up to `PTE_PREFETCH_NUM` (8) orphan SPTEs per
+/// frame the host maps small now that was host-small at some moment while
+/// the guest's PDE of it was clean and was not invalidated whole since that
+/// PDE became dirty (`orphan_frames`, kept by the stress injector from the
+/// PDEs' dirty bits).
+///
+/// The mechanism (`thp::kvm_mirror`, `validate_direct_spte`, traced on this
+/// project's shadow host): the guest's first access to a clean 2M page is a
+/// read; where the host maps small it makes a read-only direct shadow page
+/// (`FNAME(protect_clean_gpte)`) holding the faulting gfn's prefetch group
+/// of 8; the first write asks for a writable role and `drop_parent_pte`
+/// unlinks the read-only page without zapping its SPTEs. Whether the first
+/// read came while the frame was small or huge is decided by the guest's
+/// timing against the host event, which the VMM sees only through the
+/// dirty bit (set by the write, not the read): hence a bound, not a count.
+pub fn shadow_orphan_slack(ctx: &MirrorContext, orphan_frames: u64) -> Option<(u64, String)> {
+    (ctx.mmu.shadow_paging() && orphan_frames > 0).then(|| {
         (
-            PTE_PREFETCH_NUM * remapped_frames,
+            PTE_PREFETCH_NUM * orphan_frames,
             format!(
-                "shadow MMU: a frame the host split under the running guest carries up to \
-                 PTE_PREFETCH_NUM (8) 4K SPTEs beyond one per gfn (measured on this host, mechanism \
-                 not identified); {remapped_frames} such frames (remapped since the last memslot \
-                 delete and small now)"
+                "shadow MMU: validate_direct_spte: a guest 2M page first read while the host \
+                 mapped it small and its PDE was clean got a read-only direct shadow page whose \
+                 prefetch group of up to PTE_PREFETCH_NUM (8) SPTEs the first write unlinked \
+                 without zapping (orphans, until the frame is invalidated); {orphan_frames} \
+                 frames may hold them (small while clean, small now, not invalidated whole since \
+                 their PDE became dirty)"
             ),
         )
     })

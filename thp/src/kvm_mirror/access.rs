@@ -47,7 +47,8 @@ impl SecondaryMmu {
         guest_max_level: Level,
         write: bool,
     ) -> Result<AccessFault, MirrorError> {
-        let fault = self.fault_begin(gfn, guest_max_level)?;
+        let mut fault = self.fault_begin(gfn, guest_max_level)?;
+        fault.write = write;
         let slot = *self.slot_for_gfn(gfn).ok_or(MirrorError::NoSlot { gfn })?;
         Ok(AccessFault {
             fault,

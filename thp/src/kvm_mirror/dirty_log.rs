@@ -109,6 +109,18 @@ impl SecondaryMmu {
                 for g in zap {
                     self.zap_gfn_range_levels(g, g + 1, &[Level::K4]);
                 }
+                // Orphans of unlinked direct pages (`direct_role.rs`) are
+                // direct SPTEs in the rmaps too.
+                let orphans: Vec<u64> = self
+                    .orphans()
+                    .map(|(g, _)| g)
+                    .filter(|g| {
+                        (a..b).contains(g) && self.kvm_mmu_max_mapping_level(*g, host) > Level::K4
+                    })
+                    .collect();
+                for g in orphans {
+                    self.zap_orphans(g, g + 1);
+                }
             }
         }
     }

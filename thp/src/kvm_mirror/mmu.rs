@@ -21,6 +21,9 @@ pub struct PendingFault {
     pub guest_max_level: Level,
     /// An instruction fetch (`fault->exec`): with `nx_huge_pages` it maps 4K.
     pub exec: bool,
+    /// A write (`fault->write`): on the shadow MMU it sets the guest PTE's
+    /// dirty bit and asks for a writable direct shadow page.
+    pub write: bool,
     /// `mmu_invalidate_seq` read at the start of the fault.
     pub seq: u64,
     /// Host virtual address of the gfn.
@@ -119,6 +122,16 @@ pub struct SecondaryMmu {
     /// Memslot generation (`kvm_memslots(kvm)->generation`): bumped by every
     /// memslot update (create, delete, flags).
     pub(super) generation: u64,
+    /// Shadow MMU: 2M guest pages whose guest PTE has its dirty bit clear
+    /// (`direct_role.rs`).
+    pub(super) guest_clean: U64Map<()>,
+    /// Shadow MMU: the role of the direct shadow page linked under each 2M
+    /// frame: writable or not (`direct_role.rs`).
+    pub(super) direct_role: U64Map<bool>,
+    /// Shadow MMU: 4K SPTEs of unlinked direct shadow pages, per gfn.
+    pub(super) orphans: U64Map<u32>,
+    /// Their total.
+    pub(super) orphan_count: u64,
 }
 
 pub(super) fn lvl_idx(level: Level) -> usize {
@@ -214,6 +227,9 @@ impl SecondaryMmu {
         }
         self.small_per_frame.clear();
         self.tables.clear();
+        self.direct_role.clear();
+        self.orphans.clear();
+        self.orphan_count = 0;
         let tracked: Vec<(u64, u32)> = self.tracked.drain().collect();
         for (g, n) in tracked {
             if let Some(s) = self.slots.iter_mut().find(|s| s.slot.contains(g)) {
@@ -349,6 +365,7 @@ impl SecondaryMmu {
             gfn,
             guest_max_level,
             exec: false,
+            write: false,
             seq: self.seq,
             hva: s.gfn_to_hva(gfn),
             pfn: None,
@@ -406,8 +423,15 @@ impl SecondaryMmu {
             self.kvm_mmu_hugepage_adjust(f.gfn, f.guest_max_level, f.exec, slot_dirty, host);
         let goal = self.disallowed_hugepage_adjust(f.gfn, goal);
         let direct = self.params.kind == MmuKind::Tdp || f.guest_max_level > Level::K4;
-        let writable =
+        let mut writable =
             writable && !(self.params.shadow_paging() && self.tracked.contains_key(&f.gfn));
+        if self.params.shadow_paging() && direct {
+            let role_writable = self.fetch_direct_access(f.gfn, f.write);
+            writable &= role_writable;
+            if goal == Level::K4 {
+                self.validate_direct_spte(f.gfn, role_writable);
+            }
+        }
         let r = match self.params.kind {
             MmuKind::Tdp => self.kvm_tdp_mmu_map(f.gfn, goal, pfn, writable, nx),
             MmuKind::Shadow => self.direct_map(f.gfn, goal, pfn, writable, direct, nx),
@@ -449,6 +473,7 @@ impl SecondaryMmu {
     ) -> Result<FaultResult, MirrorError> {
         let mut f = self.fault_begin(gfn, guest_max_level)?;
         f.exec = access.exec;
+        f.write = access.write;
         self.fault_translate(&mut f, host);
         if self.fault_must_retry(&f) {
             return Ok(FaultResult::Retry);
@@ -632,6 +657,7 @@ impl SecondaryMmu {
         self.zap_gfn_range_levels(g0, g1, &[Level::K4]);
         for f in Level::M2.index(g0)..=Level::M2.index(g1 - 1) {
             self.tables.remove(&f);
+            self.direct_role.remove(&f);
         }
     }
 
@@ -675,8 +701,13 @@ impl SecondaryMmu {
             if got.is_empty() {
                 return;
             }
+            let role_writable = self
+                .direct_role
+                .get(&Level::M2.index(gfn))
+                .copied()
+                .unwrap_or(true);
             for (x, p) in got {
-                let writable = !self.tracked.contains_key(&x);
+                let writable = role_writable && !self.tracked.contains_key(&x);
                 self.insert_leaf(
                     Level::K4,
                     x,
@@ -746,7 +777,8 @@ impl SecondaryMmu {
     /// `kvm_unmap_gfn_range` (arch/x86/kvm/mmu/mmu.c): zap every leaf
     /// overlapping gfns `[g0, g1)` (tables stay).
     fn kvm_unmap_gfn_range(&mut self, g0: u64, g1: u64) -> usize {
-        self.zap_gfn_range_levels(g0, g1, &[Level::K4, Level::M2, Level::G1])
+        let orphans = self.zap_orphans(g0, g1) as usize;
+        self.zap_gfn_range_levels(g0, g1, &[Level::K4, Level::M2, Level::G1]) + orphans
     }
 
     /// `kvm_mmu_notifier_invalidate_range_end` → `kvm_mmu_invalidate_end`
@@ -862,9 +894,10 @@ impl SecondaryMmu {
             })
     }
 
-    /// KVM's `pages_4k`: present 4K leaves.
+    /// KVM's `pages_4k`: present 4K leaves, the orphans of unlinked direct
+    /// shadow pages included ([`Self::orphan_pages_4k`]).
     pub fn pages_4k(&self) -> u64 {
-        self.leaves[0].len() as u64
+        self.leaves[0].len() as u64 + self.orphan_count
     }
 
     /// KVM's `pages_2m`: present 2M leaves.
@@ -899,5 +932,8 @@ impl SecondaryMmu {
         }
         self.small_per_frame.clear();
         self.tables.clear();
+        self.direct_role.clear();
+        self.orphans.clear();
+        self.orphan_count = 0;
     }
 }

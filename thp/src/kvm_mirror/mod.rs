@@ -8,6 +8,7 @@
 //! which module parameters: [`MmuParams`]. Every rule follows [`KERNEL`].
 
 mod access;
+mod direct_role;
 mod dirty_log;
 mod hash;
 mod host;

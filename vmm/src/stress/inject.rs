@@ -1,8 +1,9 @@
 //! The injector: resolves drawn events against the machine and fires them.
 //! Runs on the main thread; events are strictly sequential.
 
+use std::collections::BTreeSet;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use guest_mem::{quiesce, Backing, FrameView, GuestMemError, QuiesceError, HPAGE_SIZE, PAGE_SIZE};
@@ -25,6 +26,8 @@ const WRPROTECT_HOLD: Duration = Duration::from_millis(5);
 const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Guest pages each vCPU must check while dirty logging is on (`dirtylog`).
 const DIRTYLOG_PAGES: u64 = 1024;
+/// The dirty bit of an x86 page-table entry.
+const PDE_DIRTY: u64 = 1 << 6;
 
 /// The injector failed (the run ends with an internal error).
 #[derive(Debug, thiserror::Error)]
@@ -182,9 +185,13 @@ pub struct Injector<'a> {
     pub work_frames: Range<u64>,
     /// Reserved region end (gpa).
     pub reserved_end: u64,
-    /// Frames the host remapped (or protected / paged out) since the last
-    /// memslot delete: the shadow MMU's `pages_4k` bound.
-    pub remapped: AtomicU64,
+    /// Frames that may carry orphan SPTEs of a read-only direct shadow page
+    /// (`thp::kvm_mirror` `validate_direct_spte`): host-small at some moment
+    /// while the guest's PDE of the frame was clean (so the guest's first
+    /// access, a read, may have made a read-only direct page that its first
+    /// write unlinked), and not invalidated whole (nor zapped by a memslot
+    /// delete) since that PDE became dirty.
+    pub clean_small: Mutex<BTreeSet<u64>>,
 }
 
 impl std::fmt::Debug for Injector<'_> {
@@ -205,6 +212,63 @@ fn os_err(op: &'static str, addr: u64) -> InjectError {
 }
 
 impl Injector<'_> {
+    /// Whether the guest's PDE of `frame` (the stress guest runs on the
+    /// bootstrap 2M map) has its dirty bit set. Unreadable counts as clean
+    /// (the conservative answer). The bit only ever goes from 0 to 1 (KVM
+    /// sets it on the first write fault through it; the guest never clears
+    /// it), so a set bit read at any time stays true.
+    fn guest_pde_dirty(&self, frame: u64) -> bool {
+        use vm_memory::{Bytes, GuestAddress};
+        let gpa = crate::testguest::layout::BOOT_PD + 8 * frame;
+        self.m
+            .mem
+            .read_obj::<u64>(GuestAddress(gpa))
+            .is_ok_and(|pde| pde & PDE_DIRTY != 0)
+    }
+
+    fn candidates(&self) -> std::sync::MutexGuard<'_, BTreeSet<u64>> {
+        self.clean_small
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// At start: every work frame the guest may first touch while it is
+    /// host-small (not huge now, and not a hugetlb frame that faults in huge).
+    pub fn note_start(&self) {
+        let states = self.states();
+        let mut c = self.candidates();
+        for f in self.work_frames.clone() {
+            let small = match states.get(f as usize) {
+                Some(FrameView::Huge { .. }) | None => false,
+                Some(FrameView::Unpopulated) => self.backing != Backing::Hugetlb,
+                Some(FrameView::Small { .. }) => true,
+            };
+            // Whatever the PDE says now: the guest may have touched the
+            // frame already, small.
+            if small {
+                c.insert(f);
+            }
+        }
+    }
+
+    /// After a host event on `frame` (`whole`: the whole frame was
+    /// invalidated), with `dirty_before` the PDE's dirty bit read before it.
+    fn note_frame_event(&self, frame: u64, whole: bool, dirty_before: bool) {
+        let small = !matches!(
+            self.states().get(frame as usize),
+            Some(FrameView::Huge { .. }) | None
+        );
+        let mut c = self.candidates();
+        if whole && dirty_before {
+            // Orphans (if any) were made before and are zapped now; none
+            // can come again.
+            c.remove(&frame);
+        }
+        if small && !dirty_before {
+            c.insert(frame);
+        }
+    }
+
     fn states(&self) -> Vec<FrameView> {
         self.m.ram().frame_states()
     }
@@ -275,6 +339,7 @@ impl Injector<'_> {
             });
         }
         let gpa = frame * HPAGE_SIZE;
+        let dirty_before = self.guest_pde_dirty(frame);
         let e = match ev.kind {
             EventKind::Host(HostKind::Discard4k) => {
                 self.discard(gpa + u64::from(ev.page) * PAGE_SIZE, PAGE_SIZE)?
@@ -290,6 +355,8 @@ impl Injector<'_> {
             EventKind::Host(HostKind::Pageout) => self.pageout(gpa, &mut x)?,
             _ => Effect::Noop,
         };
+        let whole = ev.kind != EventKind::Host(HostKind::Discard4k);
+        self.note_frame_event(frame, whole && e == Effect::Done, dirty_before);
         Ok((e, x))
     }
 
@@ -310,7 +377,6 @@ impl Injector<'_> {
     }
 
     fn wrprotect(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
-        self.remapped.fetch_add(1, Ordering::Relaxed);
         let ram = self.m.ram();
         let addr = ram.host_addr() + gpa;
         let gate = &self.vshared.gate;
@@ -352,7 +418,6 @@ impl Injector<'_> {
     }
 
     fn pageout(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
-        self.remapped.fetch_add(1, Ordering::Relaxed);
         let ram = self.m.ram();
         let addr = ram.host_addr() + gpa;
         x.resident_before = Self::resident(addr)?;
@@ -402,6 +467,15 @@ impl Injector<'_> {
 
     fn dirtylog(&self, x: &mut Extra) -> Result<Effect, InjectError> {
         x.pages_2m_before = self.pages_2m()?;
+        // With dirty logging on every fault maps 4K (no prefetch): a first
+        // access in a clean frame makes a read-only direct page with one
+        // SPTE that the first write orphans; turning logging off zaps it
+        // where the host maps huge (collapsible), not where it is small.
+        let clean: Vec<u64> = self
+            .work_frames
+            .clone()
+            .filter(|f| !self.guest_pde_dirty(*f))
+            .collect();
         self.slot.set_dirty_logging(self.vm, true)?;
         let r = self.wait_pages(DIRTYLOG_PAGES).and_then(|()| {
             x.pages_2m_during = self.pages_2m()?;
@@ -409,6 +483,9 @@ impl Injector<'_> {
             Ok(())
         });
         self.slot.set_dirty_logging(self.vm, false)?;
+        for f in clean {
+            self.note_frame_event(f, false, false);
+        }
         r.map(|()| Effect::Done)
     }
 
@@ -417,7 +494,9 @@ impl Injector<'_> {
         self.slot.delete(self.vm)?;
         // kvm_mmu_zap_all_fast: everything KVM mapped is gone.
         self.m.ram().take_changed_frames();
-        self.remapped.store(0, Ordering::Relaxed);
+        // Orphans are gone with everything else; a frame whose PDE is dirty
+        // can get none again.
+        self.candidates().retain(|f| !self.guest_pde_dirty(*f));
         let after = self.mapping();
         self.slot.create(self.vm)?;
         let (p4, p2) = after?;
@@ -471,8 +550,7 @@ impl Injector<'_> {
         let _paused = quiesce::pause(&self.m.control)?;
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
         let mut ram = self.m.ram();
-        let changed = ram.take_changed_frames().len() as u64;
-        let remapped = self.remapped.fetch_add(changed, Ordering::Relaxed) + changed;
+        ram.take_changed_frames();
         let states = ram.frame_states();
         let huge_frames = states
             .iter()
@@ -485,13 +563,13 @@ impl Injector<'_> {
                 source,
             })?;
         let levels = host_levels(&states, host_pmd.as_deref());
-        // The shadow MMU's extra SPTEs stay with frames the host split (a
-        // collapse takes them away): at most one group per small frame.
-        let small = levels
+        // Frames that may hold orphan SPTEs (`validate_direct_spte`): only
+        // where the host maps small now (a huge frame was invalidated whole).
+        let orphan_frames = self
+            .candidates()
             .iter()
-            .filter(|l| **l == Some(thp::units::Level::K4))
+            .filter(|f| levels.get(**f as usize) == Some(&Some(thp::units::Level::K4)))
             .count() as u64;
-        let remapped = remapped.min(small);
         let books_vs_host = host_pmd.as_ref().map(|pmd| {
             states
                 .iter()
@@ -501,7 +579,7 @@ impl Injector<'_> {
                 .map(|(f, _)| f as u64)
                 .collect::<Vec<u64>>()
         });
-        let prediction = predict(&ram, levels, self.m, dirty, remapped);
+        let prediction = predict(&ram, levels, self.m, dirty, orphan_frames);
         let agrees = self.m.stats.is_none()
             || (prediction.comparable && prediction.agrees(kvm_pages_4k, kvm_pages_2m));
         Ok(QuiescePoint {
@@ -548,7 +626,7 @@ fn predict(
     levels: Vec<Option<thp::units::Level>>,
     m: &Machine,
     dirty: bool,
-    remapped: u64,
+    orphan_frames: u64,
 ) -> Prediction {
     let failed = |why: String| Prediction {
         pages_4k: 0,
@@ -562,7 +640,7 @@ fn predict(
     let Some(ctx) = m.mirror_context() else {
         return failed("no mirror context".into());
     };
-    let extra = mirror::shadow_remap_slack(ctx, remapped);
+    let extra = mirror::shadow_orphan_slack(ctx, orphan_frames);
     mirror::predict_all_touched(ctx, ram.host_addr(), ram.size(), levels, dirty, extra)
         .unwrap_or_else(|e| failed(format!("the mirror refused: {e}")))
 }

@@ -223,8 +223,9 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         bug: p.bug,
         work_frames,
         reserved_end: image.reserved.end,
-        remapped: std::sync::atomic::AtomicU64::new(0),
+        clean_small: std::sync::Mutex::new(std::collections::BTreeSet::new()),
     };
+    inj.note_start();
     let mut source = match replay_events {
         Some(events) => Source::Replay { events, next: 0 },
         None => {
