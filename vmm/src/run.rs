@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guest_mem::{Backing, GuestMemError, GuestRam, GuestRamConfig, HPAGE_SIZE};
+use guest_mem::{GuestMemError, GuestRam, GuestRamConfig, HPAGE_SIZE};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiServer, ApiServerError};
@@ -512,11 +512,3 @@ fn halt_reason(m: &Machine) -> String {
     }
 }
 
-/// The backing's name, for reports.
-pub fn backing_name(b: Backing) -> &'static str {
-    match b {
-        Backing::Hugetlb => "hugetlb",
-        Backing::Thp => "thp",
-        Backing::Small4k => "4k",
-    }
-}

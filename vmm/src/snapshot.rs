@@ -138,7 +138,7 @@ pub fn take(m: &Machine) -> Snapshot {
         kvm,
         mirror,
         frames: FrameCounts::of(&states),
-        backing: crate::run::backing_name(ram.backing()).to_string(),
+        backing: ram.backing().to_string(),
         pool: pool_report(&ram),
         host_memory: HostMemory::read(&ram),
         balloon,

@@ -43,7 +43,7 @@ use guest_mem::{Backing, HPAGE_SIZE};
 
 use crate::exit_code;
 use crate::outcome::Outcome;
-use crate::run::{backing_name, RunError};
+use crate::run::RunError;
 use crate::testguest::guests::stress::SharedArea;
 
 pub use args::{InjectBug, StressArgs};
@@ -349,7 +349,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         let f = ReplayFile {
             version: REPLAY_VERSION,
             seed: p.seed,
-            backing: backing_name(p.backing).into(),
+            backing: p.backing.to_string(),
             memory: p.memory,
             vcpus: p.vcpus,
             ops_mix: p.mix.clone(),
@@ -409,7 +409,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
     }
     let rep = StressReport {
         seed: p.seed,
-        backing: backing_name(p.backing).into(),
+        backing: p.backing.to_string(),
         memory: p.memory,
         vcpus: p.vcpus,
         replay: a.replay.is_some(),
