@@ -511,4 +511,3 @@ fn halt_reason(m: &Machine) -> String {
         all.to_string()
     }
 }
-
