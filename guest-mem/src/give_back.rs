@@ -376,8 +376,8 @@ impl GuestRam {
                 self.host.zero_in_place(frame, &back);
             }
             if self.give_back.released.remove(&frame) && self.frame_is_huge(frame) {
+                // Faulting in fires no mmu notifier: KVM keeps what it maps.
                 self.host.populate_frame(frame)?;
-                self.changed.insert(frame);
             }
         }
         Ok(())
