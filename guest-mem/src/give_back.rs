@@ -196,26 +196,31 @@ impl GuestRam {
     }
 
     /// The deferred-split queue's shrinker (`thp::give_back::GiveBackQueue::
-    /// deferred_split_scan`): split every queued frame whose first given-back
-    /// page has waited `delay` (all of them with `Duration::ZERO`), freeing
-    /// its given-back pages. Each split pauses the vCPUs (hugetlb) once.
+    /// deferred_split_scan`): split the queued frames once the guest has
+    /// given nothing back for `delay`, or those whose first given-back page
+    /// has waited `max_wait` (all of them with `delay` zero), freeing their
+    /// given-back pages. Each split pauses the vCPUs (hugetlb) once.
     pub fn split_deferred(
         &mut self,
         delay: Duration,
+        max_wait: Duration,
         q: &dyn Quiesce,
     ) -> Result<GiveBackReport, GuestMemError> {
         let now = self.give_back.now();
-        let due = self.give_back.queue.deferred_split_scan(now, delay);
+        let due = self
+            .give_back
+            .queue
+            .deferred_split_scan(now, delay, max_wait);
         let mut rep = GiveBackReport::default();
         self.split_due(due, q, &mut rep)?;
         Ok(rep)
     }
 
-    /// How long until the oldest queued frame has waited `delay` (zero when
-    /// one is due; `None` with an empty queue).
-    pub fn next_deferred_due(&self, delay: Duration) -> Option<Duration> {
-        let oldest = self.give_back.queue.oldest()?;
-        Some((oldest + delay).saturating_sub(self.give_back.now()))
+    /// How long until a queued frame is due under (`delay`, `max_wait`)
+    /// (zero when one is due; `None` with an empty queue).
+    pub fn next_deferred_due(&self, delay: Duration, max_wait: Duration) -> Option<Duration> {
+        let at = self.give_back.queue.next_due(delay, max_wait)?;
+        Some(at.saturating_sub(self.give_back.now()))
     }
 
     /// The queue and the frames given back whole, now; frames the guest

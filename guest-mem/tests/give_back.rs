@@ -18,8 +18,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 const FRAMES: usize = 8;
 const PPHU: u64 = PPH as u64;
+const HOUR: Duration = Duration::from_secs(3600);
 const DEFERRED: SplitPolicy = SplitPolicy::Deferred {
-    delay: Duration::from_secs(3600),
+    delay: HOUR,
+    max_wait: HOUR,
 };
 
 fn ram() -> Option<(GuestRam, Shadow)> {
@@ -106,12 +108,12 @@ fn buffers_coalesce_into_whole_frames_freed_without_a_split() {
     assert_eq!(st.queue.frames_completed, 4);
 
     // Nothing is due before the delay.
-    let r = ram
-        .split_deferred(Duration::from_secs(3600), &NoVcpus)
-        .unwrap();
+    let r = ram.split_deferred(HOUR, HOUR, &NoVcpus).unwrap();
     assert_eq!(r, GiveBackReport::default());
     // On request: frame 6 is split once, its 100 pages freed.
-    let r = ram.split_deferred(Duration::ZERO, &NoVcpus).unwrap();
+    let r = ram
+        .split_deferred(Duration::ZERO, Duration::ZERO, &NoVcpus)
+        .unwrap();
     assert_eq!((r.frames_split, r.pages_freed), (1, 100), "{r:?}");
     assert_eq!(r.freed_after.len(), 1);
     sh.discarded(6 * PPHU..6 * PPHU + 100);
@@ -186,7 +188,9 @@ fn pages_taken_back_before_the_split_never_split_and_read_zero() {
         .unwrap();
     sh.gen[10..30].iter_mut().for_each(|g| *g = 0);
     assert_eq!(ram.give_back_status().frames_queued, 0);
-    let r = ram.split_deferred(Duration::ZERO, &NoVcpus).unwrap();
+    let r = ram
+        .split_deferred(Duration::ZERO, Duration::ZERO, &NoVcpus)
+        .unwrap();
     assert_eq!(r.frames_split, 0);
     assert!(matches!(ram.frame_states()[0], FrameView::Huge { .. }));
     sh.verify_bytes(&ram);

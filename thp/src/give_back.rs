@@ -88,10 +88,14 @@ pub enum Coalesced {
 pub enum SplitPolicy {
     /// Split a partly given-back frame at once (no coalescing across requests).
     Eager,
-    /// Queue it; split it once its first page has waited `delay`.
+    /// Queue it; split it once the guest has given nothing back for
+    /// `delay` (its give-back stream paused: no later buffer will complete
+    /// the frame soon), or once its first page has waited `max_wait`.
     Deferred {
-        /// How long a given-back page may stay backed on the host.
+        /// Quiet time after the last give-back before queued frames are split.
         delay: Duration,
+        /// Longest a given-back page stays backed on the host, whatever the guest does.
+        max_wait: Duration,
     },
 }
 
@@ -99,6 +103,7 @@ impl Default for SplitPolicy {
     fn default() -> Self {
         SplitPolicy::Deferred {
             delay: Duration::from_millis(500),
+            max_wait: Duration::from_millis(1000),
         }
     }
 }
@@ -118,6 +123,8 @@ pub struct QueueStats {
 #[derive(Debug, Clone, Default)]
 pub struct GiveBackQueue {
     frames: BTreeMap<usize, Pending>,
+    /// When the guest last gave a page of a huge frame back.
+    last_give_back: Option<Duration>,
     stats: QueueStats,
 }
 
@@ -142,6 +149,7 @@ impl GiveBackQueue {
         now: Duration,
     ) -> Coalesced {
         let newly_queued = !self.frames.contains_key(&frame);
+        self.last_give_back = Some(self.last_give_back.map_or(now, |t| t.max(now)));
         let p = self.frames.entry(frame).or_insert(Pending {
             bits: [0; WORDS],
             since: now,
@@ -199,17 +207,36 @@ impl GiveBackQueue {
 
     /// `deferred_split_scan` (mm/huge_memory.c, Linux 6.18): the shrinker of
     /// the deferred-split queue splits the queued folios, freeing their
-    /// unmapped parts. Here: every frame whose first given-back page has
-    /// waited at least `delay` at `now` leaves the queue to be split (all of
-    /// them with `delay` zero: a split on request or under pressure).
-    pub fn deferred_split_scan(&mut self, now: Duration, delay: Duration) -> Vec<DueFrame> {
+    /// unmapped parts. Here the frames leave the queue to be split when the
+    /// guest's give-back stream has been quiet for `delay` at `now` (a later
+    /// buffer is no longer on its way to complete them), or, one by one,
+    /// when a frame's first given-back page has waited `max_wait` (the bound
+    /// on host memory staying backed). `delay` zero takes every frame (a
+    /// split on request or under pressure).
+    pub fn deferred_split_scan(
+        &mut self,
+        now: Duration,
+        delay: Duration,
+        max_wait: Duration,
+    ) -> Vec<DueFrame> {
+        let quiet = self
+            .last_give_back
+            .is_none_or(|t| now.saturating_sub(t) >= delay);
         let due: Vec<usize> = self
             .frames
             .iter()
-            .filter(|(_, p)| now.saturating_sub(p.since) >= delay)
+            .filter(|(_, p)| quiet || now.saturating_sub(p.since) >= max_wait)
             .map(|(f, _)| *f)
             .collect();
         due.into_iter().filter_map(|f| self.take_frame(f)).collect()
+    }
+
+    /// When the next queued frame is due under (`delay`, `max_wait`), as a
+    /// time on the caller's clock (`None` with an empty queue).
+    pub fn next_due(&self, delay: Duration, max_wait: Duration) -> Option<Duration> {
+        let oldest = self.oldest()?;
+        let by_quiet = self.last_give_back.map_or(oldest, |t| t + delay);
+        Some(by_quiet.min(oldest + max_wait))
     }
 
     /// Take `frame` off the queue (its pages are to be freed now, e.g. before
@@ -294,7 +321,7 @@ mod tests {
         assert_eq!(q.frames_queued(), 0);
         assert_eq!(q.stats().frames_completed, 1);
         // Nothing is left for the shrinker.
-        assert!(q.deferred_split_scan(ms(10_000), ms(0)).is_empty());
+        assert!(q.deferred_split_scan(ms(10_000), ms(0), ms(0)).is_empty());
     }
 
     #[test]
@@ -308,18 +335,37 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_frame_is_split_after_the_delay_only() {
+    fn a_partial_frame_waits_while_the_guest_keeps_giving_back() {
         let mut q = GiveBackQueue::new();
         q.deferred_split_folio(7, [1, 2, 3], ms(100));
-        q.deferred_split_folio(7, [9], ms(300));
-        assert!(q.deferred_split_scan(ms(599), ms(500)).is_empty());
-        let due = q.deferred_split_scan(ms(600), ms(500));
-        assert_eq!(due.len(), 1);
-        assert_eq!(due[0].pages, vec![1, 2, 3, 9]);
+        // Another frame keeps the stream going: frame 7 stays queued...
+        q.deferred_split_folio(8, [0], ms(500));
+        assert!(q
+            .deferred_split_scan(ms(900), ms(500), ms(5_000))
+            .is_empty());
+        assert_eq!(q.next_due(ms(500), ms(5_000)), Some(ms(1_000)));
+        // ...until the stream has been quiet for the delay.
+        let due = q.deferred_split_scan(ms(1_000), ms(500), ms(5_000));
+        assert_eq!(due.len(), 2);
+        assert_eq!(due[0].pages, vec![1, 2, 3]);
         assert!(!due[0].is_whole());
         assert_eq!(q.frames_queued(), 0);
-        assert_eq!(q.stats().frames_deferred, 1);
-        assert_eq!(q.stats().frames_due, 1);
+        assert_eq!(q.stats().frames_deferred, 2);
+        assert_eq!(q.stats().frames_due, 2);
+    }
+
+    #[test]
+    fn max_wait_bounds_a_page_under_a_continuous_stream() {
+        let mut q = GiveBackQueue::new();
+        q.deferred_split_folio(1, [9], ms(0));
+        for t in (100..=1_000).step_by(100) {
+            q.deferred_split_folio(2 + t as usize, [0], ms(t));
+        }
+        assert_eq!(q.next_due(ms(500), ms(1_000)), Some(ms(1_000)));
+        let due = q.deferred_split_scan(ms(1_000), ms(500), ms(1_000));
+        assert_eq!(due.len(), 1, "only the frame that waited max_wait");
+        assert_eq!(due[0].frame, 1);
+        assert_eq!(q.frames_queued(), 10);
     }
 
     #[test]
@@ -329,7 +375,7 @@ mod tests {
         q.deferred_split_folio(2, [5], ms(20));
         assert_eq!(q.pages_queued(), 2);
         assert_eq!(q.oldest(), Some(ms(10)));
-        assert_eq!(q.deferred_split_scan(ms(20), ms(0)).len(), 2);
+        assert_eq!(q.deferred_split_scan(ms(20), ms(0), ms(0)).len(), 2);
     }
 
     #[test]
@@ -340,7 +386,7 @@ mod tests {
         assert!(q.is_queued(4, 10) && !q.is_queued(4, 15));
         q.take_back(4, 0, 512);
         assert_eq!(q.frames_queued(), 0);
-        assert!(q.deferred_split_scan(ms(9_999), ms(0)).is_empty());
+        assert!(q.deferred_split_scan(ms(9_999), ms(0), ms(0)).is_empty());
     }
 
     #[test]

@@ -183,6 +183,10 @@ pub struct BalloonStatus {
     pub actual_pages: u32,
     /// Pages inflated now, by the device's own books.
     pub inflated_pages: u64,
+    /// 2M frames whose every page is inflated now.
+    pub inflated_whole_frames: u64,
+    /// 2M frames inflated in part now.
+    pub inflated_partial_frames: u64,
     /// PFNs handed to the backend's inflate so far.
     pub inflated_total: u64,
     /// PFNs handed to the backend's deflate so far.
@@ -350,6 +354,8 @@ impl BalloonDevice {
             target_pages: d.target(),
             actual_pages: d.actual(),
             inflated_pages: d.inflated_pages(),
+            inflated_whole_frames: d.inflated_frames().0,
+            inflated_partial_frames: d.inflated_frames().1,
             inflated_total: c.inflated_pfns,
             deflated_total: c.deflated_pfns,
             reported_runs: c.reported_runs,

@@ -97,16 +97,20 @@ pub struct RunArgs {
     #[arg(long, requires = "balloon")]
     pub no_free_page_reporting: bool,
     /// When a 2M frame the guest gave back only in part is split: `deferred`
-    /// (default) waits --balloon-split-delay-ms for later inflate buffers to
-    /// complete it (then it is freed whole, without a split); `eager` splits
-    /// it at once.
+    /// (default) waits for later inflate buffers to complete it (then it is
+    /// freed whole, without a split), see the two options below; `eager`
+    /// splits it at once.
     #[arg(long, value_name = "eager|deferred", default_value = "deferred", value_parser = parse_balloon_split, requires = "balloon")]
     pub balloon_split: BalloonSplit,
-    /// Deferred split: most time a given-back page stays backed before its
-    /// frame is split (the worker wakes at least every fifth of it, at most
-    /// 100 ms apart; default 500: every page freed within 1 s).
-    #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=60_000), requires = "balloon")]
+    /// Deferred split: partly given-back frames are split once the guest has
+    /// given nothing back for this long (its inflate paused or ended).
+    #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=600_000), requires = "balloon")]
     pub balloon_split_delay_ms: u32,
+    /// Deferred split: the longest a given-back page stays backed on the host
+    /// before its frame is split, whatever the guest does (default 1000:
+    /// every page freed within about 1 s).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=600_000), requires = "balloon")]
+    pub balloon_split_max_wait_ms: u32,
     /// Serve runtime control on this Unix socket (`vmm ctl --api-socket PATH ...`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -152,6 +156,9 @@ impl RunArgs {
             BalloonSplit::Eager => guest_mem::SplitPolicy::Eager,
             BalloonSplit::Deferred => guest_mem::SplitPolicy::Deferred {
                 delay: std::time::Duration::from_millis(u64::from(self.balloon_split_delay_ms)),
+                max_wait: std::time::Duration::from_millis(u64::from(
+                    self.balloon_split_max_wait_ms,
+                )),
             },
         }
     }

@@ -23,16 +23,21 @@ pub fn max_period(delay: Duration) -> Duration {
     (delay / 5).clamp(Duration::from_millis(10), Duration::from_millis(100))
 }
 
-/// Split the queued frames that waited `delay` (all with `Duration::ZERO`).
+/// Split the queued frames that are due under (`delay`, `max_wait`) (all of
+/// them with `delay` zero).
 /// Lock order: balloon transport, guest RAM (as the balloon's own path).
 /// Not on a vCPU thread unless it counts as parked.
-pub fn split_due(m: &Machine, delay: Duration) -> Result<GiveBackReport, GuestMemError> {
+pub fn split_due(
+    m: &Machine,
+    delay: Duration,
+    max_wait: Duration,
+) -> Result<GiveBackReport, GuestMemError> {
     let Some(b) = m.balloon() else {
         return Ok(GiveBackReport::default());
     };
     let _device = b.lock();
     let timed = TimedQuiesce::new(&m.control);
-    let rep = m.ram().split_deferred(delay, &timed)?;
+    let rep = m.ram().split_deferred(delay, max_wait, &timed)?;
     if rep != GiveBackReport::default() {
         log::debug!(
             "deferred split: {} frame(s) split, {} pages freed",
@@ -48,6 +53,7 @@ pub fn split_due(m: &Machine, delay: Duration) -> Result<GiveBackReport, GuestMe
 #[derive(Debug)]
 pub struct DeferredSplitter {
     delay: Duration,
+    max_wait: Duration,
     stop: Mutex<bool>,
     cv: Condvar,
 }
@@ -57,10 +63,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DeferredSplitter {
-    /// A worker splitting frames that waited `delay`.
-    pub fn new(delay: Duration) -> Arc<DeferredSplitter> {
+    /// A worker splitting frames due under (`delay`, `max_wait`).
+    pub fn new(delay: Duration, max_wait: Duration) -> Arc<DeferredSplitter> {
         Arc::new(DeferredSplitter {
             delay,
+            max_wait,
             stop: Mutex::new(false),
             cv: Condvar::new(),
         })
@@ -75,7 +82,7 @@ impl DeferredSplitter {
     }
 
     fn run(&self, m: Weak<Machine>) {
-        let period = max_period(self.delay);
+        let period = max_period(self.delay.min(self.max_wait));
         let mut next = Instant::now() + period;
         loop {
             {
@@ -101,13 +108,13 @@ impl DeferredSplitter {
             if machine.control.stopping() {
                 return;
             }
-            if let Err(e) = split_due(&machine, self.delay) {
+            if let Err(e) = split_due(&machine, self.delay, self.max_wait) {
                 log::warn!("deferred split failed: {e}; the frames stay queued or backed");
             }
             // Wake when the oldest queued frame is due, at the latest after `period`.
             let wait = machine
                 .ram()
-                .next_deferred_due(self.delay)
+                .next_deferred_due(self.delay, self.max_wait)
                 .map_or(period, |d| d.min(period))
                 .max(Duration::from_millis(1));
             next = Instant::now() + wait;

@@ -16,9 +16,11 @@ use crate::unmap_stats::Series;
 pub struct GiveBackMetrics {
     /// `eager` or `deferred`.
     pub split_policy: String,
-    /// Deferred: how long a given-back page may stay backed before its
-    /// frame is split, in milliseconds.
+    /// Deferred: quiet time after the guest's last give-back before queued
+    /// frames are split, in milliseconds.
     pub split_delay_ms: Option<u64>,
+    /// Deferred: the longest a given-back page stays backed, in milliseconds.
+    pub split_max_wait_ms: Option<u64>,
     /// Huge frames freed whole: no split, no copy.
     pub whole_frames_freed: u64,
     /// Huge frames split (their kept pages copied to small pages).
@@ -50,22 +52,27 @@ pub struct GiveBackRecorder {
     m: Mutex<GiveBackMetrics>,
 }
 
-/// The report's spelling of a policy: name and delay in milliseconds.
-pub fn policy_name(p: SplitPolicy) -> (&'static str, Option<u64>) {
+/// The report's spelling of a policy: name, delay and max wait in milliseconds.
+pub fn policy_name(p: SplitPolicy) -> (&'static str, Option<u64>, Option<u64>) {
     match p {
-        SplitPolicy::Eager => ("eager", None),
-        SplitPolicy::Deferred { delay } => ("deferred", Some(delay.as_millis() as u64)),
+        SplitPolicy::Eager => ("eager", None, None),
+        SplitPolicy::Deferred { delay, max_wait } => (
+            "deferred",
+            Some(delay.as_millis() as u64),
+            Some(max_wait.as_millis() as u64),
+        ),
     }
 }
 
 impl GiveBackRecorder {
     /// A recorder for `policy`.
     pub fn new(policy: SplitPolicy) -> Self {
-        let (name, delay) = policy_name(policy);
+        let (name, delay, max_wait) = policy_name(policy);
         GiveBackRecorder {
             m: Mutex::new(GiveBackMetrics {
                 split_policy: name.into(),
                 split_delay_ms: delay,
+                split_max_wait_ms: max_wait,
                 ..GiveBackMetrics::default()
             }),
         }
@@ -135,6 +142,7 @@ mod tests {
         let m = r.snapshot(None);
         assert_eq!(m.split_policy, "deferred");
         assert_eq!(m.split_delay_ms, Some(500));
+        assert_eq!(m.split_max_wait_ms, Some(1000));
         assert_eq!((m.whole_frames_freed, m.frames_split), (2, 1));
         assert_eq!((m.frames_deferred, m.pages_freed), (3, 1034));
         assert_eq!(m.give_back_to_freed.count, 3);

@@ -352,8 +352,10 @@ fn unmap_text(r: &RunReport) -> String {
              ({} left whole), {} pages freed, {} still queued; give-back to host memory freed \
              median {}, max {} ({} frames); vCPU pauses {} (median {})\n",
             g.split_policy,
-            g.split_delay_ms
-                .map_or_else(String::new, |d| format!(" {d} ms")),
+            match (g.split_delay_ms, g.split_max_wait_ms) {
+                (Some(d), Some(w)) => format!(", quiet {d} ms, max wait {w} ms"),
+                _ => String::new(),
+            },
             g.whole_frames_freed,
             g.frames_split,
             g.frames_deferred,

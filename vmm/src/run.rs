@@ -376,8 +376,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         machine.set_balloon(Arc::new(dev));
     }
     let splitter = match args.split_policy() {
-        SplitPolicy::Deferred { delay } if args.balloon => {
-            let s = DeferredSplitter::new(delay);
+        SplitPolicy::Deferred { delay, max_wait } if args.balloon => {
+            let s = DeferredSplitter::new(delay, max_wait);
             let h = s
                 .spawn(Arc::downgrade(&machine))
                 .map_err(|source| RunError::Os {

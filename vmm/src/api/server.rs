@@ -421,7 +421,11 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             None => Reply::Error(
                 "this VM has no balloon: start `vmm run` with --balloon (Linux guests)".into(),
             ),
-            Some(_) => match crate::deferred_split::split_due(&m, std::time::Duration::ZERO) {
+            Some(_) => match crate::deferred_split::split_due(
+                &m,
+                std::time::Duration::ZERO,
+                std::time::Duration::ZERO,
+            ) {
                 Ok(r) => Reply::ok(SplitDone {
                     frames_split: r.frames_split,
                     pages_freed: r.pages_freed,
