@@ -66,17 +66,20 @@ impl Default for GuestRamConfig {
 /// Guest RAM: one 2M-aligned host range over memfds, frame by frame huge or small.
 #[derive(Debug)]
 pub struct GuestRam {
-    backing: Backing,
+    pub(crate) backing: Backing,
     size: u64,
-    frames: usize,
+    pub(crate) frames: usize,
     requested_pool: usize,
     host_paths: HostPaths,
-    model: RamModel,
+    pub(crate) model: RamModel,
     region: Arc<GuestRegionMmap>,
-    host: HostMem,
+    pub(crate) host: HostMem,
     /// Frames whose host mapping changed (each such change fires the
     /// host's mmu notifier over the frame) since [`GuestRam::take_changed_frames`].
-    changed: std::collections::BTreeSet<usize>,
+    pub(crate) changed: std::collections::BTreeSet<usize>,
+    /// Balloon give-backs: pages coalesced per frame, the deferred-split
+    /// queue, frames given back whole (see `give_back.rs`).
+    pub(crate) give_back: crate::give_back::GiveBackState,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -192,6 +195,7 @@ impl GuestRam {
             region,
             host,
             changed: Default::default(),
+            give_back: Default::default(),
         })
     }
 
@@ -247,6 +251,10 @@ impl GuestRam {
             });
         }
         Ok(())
+    }
+
+    pub(crate) fn check_range_pub(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
+        self.check_range(gpa, len)
     }
 
     fn check_range(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
@@ -328,6 +336,7 @@ impl GuestRam {
         q: &dyn Quiesce,
     ) -> Result<DiscardReport, GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
+        self.settle_give_backs(first, n, q)?;
         let steps = self.model.discard(first, n)?;
         self.changed.extend(steps.iter().map(|s| match s {
             DiscardStep::WholeHuge { frame, .. }
@@ -345,61 +354,73 @@ impl GuestRam {
             None
         };
         for step in steps {
-            match step {
-                DiscardStep::WholeHuge { frame, slot } => {
-                    rep.huge_frames_freed += 1;
-                    rep.pages_freed += PAGES_PER_HPAGE;
-                    if self.backing == Backing::Hugetlb {
-                        self.host.zero_map(frame, &all_pages())?;
-                        self.host.huge_free(slot)?;
-                    } else {
-                        self.host.file_punch(frame, &all_pages())?;
-                    }
+            self.apply_discard_step(step, &mut rep)?;
+        }
+        Ok(rep)
+    }
+
+    /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
+    /// paused by the caller).
+    pub(crate) fn apply_discard_step(
+        &mut self,
+        step: DiscardStep,
+        rep: &mut DiscardReport,
+    ) -> Result<(), GuestMemError> {
+        match step {
+            DiscardStep::WholeHuge { frame, slot } => {
+                rep.huge_frames_freed += 1;
+                rep.pages_freed += PAGES_PER_HPAGE;
+                if self.backing == Backing::Hugetlb {
+                    self.host.zero_map(frame, &all_pages())?;
+                    self.host.huge_free(slot)?;
+                } else {
+                    self.host.file_punch(frame, &all_pages())?;
                 }
-                DiscardStep::SplitHuge {
-                    frame,
-                    huge_slot,
-                    kept,
-                    dropped,
-                } => {
-                    rep.frames_split += 1;
-                    rep.pages_freed += dropped.len() as u64;
-                    if self.backing == Backing::Hugetlb {
-                        self.apply_split_hugetlb(frame, huge_slot, &kept)?;
-                    } else {
-                        // The kernel splits the shmem THP it punches into; keep
-                        // khugepaged from collapsing it behind the model's back.
-                        self.host.file_punch(frame, &dropped)?;
-                        self.host.frame_hugepage_advice(frame, false)?;
-                        // The split unmapped the kept pages; map them again
-                        // (they stay in the page cache, nothing is allocated).
+            }
+            DiscardStep::SplitHuge {
+                frame,
+                huge_slot,
+                kept,
+                dropped,
+            } => {
+                rep.frames_split += 1;
+                rep.pages_freed += dropped.len() as u64;
+                if self.backing == Backing::Hugetlb {
+                    self.apply_split_hugetlb(frame, huge_slot, &kept)?;
+                } else {
+                    // The kernel splits the shmem THP it punches into; keep
+                    // khugepaged from collapsing it behind the model's back.
+                    self.host.file_punch(frame, &dropped)?;
+                    self.host.frame_hugepage_advice(frame, false)?;
+                    // The split unmapped the kept pages; map them again
+                    // (they stay in the page cache, nothing is allocated).
+                    self.host.remap_present(frame)?;
+                }
+            }
+            DiscardStep::Small { frame, freed } => {
+                rep.pages_freed += freed.len() as u64;
+                let pages: Vec<u16> = freed.iter().map(|p| p.0).collect();
+                if self.backing == Backing::Hugetlb {
+                    self.host.zero_map(frame, &pages)?;
+                    let slots: Vec<u32> = freed.iter().map(|p| p.1).collect();
+                    self.host.small_free(&slots)?;
+                } else if !pages.is_empty() {
+                    self.host.file_punch(frame, &pages)?;
+                    if self.backing == Backing::Thp {
+                        // A punch into a large folio splits it and unmaps the rest.
                         self.host.remap_present(frame)?;
-                    }
-                }
-                DiscardStep::Small { frame, freed } => {
-                    rep.pages_freed += freed.len() as u64;
-                    let pages: Vec<u16> = freed.iter().map(|p| p.0).collect();
-                    if self.backing == Backing::Hugetlb {
-                        self.host.zero_map(frame, &pages)?;
-                        let slots: Vec<u32> = freed.iter().map(|p| p.1).collect();
-                        self.host.small_free(&slots)?;
-                    } else if !pages.is_empty() {
-                        self.host.file_punch(frame, &pages)?;
-                        if self.backing == Backing::Thp {
-                            // A punch into a large folio splits it and unmaps the rest.
-                            self.host.remap_present(frame)?;
-                        }
                     }
                 }
             }
         }
-        Ok(rep)
+        Ok(())
     }
 
     /// Take back (re-populate) pages `[gpa, gpa + len)`; a discarded page comes
     /// back zero-filled.
     pub fn refill(&mut self, gpa: u64, len: u64, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
+        self.take_back_given(first, n)?;
         let before = self.model.clone();
         let steps = self.model.refill(first, n)?;
         self.changed.extend(
@@ -456,6 +477,7 @@ impl GuestRam {
     pub fn split(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.check_huge_backing("split")?;
         self.check_frame(frame)?;
+        self.settle_give_backs(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
         let before = self.model.clone();
         let plan = self.model.split(frame)?;
         let SplitPlan::Split {
@@ -598,7 +620,21 @@ impl GuestRam {
                 size: self.size,
             });
         }
-        self.host.read_no_populate(gpa, buf)
+        // A frame given back whole is a hole of the pool until touched:
+        // reading it through the mapping would fault a huge page in.
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = gpa + done as u64;
+            let frame = (at / HPAGE_SIZE) as usize;
+            let n = ((HPAGE_SIZE - at % HPAGE_SIZE) as usize).min(buf.len() - done);
+            if self.give_back.is_released(frame) {
+                buf[done..done + n].fill(0);
+            } else {
+                self.host.read_no_populate(at, &mut buf[done..done + n])?;
+            }
+            done += n;
+        }
+        Ok(())
     }
 }
 

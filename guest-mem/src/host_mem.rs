@@ -178,6 +178,40 @@ impl HostMem {
         self.populate(frame_off(frame), HPAGE_SIZE)
     }
 
+    /// Map huge slot `slot` over `frame` without touching it: the slot is a
+    /// hole of the pool memfd, so the guest's next access faults in a fresh,
+    /// zeroed huge page there (one PMD).
+    pub(crate) fn huge_map_lazy(&self, frame: usize, slot: u32) -> Result<(), GuestMemError> {
+        self.range.map_file(
+            frame_off(frame),
+            HPAGE_SIZE,
+            self.pool(),
+            u64::from(slot) * HPAGE_SIZE,
+            "hugetlb pool slot (lazy)",
+        )
+    }
+
+    /// Fault the whole of `frame` in as it is mapped now (`MADV_POPULATE_WRITE`).
+    pub(crate) fn populate_frame(&self, frame: usize) -> Result<(), GuestMemError> {
+        self.populate(frame_off(frame), HPAGE_SIZE)
+    }
+
+    /// Write zeros over pages of `frame` in place (they stay backed).
+    pub(crate) fn zero_in_place(&self, frame: usize, pages: &[u16]) {
+        for (p, n) in page_runs(pages) {
+            // SAFETY: the pages lie inside guest RAM (frame < frames, page <
+            // 512), which stays mapped read-write for the life of `range`;
+            // the guest gave them back, so no vCPU relies on their contents.
+            unsafe {
+                std::ptr::write_bytes(
+                    self.range.ptr(page_off(frame, p)),
+                    0,
+                    (u64::from(n) * PAGE_SIZE) as usize,
+                )
+            };
+        }
+    }
+
     /// Return huge slot `slot` to the host pool.
     pub(crate) fn huge_free(&self, slot: u32) -> Result<(), GuestMemError> {
         self.pool()

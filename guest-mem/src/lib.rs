@@ -8,6 +8,7 @@
 
 pub mod backing;
 pub mod error;
+mod give_back;
 pub mod guest_ram;
 mod host_mem;
 pub mod kpageflags;
@@ -21,6 +22,7 @@ mod vma_probe;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;
+pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
 pub use guest_ram::{FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
 pub use stats::{DiscardReport, HostView, PoolStats};

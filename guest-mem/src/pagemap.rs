@@ -142,7 +142,9 @@ fn scan_pmd_mapped(start: u64, frames: usize) -> Result<Option<Vec<bool>>, Guest
             });
         }
         for r in &vec[..n as usize] {
-            if r.categories & PAGE_IS_HUGE == 0 {
+            // A hugetlb VMA reports PAGE_IS_HUGE for its holes too (a page
+            // punched out of the pool and not touched since): not mapped.
+            if r.categories & PAGE_IS_HUGE == 0 || r.categories & PAGE_IS_PRESENT == 0 {
                 continue;
             }
             // Mark every frame this huge run covers entirely.

@@ -2,7 +2,8 @@
 //! free runs of 2M and more (page_reporting, order >= pageblock_order); the VMM gives
 //! each whole 2M frame of a run back to the host without a split: its hugetlb page goes
 //! back to the host (smaps `Private_Hugetlb` drops by exactly 2M a frame) and no frame is
-//! split. The guest boots with `--balloon` (no target) and the `spin` initramfs
+//! split. The frame stays mapped to its pool slot, so a frame the guest reuses faults a
+//! fresh huge page in (counted huge again, not "released"). The guest boots with `--balloon` (no target) and the `spin` initramfs
 //! ([`integration_tests::linux_vm`]), and is stopped with `vmm ctl stop`.
 
 use std::time::Duration;
@@ -59,20 +60,34 @@ fn linux_free_page_reporting_frees_whole_hugetlb_frames_without_split() {
         0,
         "a report split a frame: {u:#}"
     );
+    // A frame freed whole stays huge in the books, on its pool slot: its huge page
+    // left the host ("released") until the guest touches the frame again, which
+    // faults a fresh huge page in (so a reused frame is PMD-mapped again).
     let f = &st["frames"];
     assert_eq!(num(f, &["small"]), 0, "{f:#}");
-    assert_eq!(num(f, &["unpopulated"]), freed, "{f:#}");
-    assert_eq!(num(f, &["huge"]), MEMORY_FRAMES - freed, "{f:#}");
-    // smaps: the hugetlb pages of exactly the freed frames left the host.
+    assert_eq!(num(f, &["unpopulated"]), 0, "{f:#}");
+    assert_eq!(num(f, &["huge"]), MEMORY_FRAMES, "{f:#}");
+    let released = num(f, &["released"]);
+    assert!(released > 0 && released <= freed, "{f:#} {u:#}");
+    // smaps: the hugetlb pages of exactly the released frames are off the host.
     let hm = &st["host_memory"];
     assert_eq!(
         num(hm, &["hugetlb_bytes"]),
-        MEMORY_BYTES - freed * FRAME,
+        MEMORY_BYTES - released * FRAME,
         "{hm:#}"
     );
-    // And the pool's own books agree.
+    // The pool's books keep every slot (the frames are mapped to them); its memfd
+    // holds the pages on the host.
     let pool = &st["pool"];
-    assert_eq!(num(pool, &["used"]), MEMORY_FRAMES - freed, "{pool:#}");
+    assert_eq!(num(pool, &["used"]), MEMORY_FRAMES, "{pool:#}");
+    assert_eq!(
+        num(pool, &["pool_memfd_bytes"]),
+        MEMORY_BYTES - released * FRAME,
+        "{pool:#}"
+    );
+    let g = &st["balloon"]["give_back"];
+    assert_eq!(num(g, &["whole_frames_freed"]), freed, "{g:#}");
+    assert_eq!(num(g, &["frames_split"]), 0, "{g:#}");
 
     let report = vm.stop();
     assert_eq!(

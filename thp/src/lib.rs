@@ -52,6 +52,7 @@
 #![deny(missing_docs)]
 
 pub mod folio;
+pub mod give_back;
 pub mod interleave;
 pub mod invariants;
 pub mod kvm_mirror;

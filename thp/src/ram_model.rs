@@ -441,6 +441,98 @@ impl RamModel {
         Ok(steps)
     }
 
+    /// Gives back the sorted, distinct pages `pages` of `frame` in one step
+    /// (one split at most, however scattered they are): `WholeHuge` when they
+    /// are all 512 pages of a huge frame, `SplitHuge` for part of one,
+    /// `Small` otherwise. With `keep_huge`, a huge frame given back whole is
+    /// faulted in again at once from the pool (normally the same slot): the
+    /// caller frees the old page on the host and maps the slot without
+    /// touching it, so the guest's next access faults in a fresh, zeroed
+    /// huge page ([`DiscardStep::WholeHuge`] then names the old slot, and
+    /// [`Self::frame`] says `Huge` with the new one).
+    pub fn discard_frame_pages(
+        &mut self,
+        frame: usize,
+        pages: &[u16],
+        keep_huge: bool,
+    ) -> Result<DiscardStep, ModelError> {
+        self.check_frame(frame)?;
+        if pages.windows(2).any(|w| w[0] >= w[1])
+            || pages
+                .last()
+                .is_some_and(|p| *p as usize >= PAGES_PER_HPAGE_USIZE)
+        {
+            return Err(ModelError::PagesOutOfRange {
+                first: frame as u64 * PAGES_PER_HPAGE,
+                npages: pages.len() as u64,
+                pages: self.pages(),
+            });
+        }
+        let base = frame as u64 * PAGES_PER_HPAGE;
+        let whole = pages.len() == PAGES_PER_HPAGE_USIZE;
+        let runs = page_index_runs(pages);
+        match self.mm().frame(frame).clone() {
+            FrameMap::None => Ok(DiscardStep::Small {
+                frame,
+                freed: Vec::new(),
+            }),
+            FrameMap::Pmd(p) => {
+                self.check_unpinned(frame)?;
+                if !whole {
+                    self.small_available(PAGES_PER_HPAGE_USIZE - pages.len())?;
+                }
+                let huge_slot = match self.primary.folio(p.folio)?.backing {
+                    Backing::Huge(s) => s,
+                    _ => return Err(MmError::NotLarge(p.folio).into()),
+                };
+                if whole {
+                    self.primary.unmap(self.mm, base, PAGES_PER_HPAGE)?;
+                    self.primary.take_freed();
+                    if keep_huge && self.primary.policy().fault_may_use_huge(true) {
+                        // Only the huge fault: never 512 small pages here.
+                        if let Ok(FaultOutcome::MappedHuge(_)) =
+                            self.primary.fault(self.mm, base, true)
+                        {
+                        } else {
+                            self.primary.unmap(self.mm, base, PAGES_PER_HPAGE)?;
+                            self.primary.free_empty_table(self.mm, frame)?;
+                        }
+                        self.primary.take_freed();
+                    }
+                    return Ok(DiscardStep::WholeHuge {
+                        frame,
+                        slot: huge_slot,
+                    });
+                }
+                for &(lo, n) in &runs {
+                    self.primary.unmap(self.mm, base + lo, n)?;
+                }
+                let kept = self.primary.migrate_frame_to_small(self.mm, frame)?;
+                self.primary.take_freed();
+                Ok(DiscardStep::SplitHuge {
+                    frame,
+                    huge_slot,
+                    kept,
+                    dropped: pages.to_vec(),
+                })
+            }
+            FrameMap::Table(t) => {
+                self.check_unpinned(frame)?;
+                let mut freed = Vec::new();
+                for &i in pages {
+                    if let Some(pte) = t.get(i as usize) {
+                        freed.push((i, self.small_slot(pte.folio)?));
+                    }
+                }
+                for &(lo, n) in &runs {
+                    self.primary.unmap(self.mm, base + lo, n)?;
+                }
+                self.primary.take_freed();
+                Ok(DiscardStep::Small { frame, freed })
+            }
+        }
+    }
+
     /// Takes back pages: every not-present page in the range becomes present
     /// on a new, zero-filled small slot. One step per touched frame.
     pub fn refill(&mut self, first_page: u64, npages: u64) -> Result<Vec<RefillStep>, ModelError> {
@@ -687,4 +779,17 @@ fn frame_spans(first: u64, end: u64) -> Vec<(usize, u64, u64)> {
         p = stop;
     }
     out
+}
+
+/// Runs `(first index, count)` of sorted page indices.
+fn page_index_runs(pages: &[u16]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &p in pages {
+        let p = u64::from(p);
+        match runs.last_mut() {
+            Some((first, n)) if *first + *n == p => *n += 1,
+            _ => runs.push((p, 1)),
+        }
+    }
+    runs
 }

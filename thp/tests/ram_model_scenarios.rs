@@ -292,3 +292,64 @@ fn shmem_collapse_is_madvise_collapse_without_max_ptes_none() {
     assert_eq!(zero.len(), 101);
     ok(&m);
 }
+
+#[test]
+fn scattered_pages_of_a_huge_frame_are_given_back_with_one_split() {
+    let mut m = RamModel::new(2, 2, ThpPolicy::always());
+    m.populate(1).unwrap();
+    let pages: Vec<u16> = (0..256).chain(300..310).chain([511]).collect();
+    let step = m.discard_frame_pages(1, &pages, true).unwrap();
+    ok(&m);
+    let DiscardStep::SplitHuge {
+        frame,
+        kept,
+        dropped,
+        ..
+    } = step
+    else {
+        panic!("expected one split, got {step:?}");
+    };
+    assert_eq!(frame, 1);
+    assert_eq!(dropped, pages);
+    assert_eq!(kept.len(), 512 - pages.len());
+    assert_eq!(
+        m.frame(1),
+        FrameView::Small {
+            present: (512 - pages.len()) as u32
+        }
+    );
+    assert_eq!(m.huge_pool().free_count(), 2);
+    // A second give-back in the now small frame frees small slots only.
+    let step = m.discard_frame_pages(1, &[256, 257], true).unwrap();
+    assert!(matches!(step, DiscardStep::Small { ref freed, .. } if freed.len() == 2));
+    ok(&m);
+}
+
+#[test]
+fn a_frame_given_back_whole_stays_huge_on_its_slot_when_asked() {
+    let mut m = RamModel::new(2, 2, ThpPolicy::always());
+    m.populate(0).unwrap();
+    let all: Vec<u16> = (0..512).collect();
+    let step = m.discard_frame_pages(0, &all, true).unwrap();
+    assert_eq!(step, DiscardStep::WholeHuge { frame: 0, slot: 0 });
+    // The same slot, mapped again: the next touch faults a fresh huge page.
+    assert_eq!(m.frame(0), FrameView::Huge { slot: 0 });
+    assert_eq!(m.huge_pool().used_count(), 1);
+    ok(&m);
+    // Without keep_huge the frame is unpopulated, as `discard` leaves it.
+    let step = m.discard_frame_pages(0, &all, false).unwrap();
+    assert_eq!(step, DiscardStep::WholeHuge { frame: 0, slot: 0 });
+    assert_eq!(m.frame(0), FrameView::Unpopulated);
+    assert_eq!(m.huge_pool().free_count(), 2);
+    ok(&m);
+}
+
+#[test]
+fn discard_frame_pages_refuses_unsorted_or_out_of_frame_pages() {
+    let mut m = RamModel::new(1, 1, ThpPolicy::always());
+    m.populate(0).unwrap();
+    assert!(m.discard_frame_pages(0, &[3, 2], true).is_err());
+    assert!(m.discard_frame_pages(0, &[512], true).is_err());
+    assert!(m.discard_frame_pages(1, &[0], true).is_err());
+    assert_eq!(m.frame(0), FrameView::Huge { slot: 0 });
+}

@@ -1,8 +1,11 @@
 //! The virtio-balloon of `vmm run --balloon`: the device model
 //! (`devices::virtio_balloon`) behind a virtio-mmio transport at
 //! [`BALLOON_SLOT`], wired to an irqfd, with a [`BalloonBackend`] that gives
-//! guest pages back through `guest_mem::GuestRam::discard` (splitting exactly
-//! the 2M frames a page was taken from) and takes them back with `refill`.
+//! guest pages back through `guest_mem::GuestRam::give_back` (pages coalesced
+//! per 2M frame across inflate buffers: a frame given back whole is freed
+//! without a split, a frame given back in part waits on the deferred-split
+//! queue, see `deferred_split`) and `report_free`, and takes them back with
+//! `refill`.
 //!
 //! Locking: a vCPU's MMIO access takes the transport lock, and the backend
 //! then takes guest RAM; the collapser takes them in the same order. Callers
@@ -14,7 +17,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
-use guest_mem::{HPAGE_SIZE, PAGE_SIZE};
+use guest_mem::{GiveBackReport, SplitPolicy, HPAGE_SIZE, PAGE_SIZE};
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,6 +25,7 @@ use crate::devices::virtio_balloon::{
     tag_name, Balloon, BalloonBackend, BalloonConfig, BalloonError,
 };
 use crate::devices::virtio_mmio::{Interrupt, MmioSlot, MmioTransport};
+use crate::give_back_stats::{GiveBackMetrics, GiveBackRecorder};
 use crate::machine::Machine;
 use crate::unmap_stats::{GiveBack, TimedQuiesce};
 
@@ -72,29 +76,56 @@ pub struct RamBackend {
     machine: Weak<Machine>,
     /// When the guest's current request (its MMIO exit) arrived.
     requested: Option<Instant>,
+    /// When a partly given-back frame is split.
+    policy: SplitPolicy,
+    /// What the give-backs did.
+    metrics: Arc<GiveBackRecorder>,
+}
+
+/// Record a give-back's outcome in the machine's unmap metrics and the
+/// balloon's own.
+pub(crate) fn record(
+    m: &Machine,
+    metrics: &GiveBackRecorder,
+    rep: &GiveBackReport,
+    requested: Option<Instant>,
+    pauses: &[std::time::Duration],
+) {
+    metrics.record(rep, pauses);
+    m.unmap.give_back(
+        GiveBack {
+            frames_split: rep.frames_split,
+            huge_frames_freed: rep.whole_frames_freed,
+            pages: rep.pages_freed,
+        },
+        requested,
+        pauses,
+    );
 }
 
 impl RamBackend {
-    fn give_back(&self, m: &Machine, gpa: u64, len: u64, what: &str) {
+    fn give_back(&self, m: &Machine, gpa: u64, len: u64, report: bool) {
+        let what = if report {
+            "free page report"
+        } else {
+            "inflate"
+        };
         let timed = TimedQuiesce::new(&m.control);
-        let r = m.ram().discard(gpa, len, &timed);
+        let r = if report {
+            m.ram().report_free(gpa, len, &timed)
+        } else {
+            m.ram().give_back(gpa, len, self.policy, &timed)
+        };
         match r {
             Ok(rep) => {
-                if rep.frames_split > 0 {
+                if rep.frames_split > 0 || rep.whole_frames_freed > 0 {
                     log::debug!(
-                        "balloon {what}: [{gpa:#x}, +{len:#x}) split {} frame(s)",
-                        rep.frames_split
+                        "balloon {what}: [{gpa:#x}, +{len:#x}) split {} frame(s), freed {} whole",
+                        rep.frames_split,
+                        rep.whole_frames_freed
                     );
                 }
-                m.unmap.give_back(
-                    GiveBack {
-                        frames_split: rep.frames_split as u64,
-                        huge_frames_freed: rep.huge_frames_freed as u64,
-                        pages: rep.pages_freed,
-                    },
-                    self.requested,
-                    &timed.windows(),
-                );
+                record(m, &self.metrics, &rep, self.requested, &timed.windows());
             }
             Err(e) => log::warn!(
                 "balloon {what}: giving back [{gpa:#x}, +{len:#x}) failed: {e}; the pages stay backed"
@@ -109,7 +140,7 @@ impl BalloonBackend for RamBackend {
             return;
         };
         for (first, n) in pfn_runs(pfns) {
-            self.give_back(&m, first * PAGE_SIZE, n * PAGE_SIZE, "inflate");
+            self.give_back(&m, first * PAGE_SIZE, n * PAGE_SIZE, false);
         }
     }
 
@@ -134,19 +165,15 @@ impl BalloonBackend for RamBackend {
         let Some(m) = self.machine.upgrade() else {
             return;
         };
-        // Only whole frames: splitting a frame for a free run the guest may
-        // reuse any moment would cost a copy for nothing.
-        match whole_frames(gpa, len) {
-            Some((g, l)) => self.give_back(&m, g, l, "free page report"),
-            None => {
-                log::debug!("balloon: free run [{gpa:#x}, +{len:#x}) holds no whole 2M frame; kept")
-            }
-        }
+        // Whole frames, and frames the run completes with pages queued by
+        // inflates: splitting a frame for a free run the guest may reuse any
+        // moment would cost a copy for nothing.
+        self.give_back(&m, gpa, len, true);
     }
 }
 
 /// What `vmm ctl stats` and the run report show of the balloon.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BalloonStatus {
     /// Whether the guest's driver activated the device.
     pub driver_active: bool,
@@ -156,6 +183,10 @@ pub struct BalloonStatus {
     pub actual_pages: u32,
     /// Pages inflated now, by the device's own books.
     pub inflated_pages: u64,
+    /// 2M frames whose every page is inflated now.
+    pub inflated_whole_frames: u64,
+    /// 2M frames inflated in part now.
+    pub inflated_partial_frames: u64,
     /// PFNs handed to the backend's inflate so far.
     pub inflated_total: u64,
     /// PFNs handed to the backend's deflate so far.
@@ -169,6 +200,9 @@ pub struct BalloonStatus {
     pub rejected: u64,
     /// The guest's last memory statistics by name.
     pub guest_stats: std::collections::BTreeMap<String, u64>,
+    /// Give-backs: whole frames freed, frames split and deferred, pauses,
+    /// time from give-back to host memory freed.
+    pub give_back: GiveBackMetrics,
 }
 
 /// The balloon device as the VMM runs it.
@@ -177,6 +211,8 @@ pub struct BalloonDevice {
     transport: Mutex<MmioTransport<Balloon<RamBackend>>>,
     /// A target to (re)announce once the driver is ready.
     pending_target: Mutex<Option<u64>>,
+    /// What the give-backs did (shared with the backend).
+    metrics: Arc<GiveBackRecorder>,
 }
 
 impl std::fmt::Debug for BalloonDevice {
@@ -199,9 +235,12 @@ impl BalloonDevice {
         initial_target: Option<u64>,
         free_page_reporting: bool,
     ) -> Result<BalloonDevice, BalloonError> {
+        let metrics = Arc::new(GiveBackRecorder::new(SplitPolicy::default()));
         let backend = RamBackend {
             machine: m,
             requested: None,
+            policy: SplitPolicy::default(),
+            metrics: metrics.clone(),
         };
         let cfg = BalloonConfig {
             reporting: free_page_reporting,
@@ -216,7 +255,27 @@ impl BalloonDevice {
             slot: BALLOON_SLOT,
             transport: Mutex::new(transport),
             pending_target: Mutex::new(initial_target),
+            metrics,
         })
+    }
+
+    /// When partly given-back frames are split (default: deferred, 500 ms).
+    pub fn set_split_policy(&mut self, policy: SplitPolicy) {
+        self.metrics = Arc::new(GiveBackRecorder::new(policy));
+        let mut t = self.lock();
+        let b = t.device_mut().backend_mut();
+        b.policy = policy;
+        b.metrics = self.metrics.clone();
+    }
+
+    /// When partly given-back frames are split.
+    pub fn split_policy(&self) -> SplitPolicy {
+        self.lock().device_mut().backend_mut().policy
+    }
+
+    /// The give-back recorder.
+    pub fn metrics(&self) -> &GiveBackRecorder {
+        &self.metrics
     }
 
     /// Where the device lives.
@@ -276,9 +335,18 @@ impl BalloonDevice {
         pages
     }
 
-    /// The balloon's state.
+    /// The balloon's state (takes guest RAM after the transport).
     pub fn status(&self) -> BalloonStatus {
         let t = self.lock();
+        let give_back = {
+            let st = t
+                .device()
+                .backend()
+                .machine
+                .upgrade()
+                .map(|m| m.ram().give_back_status());
+            self.metrics.snapshot(st.as_ref())
+        };
         let d = t.device();
         let c = d.counters();
         BalloonStatus {
@@ -286,6 +354,8 @@ impl BalloonDevice {
             target_pages: d.target(),
             actual_pages: d.actual(),
             inflated_pages: d.inflated_pages(),
+            inflated_whole_frames: d.inflated_frames().0,
+            inflated_partial_frames: d.inflated_frames().1,
             inflated_total: c.inflated_pfns,
             deflated_total: c.deflated_pfns,
             reported_runs: c.reported_runs,
@@ -301,6 +371,7 @@ impl BalloonDevice {
                 .iter()
                 .map(|(k, v)| (tag_name(*k).to_string(), *v))
                 .collect(),
+            give_back,
         }
     }
 }

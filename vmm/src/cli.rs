@@ -96,6 +96,21 @@ pub struct RunArgs {
     /// inflate/deflate give pages back.
     #[arg(long, requires = "balloon")]
     pub no_free_page_reporting: bool,
+    /// When a 2M frame the guest gave back only in part is split: `deferred`
+    /// (default) waits for later inflate buffers to complete it (then it is
+    /// freed whole, without a split), see the two options below; `eager`
+    /// splits it at once.
+    #[arg(long, value_name = "eager|deferred", default_value = "deferred", value_parser = parse_balloon_split, requires = "balloon")]
+    pub balloon_split: BalloonSplit,
+    /// Deferred split: partly given-back frames are split once the guest has
+    /// given nothing back for this long (its inflate paused or ended).
+    #[arg(long, value_name = "MS", default_value_t = 500, value_parser = clap::value_parser!(u32).range(0..=600_000), requires = "balloon")]
+    pub balloon_split_delay_ms: u32,
+    /// Deferred split: the longest a given-back page stays backed on the host
+    /// before its frame is split, whatever the guest does (default 1000:
+    /// every page freed within about 1 s).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(0..=600_000), requires = "balloon")]
+    pub balloon_split_max_wait_ms: u32,
     /// Serve runtime control on this Unix socket (`vmm ctl --api-socket PATH ...`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -135,9 +150,43 @@ pub struct KvmDevArg {
 }
 
 impl RunArgs {
+    /// The balloon's split policy from `--balloon-split` and its delay.
+    pub fn split_policy(&self) -> guest_mem::SplitPolicy {
+        match self.balloon_split {
+            BalloonSplit::Eager => guest_mem::SplitPolicy::Eager,
+            BalloonSplit::Deferred => guest_mem::SplitPolicy::Deferred {
+                delay: std::time::Duration::from_millis(u64::from(self.balloon_split_delay_ms)),
+                max_wait: std::time::Duration::from_millis(u64::from(
+                    self.balloon_split_max_wait_ms,
+                )),
+            },
+        }
+    }
+
     /// The guest arguments as a map.
     pub fn guest_arg_map(&self) -> BTreeMap<String, u64> {
         self.guest_args.iter().cloned().collect()
+    }
+}
+
+/// `--balloon-split`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalloonSplit {
+    /// Split a partly given-back frame at once.
+    Eager,
+    /// Queue it; split it after `--balloon-split-delay-ms`.
+    Deferred,
+}
+
+/// Parse `--balloon-split`.
+pub fn parse_balloon_split(s: &str) -> Result<BalloonSplit, String> {
+    match s.trim() {
+        "eager" => Ok(BalloonSplit::Eager),
+        "deferred" => Ok(BalloonSplit::Deferred),
+        other => Err(format!(
+            "unknown split policy {:?}: expected eager or deferred",
+            crate::api::protocol::prefix(other, 32)
+        )),
     }
 }
 

@@ -109,7 +109,8 @@ pub fn collect(
     let mut ram = m.ram();
     let prediction = m.predict(&mut ram, MirrorPoint::End);
     let states = ram.frame_states();
-    let frames = FrameCounts::of(&states);
+    let mut frames = FrameCounts::of(&states);
+    frames.released = ram.released_frames().len();
     let pool = snapshot::pool_report(&ram);
     let host_memory_end = HostMemory::read(&ram);
     drop(ram);
@@ -344,6 +345,28 @@ fn unmap_text(r: &RunReport) -> String {
             b.deflated_total,
             b.reported_runs,
             b.rejected
+        ));
+        let g = &b.give_back;
+        s.push_str(&format!(
+            "  balloon give-back ({}{}): {} whole frames freed, {} frames split, {} deferred \
+             ({} left whole), {} pages freed, {} still queued; give-back to host memory freed \
+             median {}, max {} ({} frames); vCPU pauses {} (median {})\n",
+            g.split_policy,
+            match (g.split_delay_ms, g.split_max_wait_ms) {
+                (Some(d), Some(w)) => format!(", quiet {d} ms, max wait {w} ms"),
+                _ => String::new(),
+            },
+            g.whole_frames_freed,
+            g.frames_split,
+            g.frames_deferred,
+            g.frames_completed,
+            g.pages_freed,
+            g.pages_queued,
+            us(g.give_back_to_freed.median_us),
+            us(g.give_back_to_freed.max_us),
+            g.give_back_to_freed.count,
+            g.split_pause.count,
+            us(g.split_pause.median_us)
         ));
     }
     if let (Some(a), Some(b)) = (&r.host_memory_start, &r.host_memory_end) {

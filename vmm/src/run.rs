@@ -16,6 +16,7 @@ use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
 use crate::cli::RunArgs;
 use crate::collapser::{Collapser, CollapserConfig};
+use crate::deferred_split::DeferredSplitter;
 use crate::devices::console::{self, Console};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
 use crate::devices::virtio_balloon::BalloonError;
@@ -32,6 +33,7 @@ use crate::snapshot::HostMemory;
 use crate::stats::KvmStats;
 use crate::testguest::{self, TestGuestError, TestGuestName, TestGuestParams};
 use crate::vm::{self, Vm, VmError};
+use guest_mem::SplitPolicy;
 
 /// How long after a panic line the VMM waits for the guest to reset by itself.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
@@ -361,7 +363,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
 
     machine.set_mirror_context(mirror_ctx);
     if let Some(e) = balloon_irq {
-        let dev = BalloonDevice::new(
+        let mut dev = BalloonDevice::new(
             Arc::downgrade(&machine),
             machine.mem.clone(),
             size,
@@ -369,9 +371,23 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             args.balloon_target,
             !args.no_free_page_reporting,
         )?;
+        dev.set_split_policy(args.split_policy());
         log::info!("virtio-balloon at {}", BALLOON_SLOT.cmdline_arg());
         machine.set_balloon(Arc::new(dev));
     }
+    let splitter = match args.split_policy() {
+        SplitPolicy::Deferred { delay, max_wait } if args.balloon => {
+            let s = DeferredSplitter::new(delay, max_wait);
+            let h = s
+                .spawn(Arc::downgrade(&machine))
+                .map_err(|source| RunError::Os {
+                    what: "spawning the deferred-split thread",
+                    source,
+                })?;
+            Some((s, h))
+        }
+        _ => None,
+    };
     let collapser = if args.no_collapser || !args.backing.has_huge_frames() {
         None
     } else {
@@ -419,6 +435,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
             if h.join().is_err() {
                 log::error!("the collapser thread panicked");
             }
+        }
+    }
+    if let Some((s, h)) = splitter {
+        s.stop();
+        if h.join().is_err() {
+            log::error!("the deferred-split thread panicked");
         }
     }
     let stopped = machine.control.stop(STOP_TIMEOUT);

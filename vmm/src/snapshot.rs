@@ -21,6 +21,10 @@ pub struct FrameCounts {
     pub small: usize,
     /// Frames not populated.
     pub unpopulated: usize,
+    /// Of `huge`: frames the balloon gave back whole, their huge page freed
+    /// on the host until the guest touches them again (then a fresh huge
+    /// page of the pool is faulted in).
+    pub released: usize,
 }
 
 impl FrameCounts {
@@ -134,10 +138,12 @@ pub fn take(m: &Machine) -> Snapshot {
         .unwrap_or_default();
     let mirror = m.predict(&mut ram, MirrorPoint::Snapshot);
     let states = ram.frame_states();
+    let mut frames = FrameCounts::of(&states);
+    frames.released = ram.released_frames().len();
     let snap = Snapshot {
         kvm,
         mirror,
-        frames: FrameCounts::of(&states),
+        frames,
         backing: ram.backing().to_string(),
         pool: pool_report(&ram),
         host_memory: HostMemory::read(&ram),

@@ -26,7 +26,8 @@ pub struct Series {
 }
 
 impl Series {
-    fn push(&mut self, d: Duration) {
+    /// Add one sample.
+    pub fn push(&mut self, d: Duration) {
         self.count += 1;
         if self.samples_us.len() < MAX_SAMPLES {
             self.samples_us.push(d.as_secs_f64() * 1e6);

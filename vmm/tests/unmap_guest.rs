@@ -282,3 +282,81 @@ fn api_socket_stats_pause_resume_stop_and_errors() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// `--guest-arg whole=1`: the guest gives each of K frames back whole (one 2M
+/// DISCARD). The test device's give-back frees a whole frame without a split:
+/// its huge page goes back to the host, the frame stays mapped to its pool
+/// slot, and the guest's next touch faults a fresh huge page in, which KVM
+/// maps 2M again (exact at every checkpoint, mirror included).
+#[test]
+fn unmap_whole_frames_hugetlb_come_back_huge_and_kvm_maps_them_2m() {
+    if let Some(why) = skip_reason("hugetlb") {
+        common::skip(&why);
+        return;
+    }
+    let json = tmp("whole.json");
+    let o = Command::new(common::vmm_bin())
+        .args([
+            "run",
+            "--test-guest",
+            "unmap",
+            "--guest-arg",
+            "whole=1",
+            "--backing",
+            "hugetlb",
+            "--memory",
+            &format!("{MIB}M"),
+            "--serial",
+            "/dev/null",
+            "--timeout",
+            "120",
+            "--stats-json",
+        ])
+        .arg(&json)
+        .output()
+        .expect("running vmm");
+    let r = common::read_json_or_null(&json);
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stderr:\n{}\n{r:#}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The guest read zero in every page of the given-back frames, and its kept
+    // pages were intact.
+    assert_eq!(num(&r, &["report_totals", "mismatches"]), 0, "{r:#}");
+    assert_eq!(num(&r, &["report_totals", "nonzero_discarded"]), 0);
+    let frames = MIB / 2;
+    let (c1, c2, c3, c4, c5) = (
+        phase(&r, 1),
+        phase(&r, 2),
+        phase(&r, 3),
+        phase(&r, 4),
+        phase(&r, 5),
+    );
+    let kvm2m = |c: &Value| num(c, &["kvm", "pages_2m"]);
+    let base = kvm2m(c1);
+    // Given back: K frames lose their 2M mapping (their huge page is gone), no
+    // frame is split, the books keep them huge on their slots.
+    assert_eq!(kvm2m(c2), base - K, "after give-back: {r:#}");
+    assert_eq!(num(c2, &["frames", "huge"]), frames, "{c2:#}");
+    assert_eq!(num(c2, &["frames", "small"]), 0, "{c2:#}");
+    // The guest touched them (reads): fresh huge pages, mapped 2M by KVM.
+    assert_eq!(kvm2m(c3), base, "after the guest re-read everything: {r:#}");
+    assert_eq!(kvm2m(c4), base);
+    assert_eq!(kvm2m(c5), base);
+    for c in [c1, c2, c3, c4, c5] {
+        assert_eq!(c["mirror_agrees"], true, "{c:#}");
+        assert_eq!(
+            num(c, &["kvm", "pages_4k"]),
+            num(c1, &["kvm", "pages_4k"]),
+            "no 4K leaves anywhere: {c:#}"
+        );
+    }
+    assert_eq!(num(&r, &["unmap", "frames_split"]), 0, "{r:#}");
+    assert_eq!(num(&r, &["unmap", "huge_frames_freed"]), K, "{r:#}");
+    assert_eq!(num(&r, &["unmap", "frames_collapsed"]), 0, "{r:#}");
+    assert_eq!(num(&r, &["unmap", "split_pause", "count"]), 0, "{r:#}");
+    assert_eq!(num(&r, &["frames", "released"]), 0, "{r:#}");
+}

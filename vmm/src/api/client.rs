@@ -46,6 +46,9 @@ pub enum CtlCommand {
     Resume,
     /// Stop the VM (`vmm run` writes its report and exits 0).
     Stop,
+    /// Split every frame waiting on the balloon's deferred-split queue now,
+    /// freeing its given-back pages.
+    Split,
 }
 
 fn parse_size_or_zero(s: &str) -> Result<u64, String> {
@@ -249,6 +252,7 @@ pub fn ctl(a: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Pause => Request::Pause,
         CtlCommand::Resume => Request::Resume,
         CtlCommand::Stop => Request::Stop,
+        CtlCommand::Split => Request::Split,
     };
     let reply = serde_json::Value::Object(request(&a.api_socket, &req)?);
     if a.json {
@@ -265,6 +269,11 @@ pub fn ctl(a: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Pause => "vCPUs paused\n".into(),
         CtlCommand::Resume => "vCPUs resumed\n".into(),
         CtlCommand::Stop => "VM stopping\n".into(),
+        CtlCommand::Split => format!(
+            "deferred split: {} frame(s) split, {} pages freed\n",
+            num(&reply, &["frames_split"]),
+            num(&reply, &["pages_freed"])
+        ),
     })
 }
 

@@ -1,6 +1,6 @@
 //! The API's messages. A request is one line of JSON such as
 //! `{"cmd":"balloon","bytes":67108864}`, `{"cmd":"stats"}`, `{"cmd":"pause"}`,
-//! `{"cmd":"resume"}` or `{"cmd":"stop"}`; the reply is one line of JSON: an object with
+//! `{"cmd":"resume"}`, `{"cmd":"stop"}` or `{"cmd":"split"}`; the reply is one line of JSON: an object with
 //! `"ok": true` and the command's fields, or `{"error": "..."}`.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +22,8 @@ pub enum Request {
     Resume,
     /// Stop the VM: `vmm run` writes its report and exits 0.
     Stop,
+    /// Split every frame waiting on the balloon's deferred-split queue now.
+    Split,
 }
 
 /// Most bytes of a request (or of a parser's message about it), escaped,
@@ -47,7 +49,7 @@ fn bad(line: &str, why: &str) -> String {
     // characters they stand for.
     format!(
         "bad request {}: {}; expected one JSON object per line with \"cmd\" one of \
-         balloon (with \"bytes\"), stats, pause, resume, stop",
+         balloon (with \"bytes\"), stats, pause, resume, stop, split",
         prefix(&format!("{line:?}"), ECHO_MAX),
         prefix(&printable(why), 2 * ECHO_MAX)
     )

@@ -360,6 +360,12 @@ struct BalloonSet {
 }
 
 #[derive(Serialize)]
+struct SplitDone {
+    frames_split: u64,
+    pages_freed: u64,
+}
+
+#[derive(Serialize)]
 struct Stopping {
     stopping: bool,
 }
@@ -410,6 +416,22 @@ fn handle(req: Request, shared: &Shared) -> Reply {
         Request::Resume => match shared.pause.resume(&m.control) {
             Ok(()) => Reply::ok(Paused { paused: false }),
             Err(e) => Reply::Error(e),
+        },
+        Request::Split => match m.balloon() {
+            None => Reply::Error(
+                "this VM has no balloon: start `vmm run` with --balloon (Linux guests)".into(),
+            ),
+            Some(_) => match crate::deferred_split::split_due(
+                &m,
+                std::time::Duration::ZERO,
+                std::time::Duration::ZERO,
+            ) {
+                Ok(r) => Reply::ok(SplitDone {
+                    frames_split: r.frames_split,
+                    pages_freed: r.pages_freed,
+                }),
+                Err(e) => Reply::Error(format!("deferred split failed: {e}")),
+            },
         },
         Request::Stop => {
             log::info!("API: stop requested");

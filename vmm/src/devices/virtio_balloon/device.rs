@@ -162,6 +162,11 @@ impl<B: BalloonBackend> Balloon<B> {
         self.actual
     }
 
+    /// 2M frames every page of which is inflated, and frames inflated in part.
+    pub fn inflated_frames(&self) -> (u64, u64) {
+        (self.inflated.full_frames(), self.inflated.partial_frames())
+    }
+
     /// Pages currently inflated according to the device's own books.
     pub fn inflated_pages(&self) -> u64 {
         self.inflated.count()

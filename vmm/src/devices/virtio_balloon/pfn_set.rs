@@ -53,6 +53,22 @@ impl PfnSet {
         self.count
     }
 
+    /// Number of whole 2M frames (512 aligned PFNs) in the set.
+    pub fn full_frames(&self) -> u64 {
+        self.words
+            .chunks_exact(8)
+            .filter(|w| w.iter().all(|x| *x == u64::MAX))
+            .count() as u64
+    }
+
+    /// Number of 2M frames with some but not all of their PFNs in the set.
+    pub fn partial_frames(&self) -> u64 {
+        self.words
+            .chunks(8)
+            .filter(|w| w.iter().any(|x| *x != 0) && !w.iter().all(|x| *x == u64::MAX))
+            .count() as u64
+    }
+
     /// Whether `pfn` is in the set (false for PFNs outside RAM).
     pub fn contains(&self, pfn: u64) -> bool {
         pfn < self.pages && self.words[(pfn / 64) as usize] & (1 << (pfn % 64)) != 0
@@ -110,6 +126,18 @@ impl PfnSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_and_partial_frames() {
+        let mut s = PfnSet::new(4 * 512);
+        for p in 512..1024 {
+            s.insert(p).unwrap();
+        }
+        s.insert(1500).unwrap();
+        assert_eq!((s.full_frames(), s.partial_frames()), (1, 1));
+        s.remove(600).unwrap();
+        assert_eq!((s.full_frames(), s.partial_frames()), (0, 2));
+    }
 
     #[test]
     fn insert_remove_and_errors() {

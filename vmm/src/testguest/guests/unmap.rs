@@ -5,7 +5,7 @@
 //! | phase (CHECKPOINT) | what happened before it |
 //! |---|---|
 //! | 1 | every page stamped with generation 1 |
-//! | 2 | DISCARD of page `page` (4K) of each of the first K frames |
+//! | 2 | DISCARD of page `page` (4K) of each of the first K frames (`whole=1`: of all of each frame, 2M) |
 //! | 3 | every kept page checked against generation 1, every discarded page checked to read zero |
 //! | 4 | REFILL of each discarded page, which must read zero again |
 //! | 5 | every page stamped with generation 2 and checked |
@@ -25,8 +25,9 @@ use crate::testguest::{TestGuestError, TestGuestParams};
 pub const DEFAULT_FRAMES: u64 = 8;
 
 /// Arguments: `frames` (K, default [`DEFAULT_FRAMES`]), `page` (index of
-/// the 4K page given back in each frame, 0..512, default 1).
-pub const ARGS: &[&str] = &["frames", "page"];
+/// the 4K page given back in each frame, 0..512, default 1), `whole` (1:
+/// give back and take back each of the K frames whole, 2M; default 0).
+pub const ARGS: &[&str] = &["frames", "page", "whole"];
 
 fn arg(
     params: &TestGuestParams,
@@ -65,14 +66,22 @@ fn for_each_page(
 }
 
 /// Jumps to `discarded` if the page at rdi is one of the K given back
-/// (r11 = K, rbp = page index). Clobbers rax.
-fn emit_is_discarded(a: &mut CodeAssembler, discarded: CodeLabel) -> Result<(), TestGuestError> {
+/// (r11 = K, rbp = page index; `whole`: every page of the K frames).
+/// Clobbers rax.
+fn emit_is_discarded(
+    a: &mut CodeAssembler,
+    discarded: CodeLabel,
+    whole: bool,
+) -> Result<(), TestGuestError> {
     let mut no = a.create_label();
     a.mov(rax, rdi)?;
     a.sub(rax, r12)?;
     a.shr(rax, 21)?;
     a.cmp(rax, r11)?;
     a.jae(no)?;
+    if whole {
+        a.jmp(discarded)?;
+    }
     a.mov(rax, rdi)?;
     a.shr(rax, 12)?;
     a.and(eax, 511)?;
@@ -109,7 +118,14 @@ fn for_each_discarded(
 /// Emits the workload.
 pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGuestError> {
     let frames = arg(params, "frames", DEFAULT_FRAMES, u64::from(u32::MAX))?;
-    let page = arg(params, "page", 1, 511)?;
+    let whole = arg(params, "whole", 0, 1)? == 1;
+    // Whole frames: rsi walks frame bases (page 0); one DISCARD/REFILL of 2M each.
+    let page = if whole {
+        0
+    } else {
+        arg(params, "page", 1, 511)?
+    };
+    let len: i32 = if whole { 0x20_0000 } else { 0x1000 };
     // r8 = bad kept pages, r15/r14 reserved, r10 = GOLDEN, r11 = K, rbp = page,
     // rbx = generation, r9/rsi loop registers, [rsp] = pages checked,
     // [rsp + 8] = non-zero discarded pages.
@@ -131,7 +147,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     for_each_page(b, &mut |b| emit_stamp(&mut b.a))?;
     b.checkpoint(Arg::Imm(1))?;
     // Phase 2: give back one page per frame.
-    for_each_discarded(b, &mut |b| b.discard(Arg::Reg(rsi), Arg::Imm(0x1000)))?;
+    for_each_discarded(b, &mut |b| b.discard(Arg::Reg(rsi), Arg::Imm(len)))?;
     b.report(ReportKey::PagesDiscarded, r11)?;
     b.checkpoint(Arg::Imm(2))?;
     // Phase 3: kept pages hold generation 1, discarded ones read zero.
@@ -142,7 +158,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
         let mut bad_zero = a.create_label();
         let mut next = a.create_label();
         a.inc(qword_ptr(rsp))?;
-        emit_is_discarded(a, discarded)?;
+        emit_is_discarded(a, discarded, whole)?;
         emit_check(a, bad_kept)?;
         a.jmp(next)?;
         a.set_label(&mut bad_kept)?;
@@ -160,7 +176,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     b.checkpoint(Arg::Imm(3))?;
     // Phase 4: take the pages back; they must read zero.
     for_each_discarded(b, &mut |b| {
-        b.refill(Arg::Reg(rsi), Arg::Imm(0x1000))?;
+        b.refill(Arg::Reg(rsi), Arg::Imm(len))?;
         let a = &mut b.a;
         let mut bad = a.create_label();
         let mut ok = a.create_label();

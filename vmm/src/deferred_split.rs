@@ -1,0 +1,151 @@
+//! The deferred-split worker: the shrinker of the balloon's deferred-split
+//! queue (the kernel's `deferred_split_scan` idea, `thp::give_back`). A frame
+//! the guest gave back in part waits on the queue so that later inflate
+//! buffers can complete it (then it is freed whole, without a split); the
+//! worker splits every frame whose first given-back page has waited the
+//! policy's delay, waking at least every [`max_period`] of it, so every
+//! given-back page is freed on the host within `delay + period + one split`
+//! (default 500 ms + 100 ms). `vmm ctl split` splits the whole queue at once.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use guest_mem::{GiveBackReport, GuestMemError};
+
+use crate::balloon_backend::record;
+use crate::machine::Machine;
+use crate::unmap_stats::TimedQuiesce;
+
+/// Longest sleep between two scans for a queue delay of `delay`: a fifth of
+/// it, between 10 ms and 100 ms.
+pub fn max_period(delay: Duration) -> Duration {
+    (delay / 5).clamp(Duration::from_millis(10), Duration::from_millis(100))
+}
+
+/// Split the queued frames that are due under (`delay`, `max_wait`) (all of
+/// them with `delay` zero).
+/// Lock order: balloon transport, guest RAM (as the balloon's own path).
+/// Not on a vCPU thread unless it counts as parked.
+pub fn split_due(
+    m: &Machine,
+    delay: Duration,
+    max_wait: Duration,
+) -> Result<GiveBackReport, GuestMemError> {
+    let Some(b) = m.balloon() else {
+        return Ok(GiveBackReport::default());
+    };
+    let _device = b.lock();
+    let timed = TimedQuiesce::new(&m.control);
+    let rep = m.ram().split_deferred(delay, max_wait, &timed)?;
+    if rep != GiveBackReport::default() {
+        log::debug!(
+            "deferred split: {} frame(s) split, {} pages freed",
+            rep.frames_split,
+            rep.pages_freed
+        );
+        record(m, b.metrics(), &rep, None, &timed.windows());
+    }
+    Ok(rep)
+}
+
+/// The worker of one machine.
+#[derive(Debug)]
+pub struct DeferredSplitter {
+    delay: Duration,
+    max_wait: Duration,
+    stop: Mutex<bool>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl DeferredSplitter {
+    /// A worker splitting frames due under (`delay`, `max_wait`).
+    pub fn new(delay: Duration, max_wait: Duration) -> Arc<DeferredSplitter> {
+        Arc::new(DeferredSplitter {
+            delay,
+            max_wait,
+            stop: Mutex::new(false),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Start the thread; it ends on [`Self::stop`] or when the machine is gone.
+    pub fn spawn(self: &Arc<Self>, m: Weak<Machine>) -> std::io::Result<JoinHandle<()>> {
+        let me = Arc::clone(self);
+        std::thread::Builder::new()
+            .name("deferred-split".into())
+            .spawn(move || me.run(m))
+    }
+
+    fn run(&self, m: Weak<Machine>) {
+        let period = max_period(self.delay.min(self.max_wait));
+        let mut next = Instant::now() + period;
+        loop {
+            {
+                let mut stop = lock(&self.stop);
+                while !*stop {
+                    let now = Instant::now();
+                    if now >= next {
+                        break;
+                    }
+                    stop = self
+                        .cv
+                        .wait_timeout(stop, next - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+                if *stop {
+                    return;
+                }
+            }
+            let Some(machine) = m.upgrade() else {
+                return;
+            };
+            if machine.control.stopping() {
+                return;
+            }
+            if let Err(e) = split_due(&machine, self.delay, self.max_wait) {
+                log::warn!("deferred split failed: {e}; the frames stay queued or backed");
+            }
+            // Wake when the oldest queued frame is due, at the latest after `period`.
+            let wait = machine
+                .ram()
+                .next_deferred_due(self.delay, self.max_wait)
+                .map_or(period, |d| d.min(period))
+                .max(Duration::from_millis(1));
+            next = Instant::now() + wait;
+        }
+    }
+
+    /// Ask the thread to end.
+    pub fn stop(&self) {
+        *lock(&self.stop) = true;
+        self.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn period_is_a_fifth_of_the_delay_within_bounds() {
+        assert_eq!(
+            max_period(Duration::from_millis(500)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            max_period(Duration::from_millis(200)),
+            Duration::from_millis(40)
+        );
+        assert_eq!(max_period(Duration::ZERO), Duration::from_millis(10));
+        assert_eq!(
+            max_period(Duration::from_secs(60)),
+            Duration::from_millis(100)
+        );
+    }
+}
