@@ -167,6 +167,13 @@ pub struct TlbArgs {
     /// Where the loop runs.
     #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
     pub guest: GuestChoice,
+    /// Guest kernel of `--guest linux`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs of `--guest linux`: the guest init protocol with /bin/chase and
+    /// /bin/gups (`resources/initramfs/build.sh workload`).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
     /// PRNG seed of the permutation / update stream (non-zero).
     #[arg(long, value_name = "N", default_value_t = tlb::DEFAULT_SEED)]
     pub seed: u64,
