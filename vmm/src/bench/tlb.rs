@@ -302,6 +302,7 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
         host,
         tsc,
         mode: a.mode,
+        guest: if linux { "linux" } else { "test" }.into(),
         accesses: a.accesses,
         repeat: a.repeat,
         seed: a.seed,
