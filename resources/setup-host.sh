@@ -13,7 +13,7 @@
 #   3. unless --no-kernel: builds the test guest kernel and initramfs images (cached in
 #      ${VMM_CACHE_DIR:-/var/cache/vmm-test}, rebuilt only when their inputs change) and
 #      writes their paths to $VMM_CACHE_DIR/test-env, where the integration tests find them
-#      (VMM_TEST_KERNEL / VMM_TEST_INITRD / VMM_TEST_INITRD_SPIN in the environment win).
+#      (VMM_TEST_KERNEL / VMM_TEST_INITRD / VMM_TEST_INITRD_SPIN / ... in the environment win).
 #      The export lines are printed at the end as well.
 set -euo pipefail
 
@@ -107,6 +107,7 @@ if ((KERNEL)); then
     initrd="$(bash "$HERE/initramfs/build.sh" hello | tail -n1)"
     initrd_spin="$(bash "$HERE/initramfs/build.sh" spin | tail -n1)"
     initrd_work="$(bash "$HERE/initramfs/build.sh" memwork | tail -n1)"
+    initrd_workload="$(bash "$HERE/initramfs/build.sh" workload | tail -n1)"
     l1host="$(bash "$HERE/l1host/build.sh" | tail -n1)"
     env_file="$CACHE/test-env"
     {
@@ -114,6 +115,7 @@ if ((KERNEL)); then
         echo "VMM_TEST_INITRD=$initrd"
         echo "VMM_TEST_INITRD_SPIN=$initrd_spin"
         echo "VMM_TEST_INITRD_MEMWORK=$initrd_work"
+        echo "VMM_TEST_INITRD_WORKLOAD=$initrd_workload"
         echo "VMM_TEST_L1HOST=$l1host"
     } >"$env_file.tmp"
     mv "$env_file.tmp" "$env_file"

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Build a busybox-static initramfs (cpio newc, gzip) for the test guest kernel.
 #
-#   bash resources/initramfs/build.sh [hello|spin|memwork]   # prints the image path as the last stdout line
+#   bash resources/initramfs/build.sh [hello|spin|memwork|workload]   # prints the image path as the last stdout line
 #
 # Variants (the /init each one runs):
 #   hello  prints VMM-TEST-INIT-OK on the console, then `poweroff -f`.
 #   memwork  runs resources/initramfs/memwork.c (built static here): round after round it
 #          maps, writes, checks and unmaps 48 MiB while it watches MemTotal, until a
 #          balloon inflate and deflate have come and gone (MEMWORK-OK), then `poweroff -f`.
+#   workload  /init is resources/initramfs/workload-init.sh, the guest init protocol of
+#          `vmm bench workload` (docs/ARCHITECTURE.md): it runs the command passed as
+#          vmm.run=<base64> on the kernel command line between VMM-RESULT-BEGIN/END,
+#          timed inside the guest, then `poweroff -f`. Ships /bin/chase and /bin/gups
+#          (chase.c, gups.c: the `tlb` test guest's loops, `RESULT ns_per_access=...`)
+#          and /bin/nsclock, built static here.
 #   spin   /init is a 2-instruction static ELF (`pause; jmp`) that spins at CPL3 and makes
 #          no system call, so the kernel keeps running (timer ticks, its kworkers, the
 #          virtio-balloon driver) until the VMM is stopped (`vmm ctl stop`). It prints
@@ -41,21 +47,25 @@ memwork)
 echo "MEMWORK-EXIT rc=$?"
 poweroff -f'
     ;;
-*) die "unknown variant '$VARIANT' (expected hello, spin or memwork)" ;;
+workload) body='' ;;
+*) die "unknown variant '$VARIANT' (expected hello, spin, memwork or workload)" ;;
 esac
 
 # shellcheck source=../lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
-[[ $VARIANT != memwork ]] || DEPS+=(gcc libc6-dev)
+[[ $VARIANT != memwork && $VARIANT != workload ]] || DEPS+=(gcc libc6-dev)
 ensure_packages "${DEPS[@]}"
 [[ $(id -u) == 0 ]] || die "needs root (to create /dev/console in the image)"
 
 busybox=/bin/busybox
 [[ -x $busybox ]] || die "$busybox not found (package busybox-static)"
 bb_version="$(dpkg-query -W -f='${Version}' busybox-static)"
-MEMWORK_C="$(dirname "${BASH_SOURCE[0]}")/memwork.c"
+SRC="$(dirname "${BASH_SOURCE[0]}")"
+MEMWORK_C="$SRC/memwork.c"
+WORKLOAD_SRC=("$SRC/bench_common.h" "$SRC/chase.c" "$SRC/gups.c" "$SRC/nsclock.c" "$SRC/workload-init.sh")
 extra=""
 [[ $VARIANT != memwork ]] || extra="$(cat "$MEMWORK_C"; gcc --version | head -n1)"
+[[ $VARIANT != workload ]] || extra="$(cat "${WORKLOAD_SRC[@]}"; gcc --version | head -n1)"
 key="$(cat "${BASH_SOURCE[0]}" <(echo "$bb_version") <(echo "$extra") | sha256sum | cut -c1-16)"
 image="$CACHE/initramfs-$VARIANT-$key.cpio.gz"
 
@@ -72,12 +82,20 @@ trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,etc}
 if [[ $VARIANT != spin ]]; then # spin needs no busybox: a small image unpacks fast
     cp "$busybox" "$root/bin/busybox"
-    for applet in sh echo mount sleep poweroff cat; do
+    applets=(sh echo mount sleep poweroff cat)
+    [[ $VARIANT != workload ]] || applets+=(base64 tr sed head cut grep ls free uname dd env true false)
+    for applet in "${applets[@]}"; do
         ln -s busybox "$root/bin/$applet"
     done
 fi
 if [[ $VARIANT == memwork ]]; then
     gcc -O2 -static -o "$root/bin/memwork" "$MEMWORK_C" || die "gcc -static memwork.c failed (packages gcc libc6-dev)"
+fi
+if [[ $VARIANT == workload ]]; then
+    for prog in chase gups nsclock; do
+        gcc -O2 -Wall -static -o "$root/bin/$prog" "$SRC/$prog.c" ||
+            die "gcc -static $prog.c failed (packages gcc libc6-dev)"
+    done
 fi
 mknod -m 600 "$root/dev/console" c 5 1
 mknod -m 666 "$root/dev/null" c 1 3
@@ -87,6 +105,8 @@ if [[ $VARIANT == spin ]]; then
     as --64 -o "$root/init.o" "$root/init.S" || die "as failed (package binutils)"
     ld -static -nostdlib -e _start -o "$root/init" "$root/init.o" || die "ld failed (package binutils)"
     rm -f "$root/init.S" "$root/init.o"
+elif [[ $VARIANT == workload ]]; then
+    cp "$SRC/workload-init.sh" "$root/init"
 else
     cat >"$root/init" <<EOF
 #!/bin/sh

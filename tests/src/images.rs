@@ -17,6 +17,9 @@ pub const INITRD_SPIN: &str = "VMM_TEST_INITRD_SPIN";
 /// Initramfs whose /init runs `memwork` (memory work across a balloon inflate and
 /// deflate, resources/initramfs/memwork.c), then powers off.
 pub const INITRD_MEMWORK: &str = "VMM_TEST_INITRD_MEMWORK";
+/// Initramfs following the guest init protocol of `vmm bench workload` (runs the
+/// `vmm.run=` command; ships /bin/chase and /bin/gups).
+pub const INITRD_WORKLOAD: &str = "VMM_TEST_INITRD_WORKLOAD";
 
 /// Printed by the `hello` initramfs's /init.
 pub const INIT_OK_MARKER: &str = "VMM-TEST-INIT-OK";
@@ -44,7 +47,7 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
 }
 
 /// The path of image `name` (one of [`KERNEL`], [`INITRD`], [`INITRD_SPIN`],
-/// [`INITRD_MEMWORK`], or the L1 host image directory), or why there is none.
+/// [`INITRD_MEMWORK`], [`INITRD_WORKLOAD`], or the L1 host image directory), or why there is none.
 pub fn image(name: &str) -> Result<PathBuf, String> {
     let (path, from) = match std::env::var(name) {
         Ok(v) if !v.is_empty() => (PathBuf::from(v), format!("${name}")),

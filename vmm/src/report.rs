@@ -45,6 +45,9 @@ pub struct RunReport {
     pub host: crate::host::HostInfo,
     /// KVM's counters at the end.
     pub kvm: MappingStats,
+    /// KVM's counters sampled while the guest ran (every
+    /// [`crate::run::KVM_SAMPLE_INTERVAL`], the first at the start).
+    pub kvm_samples: Vec<crate::stats::KvmSample>,
     /// Every KVM VM statistic by name.
     pub kvm_all: BTreeMap<String, u64>,
     /// Host frame states.
@@ -144,6 +147,7 @@ pub fn collect(
         guest_pages: args.test_guest.map(|_| args.guest_pages.to_string()),
         host: m.host,
         kvm,
+        kvm_samples: Vec::new(),
         kvm_all,
         frames,
         mirror: prediction,

@@ -30,7 +30,7 @@ use crate::outcome::Outcome;
 use crate::output_path::{self, OutputPathError};
 use crate::report::{self, RunReport};
 use crate::snapshot::HostMemory;
-use crate::stats::KvmStats;
+use crate::stats::{KvmSample, KvmStats};
 use crate::testguest::{self, TestGuestError, TestGuestName, TestGuestParams};
 use crate::vm::{self, Vm, VmError};
 use guest_mem::SplitPolicy;
@@ -41,6 +41,10 @@ const PANIC_GRACE: Duration = Duration::from_secs(2);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the console's reader gets to take the last bytes at the end.
 const CONSOLE_DRAIN: Duration = Duration::from_secs(5);
+/// How often KVM's mapping counters are sampled while the guest runs.
+pub const KVM_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
+/// Most samples kept (about 2.8 hours at the interval); later ones replace the last.
+const MAX_KVM_SAMPLES: usize = 20_000;
 /// How often a Linux guest is probed for a halt for good ([`crate::halt`]).
 const HALT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -427,7 +431,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         }
     }
 
-    let outcome = wait(&machine, args.timeout.map(Duration::from_secs_f64), started);
+    let mut kvm_samples = Vec::new();
+    let outcome = wait(
+        &machine,
+        args.timeout.map(Duration::from_secs_f64),
+        started,
+        &mut kvm_samples,
+    );
     drop(api);
     if let Some((c, h)) = collapser {
         c.stop();
@@ -468,6 +478,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     }
     let mut rep = report::collect(&machine, &vm, args, outcome, elapsed, host_memory_start);
     rep.console = console_stats;
+    rep.kvm_samples = kvm_samples;
     drop(vm);
     Ok(rep)
 }
@@ -485,11 +496,41 @@ pub fn collapser_config(a: &RunArgs) -> CollapserConfig {
     }
 }
 
-fn wait(m: &Machine, timeout: Option<Duration>, started: Instant) -> Outcome {
+/// Appends KVM's mapping counters now to `samples` (the last one is replaced
+/// once [`MAX_KVM_SAMPLES`] are kept).
+fn sample_kvm(m: &Machine, started: Instant, samples: &mut Vec<KvmSample>) {
+    let Some(stats) = m.stats.as_ref() else {
+        return;
+    };
+    match stats.mapping() {
+        Ok(kvm) => {
+            if samples.len() >= MAX_KVM_SAMPLES {
+                samples.pop();
+            }
+            samples.push(KvmSample {
+                seconds: started.elapsed().as_secs_f64(),
+                kvm,
+            });
+        }
+        Err(e) => log::warn!("sampling KVM stats: {e}"),
+    }
+}
+
+fn wait(
+    m: &Machine,
+    timeout: Option<Duration>,
+    started: Instant,
+    samples: &mut Vec<KvmSample>,
+) -> Outcome {
     let mut panic_seen: Option<Instant> = None;
     let mut halt = HaltTracker::default();
     let mut next_probe = Instant::now() + HALT_PROBE_INTERVAL;
+    let mut next_sample = Instant::now();
     loop {
+        if Instant::now() >= next_sample {
+            next_sample = Instant::now() + KVM_SAMPLE_INTERVAL;
+            sample_kvm(m, started, samples);
+        }
         if let Some(o) = m.wait_outcome(Duration::from_millis(50)) {
             return o;
         }

@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{kvm_stats_desc, kvm_stats_header};
+use serde::Serialize;
 
 /// `KVM_GET_STATS_FD` = `_IO(KVMIO, 0xce)`.
 const KVM_GET_STATS_FD: libc::c_ulong = (0xAE << 8) | 0xce;
@@ -152,6 +153,22 @@ pub struct MappingStats {
     pub pages_2m: Option<u64>,
     /// 1G mappings.
     pub pages_1g: Option<u64>,
+}
+
+/// KVM's mapping counters at one moment of a run ([`crate::run::run`] samples
+/// them while the guest runs, every [`crate::run::KVM_SAMPLE_INTERVAL`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct KvmSample {
+    /// Seconds since the vCPUs started.
+    pub seconds: f64,
+    /// The counters then.
+    #[serde(flatten)]
+    pub kvm: MappingStats,
+}
+
+/// The largest value of a counter over `samples` (`None` when no sample has it).
+pub fn peak(samples: &[KvmSample], f: impl Fn(&MappingStats) -> Option<u64>) -> Option<u64> {
+    samples.iter().filter_map(|s| f(&s.kvm)).max()
 }
 
 #[cfg(test)]

@@ -25,6 +25,74 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// TLB-heavy guest workloads by host backing and guest page size, against native.
     Tlb(TlbArgs),
+    /// A user's command in a Linux guest, by host backing (guest init protocol:
+    /// docs/ARCHITECTURE.md), with KVM's mapping counts sampled during each run.
+    Workload(WorkloadArgs),
+}
+
+/// The guest's transparent huge page mode (`vmm.thp=`, written to
+/// /sys/kernel/mm/transparent_hugepage/enabled by the guest's init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestThp {
+    /// THP for every anonymous mapping.
+    Always,
+    /// THP only where the program asks (madvise).
+    Madvise,
+    /// No THP.
+    Never,
+}
+
+impl GuestThp {
+    /// The sysfs word.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestThp::Always => "always",
+            GuestThp::Madvise => "madvise",
+            GuestThp::Never => "never",
+        }
+    }
+}
+
+/// Options of `vmm bench workload`.
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "The initramfs must follow the guest init protocol (docs/ARCHITECTURE.md): CMD reaches it as vmm.run=<base64> on the kernel command line; it prints VMM-RESULT-BEGIN, CMD's output (RESULT key=value lines), VMM-RESULT-END rc=N wall_ns=N, then powers off. resources/initramfs/build.sh workload builds one with /bin/chase and /bin/gups.\n\nExit codes: 0 done, 1 internal error, 2 bad input or host prerequisite missing (e.g. a paravirtual shadow-paging host, where guest user space cannot make system calls; hugetlb pool too small), 4 the guest did not report (protocol) or CMD failed, 5 a run timed out"
+)]
+pub struct WorkloadArgs {
+    /// Guest kernel (ELF vmlinux or bzImage).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs following the guest init protocol.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: PathBuf,
+    /// The command the guest runs (a `sh -c` string), e.g. 'chase 64M 4000000'.
+    #[arg(long, value_name = "CMD")]
+    pub run: String,
+    /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
+    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
+    pub backing: Vec<Backing>,
+    /// The guest's THP mode (default: the guest kernel's own).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub guest_thp: Option<GuestThp>,
+    /// Guest RAM size (K, M or G suffix; a multiple of 2M).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = crate::cli::parse_size)]
+    pub memory: u64,
+    /// Repeats of every backing (interleaved: the repeat loop is outermost).
+    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
+    /// Extra kernel command-line entries.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Stop a guest run (boot included) after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::cli::parse_secs)]
+    pub timeout: f64,
+    /// KVM device node (hidden, for tests).
+    #[command(flatten)]
+    pub kvm: KvmDevArg,
 }
 
 /// Workload of `vmm bench tlb`.
@@ -52,7 +120,8 @@ impl Mode {
 pub enum GuestChoice {
     /// The built-in `tlb` test guest (no OS).
     Test,
-    /// A static binary in a Linux guest (needs guest user space).
+    /// The static chase / gups programs in a Linux guest (needs guest user space;
+    /// `--kernel`, `--initrd`; guest pages 4k / 2m = guest THP never / always).
     Linux,
 }
 
@@ -98,6 +167,13 @@ pub struct TlbArgs {
     /// Where the loop runs.
     #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
     pub guest: GuestChoice,
+    /// Guest kernel of `--guest linux`.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs of `--guest linux`: the guest init protocol with /bin/chase and
+    /// /bin/gups (`resources/initramfs/build.sh workload`).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
     /// PRNG seed of the permutation / update stream (non-zero).
     #[arg(long, value_name = "N", default_value_t = tlb::DEFAULT_SEED)]
     pub seed: u64,

@@ -40,6 +40,14 @@ pub enum BenchError {
         /// The report key.
         key: &'static str,
     },
+    /// The guest's output broke the guest init protocol, or its command failed.
+    #[error("{config}: {why}")]
+    Workload {
+        /// The configuration.
+        config: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The loop computed a wrong result: its timing cannot be trusted.
     #[error("{config}: checksum {got:#x}, expected {want:#x}: the loop did not run as specified")]
     Checksum {
@@ -75,9 +83,9 @@ impl BenchError {
             BenchError::Usage(_) | BenchError::HostPrerequisite(_) => exit_code::BAD_INPUT,
             BenchError::Run { source, .. } => source.exit_code(),
             BenchError::GuestFailed { code, .. } => *code,
-            BenchError::MissingReport { .. } | BenchError::Checksum { .. } => {
-                exit_code::TEST_FAILURE
-            }
+            BenchError::MissingReport { .. }
+            | BenchError::Checksum { .. }
+            | BenchError::Workload { .. } => exit_code::TEST_FAILURE,
             BenchError::Native { .. } | BenchError::Output { .. } => exit_code::INTERNAL,
         }
     }

@@ -19,6 +19,8 @@
 //! | [`summary`] | statistics, the results file and the text table |
 //! | [`chart`] | the SVG bar chart (plotters) |
 //! | [`tlb`] | the `tlb` benchmark driver |
+//! | [`protocol`] | the guest init protocol (command in, results out) |
+//! | [`workload`] | the `workload` benchmark driver (a Linux guest's own command) |
 
 pub mod args;
 pub mod chart;
@@ -27,17 +29,20 @@ pub mod guest;
 pub mod hostdesc;
 pub mod native;
 pub mod plan;
+pub mod protocol;
 pub mod summary;
 pub mod tlb;
 pub mod tsc;
+pub mod workload;
 
-pub use args::{BenchArgs, BenchKind, TlbArgs};
+pub use args::{BenchArgs, BenchKind, TlbArgs, WorkloadArgs};
 pub use error::BenchError;
 
 /// Runs `vmm bench ...`; prints results and errors; returns the exit code.
 pub fn run_cli(args: &BenchArgs) -> i32 {
     let r = match &args.bench {
         BenchKind::Tlb(t) => tlb::run_cli(t),
+        BenchKind::Workload(w) => workload::run_cli(w),
     };
     match r {
         Ok(()) => crate::exit_code::OK,

@@ -94,7 +94,7 @@ pub struct ConfigResult {
     pub slowdown_vs_native: Option<f64>,
     /// Best (min) / best of native: less sensitive to a noisy host.
     pub slowdown_best_vs_native: Option<f64>,
-    /// KVM `pages_2m` at the end of the last run.
+    /// KVM `pages_2m` at the end of the last run (`--guest linux`: its peak).
     pub kvm_pages_2m: Option<u64>,
     /// KVM `pages_4k` at the end of the last run.
     pub kvm_pages_4k: Option<u64>,
@@ -115,6 +115,9 @@ pub struct TlbResults {
     pub tsc: TscFreq,
     /// Workload.
     pub mode: Mode,
+    /// Where the loop ran: `test` (the `tlb` test guest) or `linux` (the static
+    /// program in a Linux guest; its KVM counts are the peaks sampled during the run).
+    pub guest: String,
     /// Timed accesses per run.
     pub accesses: u64,
     /// Repeats.

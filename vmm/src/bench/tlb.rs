@@ -11,12 +11,13 @@ use guest_mem::Backing;
 use crate::host::{HostInfo, HostKind};
 use crate::testguest::guests::tlb::{self as guest_tlb, TlbParams, MAX_ACCESSES};
 
-use super::args::{GuestChoice, TlbArgs};
+use super::args::{GuestChoice, GuestThp, TlbArgs};
 use super::error::BenchError;
 use super::hostdesc::{meminfo, HostDesc};
 use super::plan::{self, Config};
 use super::summary::{self, Samples, TlbResults};
-use super::{chart, guest, native, tsc};
+use super::{chart, guest, native, tsc, workload};
+use crate::testguest::GuestPageSize;
 
 /// Why `--guest linux` cannot run on this host.
 pub fn linux_guest_unavailable(info: &HostInfo) -> String {
@@ -26,8 +27,9 @@ pub fn linux_guest_unavailable(info: &HostInfo) -> String {
              first SYSCALL from guest user space is not delivered to the guest kernel, so the static \
              benchmark binary cannot run. Use --guest test: the built-in CPL3 test guest runs natively here."
             .to_string(),
-        HostKind::HardwareVirt => "--guest linux is not implemented in this build (it needs a test kernel \
-             and an initramfs with the static benchmark binary). Use --guest test."
+        HostKind::HardwareVirt => "--guest linux needs --kernel and --initrd: a guest kernel and an \
+             initramfs following the guest init protocol with /bin/chase and /bin/gups \
+             (`resources/initramfs/build.sh workload`)."
             .to_string(),
     }
 }
@@ -59,13 +61,36 @@ fn check(a: &TlbArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn check_hugetlb_pool(cfgs: &[Config]) -> Result<(), BenchError> {
+/// Guest RAM of a `--guest linux` run: the working set plus room for the
+/// kernel, the initramfs and the program's page tables.
+pub const LINUX_GUEST_OVERHEAD: u64 = 192 << 20;
+
+/// Guest RAM of a `--guest linux` run for working set `ws` (a multiple of 2M).
+pub fn linux_guest_memory(ws: u64) -> u64 {
+    ws.div_ceil(guest_mem::HPAGE_SIZE) * guest_mem::HPAGE_SIZE + LINUX_GUEST_OVERHEAD
+}
+
+fn check_hugetlb_pool(cfgs: &[Config], linux: bool) -> Result<(), BenchError> {
     let guest_huge: Vec<Config> = cfgs
         .iter()
         .copied()
         .filter(|c| c.backing == Some(Backing::Hugetlb))
         .collect();
-    let need = plan::hugetlb_pages_needed(&guest_huge);
+    let need = if linux {
+        let guest = guest_huge
+            .iter()
+            .map(|c| linux_guest_memory(c.working_set) / guest_mem::HPAGE_SIZE)
+            .max()
+            .unwrap_or(0);
+        let native: Vec<Config> = cfgs
+            .iter()
+            .copied()
+            .filter(|c| c.backing.is_none())
+            .collect();
+        guest.max(plan::hugetlb_pages_needed(&native))
+    } else {
+        plan::hugetlb_pages_needed(&guest_huge)
+    };
     if need == 0 {
         return Ok(());
     }
@@ -116,6 +141,9 @@ fn one(
         }
     };
     let started = Instant::now();
+    if let (Some(b), GuestChoice::Linux) = (c.backing, a.guest) {
+        return one_linux(a, c, b, p, want, s);
+    }
     match c.backing {
         None => {
             let r = native::run(p, c.guest_pages)?;
@@ -149,15 +177,97 @@ fn one(
     }
 }
 
+/// The guest command of a `--guest linux` run: the static program of the same loop.
+pub fn linux_command(p: &TlbParams) -> String {
+    let prog = if p.mode == guest_tlb::MODE_GUPS {
+        "gups"
+    } else {
+        "chase"
+    };
+    format!("{prog} {} {} {:#x}", p.ws, p.accesses, p.seed)
+}
+
+/// One `--guest linux` run: the workload path ([`workload`]) with guest THP
+/// `never` for guest pages 4k, `always` for 2m.
+fn one_linux(
+    a: &TlbArgs,
+    c: &Config,
+    b: Backing,
+    p: &TlbParams,
+    want: u64,
+    s: &mut Samples,
+) -> Result<String, BenchError> {
+    let (Some(kernel), Some(initrd)) = (&a.kernel, &a.initrd) else {
+        return Err(BenchError::Usage(
+            "--guest linux needs --kernel and --initrd".into(),
+        ));
+    };
+    let spec = workload::Spec {
+        kernel: kernel.clone(),
+        initrd: initrd.clone(),
+        run: linux_command(p),
+        backings: vec![b],
+        guest_thp: Some(match c.guest_pages {
+            GuestPageSize::Size4K => GuestThp::Never,
+            GuestPageSize::Size2M => GuestThp::Always,
+        }),
+        memory: linux_guest_memory(p.ws),
+        repeat: 1,
+        cmdline: None,
+        timeout: a.timeout,
+        kvm_dev: a.kvm.kvm_dev.clone(),
+    };
+    let r = workload::one(&spec, b, 0)?;
+    let missing = |key: &'static str| BenchError::MissingReport {
+        config: c.name(),
+        key,
+    };
+    let num = |k: &'static str| {
+        r.result
+            .get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| missing(k))
+    };
+    let ns = num("ns_per_access")?;
+    let setup = num("setup_seconds")?;
+    let got = r
+        .result
+        .get("checksum")
+        .and_then(|v| v.as_str())
+        .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+        .ok_or_else(|| missing("checksum"))?;
+    if got != want {
+        return Err(BenchError::Checksum {
+            config: c.name(),
+            got,
+            want,
+        });
+    }
+    s.ns.push(ns);
+    s.kvm.push(r.kvm_peak);
+    s.setup_seconds.push(setup);
+    s.memory = Some(spec.memory);
+    let o = |v: Option<u64>| v.map_or_else(|| "n/a".into(), |v| v.to_string());
+    Ok(format!(
+        "{ns:.2} ns/access in a Linux guest (KVM peak pages_2m {}, pages_4k {}; guest THP {}; set-up {setup:.2} s, vmm {:.1} s)",
+        o(r.kvm_peak.pages_2m),
+        o(r.kvm_peak.pages_4k),
+        spec.guest_thp.map_or("-", GuestThp::name),
+        r.vmm_seconds
+    ))
+}
+
 /// Runs the benchmark; `progress` gets one line per run.
 pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, BenchError> {
     let info = HostInfo::detect();
-    if a.guest == GuestChoice::Linux {
+    let linux = a.guest == GuestChoice::Linux;
+    if linux && (info.kind == HostKind::ParavirtShadow || a.kernel.is_none() || a.initrd.is_none())
+    {
         return Err(BenchError::HostPrerequisite(linux_guest_unavailable(&info)));
     }
     check(a)?;
     let cfgs = plan::configs(&a.working_set, &a.guest_pages, &a.backing, a.native);
-    check_hugetlb_pool(&cfgs)?;
+    check_hugetlb_pool(&cfgs, linux)?;
     let host = HostDesc::detect(&info);
     let tsc = tsc::detect(&a.kvm.kvm_dev);
     progress(&format!("host: {}", host.line()));
@@ -192,6 +302,7 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
         host,
         tsc,
         mode: a.mode,
+        guest: if linux { "linux" } else { "test" }.into(),
         accesses: a.accesses,
         repeat: a.repeat,
         seed: a.seed,
@@ -267,6 +378,14 @@ mod tests {
         let pv = HostInfo::from_texts("flags : fpu\n", "N");
         assert!(linux_guest_unavailable(&pv).contains("paravirtual"));
         let hw = HostInfo::from_texts("flags : vmx\n", "Y");
-        assert!(linux_guest_unavailable(&hw).contains("not implemented"));
+        assert!(linux_guest_unavailable(&hw).contains("--kernel and --initrd"));
+        let p = TlbParams {
+            ws: 64 << 20,
+            accesses: 1000,
+            mode: guest_tlb::MODE_GUPS,
+            seed: 5,
+        };
+        assert_eq!(linux_command(&p), "gups 67108864 1000 0x5");
+        assert_eq!(linux_guest_memory(63 << 20), (64 + 192) << 20);
     }
 }
