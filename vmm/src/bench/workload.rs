@@ -184,11 +184,7 @@ fn values(m: &BTreeMap<String, String>) -> BTreeMap<String, Value> {
 }
 
 fn config_name(b: Backing, rep: u32) -> String {
-    format!(
-        "backing {} (repeat {})",
-        crate::run::backing_name(b),
-        rep + 1
-    )
+    format!("backing {} (repeat {})", b, rep + 1)
 }
 
 /// A temporary file for the guest console of one run.
@@ -196,7 +192,7 @@ fn console_path(b: Backing, rep: u32) -> PathBuf {
     std::env::temp_dir().join(format!(
         "vmm-bench-workload-{}-{}-{rep}.console",
         std::process::id(),
-        crate::run::backing_name(b)
+        b
     ))
 }
 
@@ -288,7 +284,7 @@ pub fn one(s: &Spec, b: Backing, rep: u32) -> Result<WorkloadRun, BenchError> {
         pages_1g: stats::peak(&samples, |m| m.pages_1g),
     };
     Ok(WorkloadRun {
-        backing: crate::run::backing_name(b).into(),
+        backing: b.to_string(),
         repeat: rep,
         rc: g.rc,
         wall_seconds: g.wall_ns as f64 / 1e9,
@@ -308,7 +304,7 @@ pub fn summarize(backings: &[Backing], runs: &[WorkloadRun]) -> Vec<BackingResul
     let mut out: Vec<BackingResult> = backings
         .iter()
         .map(|&b| {
-            let name = crate::run::backing_name(b);
+            let name = b.to_string();
             let mine: Vec<&WorkloadRun> = runs.iter().filter(|r| r.backing == name).collect();
             let wall: Vec<f64> = mine.iter().map(|r| r.wall_seconds).collect();
             let mut keys: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -320,7 +316,7 @@ pub fn summarize(backings: &[Backing], runs: &[WorkloadRun]) -> Vec<BackingResul
                 }
             }
             BackingResult {
-                backing: name.into(),
+                backing: name,
                 runs: mine.len(),
                 wall_seconds: Spread::of(&wall),
                 result: keys
