@@ -148,6 +148,7 @@ fn plan() -> Batch {
     // initramfs on 4k and hugetlb, guest THP on (timings mean nothing here).
     for (id, cmd) in WORKLOAD_BENCHES {
         let json = format!("/tmp/{id}.json");
+        let svg = format!("/tmp/{id}.svg");
         b.command(
             id,
             WORKLOAD_LIMIT_S,
@@ -155,7 +156,8 @@ fn plan() -> Batch {
             format!(
                 "/bin/vmm bench workload --kernel /images/vmlinux --initrd /images/workload.cpio.gz \
                  --run '{cmd}' --backing 4k,hugetlb --memory 256M --repeat 1 --guest-thp always \
-                 --timeout 200 --json {json}; {}",
+                 --timeout 200 --json {json} --svg {svg}; rc=$?; \
+                 echo \"SVG-HEAD $(head -c 4 {svg}) rects=$(grep -o '<rect' {svg} | wc -l)\"; (exit $rc); {}",
                 then_report(&json, "")
             ),
         );
@@ -470,6 +472,21 @@ fn bench_workload(id: &str, mode: u64) {
     let r = result(out, id);
     assert_eq!(r.rc, 0, "{id}:\n{}", tail(&r.output, 60));
     let rep = report(&r.output);
+    // The SVG chart was written: a document with a bar per backing and measure.
+    let svg = r
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("SVG-HEAD "))
+        .unwrap_or_default();
+    let rects: usize = svg
+        .split_once("rects=")
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        svg.starts_with("<svg") && rects >= 6,
+        "{id}: --svg wrote {svg:?}\n{}",
+        tail(&r.output, 20)
+    );
     for key in [
         "command",
         "host",

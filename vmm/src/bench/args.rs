@@ -87,6 +87,9 @@ pub struct WorkloadArgs {
     /// Write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Write an SVG bar chart (medians relative to the `4k` backing) to this file.
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
     /// Stop a guest run (boot included) after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::cli::parse_secs)]
     pub timeout: f64,

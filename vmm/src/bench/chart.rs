@@ -1,10 +1,12 @@
-//! The SVG bar chart of `vmm bench tlb` (plotters): one group of bars per
+//! The SVG bar charts of `vmm bench` (plotters). `tlb`: one group of bars per
 //! (working set, page size), one bar per backing plus native, height = median
-//! ns per access, a thin line for the min–max spread.
+//! ns per access, a thin line for the min–max spread. `workload`: one group
+//! per measure, bars relative to the `4k` backing.
 
 use plotters::prelude::*;
 
-use super::summary::ConfigResult;
+use super::summary::{ConfigResult, Spread};
+use super::workload::BackingResult;
 
 const SERIES: [(&str, RGBColor); 4] = [
     ("native", RGBColor(120, 120, 120)),
@@ -13,7 +15,7 @@ const SERIES: [(&str, RGBColor); 4] = [
     ("hugetlb", RGBColor(15, 157, 88)),
 ];
 
-/// Renders the chart as an SVG document.
+/// Renders the `tlb` chart as an SVG document.
 pub fn svg(results: &[ConfigResult], title: &str) -> Result<String, String> {
     let mut groups: Vec<(u64, String)> = Vec::new();
     for c in results {
@@ -27,17 +29,92 @@ pub fn svg(results: &[ConfigResult], title: &str) -> Result<String, String> {
         .copied()
         .filter(|(name, _)| results.iter().any(|c| c.backing == *name))
         .collect();
-    let ymax = results
-        .iter()
-        .filter_map(|c| c.ns_per_access.map(|s| s.max))
-        .fold(0.0f64, f64::max)
-        * 1.15;
-    let ymax = if ymax > 0.0 { ymax } else { 1.0 };
-    let n = groups.len().max(1);
     let labels: Vec<String> = groups
         .iter()
         .map(|(ws, gp)| format!("{} / {} pages", super::plan::size_name(*ws), gp))
         .collect();
+    grouped_bars(
+        title,
+        "ns per access (median; line = min-max)",
+        &labels,
+        &series,
+        &|gi, name| {
+            let (ws, gp) = &groups[gi];
+            results
+                .iter()
+                .find(|c| c.working_set == *ws && &c.guest_pages == gp && c.backing == name)
+                .and_then(|c| c.ns_per_access)
+        },
+    )
+}
+
+/// Renders the `workload` chart as an SVG document: one group per measure
+/// (CMD's wall time, then each numeric `RESULT` key), one bar per backing,
+/// height = median relative to the `4k` backing's median in the same run (the
+/// first backing's when `4k` did not run), a thin line for the min–max spread.
+pub fn workload_svg(backings: &[BackingResult], title: &str) -> Result<String, String> {
+    let base = backings
+        .iter()
+        .find(|b| b.backing == "4k")
+        .or_else(|| backings.first())
+        .map_or("4k", |b| b.backing.as_str());
+    let base_row = backings.iter().find(|b| b.backing == base);
+    let mut measures: Vec<String> = vec!["wall time".into()];
+    for b in backings {
+        for k in b.result.keys() {
+            if !measures.contains(k) {
+                measures.push(k.clone());
+            }
+        }
+    }
+    let spread = |b: &BackingResult, mi: usize| -> Option<Spread> {
+        if mi == 0 {
+            b.wall_seconds
+        } else {
+            b.result.get(&measures[mi]).copied()
+        }
+    };
+    let series: Vec<(&str, RGBColor)> = SERIES
+        .iter()
+        .copied()
+        .filter(|(name, _)| backings.iter().any(|b| b.backing == *name))
+        .collect();
+    grouped_bars(
+        title,
+        &format!("relative to {base} (median; line = min-max)"),
+        &measures,
+        &series,
+        &|mi, name| {
+            let by = base_row.and_then(|b| spread(b, mi))?.median;
+            if !(by.is_finite() && by > 0.0) {
+                return None;
+            }
+            let s = spread(backings.iter().find(|b| b.backing == name)?, mi)?;
+            Some(Spread {
+                median: s.median / by,
+                min: s.min / by,
+                max: s.max / by,
+            })
+        },
+    )
+}
+
+/// One group of bars per label, one bar per series (`value(group, series)`:
+/// median bar, min–max line; none drawn for `None`), with a legend.
+fn grouped_bars(
+    title: &str,
+    y_desc: &str,
+    labels: &[String],
+    series: &[(&str, RGBColor)],
+    value: &dyn Fn(usize, &str) -> Option<Spread>,
+) -> Result<String, String> {
+    let n = labels.len().max(1);
+    let ymax = (0..labels.len())
+        .flat_map(|gi| series.iter().filter_map(move |(name, _)| value(gi, name)))
+        .map(|s| s.max)
+        .fold(0.0f64, f64::max)
+        * 1.15;
+    let ymax = if ymax > 0.0 { ymax } else { 1.0 };
     let mut out = String::new();
     {
         let width = (160 * n as u32).max(640);
@@ -62,26 +139,18 @@ pub fn svg(results: &[ConfigResult], title: &str) -> Result<String, String> {
                     String::new()
                 }
             })
-            .y_desc("ns per access (median; line = min-max)")
+            .y_desc(y_desc)
             .draw()
             .map_err(|e| e.to_string())?;
         let k = series.len().max(1) as f64;
         let bar = 0.8 / k;
         for (si, (name, color)) in series.iter().enumerate() {
-            let bars: Vec<(f64, f64, f64, f64)> = groups
-                .iter()
-                .enumerate()
-                .filter_map(|(gi, (ws, gp))| {
-                    results
-                        .iter()
-                        .find(|c| {
-                            c.working_set == *ws && &c.guest_pages == gp && c.backing == *name
-                        })
-                        .and_then(|c| c.ns_per_access)
-                        .map(|s| {
-                            let x0 = gi as f64 - 0.4 + si as f64 * bar;
-                            (x0, s.median, s.min, s.max)
-                        })
+            let bars: Vec<(f64, f64, f64, f64)> = (0..labels.len())
+                .filter_map(|gi| {
+                    value(gi, name).map(|s| {
+                        let x0 = gi as f64 - 0.4 + si as f64 * bar;
+                        (x0, s.median, s.min, s.max)
+                    })
                 })
                 .collect();
             let color = *color;
@@ -141,5 +210,29 @@ mod tests {
         assert!(s.contains("64M / 2m pages"));
         assert!(s.contains("hugetlb"));
         assert!(s.matches("<rect").count() >= 4);
+    }
+
+    #[test]
+    fn workload_bars_relative_to_4k() {
+        let b = |backing: &str, wall: f64, ns: f64| BackingResult {
+            backing: backing.into(),
+            runs: 1,
+            wall_seconds: Spread::of(&[wall]),
+            result: [("ns_per_access".to_string(), Spread::of(&[ns]).unwrap())].into(),
+            wall_ratio_to_4k: None,
+            ns_per_access_ratio_to_4k: None,
+            kvm_pages_2m_peak: None,
+            kvm_pages_4k_peak: None,
+        };
+        let rows = [b("4k", 2.0, 100.0), b("hugetlb", 1.0, 40.0)];
+        let s = workload_svg(&rows, "w").unwrap();
+        assert!(s.starts_with("<svg"), "{}", &s[..40.min(s.len())]);
+        assert!(s.contains("wall time") && s.contains("ns_per_access"));
+        assert!(s.contains("relative to 4k"));
+        // Background, legend box, two legend swatches, four bars.
+        assert!(s.matches("<rect").count() >= 8, "{s}");
+        // Without a 4k row the first backing is the base.
+        let s = workload_svg(&rows[1..], "w").unwrap();
+        assert!(s.contains("relative to hugetlb"));
     }
 }

@@ -442,13 +442,32 @@ pub fn write_json(path: &Path, r: &WorkloadResults) -> Result<(), BenchError> {
     std::fs::write(path, text).map_err(|e| out(e.to_string()))
 }
 
-/// `vmm bench workload`: run, print the table, write JSON.
+/// Writes the SVG chart (medians relative to the `4k` backing).
+pub fn write_svg(path: &Path, r: &WorkloadResults) -> Result<(), BenchError> {
+    let out = |why: String| BenchError::Output {
+        path: path.to_path_buf(),
+        why,
+    };
+    let title = format!(
+        "vmm bench workload {:?} ({} repeats): relative to 4k",
+        r.run, r.repeat
+    );
+    let svg = super::chart::workload_svg(&r.backings, &title).map_err(out)?;
+    std::fs::write(path, svg).map_err(|e| out(e.to_string()))
+}
+
+/// `vmm bench workload`: run, print the table, write JSON / SVG.
 pub fn run_cli(a: &WorkloadArgs) -> Result<(), BenchError> {
-    crate::output_path::check_all([("--json", a.json.as_deref())])
+    crate::output_path::check_all([("--json", a.json.as_deref()), ("--svg", a.svg.as_deref())])
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     let r = run(&Spec::of(a), &mut |l| eprintln!("{l}"))?;
-    // The file first: stdout may be a closed pipe.
-    let written = a.json.as_deref().map(|p| write_json(p, &r));
+    // The files first: stdout may be a closed pipe.
+    let written = a
+        .json
+        .as_deref()
+        .map(|p| write_json(p, &r))
+        .unwrap_or(Ok(()))
+        .and(a.svg.as_deref().map(|p| write_svg(p, &r)).unwrap_or(Ok(())));
     crate::stdout::print(&format!(
         "vmm bench workload: {:?}, {} MiB guest RAM, guest THP {}, {} repeats, {:.1} s\n{}",
         r.run,
@@ -458,7 +477,7 @@ pub fn run_cli(a: &WorkloadArgs) -> Result<(), BenchError> {
         r.seconds,
         table(&r.backings)
     ));
-    written.unwrap_or(Ok(()))
+    written
 }
 
 #[cfg(test)]
