@@ -17,7 +17,7 @@
 //! | [`tsc`] | TSC frequency (KVM_GET_TSC_KHZ, calibrated fallback) |
 //! | [`hostdesc`] | host description for the results |
 //! | [`summary`] | statistics, the results file and the text table |
-//! | [`chart`] | the SVG bar chart (plotters) |
+//! | [`chart`] | the SVG bar charts of `tlb` and `workload` (plotters) |
 //! | [`tlb`] | the `tlb` benchmark driver |
 //! | [`protocol`] | the guest init protocol (command in, results out) |
 //! | [`workload`] | the `workload` benchmark driver (a Linux guest's own command) |
