@@ -130,7 +130,7 @@ impl GuestRam {
         policy: SplitPolicy,
         q: &dyn Quiesce,
     ) -> Result<GiveBackReport, GuestMemError> {
-        let (first, n) = self.check_pages(gpa, len)?;
+        let (first, n) = self.check_range(gpa, len)?;
         let now = self.give_back.now();
         let mut rep = GiveBackReport::default();
         let mut split_now = Vec::new();
@@ -169,7 +169,7 @@ impl GuestRam {
         len: u64,
         _q: &dyn Quiesce,
     ) -> Result<GiveBackReport, GuestMemError> {
-        let (first, n) = self.check_pages(gpa, len)?;
+        let (first, n) = self.check_range(gpa, len)?;
         let now = self.give_back.now();
         let mut rep = GiveBackReport::default();
         for (frame, lo, hi) in spans(first, n) {
@@ -254,10 +254,6 @@ impl GuestRam {
                 .released
                 .retain(|f| !pmd.get(*f).copied().unwrap_or(false));
         }
-    }
-
-    fn check_pages(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
-        self.check_range_pub(gpa, len)
     }
 
     /// Free pages `[lo, hi)` of a frame that is not huge, at once.

@@ -253,11 +253,7 @@ impl GuestRam {
         Ok(())
     }
 
-    pub(crate) fn check_range_pub(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
-        self.check_range(gpa, len)
-    }
-
-    fn check_range(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
+    pub(crate) fn check_range(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
         if gpa.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(GuestMemError::RangeOutsideRam {
                 gpa,
