@@ -53,7 +53,7 @@ pub enum GuestMemError {
     },
 
     /// Guest RAM size above what the guest-physical layout allows.
-    #[error("guest RAM size {size:#x} is larger than the maximum {max:#x} (RAM must end below the 32-bit MMIO hole)")]
+    #[error("guest RAM size {size:#x} is larger than the maximum {max:#x} (511 GiB: RAM above the 32-bit MMIO hole must end at 512 GiB)")]
     SizeTooLarge {
         /// The requested size.
         size: u64,
@@ -61,15 +61,42 @@ pub enum GuestMemError {
         max: u64,
     },
 
-    /// A guest-physical range outside `[0, size)`.
-    #[error("range gpa {gpa:#x} + {len:#x} is outside guest RAM [0, {size:#x}): pass a range inside guest RAM")]
+    /// More guest RAM than the host can back (every page is populated at start).
+    #[error(
+        "guest RAM of {size:#x} bytes needs {need:#x} bytes of ordinary host memory (the rest \
+         of RAM on {huge:#x} bytes of 2M hugetlb pages) but the host has only {available:#x} \
+         available (MemAvailable): use a smaller --memory, or reserve hugetlb pages for \
+         --backing hugetlb"
+    )]
+    HostCannotBack {
+        /// Guest RAM bytes.
+        size: u64,
+        /// Bytes that must come from ordinary memory.
+        need: u64,
+        /// Bytes on hugetlb pages of our pool.
+        huge: u64,
+        /// `MemAvailable`.
+        available: u64,
+    },
+
+    /// A guest-physical range not inside one RAM region.
+    #[error("range gpa {gpa:#x} + {len:#x} is outside guest RAM ({ram}): pass a range inside one RAM region")]
     RangeOutsideRam {
         /// Start of the range.
         gpa: u64,
         /// Length of the range.
         len: u64,
-        /// Guest RAM size.
+        /// Guest RAM's regions, e.g. `[0, 0xc0000000) and [0x100000000, 0x140000000)`.
+        ram: String,
+    },
+
+    /// A `--memslot-size` that cannot cut guest RAM into memslots.
+    #[error("memslot size {size:#x} is unusable: {why}")]
+    BadMemslotSize {
+        /// The size asked for.
         size: u64,
+        /// Why not.
+        why: &'static str,
     },
 
     /// A range not aligned to 4K pages (or empty).
@@ -81,9 +108,10 @@ pub enum GuestMemError {
         len: u64,
     },
 
-    /// A frame index outside guest RAM.
+    /// A frame index outside guest RAM (past its end, or in the MMIO hole).
     #[error(
-        "frame {frame} is outside guest RAM ({frames} frames of 2M): pass a frame below {frames}"
+        "frame {frame} is outside guest RAM ({frames} frames of 2M of guest-physical space, the \
+         32-bit MMIO hole's frames 1536..2048 not RAM): pass a RAM frame"
     )]
     FrameOutOfRange {
         /// The frame asked for.

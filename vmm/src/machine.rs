@@ -288,7 +288,7 @@ impl Machine {
             None => mirror::predict_all_touched(
                 ctx,
                 ram.host_addr(),
-                ram.size(),
+                ram.memslots(),
                 mirror::host_levels(&states),
                 false,
                 None,
@@ -297,7 +297,7 @@ impl Machine {
                 let mut live = lock(&self.live_mirror);
                 let l = match live.as_mut() {
                     Some(l) => l,
-                    None => match LiveMirror::new(ctx, ram.host_addr(), ram.size()) {
+                    None => match LiveMirror::new(ctx, ram.host_addr(), ram.memslots()) {
                         Ok(l) => live.insert(l),
                         Err(e) => {
                             log::warn!("the KVM mirror could not start: {e}");
@@ -348,7 +348,7 @@ impl Machine {
                 None => MappingStats::default(),
             };
             let p = self.predict(&mut ram, MirrorPoint::Checkpoint { vcpu, phase });
-            (kvm, FrameCounts::of(&ram.frame_states()), p)
+            (kvm, FrameCounts::of(&ram.frame_states(), ram.layout()), p)
         });
         let agrees = match (&predicted, kvm.pages_4k, kvm.pages_2m) {
             (Some(p), Some(k4), Some(k2)) => p.agrees(k4, k2),

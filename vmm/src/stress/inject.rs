@@ -636,11 +636,12 @@ fn predict(
         max_pages_2m: 0,
         comparable: false,
         mmu: String::new(),
+        per_slot: Vec::new(),
     };
     let Some(ctx) = m.mirror_context() else {
         return failed("no mirror context".into());
     };
     let extra = mirror::shadow_orphan_slack(ctx, orphan_frames);
-    mirror::predict_all_touched(ctx, ram.host_addr(), ram.size(), levels, dirty, extra)
+    mirror::predict_all_touched(ctx, ram.host_addr(), ram.memslots(), levels, dirty, extra)
         .unwrap_or_else(|e| failed(format!("the mirror refused: {e}")))
 }

@@ -33,10 +33,11 @@ pub fn build(
     vcpus: u8,
     backing: Backing,
 ) -> Result<Built, RunError> {
-    if !memory.is_multiple_of(HPAGE_SIZE) || memory > guest_mem::MAX_RAM_SIZE {
+    if !memory.is_multiple_of(HPAGE_SIZE) || memory > guest_mem::MMIO_HOLE_START {
         return Err(RunError::Usage(format!(
-            "--memory {memory:#x} must be a multiple of 2 MiB and at most {:#x}",
-            guest_mem::MAX_RAM_SIZE
+            "--memory {memory:#x} must be a multiple of 2 MiB and at most {:#x} (vmm stress keeps \
+             guest RAM below the 32-bit MMIO hole, in one memslot)",
+            guest_mem::MMIO_HOLE_START
         )));
     }
     let host = HostInfo::detect();
@@ -54,7 +55,7 @@ pub fn build(
     // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
     // in place with MAP_FIXED) until it is dropped; the Machine owns `ram`
     // and outlives every vCPU thread, and the caller drops the VM first.
-    let vm = unsafe { Vm::new(kvm, usize::from(vcpus), ram.host_addr(), size)? };
+    let vm = unsafe { Vm::new(kvm, usize::from(vcpus), ram.memslots())? };
     let tables = long_mode::setup(&mem, size)?;
     image.load(&mem)?;
     vm.setup_long_mode(&tables, |i| image.initial_regs(i), true)?;

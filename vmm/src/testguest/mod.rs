@@ -369,8 +369,9 @@ mod tests {
                 assert!(img.entry >= layout::CODE_ADDR && img.entry < layout::CODE_END);
                 assert_eq!(
                     img.load_addr + img.bytes.len() as u64,
-                    layout::BOOT_TABLES_END
+                    img.layout.boot_tables_end()
                 );
+                assert_eq!(img.layout.boot_tables_end(), layout::BOOT_TABLES_END);
                 assert!(img.reserved.end >= layout::BOOT_TABLES_END);
             }
         }

@@ -42,7 +42,7 @@ use iced_x86::code_asm::*;
 use super::pattern::GOLDEN;
 use crate::testguest::builder::GuestBuilder;
 use crate::testguest::device::ReportKey;
-use crate::testguest::layout::{Layout, BOOT_TABLES_END, MAX_VCPUS, PAGE};
+use crate::testguest::layout::{Layout, MAX_VCPUS, PAGE};
 use crate::testguest::{TestGuestError, TestGuestName, TestGuestParams};
 
 /// Distance between two control blocks.
@@ -67,7 +67,7 @@ impl SharedArea {
     pub fn new(layout: &Layout) -> Result<SharedArea, String> {
         let ctrl = layout
             .tables_end
-            .max(BOOT_TABLES_END)
+            .max(layout.boot_tables_end())
             .next_multiple_of(PAGE);
         let flags = ctrl + CTRL_STRIDE * MAX_VCPUS as u64;
         let pages = (layout.ram_size - layout.reserved.end) / PAGE;
