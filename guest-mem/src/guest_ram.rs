@@ -85,6 +85,10 @@ pub struct GuestRam {
     /// Frames whose host mapping changed (each such change fires the
     /// host's mmu notifier over the frame) since [`GuestRam::take_changed_frames`].
     pub(crate) changed: std::collections::BTreeSet<usize>,
+    /// 4K pages of small frames whose host mapping changed alone (a discard
+    /// that punched or remapped only them), since
+    /// [`GuestRam::take_changed_pages`].
+    changed_pages: std::collections::BTreeMap<usize, Vec<u16>>,
     /// Balloon give-backs: pages coalesced per frame, the deferred-split
     /// queue, frames given back whole (see `give_back.rs`).
     pub(crate) give_back: crate::give_back::GiveBackState,
@@ -218,6 +222,7 @@ impl GuestRam {
             regions,
             host,
             changed: Default::default(),
+            changed_pages: Default::default(),
             give_back: Default::default(),
         })
     }
@@ -400,11 +405,9 @@ impl GuestRam {
         let (first, n) = self.check_range(gpa, len)?;
         self.settle_give_backs(first, n, q)?;
         let steps = self.model.discard(first, n)?;
-        self.changed.extend(steps.iter().map(|s| match s {
-            DiscardStep::WholeHuge { frame, .. }
-            | DiscardStep::SplitHuge { frame, .. }
-            | DiscardStep::Small { frame, .. } => *frame,
-        }));
+        for s in &steps {
+            self.note_discard(s);
+        }
         let mut rep = DiscardReport::default();
         let needs_pause = self.backing == Backing::Hugetlb
             && steps
@@ -419,6 +422,25 @@ impl GuestRam {
             self.apply_discard_step(step, &mut rep)?;
         }
         Ok(rep)
+    }
+
+    /// Record what a discard step changes on the host: hugetlb remaps and
+    /// 4k punches exactly the freed pages of a small frame; a punch into a
+    /// shmem THP frame unmaps all of it (`remap_present`), and splits and
+    /// whole-frame frees change the whole frame.
+    pub(crate) fn note_discard(&mut self, step: &DiscardStep) {
+        match step {
+            DiscardStep::Small { frame, freed } if self.backing != Backing::Thp => self
+                .changed_pages
+                .entry(*frame)
+                .or_default()
+                .extend(freed.iter().map(|p| p.0)),
+            DiscardStep::WholeHuge { frame, .. }
+            | DiscardStep::SplitHuge { frame, .. }
+            | DiscardStep::Small { frame, .. } => {
+                self.changed.insert(*frame);
+            }
+        }
     }
 
     /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
@@ -638,6 +660,16 @@ impl GuestRam {
     /// replays them as invalidations of the whole frame.
     pub fn take_changed_frames(&mut self) -> Vec<usize> {
         std::mem::take(&mut self.changed).into_iter().collect()
+    }
+
+    /// 4K pages whose host mapping changed alone since the last call (per
+    /// frame, in frame order; a frame also listed by
+    /// [`Self::take_changed_frames`] changed whole anyway): KVM dropped its
+    /// mappings of exactly these pages.
+    pub fn take_changed_pages(&mut self) -> Vec<(usize, Vec<u16>)> {
+        std::mem::take(&mut self.changed_pages)
+            .into_iter()
+            .collect()
     }
 
     /// Our books: the state of every frame.

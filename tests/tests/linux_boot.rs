@@ -34,7 +34,7 @@ fn linux_boots_to_init_on_hugetlb() {
     if free < MEMORY_HPAGES {
         skip!(
             "{free} free hugetlb pages, {MEMORY_HPAGES} needed \
-             (echo 1280 > /proc/sys/vm/nr_hugepages, or run resources/setup-host.sh)"
+             (echo 2048 > /proc/sys/vm/nr_hugepages, or run resources/setup-host.sh)"
         );
     }
     let kind = host_kind();

@@ -306,6 +306,7 @@ impl Machine {
                     },
                 };
                 let changed = ram.take_changed_frames();
+                let pages = ram.take_changed_pages();
                 let single = g.work.len() <= 1;
                 let (work, vcpu, comparable) = match at {
                     MirrorPoint::Checkpoint { vcpu, phase } => (
@@ -317,6 +318,7 @@ impl Machine {
                     MirrorPoint::Snapshot => (false, None, false),
                 };
                 l.invalidate_frames(&changed)
+                    .and_then(|()| l.invalidate_pages(&pages))
                     .and_then(|()| l.observe(ctx, &states, work, vcpu, comparable))
             }
         };

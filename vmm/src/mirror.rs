@@ -392,6 +392,19 @@ impl LiveMirror {
         Ok(())
     }
 
+    /// Replay host changes of single 4K pages `(frame, pages)` as
+    /// invalidations of exactly those pages.
+    pub fn invalidate_pages(&mut self, changed: &[(usize, Vec<u16>)]) -> Result<(), MirrorError> {
+        for (f, pages) in changed {
+            for p in pages {
+                let a = self.host_addr + *f as u64 * HPAGE + u64::from(*p) * PAGE;
+                self.mmu.invalidate_range_start(a, a + PAGE);
+                self.mmu.invalidate_range_end(a, a + PAGE)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The guest's accesses of one phase: its reserved-region accesses, and
     /// (if `work`) every work page of `vcpus` (all vCPUs when `None`), over
     /// the host as `states` says now; then the prediction.

@@ -493,7 +493,11 @@ impl Injector<'_> {
         let _paused = quiesce::pause(&self.m.control)?;
         self.slot.delete(self.vm)?;
         // kvm_mmu_zap_all_fast: everything KVM mapped is gone.
-        self.m.ram().take_changed_frames();
+        {
+            let mut ram = self.m.ram();
+            ram.take_changed_frames();
+            ram.take_changed_pages();
+        }
         // Orphans are gone with everything else; a frame whose PDE is dirty
         // can get none again.
         self.candidates().retain(|f| !self.guest_pde_dirty(*f));
@@ -551,6 +555,7 @@ impl Injector<'_> {
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
         let mut ram = self.m.ram();
         ram.take_changed_frames();
+        ram.take_changed_pages();
         let states = ram.frame_states();
         let huge_frames = states
             .iter()

@@ -211,6 +211,7 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         let mut ram = m.ram();
         // Populating guest RAM is no remap of a mapping KVM had.
         ram.take_changed_frames();
+        ram.take_changed_pages();
         (ram.host_addr(), ram.size())
     };
     let inj = Injector {
