@@ -161,6 +161,13 @@ fn check_args(a: &RunArgs) -> Result<(), RunError> {
             guest_mem::MAX_RAM_SIZE
         )));
     }
+    if let Some(size) = a.memslot_size {
+        // The layout itself is checked above; here the cut into memslots.
+        if let Err(e) = guest_mem::RamLayout::new(a.memory).and_then(|l| l.memslots(0, Some(size)))
+        {
+            return Err(RunError::Usage(format!("--memslot-size {size}: {e}")));
+        }
+    }
     if let Some(t) = a.timeout {
         if !(t > 0.0 && t.is_finite()) {
             return Err(RunError::Usage(format!(
