@@ -381,7 +381,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         let mut dev = BalloonDevice::new(
             Arc::downgrade(&machine),
             machine.mem.clone(),
-            layout.span(),
+            layout,
             Arc::new(IrqfdLine(e)),
             args.balloon_target,
             !args.no_free_page_reporting,

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use guest_mem::{Backing, HPAGE_SIZE, MMIO_HOLE_START as MAX_RAM_SIZE};
+use guest_mem::{Backing, HPAGE_SIZE, MAX_RAM_SIZE};
 use serde::{Deserialize, Serialize};
 
 use super::args::InjectBug;

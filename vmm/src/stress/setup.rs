@@ -33,11 +33,10 @@ pub fn build(
     vcpus: u8,
     backing: Backing,
 ) -> Result<Built, RunError> {
-    if !memory.is_multiple_of(HPAGE_SIZE) || memory > guest_mem::MMIO_HOLE_START {
+    if !memory.is_multiple_of(HPAGE_SIZE) || memory > guest_mem::MAX_RAM_SIZE {
         return Err(RunError::Usage(format!(
-            "--memory {memory:#x} must be a multiple of 2 MiB and at most {:#x} (vmm stress keeps \
-             guest RAM below the 32-bit MMIO hole, in one memslot)",
-            guest_mem::MMIO_HOLE_START
+            "--memory {memory:#x} must be a multiple of 2 MiB and at most {:#x}",
+            guest_mem::MAX_RAM_SIZE
         )));
     }
     let host = HostInfo::detect();
@@ -51,12 +50,11 @@ pub fn build(
     let mut ram = GuestRam::new(&GuestRamConfig::new(memory, backing))?;
     ram.populate_all()?;
     let mem = ram.memory();
-    let size = ram.size();
     // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
     // in place with MAP_FIXED) until it is dropped; the Machine owns `ram`
     // and outlives every vCPU thread, and the caller drops the VM first.
     let vm = unsafe { Vm::new(kvm, usize::from(vcpus), ram.memslots())? };
-    let tables = long_mode::setup(&mem, size)?;
+    let tables = long_mode::setup(&mem, ram.layout().low_size())?;
     image.load(&mem)?;
     vm.setup_long_mode(&tables, |i| image.initial_regs(i), true)?;
     drop(mem);

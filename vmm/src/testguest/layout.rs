@@ -151,6 +151,17 @@ impl Layout {
         vcpus: usize,
         guest_pages: GuestPageSize,
     ) -> Result<Layout, TestGuestError> {
+        Self::with_extra(ram_size, vcpus, guest_pages, 0)
+    }
+
+    /// As [`Layout::new`], with `extra` bytes after the page tables inside
+    /// the reserved region (the stress guest's shared area).
+    pub fn with_extra(
+        ram_size: u64,
+        vcpus: usize,
+        guest_pages: GuestPageSize,
+        extra: u64,
+    ) -> Result<Layout, TestGuestError> {
         if vcpus == 0 || vcpus > MAX_VCPUS {
             return Err(TestGuestError::Vcpus {
                 vcpus,
@@ -163,7 +174,7 @@ impl Layout {
             GuestPageSize::Size2M => boot_end,
             GuestPageSize::Size4K => boot_end + (2 + pds) * PAGE + ram_size / 512,
         };
-        let reserved_end = tables_end.div_ceil(HPAGE) * HPAGE;
+        let reserved_end = (tables_end + extra).div_ceil(HPAGE) * HPAGE;
         let min = reserved_end + HPAGE * vcpus as u64;
         if !ram_size.is_multiple_of(HPAGE) || ram_size < min || ram_size > MAX_RAM {
             return Err(TestGuestError::RamSize {
@@ -236,6 +247,15 @@ impl Layout {
             va
         } else {
             va + HOLE_SIZE
+        }
+    }
+
+    /// The virtual address of guest-physical address `gpa` (RAM).
+    pub fn va_of(gpa: u64) -> u64 {
+        if gpa < HOLE_START + HOLE_SIZE {
+            gpa
+        } else {
+            gpa - HOLE_SIZE
         }
     }
 
@@ -334,6 +354,8 @@ mod tests {
             vec![(0, 0, 3 << 30), (3 << 30, 4 << 30, 5 << 30)]
         );
         assert_eq!(Layout::gpa_of((3 << 30) + 4096), (4 << 30) + 4096);
+        assert_eq!(Layout::va_of((4 << 30) + 4096), (3 << 30) + 4096);
+        assert_eq!(Layout::va_of((3 << 30) - 4096), (3 << 30) - 4096);
         assert_eq!(
             Layout::gpa_ranges(&((2 << 30)..(4 << 30))),
             vec![(2 << 30)..(3 << 30), (4 << 30)..(5 << 30)]

@@ -122,7 +122,8 @@ impl<B: BalloonBackend> Balloon<B> {
             backend,
             features,
             queue_max: vec![QUEUE_SIZE; queues],
-            inflated: PfnSet::new(cfg.ram_size / PAGE_SIZE),
+            inflated: PfnSet::new(cfg.ram_size / PAGE_SIZE)
+                .with_hole(cfg.hole.map_or(0..0, |(s, e)| s / PAGE_SIZE..e / PAGE_SIZE)),
             num_pages: 0,
             actual: 0,
             irq: None,

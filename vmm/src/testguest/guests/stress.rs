@@ -63,6 +63,12 @@ pub struct SharedArea {
 }
 
 impl SharedArea {
+    /// Bytes the area needs at most for `ram_size` bytes of RAM (control
+    /// blocks, one expect-zero byte per page, alignment).
+    pub fn bytes_needed(ram_size: u64) -> u64 {
+        PAGE + CTRL_STRIDE * MAX_VCPUS as u64 + ram_size / PAGE
+    }
+
     /// The area for `layout`, or why it does not fit.
     pub fn new(layout: &Layout) -> Result<SharedArea, String> {
         let ctrl = layout
@@ -91,9 +97,10 @@ impl SharedArea {
         self.ctrl + cpu as u64 * CTRL_STRIDE
     }
 
-    /// Gpa of the expect-zero byte of the page at `gpa`.
-    pub fn flag(&self, gpa: u64) -> u64 {
-        self.flags + gpa / PAGE - self.first_gfn
+    /// Gpa of the expect-zero byte of the page at virtual address `va`
+    /// (the guest's; `Layout::va_of` of a guest-physical address).
+    pub fn flag(&self, va: u64) -> u64 {
+        self.flags + va / PAGE - self.first_gfn
     }
 }
 
