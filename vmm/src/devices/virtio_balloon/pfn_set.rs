@@ -4,7 +4,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PfnError {
     /// The page is not guest RAM.
-    #[error("PFN {pfn:#x} is outside guest RAM ({pages:#x} pages)")]
+    #[error("PFN {pfn:#x} is outside guest RAM ({pages:#x} pages, the 32-bit MMIO hole excluded)")]
     OutOfRange {
         /// The offending PFN.
         pfn: u64,
@@ -44,6 +44,13 @@ impl PfnSet {
             count: 0,
             hole: 0..0,
         }
+    }
+
+    /// Whether the `n` PFNs from `first` are all guest RAM.
+    pub fn covers(&self, first: u64, n: u64) -> bool {
+        first.checked_add(n).is_some_and(|end| {
+            end <= self.pages && (end <= self.hole.start || first >= self.hole.end)
+        })
     }
 
     /// The same set with the PFNs `hole` (not RAM) out of range.
@@ -167,6 +174,8 @@ mod tests {
         assert!(matches!(h.insert(256), Err(PfnError::OutOfRange { .. })));
         assert!(matches!(h.insert(511), Err(PfnError::OutOfRange { .. })));
         assert!(h.insert(255).is_ok() && h.insert(512).is_ok());
+        assert!(h.covers(0, 256) && h.covers(512, 512) && !h.covers(255, 2));
+        assert!(!h.covers(300, 1) && !h.covers(1000, 25) && !h.covers(u64::MAX, 2));
         assert_eq!(s.count(), 2);
         assert_eq!(s.remove(0), Ok(()));
         assert_eq!(s.insert(64), Ok(()));
