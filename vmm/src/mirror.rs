@@ -668,56 +668,25 @@ mod tests {
     /// logging on, eager splitting makes every frame 512 4K leaves.
     #[test]
     fn stress_on_tdp_is_exact_and_dirty_logging_splits_everything() {
-        let c = ctx(
-            MmuParams::tdp(),
-            TestGuestName::Stress,
-            256,
-            GuestPageSize::Size2M,
-        );
         let mut states = huge(128);
         for s in &mut states[10..20] {
             *s = guest_mem::FrameView::Small { present: 512 };
         }
-        let p = predict_all_touched(
-            &c,
-            BASE,
-            &ram_slots(BASE, 256 << 20),
-            host_levels(&states),
-            false,
-            None,
-        )
-        .unwrap();
+        let predict = |mmu, dirty| {
+            let c = ctx(mmu, TestGuestName::Stress, 256, GuestPageSize::Size2M);
+            let slots = ram_slots(BASE, 256 << 20);
+            predict_all_touched(&c, BASE, &slots, host_levels(&states), dirty, None).unwrap()
+        };
+        let p = predict(MmuParams::tdp(), false);
         assert_eq!(
             (p.pages_4k, p.pages_4k_max, p.pages_2m),
             (10 * 512, 10 * 512, 118)
         );
-        let d = predict_all_touched(
-            &c,
-            BASE,
-            &ram_slots(BASE, 256 << 20),
-            host_levels(&states),
-            true,
-            None,
-        )
-        .unwrap();
+        let d = predict(MmuParams::tdp(), true);
         assert_eq!((d.pages_4k, d.pages_4k_max, d.pages_2m), (65536, 65536, 0));
         // Shadow MMU: frame 0 at 4K (page tables), all of it swept by the
         // guest every pass: exact.
-        let c = ctx(
-            MmuParams::shadow(),
-            TestGuestName::Stress,
-            256,
-            GuestPageSize::Size2M,
-        );
-        let p = predict_all_touched(
-            &c,
-            BASE,
-            &ram_slots(BASE, 256 << 20),
-            host_levels(&states),
-            false,
-            None,
-        )
-        .unwrap();
+        let p = predict(MmuParams::shadow(), false);
         assert_eq!(p.pages_2m, 117);
         assert_eq!((p.pages_4k, p.pages_4k_max), (11 * 512, 11 * 512));
         assert_eq!(p.verdict(11 * 512, 117), Verdict::Match);

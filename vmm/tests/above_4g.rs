@@ -89,14 +89,7 @@ fn two_slots_around_the_hole(r: &Value) {
 }
 
 fn kvm_equals_mirror_everywhere(r: &Value) {
-    for c in r["checkpoints"].as_array().expect("checkpoints") {
-        assert_eq!(
-            (num(c, &["kvm", "pages_4k"]), num(c, &["kvm", "pages_2m"])),
-            (num(c, &["mirror_pages_4k"]), num(c, &["mirror_pages_2m"])),
-            "phase {}: KVM vs mirror (pages_4k, pages_2m): {r:#}",
-            c["phase"]
-        );
-    }
+    common::assert_checkpoints_match_mirror(r);
     assert_eq!(
         (num(r, &["kvm", "pages_4k"]), num(r, &["kvm", "pages_2m"])),
         (

@@ -72,14 +72,7 @@ fn misaligned_slots_are_predicted_exactly(backing: &str) {
     let r = run(backing, Some("3M"));
     let slots = r["slots"].as_array().expect("slots");
     assert_eq!(slots.len() as u64, (MIB << 20).div_ceil(SLOT), "{r:#}");
-    for c in r["checkpoints"].as_array().expect("checkpoints") {
-        assert_eq!(
-            (num(c, &["kvm", "pages_4k"]), num(c, &["kvm", "pages_2m"])),
-            (num(c, &["mirror_pages_4k"]), num(c, &["mirror_pages_2m"])),
-            "phase {}: KVM vs mirror (pages_4k, pages_2m): {r:#}",
-            c["phase"]
-        );
-    }
+    common::assert_checkpoints_match_mirror(&r);
     assert_eq!(num(&r, &["report_totals", "mismatches"]), 0);
     let base = run(backing, None);
     assert_eq!(base["slots"].as_array().map(Vec::len), Some(1));

@@ -41,6 +41,31 @@ struct Labels {
     stubs: Vec<CodeLabel>,
 }
 
+/// Fills consecutive page-table entries at `dst` (advanced by 8 each) that
+/// map every page of `step` bytes of RAM with `flags`: one run below the
+/// 32-bit MMIO hole, one above it when RAM goes there (the guest's virtual
+/// space continues past 3 GiB with guest-physical 4 GiB). Clobbers rax, ecx.
+fn emit_map_runs(
+    a: &mut CodeAssembler,
+    dst: AsmRegister64,
+    layout: &Layout,
+    flags: u64,
+    step: u64,
+) -> Result<(), TestGuestError> {
+    for (_, gpa, len) in layout.mapped_runs() {
+        let mut fill = a.create_label();
+        a.mov(rax, gpa | flags)?;
+        a.mov(ecx, (len / step) as u32)?;
+        a.set_label(&mut fill)?;
+        a.mov(qword_ptr(dst), rax)?;
+        a.add(rax, imm(step))?;
+        a.add(dst, 8)?;
+        a.dec(ecx)?;
+        a.jnz(fill)?;
+    }
+    Ok(())
+}
+
 /// CPL0 entry: descriptor tables, bootstrap page tables (vCPU 0), CPL3.
 fn emit_entry(
     a: &mut CodeAssembler,
@@ -50,7 +75,6 @@ fn emit_entry(
     let mut entry = a.create_label();
     let mut ap_wait = a.create_label();
     let mut to_user = a.create_label();
-    let fill = a.create_label();
     a.set_label(&mut entry)?;
     a.cli()?;
     a.mov(rsp, rdi)?;
@@ -78,17 +102,7 @@ fn emit_entry(
         )?;
     }
     a.mov(ebx, BOOT_PD as u32)?;
-    for (i, (_, gpa, len)) in layout.mapped_runs().into_iter().enumerate() {
-        let mut fill = if i == 0 { fill } else { a.create_label() };
-        a.mov(rax, gpa | PDE_URW_2M as u64)?;
-        a.mov(ecx, (len / HPAGE) as u32)?;
-        a.set_label(&mut fill)?;
-        a.mov(qword_ptr(rbx), rax)?;
-        a.add(rax, imm(HPAGE))?;
-        a.add(rbx, 8)?;
-        a.dec(ecx)?;
-        a.jnz(fill)?;
-    }
+    emit_map_runs(a, rbx, layout, PDE_URW_2M as u64, HPAGE)?;
     a.mov(eax, BOOT_PML4 as u32)?;
     a.mov(cr3, rax)?;
     a.mov(qword_ptr(BOOT_READY_ADDR), 1)?;
@@ -117,7 +131,6 @@ fn emit_entry(
 fn emit_build_4k(a: &mut CodeAssembler, layout: &Layout) -> Result<CodeLabel, TestGuestError> {
     let mut f = a.create_label();
     let mut l1 = a.create_label();
-    let l2 = a.create_label();
     a.set_label(&mut f)?;
     let (pml4, pdpt, pd, pt) = (
         layout.pt4k_pml4(),
@@ -143,18 +156,7 @@ fn emit_build_4k(a: &mut CodeAssembler, layout: &Layout) -> Result<CodeLabel, Te
     a.dec(ecx)?;
     a.jnz(l1)?;
     a.mov(edi, pt as u32)?;
-    // One run of PTEs below the hole, one above it (virtual space continues).
-    for (i, (_, gpa, len)) in layout.mapped_runs().into_iter().enumerate() {
-        let mut l2 = if i == 0 { l2 } else { a.create_label() };
-        a.mov(rax, gpa | PTE_URW as u64)?;
-        a.mov(ecx, (len / PAGE) as u32)?;
-        a.set_label(&mut l2)?;
-        a.mov(qword_ptr(rdi), rax)?;
-        a.add(rax, imm(PAGE))?;
-        a.add(rdi, 8)?;
-        a.dec(ecx)?;
-        a.jnz(l2)?;
-    }
+    emit_map_runs(a, rdi, layout, PTE_URW as u64, PAGE)?;
     a.ret()?;
     Ok(f)
 }
