@@ -80,7 +80,9 @@ pub enum GuestMemError {
     },
 
     /// A guest-physical range not inside one RAM region.
-    #[error("range gpa {gpa:#x} + {len:#x} is outside guest RAM ({ram}): pass a range inside one RAM region")]
+    #[error(
+        "range gpa {gpa:#x} + {len:#x} is outside guest RAM {ram}: pass a range inside guest RAM"
+    )]
     RangeOutsideRam {
         /// Start of the range.
         gpa: u64,
@@ -108,10 +110,19 @@ pub enum GuestMemError {
         len: u64,
     },
 
-    /// A frame index outside guest RAM (past its end, or in the MMIO hole).
+    /// A frame in the 32-bit MMIO hole (guest RAM above 3 GiB continues at 4 GiB).
     #[error(
-        "frame {frame} is outside guest RAM ({frames} frames of 2M of guest-physical space, the \
-         32-bit MMIO hole's frames 1536..2048 not RAM): pass a RAM frame"
+        "frame {frame} lies in the 32-bit MMIO hole (frames 1536..2048 are not RAM): pass a RAM \
+         frame"
+    )]
+    FrameInHole {
+        /// The frame asked for.
+        frame: usize,
+    },
+
+    /// A frame index past the end of guest RAM.
+    #[error(
+        "frame {frame} is outside guest RAM ({frames} frames of 2M): pass a frame below {frames}"
     )]
     FrameOutOfRange {
         /// The frame asked for.

@@ -270,7 +270,10 @@ impl GuestRam {
         self.layout
             .regions()
             .iter()
-            .map(|r| format!("[{:#x}, {:#x})", r.gpa, r.range().end))
+            .map(|r| match r.gpa {
+                0 => format!("[0, {:#x})", r.range().end),
+                g => format!("[{g:#x}, {:#x})", r.range().end),
+            })
             .collect::<Vec<_>>()
             .join(" and ")
     }
@@ -310,11 +313,14 @@ impl GuestRam {
     }
 
     fn check_frame(&self, frame: usize) -> Result<(), GuestMemError> {
-        if frame >= self.frames || !self.layout.frame_is_ram(frame) {
+        if frame >= self.frames {
             return Err(GuestMemError::FrameOutOfRange {
                 frame,
                 frames: self.frames,
             });
+        }
+        if !self.layout.frame_is_ram(frame) {
+            return Err(GuestMemError::FrameInHole { frame });
         }
         Ok(())
     }
