@@ -63,10 +63,10 @@ pub enum GuestMemError {
 
     /// More guest RAM than the host can back (every page is populated at start).
     #[error(
-        "guest RAM of {size:#x} bytes needs {need:#x} bytes of ordinary host memory (the rest \
-         of RAM on {huge:#x} bytes of 2M hugetlb pages) but the host has only {available:#x} \
-         available (MemAvailable): use a smaller --memory, or reserve hugetlb pages for \
-         --backing hugetlb"
+        "guest RAM of {} MiB needs {} MiB of ordinary host memory ({} MiB are on our 2M hugetlb \
+         pool) but the host has only {} MiB available (MemAvailable); every page is populated at \
+         start: use a smaller --memory, or reserve hugetlb pages for --backing hugetlb",
+        .size >> 20, .need >> 20, .huge >> 20, .available >> 20
     )]
     HostCannotBack {
         /// Guest RAM bytes.

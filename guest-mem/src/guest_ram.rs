@@ -170,7 +170,13 @@ impl GuestRam {
             Backing::Hugetlb => fit_pool(cfg, requested_pool)?,
             _ => requested_pool,
         };
-        check_host_can_back(cfg.size, capacity)?;
+        // Only the hugetlb backing has a pool of its own; thp and 4k come
+        // from ordinary memory whole.
+        let huge_pages = match cfg.backing {
+            Backing::Hugetlb => capacity,
+            _ => 0,
+        };
+        check_host_can_back(cfg.size, huge_pages)?;
         let host = HostMem::new(cfg.backing, layout.span(), capacity)?;
         if cfg.backing == Backing::Hugetlb {
             // Take the pool's pages from the host now, so that populating never

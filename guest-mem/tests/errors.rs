@@ -43,6 +43,19 @@ fn size_not_a_multiple_of_2m() {
 }
 
 #[test]
+fn more_ram_than_the_host_can_back_is_refused_before_anything_is_allocated() {
+    let e = GuestRam::new(&GuestRamConfig::new(500 << 30, Backing::Small4k)).unwrap_err();
+    assert!(
+        matches!(e, GuestMemError::HostCannotBack { need, huge: 0, .. } if need == 500 << 30),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("512000 MiB of ordinary host memory"),
+        "{e}"
+    );
+}
+
+#[test]
 fn ranges_outside_ram_or_unaligned() {
     let mut ram = GuestRam::new(&GuestRamConfig::new(4 << 20, Backing::Small4k)).unwrap();
     ram.populate_all().unwrap();
