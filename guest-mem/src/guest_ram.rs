@@ -684,6 +684,16 @@ impl GuestRam {
             .collect()
     }
 
+    /// Our books: the state of `frame` (`Unpopulated` past the end), without
+    /// copying every frame's.
+    pub fn frame_state(&self, frame: usize) -> FrameView {
+        if frame < self.frames {
+            self.model.frame(frame)
+        } else {
+            FrameView::Unpopulated
+        }
+    }
+
     /// Our books: the state of every frame.
     pub fn frame_states(&self) -> Vec<FrameView> {
         (0..self.frames).map(|f| self.model.frame(f)).collect()

@@ -277,8 +277,8 @@ impl Injector<'_> {
     /// invalidated), with `dirty_before` the PDE's dirty bit read before it.
     fn note_frame_event(&self, frame: u64, whole: bool, dirty_before: bool) {
         let small = !matches!(
-            self.states().get(gframe(frame) as usize),
-            Some(FrameView::Huge { .. }) | None
+            self.m.ram().frame_state(gframe(frame) as usize),
+            FrameView::Huge { .. }
         );
         let mut c = self.candidates();
         if whole && dirty_before {
