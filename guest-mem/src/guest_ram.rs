@@ -486,7 +486,7 @@ impl GuestRam {
                 } else {
                     // The kernel splits the shmem THP it punches into; keep
                     // khugepaged from collapsing it behind the model's back.
-                    self.host.file_punch(frame, &dropped)?;
+                    self.host.file_punch_freed(frame, &dropped)?;
                     self.host.frame_hugepage_advice(frame, false)?;
                     // The split unmapped the kept pages; map them again
                     // (they stay in the page cache, nothing is allocated).
@@ -501,7 +501,7 @@ impl GuestRam {
                     let slots: Vec<u32> = freed.iter().map(|p| p.1).collect();
                     self.host.small_free(&slots)?;
                 } else if !pages.is_empty() {
-                    self.host.file_punch(frame, &pages)?;
+                    self.host.file_punch_freed(frame, &pages)?;
                     if self.backing == Backing::Thp {
                         // A punch into a large folio splits it and unmaps the rest.
                         self.host.remap_present(frame)?;

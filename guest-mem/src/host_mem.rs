@@ -395,6 +395,57 @@ impl HostMem {
         Ok(())
     }
 
+    /// Free `pages` of a shmem `frame` that may lie in a large folio: punch,
+    /// then check with `SEEK_DATA` that they are gone. Punching part of a
+    /// large folio splits it (`truncate_inode_partial_folio`); when the split
+    /// fails on a transient extra reference the kernel only zeroes the range
+    /// and the pages stay allocated, so the punch is retried (after a short,
+    /// growing wait) until they are freed. Returns how many of `pages` are
+    /// still allocated after the last try (zeroed: nothing is lost).
+    pub(crate) fn file_punch_freed(
+        &self,
+        frame: usize,
+        pages: &[u16],
+    ) -> Result<usize, GuestMemError> {
+        const TRIES: u32 = 8;
+        self.file_punch(frame, pages)?;
+        let mut left = self.still_allocated(frame, pages)?;
+        let mut wait = std::time::Duration::from_micros(200);
+        for attempt in 1..TRIES {
+            if left.is_empty() {
+                break;
+            }
+            log::debug!(
+                "frame {frame}: {} punched page(s) still allocated (folio split failed), retry {attempt}",
+                left.len()
+            );
+            std::thread::sleep(wait);
+            wait *= 2;
+            self.file_punch(frame, &left)?;
+            left = self.still_allocated(frame, &left)?;
+        }
+        if !left.is_empty() {
+            log::warn!(
+                "frame {frame}: {} given-back page(s) stay allocated (zeroed): the kernel could not split the shmem huge page",
+                left.len()
+            );
+        }
+        Ok(left.len())
+    }
+
+    /// The pages of `pages` that the RAM memfd still holds data for.
+    fn still_allocated(&self, frame: usize, pages: &[u16]) -> Result<Vec<u16>, GuestMemError> {
+        let runs = self.data_runs(frame)?;
+        Ok(pages
+            .iter()
+            .copied()
+            .filter(|&p| {
+                runs.iter()
+                    .any(|&(s, n)| u32::from(p) >= u32::from(s) && u32::from(p) < u32::from(s) + n)
+            })
+            .collect())
+    }
+
     /// Runs of pages of `frame` the RAM memfd holds data for (`SEEK_DATA` /
     /// `SEEK_HOLE`): `(first page, count)`.
     pub(crate) fn data_runs(&self, frame: usize) -> Result<Vec<(u16, u32)>, GuestMemError> {
