@@ -6,7 +6,7 @@
 # What it does:
 #   1. installs the Debian packages needed (only the missing ones);
 #   2. host memory settings vmm needs (vmm itself never changes them):
-#        /proc/sys/vm/nr_hugepages                         raised to at least N (default 1280,
+#        /proc/sys/vm/nr_hugepages                         raised to at least N (default 2048,
 #                                                          or $VMM_TEST_HUGEPAGES), never lowered
 #        /sys/kernel/mm/transparent_hugepage/shmem_enabled `advise` when it is `never`/`deny`
 #      These stay set (the CI script saves and restores them around its run);
@@ -19,7 +19,7 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${VMM_CACHE_DIR:-/var/cache/vmm-test}"
-HUGEPAGES="${VMM_TEST_HUGEPAGES:-1280}"
+HUGEPAGES="${VMM_TEST_HUGEPAGES:-2048}"
 KERNEL=1
 
 log() { echo "[setup-host] $*" >&2; }

@@ -53,7 +53,7 @@ pub enum GuestMemError {
     },
 
     /// Guest RAM size above what the guest-physical layout allows.
-    #[error("guest RAM size {size:#x} is larger than the maximum {max:#x} (RAM must end below the 32-bit MMIO hole)")]
+    #[error("guest RAM size {size:#x} is larger than the maximum {max:#x} (511 GiB: RAM above the 32-bit MMIO hole must end at 512 GiB)")]
     SizeTooLarge {
         /// The requested size.
         size: u64,
@@ -61,15 +61,44 @@ pub enum GuestMemError {
         max: u64,
     },
 
-    /// A guest-physical range outside `[0, size)`.
-    #[error("range gpa {gpa:#x} + {len:#x} is outside guest RAM [0, {size:#x}): pass a range inside guest RAM")]
+    /// More guest RAM than the host can back (every page is populated at start).
+    #[error(
+        "guest RAM of {} MiB needs {} MiB of ordinary host memory ({} MiB are on our 2M hugetlb \
+         pool) but the host has only {} MiB available (MemAvailable); every page is populated at \
+         start: use a smaller --memory, or reserve hugetlb pages for --backing hugetlb",
+        .size >> 20, .need >> 20, .huge >> 20, .available >> 20
+    )]
+    HostCannotBack {
+        /// Guest RAM bytes.
+        size: u64,
+        /// Bytes that must come from ordinary memory.
+        need: u64,
+        /// Bytes on hugetlb pages of our pool.
+        huge: u64,
+        /// `MemAvailable`.
+        available: u64,
+    },
+
+    /// A guest-physical range not inside one RAM region.
+    #[error(
+        "range gpa {gpa:#x} + {len:#x} is outside guest RAM {ram}: pass a range inside guest RAM"
+    )]
     RangeOutsideRam {
         /// Start of the range.
         gpa: u64,
         /// Length of the range.
         len: u64,
-        /// Guest RAM size.
+        /// Guest RAM's regions, e.g. `[0, 0xc0000000) and [0x100000000, 0x140000000)`.
+        ram: String,
+    },
+
+    /// A `--memslot-size` that cannot cut guest RAM into memslots.
+    #[error("memslot size {size:#x} is unusable: {why}")]
+    BadMemslotSize {
+        /// The size asked for.
         size: u64,
+        /// Why not.
+        why: &'static str,
     },
 
     /// A range not aligned to 4K pages (or empty).
@@ -81,7 +110,17 @@ pub enum GuestMemError {
         len: u64,
     },
 
-    /// A frame index outside guest RAM.
+    /// A frame in the 32-bit MMIO hole (guest RAM above 3 GiB continues at 4 GiB).
+    #[error(
+        "frame {frame} lies in the 32-bit MMIO hole (frames 1536..2048 are not RAM): pass a RAM \
+         frame"
+    )]
+    FrameInHole {
+        /// The frame asked for.
+        frame: usize,
+    },
+
+    /// A frame index past the end of guest RAM.
     #[error(
         "frame {frame} is outside guest RAM ({frames} frames of 2M): pass a frame below {frames}"
     )]

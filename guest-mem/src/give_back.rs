@@ -266,7 +266,7 @@ impl GuestRam {
     ) -> Result<(), GuestMemError> {
         let pages: Vec<u16> = (lo..hi).collect();
         let step = self.model.discard_frame_pages(frame, &pages, false)?;
-        self.changed.insert(frame);
+        self.note_discard(&step);
         let mut d = DiscardReport::default();
         self.apply_discard_step(step, &mut d)?;
         rep.add_discard(&d);
@@ -331,7 +331,7 @@ impl GuestRam {
         for d in due {
             self.give_back.released.remove(&d.frame);
             let step = self.model.discard_frame_pages(d.frame, &d.pages, false)?;
-            self.changed.insert(d.frame);
+            self.note_discard(&step);
             let mut r = DiscardReport::default();
             if self.backing == Backing::Hugetlb && matches!(step, DiscardStep::SplitHuge { .. }) {
                 let _paused = quiesce::pause(q)?;

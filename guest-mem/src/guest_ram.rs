@@ -18,8 +18,8 @@ use thp::ram_model as model;
 pub use model::FrameView;
 use model::{CollapsePlan, DiscardStep, PopulatePlan, RamModel, RefillStep, SplitPlan};
 
-/// Largest guest RAM: it must end below the 32-bit MMIO hole at 3 GiB.
-pub const MAX_RAM_SIZE: u64 = 0xC000_0000;
+pub use crate::layout::MAX_RAM_SIZE;
+use crate::layout::{RamLayout, RamSlot};
 
 /// How guest RAM is set up.
 #[derive(Debug, Clone)]
@@ -37,6 +37,9 @@ pub struct GuestRamConfig {
     pub strict_pool: bool,
     /// Where the host's settings are read (tests point it at a fake `/sys`).
     pub host: HostPaths,
+    /// Cut guest RAM into memslots of at most this many bytes (a 4K
+    /// multiple; default: one memslot per RAM region).
+    pub memslot_size: Option<u64>,
 }
 
 impl GuestRamConfig {
@@ -59,6 +62,7 @@ impl Default for GuestRamConfig {
             hugetlb_pool_pages: None,
             strict_pool: false,
             host: HostPaths::default(),
+            memslot_size: None,
         }
     }
 }
@@ -68,15 +72,23 @@ impl Default for GuestRamConfig {
 pub struct GuestRam {
     pub(crate) backing: Backing,
     size: u64,
+    /// Frames of guest-physical space (the MMIO hole's included).
     pub(crate) frames: usize,
+    layout: RamLayout,
+    slots: Vec<RamSlot>,
     requested_pool: usize,
     host_paths: HostPaths,
     pub(crate) model: RamModel,
-    region: Arc<GuestRegionMmap>,
+    /// One vm-memory region per RAM region.
+    regions: Vec<Arc<GuestRegionMmap>>,
     pub(crate) host: HostMem,
     /// Frames whose host mapping changed (each such change fires the
     /// host's mmu notifier over the frame) since [`GuestRam::take_changed_frames`].
     pub(crate) changed: std::collections::BTreeSet<usize>,
+    /// 4K pages of small frames whose host mapping changed alone (a discard
+    /// that punched or remapped only them), since
+    /// [`GuestRam::take_changed_pages`].
+    changed_pages: std::collections::BTreeMap<usize, Vec<u16>>,
     /// Balloon give-backs: pages coalesced per frame, the deferred-split
     /// queue, frames given back whole (see `give_back.rs`).
     pub(crate) give_back: crate::give_back::GiveBackState,
@@ -86,19 +98,6 @@ const PPH: usize = PAGES_PER_HPAGE as usize;
 
 fn all_pages() -> Vec<u16> {
     (0..PPH as u16).collect()
-}
-
-fn validate_size(size: u64) -> Result<usize, GuestMemError> {
-    if size == 0 || !size.is_multiple_of(HPAGE_SIZE) {
-        return Err(GuestMemError::SizeNotMultipleOf2M { size });
-    }
-    if size > MAX_RAM_SIZE {
-        return Err(GuestMemError::SizeTooLarge {
-            size,
-            max: MAX_RAM_SIZE,
-        });
-    }
-    Ok((size / HPAGE_SIZE) as usize)
 }
 
 /// How many pool slots fit on the host (hugetlb): the requested count, or in
@@ -127,19 +126,43 @@ fn fit_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemError> {
     Ok(have as usize)
 }
 
+/// Every page is populated at start: what the hugetlb pool does not hold
+/// comes from ordinary memory, which must be available now.
+fn check_host_can_back(size: u64, pool_pages: usize) -> Result<(), GuestMemError> {
+    let huge = pool_pages as u64 * HPAGE_SIZE;
+    let need = size.saturating_sub(huge);
+    if need == 0 {
+        return Ok(());
+    }
+    let available = smaps::read_mem_available()?;
+    if need > available {
+        return Err(GuestMemError::HostCannotBack {
+            size,
+            need,
+            huge,
+            available,
+        });
+    }
+    Ok(())
+}
+
 impl GuestRam {
     /// Create guest RAM: check the host, reserve the 2M-aligned range, create
     /// the memfds. Nothing is populated yet (see [`GuestRam::populate_all`]).
     pub fn new(cfg: &GuestRamConfig) -> Result<GuestRam, GuestMemError> {
-        let frames = validate_size(cfg.size)?;
+        let layout = RamLayout::new(cfg.size)?;
+        // Check the slot size before anything is allocated.
+        layout.memslots(0, cfg.memslot_size)?;
+        let frames = layout.span_frames();
+        let ram_frames = layout.ram_frames();
         let (requested_pool, policy) = match cfg.backing {
             Backing::Hugetlb => (
-                cfg.hugetlb_pool_pages.unwrap_or(frames).min(frames),
+                cfg.hugetlb_pool_pages.unwrap_or(ram_frames).min(ram_frames),
                 cfg.policy,
             ),
             Backing::Thp => {
                 backing::check_shmem_thp(&cfg.host)?;
-                (frames, cfg.policy)
+                (ram_frames, cfg.policy)
             }
             Backing::Small4k => (0, ThpPolicy::never()),
         };
@@ -147,7 +170,14 @@ impl GuestRam {
             Backing::Hugetlb => fit_pool(cfg, requested_pool)?,
             _ => requested_pool,
         };
-        let host = HostMem::new(cfg.backing, cfg.size, capacity)?;
+        // Only the hugetlb backing has a pool of its own; thp and 4k come
+        // from ordinary memory whole.
+        let huge_pages = match cfg.backing {
+            Backing::Hugetlb => capacity,
+            _ => 0,
+        };
+        check_host_can_back(cfg.size, huge_pages)?;
+        let host = HostMem::new(cfg.backing, layout.span(), capacity)?;
         if cfg.backing == Backing::Hugetlb {
             // Take the pool's pages from the host now, so that populating never
             // finds the host pool empty because of a race with another process.
@@ -178,7 +208,8 @@ impl GuestRam {
             Backing::Thp => RamModel::shmem(frames, capacity, policy),
             _ => RamModel::new(frames, capacity, policy),
         };
-        let region = Self::build_region(&host)?;
+        let regions = Self::build_regions(&host, &layout)?;
+        let slots = layout.memslots(host.range().base(), cfg.memslot_size)?;
         debug!(
             "guest RAM: {} MiB on {} at {:#x}, pool {capacity}/{requested_pool} huge pages",
             cfg.size >> 20,
@@ -189,33 +220,68 @@ impl GuestRam {
             backing: cfg.backing,
             size: cfg.size,
             frames,
+            layout,
+            slots,
             requested_pool,
             host_paths: cfg.host.clone(),
             model,
-            region,
+            regions,
             host,
             changed: Default::default(),
+            changed_pages: Default::default(),
             give_back: Default::default(),
         })
     }
 
-    fn build_region(host: &HostMem) -> Result<Arc<GuestRegionMmap>, GuestMemError> {
+    fn build_regions(
+        host: &HostMem,
+        layout: &RamLayout,
+    ) -> Result<Vec<Arc<GuestRegionMmap>>, GuestMemError> {
         let r = host.range();
-        // SAFETY: [base, base + size) is mapped read-write for the whole life of
-        // `HostMem` (frames are only ever replaced with MAP_FIXED inside it), and
-        // `GuestRam`'s Drop keeps it mapped while any view built here is alive.
-        let mmap = unsafe {
-            MmapRegion::build_raw(
-                r.ptr(0),
-                r.size() as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-            )
+        let mut v = Vec::new();
+        for reg in layout.regions() {
+            // SAFETY: the host range covers guest-physical [0, span) one to
+            // one and every RAM region lies inside it; it is mapped read-write
+            // for the whole life of `HostMem` (frames are only ever replaced
+            // with MAP_FIXED inside it), and `GuestRam`'s Drop keeps it mapped
+            // while any view built here is alive.
+            let mmap = unsafe {
+                MmapRegion::build_raw(
+                    r.ptr(reg.gpa),
+                    reg.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                )
+            }
+            .map_err(|e| GuestMemError::VmMemory(e.to_string()))?;
+            let region = GuestRegionMmap::new(mmap, GuestAddress(reg.gpa))
+                .ok_or_else(|| GuestMemError::VmMemory("region end overflows".into()))?;
+            v.push(Arc::new(region));
         }
-        .map_err(|e| GuestMemError::VmMemory(e.to_string()))?;
-        let region = GuestRegionMmap::new(mmap, GuestAddress(0))
-            .ok_or_else(|| GuestMemError::VmMemory("region end overflows".into()))?;
-        Ok(Arc::new(region))
+        Ok(v)
+    }
+
+    /// Where RAM lies in guest-physical space.
+    pub fn layout(&self) -> RamLayout {
+        self.layout
+    }
+
+    /// The memslots over guest RAM (one per region, or `memslot_size` pieces).
+    pub fn memslots(&self) -> &[RamSlot] {
+        &self.slots
+    }
+
+    /// Describes the RAM regions, for messages.
+    fn describe_ram(&self) -> String {
+        self.layout
+            .regions()
+            .iter()
+            .map(|r| match r.gpa {
+                0 => format!("[0, {:#x})", r.range().end),
+                g => format!("[{g:#x}, {:#x})", r.range().end),
+            })
+            .collect::<Vec<_>>()
+            .join(" and ")
     }
 
     /// Host address of guest-physical 0 (2M aligned).
@@ -228,7 +294,14 @@ impl GuestRam {
         self.size
     }
 
-    /// Number of 2M frames.
+    /// End of guest-physical RAM: the host range's size (the MMIO hole
+    /// included when RAM goes above it).
+    pub fn span(&self) -> u64 {
+        self.layout.span()
+    }
+
+    /// Number of 2M frames of guest-physical space `[0, span)` (the MMIO
+    /// hole's frames included; they are never populated).
     pub fn frames(&self) -> usize {
         self.frames
     }
@@ -238,9 +311,11 @@ impl GuestRam {
         self.backing
     }
 
-    /// The vm-memory view: one region, gpa `0..size`, over [`GuestRam::host_addr`].
+    /// The vm-memory view: one region per RAM region, gpa `g` at
+    /// [`GuestRam::host_addr`] + `g`.
     pub fn memory(&self) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_arc_regions(vec![Arc::clone(&self.region)]).unwrap_or_default()
+        GuestMemoryMmap::from_arc_regions(self.regions.iter().map(Arc::clone).collect())
+            .unwrap_or_default()
     }
 
     fn check_frame(&self, frame: usize) -> Result<(), GuestMemError> {
@@ -250,15 +325,18 @@ impl GuestRam {
                 frames: self.frames,
             });
         }
+        if !self.layout.frame_is_ram(frame) {
+            return Err(GuestMemError::FrameInHole { frame });
+        }
         Ok(())
     }
 
     pub(crate) fn check_range(&self, gpa: u64, len: u64) -> Result<(u64, u64), GuestMemError> {
-        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+        if !self.layout.contains(gpa, len) {
             return Err(GuestMemError::RangeOutsideRam {
                 gpa,
                 len,
-                size: self.size,
+                ram: self.describe_ram(),
             });
         }
         if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
@@ -287,9 +365,10 @@ impl GuestRam {
         self.apply_populate(frame, plan)
     }
 
-    /// Populate every frame.
+    /// Populate every frame of RAM.
     pub fn populate_all(&mut self) -> Result<(), GuestMemError> {
-        for f in 0..self.frames {
+        let layout = self.layout;
+        for f in layout.ram_frame_indices() {
             self.populate(f)?;
         }
         Ok(())
@@ -334,11 +413,9 @@ impl GuestRam {
         let (first, n) = self.check_range(gpa, len)?;
         self.settle_give_backs(first, n, q)?;
         let steps = self.model.discard(first, n)?;
-        self.changed.extend(steps.iter().map(|s| match s {
-            DiscardStep::WholeHuge { frame, .. }
-            | DiscardStep::SplitHuge { frame, .. }
-            | DiscardStep::Small { frame, .. } => *frame,
-        }));
+        for s in &steps {
+            self.note_discard(s);
+        }
         let mut rep = DiscardReport::default();
         let needs_pause = self.backing == Backing::Hugetlb
             && steps
@@ -353,6 +430,25 @@ impl GuestRam {
             self.apply_discard_step(step, &mut rep)?;
         }
         Ok(rep)
+    }
+
+    /// Record what a discard step changes on the host: hugetlb remaps and
+    /// 4k punches exactly the freed pages of a small frame; a punch into a
+    /// shmem THP frame unmaps all of it (`remap_present`), and splits and
+    /// whole-frame frees change the whole frame.
+    pub(crate) fn note_discard(&mut self, step: &DiscardStep) {
+        match step {
+            DiscardStep::Small { frame, freed } if self.backing != Backing::Thp => self
+                .changed_pages
+                .entry(*frame)
+                .or_default()
+                .extend(freed.iter().map(|p| p.0)),
+            DiscardStep::WholeHuge { frame, .. }
+            | DiscardStep::SplitHuge { frame, .. }
+            | DiscardStep::Small { frame, .. } => {
+                self.changed.insert(*frame);
+            }
+        }
     }
 
     /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
@@ -574,6 +670,26 @@ impl GuestRam {
         std::mem::take(&mut self.changed).into_iter().collect()
     }
 
+    /// 4K pages whose host mapping changed alone since the last call (per
+    /// frame, in frame order; a frame also listed by
+    /// [`Self::take_changed_frames`] changed whole anyway): KVM dropped its
+    /// mappings of exactly these pages.
+    pub fn take_changed_pages(&mut self) -> Vec<(usize, Vec<u16>)> {
+        std::mem::take(&mut self.changed_pages)
+            .into_iter()
+            .collect()
+    }
+
+    /// Our books: the state of `frame` (`Unpopulated` past the end), without
+    /// copying every frame's.
+    pub fn frame_state(&self, frame: usize) -> FrameView {
+        if frame < self.frames {
+            self.model.frame(frame)
+        } else {
+            FrameView::Unpopulated
+        }
+    }
+
     /// Our books: the state of every frame.
     pub fn frame_states(&self) -> Vec<FrameView> {
         (0..self.frames).map(|f| self.model.frame(f)).collect()
@@ -582,7 +698,7 @@ impl GuestRam {
     /// The host's view of guest RAM: smaps totals and per-frame PMD mapping.
     pub fn host_view(&self) -> Result<HostView, GuestMemError> {
         let base = self.host_addr();
-        let vmas = smaps::read_vmas(base, base + self.size)?;
+        let vmas = smaps::read_vmas(base, base + self.layout.span())?;
         Ok(HostView {
             smaps: smaps::sum(&vmas),
             pmd_mapped: pagemap::pmd_mapped_frames(base, self.frames)?,
@@ -609,11 +725,11 @@ impl GuestRam {
     /// as zero and stay unbacked).
     pub fn read_no_populate(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
         let len = buf.len() as u64;
-        if gpa.checked_add(len).is_none_or(|end| end > self.size) {
+        if !buf.is_empty() && !self.layout.contains(gpa, len) {
             return Err(GuestMemError::RangeOutsideRam {
                 gpa,
                 len,
-                size: self.size,
+                ram: self.describe_ram(),
             });
         }
         // A frame given back whole is a hole of the pool until touched:
@@ -636,8 +752,10 @@ impl GuestRam {
 
 impl Drop for GuestRam {
     fn drop(&mut self) {
-        let views =
-            Arc::strong_count(&self.region) > 1 || Arc::strong_count(&self.region.get_mmap()) > 2;
+        let views = self
+            .regions
+            .iter()
+            .any(|r| Arc::strong_count(r) > 1 || Arc::strong_count(&r.get_mmap()) > 2);
         if views {
             warn!(
                 "guest RAM dropped while vm-memory views of it are alive: replacing it with \

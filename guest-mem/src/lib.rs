@@ -12,6 +12,7 @@ mod give_back;
 pub mod guest_ram;
 mod host_mem;
 pub mod kpageflags;
+pub mod layout;
 pub mod mapping;
 pub mod memfd;
 pub mod pagemap;
@@ -24,6 +25,7 @@ pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
 pub use guest_ram::{FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
+pub use layout::{RamLayout, RamRegion, RamSlot, HIGH_RAM_START, MMIO_HOLE_START};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
 pub use stats::{DiscardReport, HostView, PoolStats};
 

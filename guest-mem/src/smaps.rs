@@ -204,9 +204,39 @@ pub fn read_meminfo() -> Result<HugeMeminfo, GuestMemError> {
     parse_meminfo(&text)
 }
 
+/// `MemAvailable` of meminfo text, in bytes.
+pub fn parse_mem_available(text: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next()? == "MemAvailable:")
+            .then(|| it.next()?.parse::<u64>().ok())?
+            .map(|kb| kb * 1024)
+    })
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes: what the host can give a
+/// new user without swapping.
+pub fn read_mem_available() -> Result<u64, GuestMemError> {
+    let text = std::fs::read_to_string(MEMINFO).map_err(|source| GuestMemError::HostRead {
+        path: MEMINFO.into(),
+        source,
+    })?;
+    parse_mem_available(&text).ok_or_else(|| GuestMemError::HostParse {
+        path: MEMINFO.into(),
+        detail: "no MemAvailable line".into(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_available_in_bytes() {
+        let t = "MemTotal:  100 kB\nMemAvailable:    2048 kB\n";
+        assert_eq!(parse_mem_available(t), Some(2 << 20));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+    }
 
     const SAMPLE: &str = "\
 7f0000000000-7f0000200000 rw-s 00000000 00:10 5 /memfd:pool (deleted)

@@ -34,9 +34,23 @@ fn size_not_a_multiple_of_2m() {
             format!("guest RAM size {size} bytes is not a positive multiple of 2 MiB (2097152): round it to a multiple of 2M")
         );
     }
-    let e = GuestRam::new(&GuestRamConfig::new(4 << 30, Backing::Small4k)).unwrap_err();
+    let e = GuestRam::new(&GuestRamConfig::new(512 << 30, Backing::Small4k)).unwrap_err();
     assert!(
-        e.to_string().contains("larger than the maximum 0xc0000000"),
+        e.to_string()
+            .contains("larger than the maximum 0x7fc0000000"),
+        "{e}"
+    );
+}
+
+#[test]
+fn more_ram_than_the_host_can_back_is_refused_before_anything_is_allocated() {
+    let e = GuestRam::new(&GuestRamConfig::new(500 << 30, Backing::Small4k)).unwrap_err();
+    assert!(
+        matches!(e, GuestMemError::HostCannotBack { need, huge: 0, .. } if need == 500 << 30),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("512000 MiB of ordinary host memory"),
         "{e}"
     );
 }

@@ -55,7 +55,7 @@ impl LinuxVm {
         if backing == "hugetlb" && free < MEMORY_FRAMES {
             return Err(format!(
                 "{free} free hugetlb pages, {MEMORY_FRAMES} needed \
-                 (echo 1280 > /proc/sys/vm/nr_hugepages, or run resources/setup-host.sh)"
+                 (echo 2048 > /proc/sys/vm/nr_hugepages, or run resources/setup-host.sh)"
             ));
         }
         if backing == "thp" {

@@ -204,19 +204,60 @@ fn batch() -> Result<&'static BatchOutcome, String> {
                     let _ = NO_WORKLOAD_IMAGE.set(why);
                 }
             }
-            let vmm: PathBuf = vmm_bin();
-            eprintln!(
-                "booting the emulated AMD-V + NPT host for {} commands (deadline {} s)",
-                b.commands.len(),
-                b.deadline().as_secs()
+            boot(&img, &b)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// One L1 boot running batch `b`.
+fn boot(img: &Image, b: &Batch) -> Result<BatchOutcome, String> {
+    let vmm: PathBuf = vmm_bin();
+    eprintln!(
+        "booting the emulated AMD-V + NPT host ({} MiB) for {} commands (deadline {} s)",
+        b.memory_mib,
+        b.commands.len(),
+        b.deadline().as_secs()
+    );
+    let out = l1host::run(img, &vmm, b).map_err(|e| e.to_string())?;
+    eprintln!(
+        "L1 batch: {:.0} s wall, complete {}",
+        out.wall.as_secs_f64(),
+        out.complete()
+    );
+    Ok(out)
+}
+
+/// Guest RAM of the above-4G run: 3 GiB below the 32-bit MMIO hole, 1.5 GiB
+/// from 4 GiB up (2304 huge pages).
+const ABOVE_4G_MEMORY: &str = "4608M";
+const ABOVE_4G: &str = "unmap-above-4g";
+
+/// A second, larger L1 (6 GiB, 2400 huge pages) for a guest with RAM above
+/// 4 GiB, booted only for that test (about 2 minutes of wall time).
+fn batch_above_4g() -> Result<&'static BatchOutcome, String> {
+    static BATCH: OnceLock<Result<BatchOutcome, String>> = OnceLock::new();
+    BATCH
+        .get_or_init(|| {
+            let img = Image::locate()?;
+            let mut b = Batch {
+                memory_mib: 6144,
+                hugepages: 2400,
+                ..Batch::default()
+            };
+            b.command(
+                ABOVE_4G,
+                600,
+                Mode::Capture,
+                with_report(
+                    ABOVE_4G,
+                    &format!(
+                        "run --test-guest unmap --backing hugetlb --memory {ABOVE_4G_MEMORY} \
+                         --guest-arg stride=256 --stats"
+                    ),
+                ),
             );
-            let out = l1host::run(&img, &vmm, &b).map_err(|e| e.to_string())?;
-            eprintln!(
-                "L1 batch: {:.0} s wall, complete {}",
-                out.wall.as_secs_f64(),
-                out.complete()
-            );
-            Ok(out)
+            boot(&img, &b)
         })
         .as_ref()
         .map_err(Clone::clone)
@@ -345,6 +386,11 @@ fn verify_thp_kvm_equals_mirror() {
 
 fn unmap(id: &str) {
     let out = batch_or_skip!();
+    unmap_in(out, id);
+}
+
+/// `unmap` (K = 8) exact on the TDP MMU: `pages_2m` down by K and back.
+fn unmap_in(out: &BatchOutcome, id: &str) -> Value {
     let rep = kvm_equals_mirror(out, id);
     let k = num(&rep, &["report_totals", "pages_discarded"]);
     assert_eq!(k, 8);
@@ -359,6 +405,40 @@ fn unmap(id: &str) {
     let two_m = |p: u64| num(&phase(p), &["kvm", "pages_2m"]);
     assert_eq!(two_m(1) - two_m(2), k, "give-back splits exactly K frames");
     assert_eq!(two_m(5), two_m(1), "collapse brings them back");
+    rep
+}
+
+/// `unmap` with 4.5 GiB of guest RAM, two memslots around the 32-bit MMIO
+/// hole, 8 frames given back of which 2 above 4 GiB (`stride=256`): KVM's
+/// TDP MMU equals the mirror at every checkpoint, and at checkpoint 3 the
+/// two frames above the hole are mapped with 512 4K leaves each.
+#[test]
+fn unmap_above_4g_hugetlb_on_tdp() {
+    let out = match batch_above_4g() {
+        Ok(b) => b,
+        Err(why) => skip!("the emulated AMD-V host cannot run here: {why}"),
+    };
+    let rep = unmap_in(out, ABOVE_4G);
+    let slots: Vec<(u64, u64)> = rep["slots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| (num(s, &["gpa"]), num(s, &["size"])))
+        .collect();
+    assert_eq!(slots, vec![(0, 3 << 30), (4 << 30, 3 << 29)], "{rep:#}");
+    let c3 = rep["checkpoints"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["phase"].as_u64() == Some(3)))
+        .expect("checkpoint 3");
+    let slot1 = c3["mirror"]["per_slot"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["id"].as_u64() == Some(1)))
+        .expect("slot 1 in the prediction");
+    assert_eq!(
+        (num(slot1, &["pages_4k"]), num(slot1, &["pages_2m"])),
+        (2 * 512, 768 - 2),
+        "{c3:#}"
+    );
 }
 
 #[test]

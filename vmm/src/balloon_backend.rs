@@ -224,13 +224,13 @@ impl std::fmt::Debug for BalloonDevice {
 }
 
 impl BalloonDevice {
-    /// A balloon over `m`'s guest RAM (`ram_size` bytes, view `mem`) raising
+    /// A balloon over `m`'s guest RAM (as `layout` places it, view `mem`) raising
     /// `line`; `initial_target` bytes are asked for once the driver is ready;
     /// free page reporting is offered if `free_page_reporting`.
     pub fn new(
         m: Weak<Machine>,
         mem: vm_memory::GuestMemoryMmap,
-        ram_size: u64,
+        layout: guest_mem::RamLayout,
         line: Arc<dyn Interrupt>,
         initial_target: Option<u64>,
         free_page_reporting: bool,
@@ -244,7 +244,9 @@ impl BalloonDevice {
         };
         let cfg = BalloonConfig {
             reporting: free_page_reporting,
-            ..BalloonConfig::new(ram_size)
+            hole: (layout.high_size() > 0)
+                .then_some((guest_mem::MMIO_HOLE_START, guest_mem::HIGH_RAM_START)),
+            ..BalloonConfig::new(layout.span())
         };
         let balloon = Balloon::new(cfg, backend)?;
         let mut transport = MmioTransport::new(balloon, mem, line);

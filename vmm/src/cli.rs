@@ -50,9 +50,21 @@ pub struct RunArgs {
     /// Extra kernel command-line entries, added after the defaults.
     #[arg(long, value_name = "STR", requires = "kernel")]
     pub cmdline: Option<String>,
-    /// Guest RAM size: bytes, or with a K, M or G suffix (e.g. 512M, 2G).
+    /// Guest RAM size: bytes, or with a K, M or G suffix (e.g. 512M, 2G,
+    /// 16G). Up to 3 GiB lies below the 32-bit MMIO hole, the rest from
+    /// 4 GiB up. Limit: what the host can back, since every page is
+    /// populated at start (MemAvailable, plus free 2M hugetlb pages with
+    /// --backing hugetlb), and at most 511 GiB (RAM ends at 512 GiB, what
+    /// one page-directory pointer table of the test guests maps).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
     pub memory: u64,
+    /// Cut guest RAM into KVM memslots of at most SIZE (a 4K multiple; for
+    /// tests). Default: one memslot per RAM region (below and above the
+    /// hole), each 2M-aligned in guest-physical and host space. A size that
+    /// is not a 2M multiple leaves partial 2M frames at slot edges, which
+    /// KVM (and the mirror) map with 4K pages only.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memslot_size: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
     pub vcpus: u8,

@@ -83,8 +83,7 @@ impl Collapser {
     fn collapse_frame(&self, m: &Machine, frame: usize) -> bool {
         let _device = m.balloon().map(|b| b.lock());
         let mut ram = m.ram();
-        let states = ram.frame_states();
-        if !states.get(frame).is_some_and(|s| self.cfg.eligible(*s)) {
+        if !self.cfg.eligible(ram.frame_state(frame)) {
             return false;
         }
         let timed = TimedQuiesce::new(&m.control);

@@ -288,7 +288,7 @@ impl Machine {
             None => mirror::predict_all_touched(
                 ctx,
                 ram.host_addr(),
-                ram.size(),
+                ram.memslots(),
                 mirror::host_levels(&states),
                 false,
                 None,
@@ -297,7 +297,7 @@ impl Machine {
                 let mut live = lock(&self.live_mirror);
                 let l = match live.as_mut() {
                     Some(l) => l,
-                    None => match LiveMirror::new(ctx, ram.host_addr(), ram.size()) {
+                    None => match LiveMirror::new(ctx, ram.host_addr(), ram.memslots()) {
                         Ok(l) => live.insert(l),
                         Err(e) => {
                             log::warn!("the KVM mirror could not start: {e}");
@@ -306,6 +306,7 @@ impl Machine {
                     },
                 };
                 let changed = ram.take_changed_frames();
+                let pages = ram.take_changed_pages();
                 let single = g.work.len() <= 1;
                 let (work, vcpu, comparable) = match at {
                     MirrorPoint::Checkpoint { vcpu, phase } => (
@@ -317,6 +318,7 @@ impl Machine {
                     MirrorPoint::Snapshot => (false, None, false),
                 };
                 l.invalidate_frames(&changed)
+                    .and_then(|()| l.invalidate_pages(&pages))
                     .and_then(|()| l.observe(ctx, &states, work, vcpu, comparable))
             }
         };
@@ -348,7 +350,7 @@ impl Machine {
                 None => MappingStats::default(),
             };
             let p = self.predict(&mut ram, MirrorPoint::Checkpoint { vcpu, phase });
-            (kvm, FrameCounts::of(&ram.frame_states()), p)
+            (kvm, FrameCounts::of(&ram.frame_states(), ram.layout()), p)
         });
         let agrees = match (&predicted, kvm.pages_4k, kvm.pages_2m) {
             (Some(p), Some(k4), Some(k2)) => p.agrees(k4, k2),

@@ -22,6 +22,8 @@ use thp::kvm_mirror::{
 };
 use thp::units::Level;
 
+use guest_mem::RamSlot;
+
 use crate::testguest::touch::GuestTouches;
 use crate::testguest::GuestPageSize;
 
@@ -48,6 +50,45 @@ pub struct Prediction {
     pub comparable: bool,
     /// The MMU mirrored, e.g. "shadow MMU (rules of Linux 6.18, host kernel 6.18.44; nx_huge_pages=N, eager_page_split=Y)".
     pub mmu: String,
+    /// The predicted mappings per memslot (KVM counts per VM only).
+    pub per_slot: Vec<SlotMappings>,
+}
+
+/// The mirror's mappings in one memslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SlotMappings {
+    /// Slot id.
+    pub id: u32,
+    /// 4K leaves whose gfn is in the slot.
+    pub pages_4k: u64,
+    /// 2M leaves whose gfn is in the slot.
+    pub pages_2m: u64,
+}
+
+/// The mirror's leaves counted per memslot.
+pub fn per_slot(mmu: &SecondaryMmu) -> Vec<SlotMappings> {
+    let mut v: Vec<SlotMappings> = mmu
+        .slots()
+        .map(|s| SlotMappings {
+            id: s.id,
+            pages_4k: 0,
+            pages_2m: 0,
+        })
+        .collect();
+    let ids: Vec<(u64, u64)> = mmu.slots().map(|s| (s.base_gfn, s.end_gfn())).collect();
+    for (gfn, level, _) in mmu.entries() {
+        // Slots are sorted by base gfn.
+        let i = ids.partition_point(|(b, _)| *b <= gfn);
+        let Some(i) = i.checked_sub(1).filter(|i| gfn < ids[*i].1) else {
+            continue;
+        };
+        match level {
+            Level::K4 => v[i].pages_4k += 1,
+            Level::M2 => v[i].pages_2m += 1,
+            Level::G1 => {}
+        }
+    }
+    v
 }
 
 /// The outcome of comparing KVM's counters with a [`Prediction`].
@@ -270,7 +311,7 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches) -> Reserved {
 }
 
 /// The shadowed guest page-table gfns (empty on the TDP MMU).
-fn shadowed(ctx: &MirrorContext, g: &GuestTouches, size: u64) -> Vec<u64> {
+fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu) -> Vec<u64> {
     if !ctx.mmu.shadow_paging() {
         return Vec::new();
     }
@@ -278,21 +319,31 @@ fn shadowed(ctx: &MirrorContext, g: &GuestTouches, size: u64) -> Vec<u64> {
         .page_tables
         .iter()
         .flat_map(pages)
-        .filter(|p| p * PAGE < size)
+        .filter(|p| mmu.slot_for_gfn(*p).is_some())
         .collect();
     v.sort_unstable();
     v.dedup();
     v
 }
 
-fn slot0(host_addr: u64, size: u64, dirty_logging: bool) -> Memslot {
+/// The mirror's memslot of a guest RAM memslot.
+pub fn memslot(s: &RamSlot, dirty_logging: bool) -> Memslot {
     Memslot {
-        id: 0,
-        base_gfn: 0,
-        npages: size / PAGE,
-        userspace_addr: host_addr,
+        id: s.id,
+        base_gfn: s.gpa / PAGE,
+        npages: s.size / PAGE,
+        userspace_addr: s.host_addr,
         dirty_logging,
     }
+}
+
+/// A secondary MMU with guest RAM's memslots, logging off.
+fn with_slots(ctx: &MirrorContext, slots: &[RamSlot]) -> Result<SecondaryMmu, MirrorError> {
+    let mut mmu = SecondaryMmu::with_params(ctx.mmu);
+    for s in slots {
+        mmu.add_slot(memslot(s, false))?;
+    }
+    Ok(mmu)
 }
 
 /// Frames the host maps with one PMD whose `lpage_info` allows 2M.
@@ -309,36 +360,47 @@ fn max_2m(mmu: &SecondaryMmu, levels: &[Option<Level>]) -> u64 {
 pub struct LiveMirror {
     mmu: SecondaryMmu,
     host_addr: u64,
-    size: u64,
 }
 
 impl LiveMirror {
-    /// Memslot 0 over guest RAM at `host_addr`; on the shadow MMU the
-    /// guest's page tables are shadowed (write-tracked) from the start.
-    pub fn new(ctx: &MirrorContext, host_addr: u64, size: u64) -> Result<LiveMirror, MirrorError> {
-        let mut mmu = SecondaryMmu::with_params(ctx.mmu);
-        mmu.add_slot(slot0(host_addr, size, false))?;
+    /// Guest RAM's memslots `slots` (host range at `host_addr`, gpa `g` at
+    /// `host_addr + g`); on the shadow MMU the guest's page tables are
+    /// shadowed (write-tracked) from the start.
+    pub fn new(
+        ctx: &MirrorContext,
+        host_addr: u64,
+        slots: &[RamSlot],
+    ) -> Result<LiveMirror, MirrorError> {
+        let mut mmu = with_slots(ctx, slots)?;
         if let Some(g) = &ctx.guest {
-            for gfn in shadowed(ctx, g, size) {
+            for gfn in shadowed(ctx, g, &mmu) {
                 mmu.account_shadowed(gfn)?;
             }
         }
-        Ok(LiveMirror {
-            mmu,
-            host_addr,
-            size,
-        })
+        Ok(LiveMirror { mmu, host_addr })
     }
 
     /// Replay the host changes of `changed` frames as invalidations.
     pub fn invalidate_frames(&mut self, changed: &[usize]) -> Result<(), MirrorError> {
         for f in changed {
+            // A frame outside every memslot (the MMIO hole) hits none:
+            // KVM counts nothing and the mirror does the same.
             let a = self.host_addr + *f as u64 * HPAGE;
-            if a - self.host_addr >= self.size {
-                continue;
-            }
             self.mmu.invalidate_range_start(a, a + HPAGE);
             self.mmu.invalidate_range_end(a, a + HPAGE)?;
+        }
+        Ok(())
+    }
+
+    /// Replay host changes of single 4K pages `(frame, pages)` as
+    /// invalidations of exactly those pages.
+    pub fn invalidate_pages(&mut self, changed: &[(usize, Vec<u16>)]) -> Result<(), MirrorError> {
+        for (f, pages) in changed {
+            for p in pages {
+                let a = self.host_addr + *f as u64 * HPAGE + u64::from(*p) * PAGE;
+                self.mmu.invalidate_range_start(a, a + PAGE);
+                self.mmu.invalidate_range_end(a, a + PAGE)?;
+            }
         }
         Ok(())
     }
@@ -371,10 +433,10 @@ impl LiveMirror {
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| work && vcpu.is_none_or(|v| v == *i))
-                .flat_map(|(_, r)| pages(r))
+                .flat_map(|(_, rs)| rs.iter().flat_map(pages))
                 .map(|p| touch(p, level, WRITE));
             for x in t.into_iter().chain(work_pages) {
-                if x.gfn * PAGE < self.size {
+                if self.mmu.slot_for_gfn(x.gfn).is_some() {
                     self.mmu
                         .fault_access(x.gfn, x.guest_max_level, x.access, &host)?;
                 }
@@ -388,6 +450,7 @@ impl LiveMirror {
             max_pages_2m: max_2m(&self.mmu, &levels),
             comparable,
             mmu: ctx.mmu_name(),
+            per_slot: per_slot(&self.mmu),
         })
     }
 }
@@ -401,17 +464,18 @@ impl LiveMirror {
 pub fn predict_all_touched(
     ctx: &MirrorContext,
     host_addr: u64,
-    size: u64,
+    slots: &[RamSlot],
     levels: Vec<Option<Level>>,
     dirty: bool,
     extra_4k: Option<(u64, String)>,
 ) -> Result<Prediction, MirrorError> {
     let host = LevelMap::new(host_addr, levels.clone());
-    let mut mmu = SecondaryMmu::with_params(ctx.mmu);
-    mmu.add_slot(slot0(host_addr, size, false))?;
+    let mut mmu = with_slots(ctx, slots)?;
     let Some(g) = &ctx.guest else {
-        for gfn in 0..size / PAGE {
-            mmu.fault_access(gfn, Level::G1, WRITE, &host)?;
+        for s in slots {
+            for gfn in pages(&s.range()) {
+                mmu.fault_access(gfn, Level::G1, WRITE, &host)?;
+            }
         }
         return Ok(Prediction {
             pages_4k: mmu.pages_4k(),
@@ -421,9 +485,10 @@ pub fn predict_all_touched(
             max_pages_2m: max_2m(&mmu, &levels),
             comparable: false,
             mmu: ctx.mmu_name(),
+            per_slot: per_slot(&mmu),
         });
     };
-    for gfn in shadowed(ctx, g, size) {
+    for gfn in shadowed(ctx, g, &mmu) {
         mmu.account_shadowed(gfn)?;
     }
     let r = reserved_touches(ctx, g);
@@ -435,16 +500,19 @@ pub fn predict_all_touched(
         .chain(
             g.work
                 .iter()
+                .flatten()
                 .flat_map(pages)
                 .map(|p| touch(p, level, WRITE)),
         )
-        .filter(|x| x.gfn * PAGE < size)
+        .filter(|x| mmu.slot_for_gfn(x.gfn).is_some())
         .collect();
     for x in &all {
         mmu.fault_access(x.gfn, x.guest_max_level, x.access, &host)?;
     }
     if dirty {
-        mmu.set_dirty_logging(0, true, &host)?;
+        for s in slots {
+            mmu.set_dirty_logging(s.id, true, &host)?;
+        }
         for x in &all {
             mmu.fault_access(x.gfn, x.guest_max_level, x.access, &host)?;
         }
@@ -485,6 +553,7 @@ pub fn predict_all_touched(
         max_pages_2m: max_2m(&mmu, &levels),
         comparable: true,
         mmu: ctx.mmu_name(),
+        per_slot: per_slot(&mmu),
     })
 }
 
@@ -527,6 +596,13 @@ mod tests {
 
     const BASE: u64 = 0x7f00_0000_0000;
 
+    fn ram_slots(base: u64, size: u64) -> Vec<RamSlot> {
+        guest_mem::RamLayout::new(size)
+            .unwrap()
+            .memslots(base, None)
+            .unwrap()
+    }
+
     fn ctx(mmu: MmuParams, name: TestGuestName, mib: u64, pages: GuestPageSize) -> MirrorContext {
         let mut p = TestGuestParams::new(name, mib << 20);
         p.guest_pages = pages;
@@ -551,7 +627,7 @@ mod tests {
             256,
             GuestPageSize::Size2M,
         );
-        let mut l = LiveMirror::new(&c, BASE, 256 << 20).unwrap();
+        let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 256 << 20)).unwrap();
         let p = l.observe(&c, &huge(128), true, None, true).unwrap();
         assert_eq!((p.pages_4k, p.pages_2m, p.pages_4k_max), (16, 127, 16));
         assert_eq!(p.verdict(16, 127), Verdict::Match);
@@ -562,7 +638,7 @@ mod tests {
             256,
             GuestPageSize::Size2M,
         );
-        let mut l = LiveMirror::new(&c, BASE, 256 << 20).unwrap();
+        let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 256 << 20)).unwrap();
         let p = l.observe(&c, &huge(128), true, None, true).unwrap();
         assert_eq!((p.pages_4k, p.pages_2m), (0, 128));
     }
@@ -573,7 +649,7 @@ mod tests {
     fn unmap_checkpoint_2_has_no_4k_leaves_in_the_split_frames() {
         for mmu in [MmuParams::tdp(), MmuParams::shadow()] {
             let c = ctx(mmu, TestGuestName::Unmap, 64, GuestPageSize::Size2M);
-            let mut l = LiveMirror::new(&c, BASE, 64 << 20).unwrap();
+            let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 64 << 20)).unwrap();
             let mut states = huge(32);
             let p1 = l.observe(&c, &states, true, None, true).unwrap();
             for s in &mut states[1..9] {
@@ -592,34 +668,25 @@ mod tests {
     /// logging on, eager splitting makes every frame 512 4K leaves.
     #[test]
     fn stress_on_tdp_is_exact_and_dirty_logging_splits_everything() {
-        let c = ctx(
-            MmuParams::tdp(),
-            TestGuestName::Stress,
-            256,
-            GuestPageSize::Size2M,
-        );
         let mut states = huge(128);
         for s in &mut states[10..20] {
             *s = guest_mem::FrameView::Small { present: 512 };
         }
-        let p =
-            predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), false, None).unwrap();
+        let predict = |mmu, dirty| {
+            let c = ctx(mmu, TestGuestName::Stress, 256, GuestPageSize::Size2M);
+            let slots = ram_slots(BASE, 256 << 20);
+            predict_all_touched(&c, BASE, &slots, host_levels(&states), dirty, None).unwrap()
+        };
+        let p = predict(MmuParams::tdp(), false);
         assert_eq!(
             (p.pages_4k, p.pages_4k_max, p.pages_2m),
             (10 * 512, 10 * 512, 118)
         );
-        let d = predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), true, None).unwrap();
+        let d = predict(MmuParams::tdp(), true);
         assert_eq!((d.pages_4k, d.pages_4k_max, d.pages_2m), (65536, 65536, 0));
         // Shadow MMU: frame 0 at 4K (page tables), all of it swept by the
         // guest every pass: exact.
-        let c = ctx(
-            MmuParams::shadow(),
-            TestGuestName::Stress,
-            256,
-            GuestPageSize::Size2M,
-        );
-        let p =
-            predict_all_touched(&c, BASE, 256 << 20, host_levels(&states), false, None).unwrap();
+        let p = predict(MmuParams::shadow(), false);
         assert_eq!(p.pages_2m, 117);
         assert_eq!((p.pages_4k, p.pages_4k_max), (11 * 512, 11 * 512));
         assert_eq!(p.verdict(11 * 512, 117), Verdict::Match);
@@ -636,7 +703,15 @@ mod tests {
         };
         let mut states = huge(4);
         states[1] = guest_mem::FrameView::Small { present: 512 };
-        let p = predict_all_touched(&c, BASE, 8 << 20, host_levels(&states), false, None).unwrap();
+        let p = predict_all_touched(
+            &c,
+            BASE,
+            &ram_slots(BASE, 8 << 20),
+            host_levels(&states),
+            false,
+            None,
+        )
+        .unwrap();
         assert!(!p.comparable);
         assert_eq!(p.max_pages_2m, 3);
         assert_eq!(p.verdict(100, 3), Verdict::Informative(None));
@@ -650,8 +725,15 @@ mod tests {
             mmu: MmuParams::tdp(),
             guest: None,
         };
-        let p = predict_all_touched(&c, BASE + PAGE, 4 << 20, host_levels(&huge(2)), false, None)
-            .unwrap();
+        let p = predict_all_touched(
+            &c,
+            BASE + PAGE,
+            &ram_slots(BASE + PAGE, 4 << 20),
+            host_levels(&huge(2)),
+            false,
+            None,
+        )
+        .unwrap();
         assert_eq!((p.pages_4k, p.pages_2m, p.max_pages_2m), (1024, 0, 0));
     }
 }

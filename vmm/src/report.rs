@@ -52,6 +52,9 @@ pub struct RunReport {
     pub kvm_all: BTreeMap<String, u64>,
     /// Host frame states.
     pub frames: FrameCounts,
+    /// Guest RAM's memslots at the end: host frames and the mirror's
+    /// mappings per slot.
+    pub slots: Vec<SlotReport>,
     /// The mirror's prediction.
     pub mirror: Option<Prediction>,
     /// Test-guest reports.
@@ -112,8 +115,9 @@ pub fn collect(
     let mut ram = m.ram();
     let prediction = m.predict(&mut ram, MirrorPoint::End);
     let states = ram.frame_states();
-    let mut frames = FrameCounts::of(&states);
+    let mut frames = FrameCounts::of(&states, ram.layout());
     frames.released = ram.released_frames().len();
+    let slots = slot_reports(&ram, &states, prediction.as_ref());
     let pool = snapshot::pool_report(&ram);
     let host_memory_end = HostMemory::read(&ram);
     drop(ram);
@@ -150,6 +154,7 @@ pub fn collect(
         kvm_samples: Vec::new(),
         kvm_all,
         frames,
+        slots,
         mirror: prediction,
         reports,
         report_totals: totals,
@@ -188,6 +193,70 @@ fn mirror_mismatch(m: &Machine, kvm: &MappingStats, end: &Option<Prediction>) ->
 
 fn opt(v: Option<u64>) -> String {
     v.map_or_else(|| "n/a".to_string(), |v| v.to_string())
+}
+
+/// One memslot of guest RAM in the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotReport {
+    /// Slot id.
+    pub id: u32,
+    /// First guest-physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Host states of the frames overlapping the slot.
+    pub frames: FrameCounts,
+    /// The mirror's 4K mappings in the slot (`None` without a mirror).
+    pub mirror_pages_4k: Option<u64>,
+    /// The mirror's 2M mappings in the slot.
+    pub mirror_pages_2m: Option<u64>,
+}
+
+fn slot_reports(
+    ram: &guest_mem::GuestRam,
+    states: &[guest_mem::FrameView],
+    p: Option<&Prediction>,
+) -> Vec<SlotReport> {
+    ram.memslots()
+        .iter()
+        .map(|s| {
+            let m = p.and_then(|p| p.per_slot.iter().find(|x| x.id == s.id));
+            SlotReport {
+                id: s.id,
+                gpa: s.gpa,
+                size: s.size,
+                frames: FrameCounts::of_range(states, ram.layout(), s.range()),
+                mirror_pages_4k: m.map(|m| m.pages_4k),
+                mirror_pages_2m: m.map(|m| m.pages_2m),
+            }
+        })
+        .collect()
+}
+
+/// The per-memslot lines of the statistics table (KVM counts per VM only).
+fn slots_text(slots: &[SlotReport]) -> String {
+    let mut s = format!(
+        "  memslots ({}; KVM counts per VM, the mirror per slot):\n    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10}\n",
+        slots.len(),
+        "slot",
+        "guest-physical",
+        "MiB",
+        "huge/small",
+        "mirror 2m",
+        "mirror 4k"
+    );
+    for x in slots {
+        s.push_str(&format!(
+            "    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10}\n",
+            x.id,
+            format!("[{:#x}, {:#x})", x.gpa, x.gpa + x.size),
+            x.size >> 20,
+            format!("{}/{}", x.frames.huge, x.frames.small),
+            opt(x.mirror_pages_2m),
+            opt(x.mirror_pages_4k)
+        ));
+    }
+    s
 }
 
 /// The human-readable statistics table.
@@ -233,6 +302,9 @@ pub fn stats_text(r: &RunReport) -> String {
             _ => "KVM has no pages_4k / pages_2m statistics".to_string(),
         };
         s.push_str(&format!("  mirror: {line}\n"));
+    }
+    if !r.slots.is_empty() {
+        s.push_str(&slots_text(&r.slots));
     }
     if !r.checkpoints.is_empty() {
         s.push_str(&checkpoints_text(&r.checkpoints));

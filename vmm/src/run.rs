@@ -116,6 +116,8 @@ impl RunError {
                     | GuestMemError::ShmemThpDisabled { .. }
                     | GuestMemError::SizeNotMultipleOf2M { .. }
                     | GuestMemError::SizeTooLarge { .. }
+                    | GuestMemError::HostCannotBack { .. }
+                    | GuestMemError::BadMemslotSize { .. }
                     | GuestMemError::Memfd { .. }
             ),
             RunError::Vm(e) => e.is_bad_input(),
@@ -153,10 +155,18 @@ fn check_args(a: &RunArgs) -> Result<(), RunError> {
     }
     if a.memory > guest_mem::MAX_RAM_SIZE {
         return Err(RunError::Usage(format!(
-            "--memory {:#x} is larger than the maximum {:#x} (3 GiB, RAM ends below the 32-bit MMIO hole)",
+            "--memory {:#x} is larger than the maximum {:#x} (511 GiB: 3 GiB below the 32-bit \
+             MMIO hole, the rest from 4 GiB up to 512 GiB)",
             a.memory,
             guest_mem::MAX_RAM_SIZE
         )));
+    }
+    if let Some(size) = a.memslot_size {
+        // The layout itself is checked above; here the cut into memslots.
+        if let Err(e) = guest_mem::RamLayout::new(a.memory).and_then(|l| l.memslots(0, Some(size)))
+        {
+            return Err(RunError::Usage(format!("--memslot-size {size}: {e}")));
+        }
     }
     if let Some(t) = a.timeout {
         if !(t > 0.0 && t.is_finite()) {
@@ -249,19 +259,20 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
 
     let collapser_cfg = collapser_config(args);
     let mut ram_cfg = GuestRamConfig::new(args.memory, args.backing);
+    ram_cfg.memslot_size = args.memslot_size;
     // The model refuses collapses the collapser's policy would not ask for.
     ram_cfg.policy.khugepaged = collapser_cfg.khugepaged;
     let mut ram = GuestRam::new(&ram_cfg)?;
     ram.populate_all()?;
     let mem = ram.memory();
-    let size = ram.size();
+    let layout = ram.layout();
 
     // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
     // in place with MAP_FIXED) until it is dropped; the Machine below owns
     // `ram` and outlives every vCPU thread, and the VM fd is dropped first.
-    let mut vm = unsafe { Vm::new(kvm, usize::from(args.vcpus), ram.host_addr(), size)? };
+    let mut vm = unsafe { Vm::new(kvm, usize::from(args.vcpus), ram.memslots())? };
 
-    let tables = long_mode::setup(&mem, size)?;
+    let tables = long_mode::setup(&mem, layout.low_size())?;
     let (kind, test_device) = match &image {
         Some(img) => {
             img.load(&mem)?;
@@ -286,7 +297,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 defaults_len,
                 vcpus: args.vcpus,
             };
-            let entry = linux::load(&mem, size, &spec)?;
+            let entry = linux::load(&mem, layout, &spec)?;
             log::info!(
                 "kernel entry {:#x}, image end {:#x}, initrd {:x?}, command line {:?}",
                 entry.entry,
@@ -370,7 +381,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         let mut dev = BalloonDevice::new(
             Arc::downgrade(&machine),
             machine.mem.clone(),
-            size,
+            layout,
             Arc::new(IrqfdLine(e)),
             args.balloon_target,
             !args.no_free_page_reporting,

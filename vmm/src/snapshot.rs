@@ -28,10 +28,28 @@ pub struct FrameCounts {
 }
 
 impl FrameCounts {
-    /// Count `states`.
-    pub fn of(states: &[guest_mem::FrameView]) -> FrameCounts {
+    /// Count the RAM frames of `states` (indexed by frame; the 32-bit MMIO
+    /// hole's frames are not RAM and not counted).
+    pub fn of(states: &[guest_mem::FrameView], layout: guest_mem::RamLayout) -> FrameCounts {
+        Self::of_range(states, layout, 0..u64::MAX)
+    }
+
+    /// Count the RAM frames of `states` that overlap guest-physical `range`.
+    pub fn of_range(
+        states: &[guest_mem::FrameView],
+        layout: guest_mem::RamLayout,
+        range: std::ops::Range<u64>,
+    ) -> FrameCounts {
+        let hpage = guest_mem::HPAGE_SIZE;
         let mut c = FrameCounts::default();
-        for f in states {
+        let frames = layout
+            .ram_frame_indices()
+            .filter(|f| {
+                let gpa = *f as u64 * hpage;
+                gpa < range.end && gpa + hpage > range.start
+            })
+            .filter_map(|f| states.get(f));
+        for f in frames {
             match f {
                 guest_mem::FrameView::Huge { .. } => c.huge += 1,
                 guest_mem::FrameView::Small { .. } => c.small += 1,
@@ -138,7 +156,7 @@ pub fn take(m: &Machine) -> Snapshot {
         .unwrap_or_default();
     let mirror = m.predict(&mut ram, MirrorPoint::Snapshot);
     let states = ram.frame_states();
-    let mut frames = FrameCounts::of(&states);
+    let mut frames = FrameCounts::of(&states, ram.layout());
     frames.released = ram.released_frames().len();
     let snap = Snapshot {
         kvm,

@@ -1,4 +1,4 @@
-//! `Vm`: the KVM VM fd, in-kernel irqchip and PIT, memslot 0 over `GuestRam`,
+//! `Vm`: the KVM VM fd, in-kernel irqchip and PIT, the memslots over `GuestRam`,
 //! and the vCPU fds configured for a 64-bit entry.
 
 use std::path::{Path, PathBuf};
@@ -99,26 +99,20 @@ pub struct Vm {
     pub fd: VmFd,
     /// vCPU fds, index = APIC id.
     pub vcpus: Vec<VcpuFd>,
-    /// Guest RAM size registered in slot 0.
-    pub ram_size: u64,
-    /// Host address of guest RAM.
-    pub ram_host_addr: u64,
+    /// The memslots registered over guest RAM.
+    pub slots: Vec<guest_mem::RamSlot>,
 }
 
 impl Vm {
-    /// Create the VM: irqchip, PIT, memslot 0 = `[0, ram_size)` at
-    /// `ram_host_addr`, and `vcpus` vCPUs with CPUID, MSRs, FPU and LAPIC set.
+    /// Create the VM: irqchip, PIT, the memslots `slots` (guest RAM, see
+    /// `GuestRam::memslots`), and `vcpus` vCPUs with CPUID, MSRs, FPU and
+    /// LAPIC set.
     ///
     /// # Safety
     ///
-    /// `[ram_host_addr, ram_host_addr + ram_size)` must be a host mapping that
-    /// stays valid (it may be remapped in place) for the life of the VM.
-    pub unsafe fn new(
-        kvm: Kvm,
-        vcpus: usize,
-        ram_host_addr: u64,
-        ram_size: u64,
-    ) -> Result<Vm, VmError> {
+    /// Each slot's `[host_addr, host_addr + size)` must be a host mapping
+    /// that stays valid (it may be remapped in place) for the life of the VM.
+    pub unsafe fn new(kvm: Kvm, vcpus: usize, slots: &[guest_mem::RamSlot]) -> Result<Vm, VmError> {
         let max = kvm
             .get_max_vcpus()
             .min(crate::boot::mptable::MAX_VCPUS as usize);
@@ -137,17 +131,20 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: 0,
-            memory_size: ram_size,
-            userspace_addr: ram_host_addr,
-        };
-        // SAFETY: the caller guarantees the host range stays mapped for the
-        // life of the VM; KVM only accesses it through that mapping.
-        unsafe { fd.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        for s in slots {
+            let region = kvm_userspace_memory_region {
+                slot: s.id,
+                flags: 0,
+                guest_phys_addr: s.gpa,
+                memory_size: s.size,
+                userspace_addr: s.host_addr,
+            };
+            // SAFETY: the caller guarantees each slot's host range stays
+            // mapped for the life of the VM; KVM only accesses it through
+            // that mapping.
+            unsafe { fd.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let msrs = msr::boot_msrs().map_err(|_| VmError::Kvm {
@@ -181,8 +178,7 @@ impl Vm {
             kvm,
             fd,
             vcpus: fds,
-            ram_size,
-            ram_host_addr,
+            slots: slots.to_vec(),
         })
     }
 

@@ -545,6 +545,56 @@ fn bad_pfns_are_logged_and_skipped_while_the_rest_is_processed() {
     );
 }
 
+/// RAM above the 32-bit MMIO hole (5 GiB of RAM: gpa [0, 3G) and
+/// [4G, 6G)): PFNs above 4 GiB inflate and deflate, PFNs and reported runs
+/// in the hole are refused with a logged reason.
+#[test]
+fn pfns_above_4g_are_ram_and_the_hole_is_not() {
+    const G: u64 = 1 << 30;
+    let cfg = BalloonConfig {
+        hole: Some((3 * G, 4 * G)),
+        ..BalloonConfig::new(6 * G)
+    };
+    let mut d = Driver::new(cfg);
+    d.bring_up(VERSION_1 | F_REPORTING);
+    let (hole, high, last) = (
+        (3 * G / PAGE) as u32,
+        (4 * G / PAGE) as u32,
+        (6 * G / PAGE - 1) as u32,
+    );
+    let ((), logs) = capture_logs(|| d.inflate(&[high, hole, last, hole + 5, 7]));
+    assert_eq!(
+        d.backend().inflates,
+        vec![vec![u64::from(high), u64::from(last), 7]]
+    );
+    assert!(
+        logged(&logs, &format!("PFN {hole:#x} is outside guest RAM")),
+        "{logs:?}"
+    );
+    assert_eq!(d.t.device().counters().pfn_out_of_range, 2);
+    d.deflate(&[high]);
+    assert_eq!(d.backend().deflates, vec![vec![u64::from(high)]]);
+    // Free page reporting: a run above 4 GiB goes through, one in the hole
+    // (or straddling its start) does not.
+    // (Reporting is queue 2 without the stats queue.)
+    for (gpa, len) in [
+        (4 * G + 2 * MB, 2 * MB),
+        (3 * G, 4096),
+        (3 * G - 4096, 8192),
+    ] {
+        d.add_chain(2, &[(gpa, len as u32, true)]);
+    }
+    let ((), logs) = capture_logs(|| d.kick(2));
+    assert_eq!(d.backend().reports, vec![(4 * G + 2 * MB, 2 * MB)]);
+    assert!(logged(&logs, "not guest RAM"), "{logs:?}");
+    assert_eq!(d.t.device().counters().runs_rejected, 2);
+    assert!(
+        d.backend().violations.is_empty(),
+        "{:?}",
+        d.backend().violations
+    );
+}
+
 #[test]
 fn malformed_chains_are_rejected_and_the_queue_keeps_going() {
     let mut d = Driver::new(BalloonConfig::new(64 * MB));

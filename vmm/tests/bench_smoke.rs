@@ -136,7 +136,7 @@ fn linux_guest_is_refused_with_a_reason() {
 
 #[test]
 fn too_large_working_set_is_bad_input() {
-    let (code, _, stderr) = bench(&["--working-set", "3G", "--backing", "4k", "--repeat", "1"]);
+    let (code, _, stderr) = bench(&["--working-set", "600G", "--backing", "4k", "--repeat", "1"]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("does not fit"), "{stderr}");
 }

@@ -23,7 +23,7 @@ fn runner(default: u32) -> TestRunner {
 }
 
 const MB: u64 = 1 << 20;
-const MAX_RAM: u64 = 0xC000_0000;
+const MAX_RAM: u64 = guest_mem::MAX_RAM_SIZE;
 
 fn kind() -> impl Strategy<Value = EventKind> {
     prop_oneof![

@@ -53,7 +53,7 @@ fn machine_with_a_balloon_drops_without_leaking_guest_ram() {
     let dev = BalloonDevice::new(
         Arc::downgrade(&machine),
         machine.mem.clone(),
-        size,
+        guest_mem::RamLayout::new(size).unwrap(),
         Arc::new(IrqfdLine(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
         Some(32 << 20),
         true,

@@ -281,7 +281,7 @@ fn hello_writes_every_page_outside_the_reserved_region() {
         // The guest's own tables live in the reserved region: the 4K page
         // table entry of the last page maps it, user RW.
         if pages == GuestPageSize::Size4K {
-            let pte_gpa = vmm::testguest::layout::PT4K_PT + (p.ram_size / PAGE - 1) * 8;
+            let pte_gpa = image.layout.pt4k_pt() + (p.ram_size / PAGE - 1) * 8;
             let pte: u64 = mem.read_obj(GuestAddress(pte_gpa)).unwrap();
             // Ignore the accessed and dirty bits the CPU sets.
             assert_eq!(pte & !0x60, (p.ram_size - PAGE) | 7, "pte {pte:#x}");

@@ -136,8 +136,11 @@ missing (e.g. hugetlb pool too small, --guest linux on a paravirtual host), \
 4 a run returned a wrong checksum or failed, 5 a run timed out"
 )]
 pub struct TlbArgs {
-    /// Working sets (comma-separated sizes with K, M or G suffix).
-    #[arg(long, value_name = "SIZE,...", value_delimiter = ',', default_value = "64M,512M,2G", value_parser = crate::cli::parse_size)]
+    /// Working sets (comma-separated sizes with K, M or G suffix). In the
+    /// default list, 4G, 8G and 16G run only where the host can back them
+    /// (hugetlb pool for hugetlb guests and native 2M, available memory for
+    /// the others); the rest are skipped with the reason.
+    #[arg(long, value_name = "SIZE,...", value_delimiter = ',', default_value = "64M,512M,2G,4G,8G,16G", value_parser = crate::cli::parse_size)]
     pub working_set: Vec<u64>,
     /// Timed accesses per run.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_ACCESSES)]
@@ -218,7 +221,10 @@ mod tests {
     #[test]
     fn defaults_and_lists() {
         let t = tlb_args(&[]);
-        assert_eq!(t.working_set, vec![64 << 20, 512 << 20, 2 << 30]);
+        assert_eq!(
+            t.working_set,
+            vec![64 << 20, 512 << 20, 2 << 30, 4 << 30, 8 << 30, 16 << 30]
+        );
         assert_eq!(
             t.backing,
             vec![Backing::Small4k, Backing::Thp, Backing::Hugetlb]

@@ -25,6 +25,7 @@
 pub mod args;
 pub mod chart;
 pub mod error;
+pub mod fit;
 pub mod guest;
 pub mod hostdesc;
 pub mod native;

@@ -16,7 +16,7 @@ use super::error::BenchError;
 use super::hostdesc::{meminfo, HostDesc};
 use super::plan::{self, Config};
 use super::summary::{self, Samples, TlbResults};
-use super::{chart, guest, native, tsc, workload};
+use super::{chart, fit, guest, native, tsc, workload};
 use crate::testguest::GuestPageSize;
 
 /// Why `--guest linux` cannot run on this host.
@@ -266,7 +266,27 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
         return Err(BenchError::HostPrerequisite(linux_guest_unavailable(&info)));
     }
     check(a)?;
-    let cfgs = plan::configs(&a.working_set, &a.guest_pages, &a.backing, a.native);
+    let mut cfgs = plan::configs(&a.working_set, &a.guest_pages, &a.backing, a.native);
+    let default_sets: Vec<u64> = fit::SMALL_SETS
+        .iter()
+        .chain(&fit::LARGE_SETS)
+        .copied()
+        .collect();
+    if a.working_set == default_sets {
+        let room = fit::HostRoom {
+            free_huge: if meminfo("Hugepagesize:") == Some(2048) {
+                meminfo("HugePages_Free:").unwrap_or(0)
+            } else {
+                0
+            },
+            available: meminfo("MemAvailable:").unwrap_or(0) * 1024,
+        };
+        let (run, skipped) = fit::default_matrix(cfgs, room);
+        for (c, why) in skipped {
+            progress(&format!("skip: {}: {why}", c.name()));
+        }
+        cfgs = run;
+    }
     check_hugetlb_pool(&cfgs, linux)?;
     let host = HostDesc::detect(&info);
     let tsc = tsc::detect(&a.kvm.kvm_dev);
@@ -277,8 +297,9 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
     ));
     let started = Instant::now();
     let mut want = BTreeMap::new();
-    for &ws in &a.working_set {
-        want.insert(ws, guest_tlb::expected_checksum(&params(a, ws)));
+    for c in &cfgs {
+        want.entry(c.working_set)
+            .or_insert_with(|| guest_tlb::expected_checksum(&params(a, c.working_set)));
     }
     let mut samples: Vec<Samples> = cfgs.iter().map(|c| Samples::new(*c)).collect();
     let total = cfgs.len() * a.repeat as usize;

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use guest_mem::RamLayout;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -301,12 +302,14 @@ fn too_small(what: &'static str, need: u64, mem: u64) -> BootError {
     }
 }
 
-/// Load everything into `mem` (guest RAM `[0, mem_size)`).
+/// Load everything into `mem` (guest RAM as `layout` places it; kernel,
+/// initrd and boot data go below the 32-bit MMIO hole).
 pub fn load(
     mem: &GuestMemoryMmap,
-    mem_size: u64,
+    layout: RamLayout,
     spec: &LinuxBootSpec,
 ) -> Result<LinuxEntry, BootError> {
+    let mem_size = layout.low_size();
     let mut kf = open("kernel", &spec.kernel)?;
     let kind = classify(&spec.kernel, &mut kf)?;
     let loader_err = |source| BootError::Loader {
@@ -459,7 +462,7 @@ pub fn load(
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
-    let e820 = e820_map(mem_size);
+    let e820 = e820_map(layout);
     params.e820_entries = e820.len() as u8;
     params.e820_table[..e820.len()].copy_from_slice(&e820);
 
@@ -489,19 +492,24 @@ pub fn load(
     })
 }
 
-/// The e820 map: RAM `[0, 0x9fc00)`, a hole to 1 MiB, RAM `[1 MiB, size)`.
-pub fn e820_map(mem_size: u64) -> Vec<boot_e820_entry> {
+/// The e820 map: RAM `[0, 0x9fc00)`, a hole to 1 MiB, RAM `[1 MiB, low
+/// end)` below the 32-bit MMIO hole, and RAM from 4 GiB up when guest RAM
+/// goes above the hole.
+pub fn e820_map(layout: RamLayout) -> Vec<boot_e820_entry> {
     let mut v = vec![boot_e820_entry {
         addr: 0,
         size: EBDA_START,
         r#type: E820_RAM,
     }];
-    if mem_size > HIMEM_START {
-        v.push(boot_e820_entry {
-            addr: HIMEM_START,
-            size: mem_size - HIMEM_START,
-            r#type: E820_RAM,
-        });
+    for r in layout.regions() {
+        let start = r.gpa.max(HIMEM_START);
+        if r.range().end > start {
+            v.push(boot_e820_entry {
+                addr: start,
+                size: r.range().end - start,
+                r#type: E820_RAM,
+            });
+        }
     }
     v
 }
@@ -511,8 +519,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn e820_skips_the_32bit_mmio_hole() {
+        let m = e820_map(lay(8 << 30));
+        let got: Vec<(u64, u64)> = m.iter().map(|e| (e.addr, e.size)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, 0x9fc00),
+                (1 << 20, 0xc000_0000 - (1 << 20)),
+                (1 << 32, 5 << 30)
+            ]
+        );
+    }
+
+    fn lay(size: u64) -> RamLayout {
+        RamLayout::new(size).unwrap()
+    }
+
+    #[test]
     fn e820_has_hole_below_1m() {
-        let m = e820_map(256 << 20);
+        let m = e820_map(lay(256 << 20));
         assert_eq!(m.len(), 2);
         assert_eq!((m[0].addr, m[0].size), (0, 0x9fc00));
         assert_eq!((m[1].addr, m[1].size), (1 << 20, (256 << 20) - (1 << 20)));
@@ -568,7 +594,7 @@ mod tests {
         std::fs::write(&i, vec![0x5au8; 5000]).unwrap();
         let size = 64 << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
-        let e = load(&mem, size, &spec(k, Some(i), "console=ttyS0 quiet")).unwrap();
+        let e = load(&mem, lay(size), &spec(k, Some(i), "console=ttyS0 quiet")).unwrap();
         assert_eq!(e.entry, 0x100_0000);
         assert_eq!(e.zero_page, ZERO_PAGE_START);
         assert_eq!(e.kernel_end, 0x100_0000 + 0x4000);
@@ -612,7 +638,7 @@ mod tests {
         let d = tmp("bad");
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let trunc = elf(&d, 0x3000, 0x2000);
-        let e = load(&mem, 32 << 20, &spec(trunc, None, "x")).unwrap_err();
+        let e = load(&mem, lay(32 << 20), &spec(trunc, None, "x")).unwrap_err();
         assert!(
             matches!(e, BootError::BadElf { .. }) && e.to_string().contains("truncated"),
             "{e}"
@@ -620,21 +646,21 @@ mod tests {
         let text = d.join("text");
         std::fs::write(&text, b"hello").unwrap();
         assert!(matches!(
-            load(&mem, 32 << 20, &spec(text, None, "x")),
+            load(&mem, lay(32 << 20), &spec(text, None, "x")),
             Err(BootError::NotAKernel { .. })
         ));
         let k = elf(&d, 0x3000, 0x4000);
         let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
         assert!(matches!(
-            load(&small, 16 << 20, &spec(k.clone(), None, "x")),
+            load(&small, lay(16 << 20), &spec(k.clone(), None, "x")),
             Err(BootError::MemoryTooSmall { .. })
         ));
         let big = d.join("big-initrd");
         std::fs::write(&big, vec![0u8; 17 << 20]).unwrap();
-        let e = load(&mem, 32 << 20, &spec(k.clone(), Some(big), "x")).unwrap_err();
+        let e = load(&mem, lay(32 << 20), &spec(k.clone(), Some(big), "x")).unwrap_err();
         assert!(matches!(e, BootError::MemoryTooSmall { .. }), "{e}");
         let long = "a".repeat(CMDLINE_MAX_SIZE);
-        let e = load(&mem, 32 << 20, &spec(k.clone(), None, &long)).unwrap_err();
+        let e = load(&mem, lay(32 << 20), &spec(k.clone(), None, &long)).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -646,7 +672,7 @@ mod tests {
             ),
             "{e}"
         );
-        let e = load(&mem, 32 << 20, &spec(k, None, "a\u{1}b")).unwrap_err();
+        let e = load(&mem, lay(32 << 20), &spec(k, None, "a\u{1}b")).unwrap_err();
         assert!(matches!(e, BootError::CmdlineInvalid), "{e}");
     }
 
@@ -665,18 +691,18 @@ mod tests {
         let p = d.join("bzImage");
         std::fs::write(&p, &b).unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let e = load(&mem, 32 << 20, &spec(p.clone(), None, "x")).unwrap();
+        let e = load(&mem, lay(32 << 20), &spec(p.clone(), None, "x")).unwrap();
         assert_eq!(e.entry, 0x10_0200);
         assert_eq!(e.kernel_end, 0x10_0000 + 0x80_0000);
         let long = "a".repeat(300);
         assert!(matches!(
-            load(&mem, 32 << 20, &spec(p.clone(), None, &long)),
+            load(&mem, lay(32 << 20), &spec(p.clone(), None, &long)),
             Err(BootError::CmdlineTooLong { max: 255, .. })
         ));
         b[0x236] = 0;
         std::fs::write(&p, &b).unwrap();
         assert!(matches!(
-            load(&mem, 32 << 20, &spec(p, None, "x")),
+            load(&mem, lay(32 << 20), &spec(p, None, "x")),
             Err(BootError::No64BitEntry { .. })
         ));
     }

@@ -14,7 +14,7 @@ use super::args::InjectBug;
 use super::events::{Draw, Event, EventKind, HostKind};
 use super::protect;
 use super::shared::{SharedError, SharedLog};
-use super::slot::{Slot0, SlotError};
+use super::slot::{SlotError, Slots};
 use super::vcpu::StressVcpuShared;
 use crate::machine::Machine;
 use crate::mirror::{self, Prediction};
@@ -105,6 +105,9 @@ pub struct Extra {
     pub dirty_pages: u64,
     /// slot: KVM's pages_4k + pages_2m right after the delete.
     pub mapped_after_delete: u64,
+    /// The memslot the event acted in (`slot`: the one deleted and
+    /// re-created; frame events: the one holding the frame).
+    pub slot: Option<u32>,
     /// pageout: resident pages of the frame before and after.
     pub resident_before: u64,
     /// pageout: resident after.
@@ -172,7 +175,7 @@ pub struct Injector<'a> {
     /// The VM fd (memslots).
     pub vm: &'a VmFd,
     /// Slot 0.
-    pub slot: Slot0,
+    pub slot: Slots,
     /// The shared log.
     pub log: SharedLog,
     /// vCPU-side shared state (write gate).
@@ -211,6 +214,13 @@ fn os_err(op: &'static str, addr: u64) -> InjectError {
     }
 }
 
+/// The guest-physical frame of guest frame `f`: events name frames of the
+/// stress guest's virtual space, where RAM above the 32-bit MMIO hole
+/// continues RAM below it (`testguest::layout`).
+fn gframe(f: u64) -> u64 {
+    crate::testguest::layout::Layout::gpa_of(f * HPAGE_SIZE) / HPAGE_SIZE
+}
+
 impl Injector<'_> {
     /// Whether the guest's PDE of `frame` (the stress guest runs on the
     /// bootstrap 2M map) has its dirty bit set. Unreadable counts as clean
@@ -234,12 +244,24 @@ impl Injector<'_> {
 
     /// At start: every work frame the guest may first touch while it is
     /// host-small (not huge now, and not a hugetlb frame that faults in huge).
+    /// The host decides, not our books: a shmem THP the kernel could not
+    /// allocate (fragmented memory) is small whatever the books say.
     pub fn note_start(&self) {
         let states = self.states();
+        let pmd = {
+            let ram = self.m.ram();
+            guest_mem::pagemap::pmd_mapped_frames(ram.host_addr(), states.len())
+                .ok()
+                .flatten()
+        };
         let mut c = self.candidates();
         for f in self.work_frames.clone() {
-            let small = match states.get(f as usize) {
-                Some(FrameView::Huge { .. }) | None => false,
+            let g = gframe(f) as usize;
+            let small = match states.get(g) {
+                Some(FrameView::Huge { .. }) => {
+                    pmd.as_ref().is_some_and(|p| p.get(g) == Some(&false))
+                }
+                None => false,
                 Some(FrameView::Unpopulated) => self.backing != Backing::Hugetlb,
                 Some(FrameView::Small { .. }) => true,
             };
@@ -255,8 +277,8 @@ impl Injector<'_> {
     /// invalidated), with `dirty_before` the PDE's dirty bit read before it.
     fn note_frame_event(&self, frame: u64, whole: bool, dirty_before: bool) {
         let small = !matches!(
-            self.states().get(frame as usize),
-            Some(FrameView::Huge { .. }) | None
+            self.m.ram().frame_state(gframe(frame) as usize),
+            FrameView::Huge { .. }
         );
         let mut c = self.candidates();
         if whole && dirty_before {
@@ -279,7 +301,7 @@ impl Injector<'_> {
         let n = w.end - w.start;
         (0..n)
             .map(|i| w.start + (start - w.start + i) % n)
-            .find(|f| states.get(*f as usize).is_some_and(&pred))
+            .find(|f| states.get(gframe(*f) as usize).is_some_and(&pred))
     }
 
     /// Resolve a drawn event to the frame it acts on now.
@@ -338,7 +360,8 @@ impl Injector<'_> {
                 frames: self.work_frames.clone(),
             });
         }
-        let gpa = frame * HPAGE_SIZE;
+        let gpa = gframe(frame) * HPAGE_SIZE;
+        x.slot = self.slot.slot_of(gpa);
         let dirty_before = self.guest_pde_dirty(frame);
         let e = match ev.kind {
             EventKind::Host(HostKind::Discard4k) => {
@@ -346,11 +369,13 @@ impl Injector<'_> {
             }
             EventKind::Host(HostKind::Discard2m) => self.discard(gpa, HPAGE_SIZE)?,
             EventKind::Host(HostKind::Split) => {
-                refused(self.m.ram().split(frame as usize, &self.m.control))
+                refused(self.m.ram().split(gframe(frame) as usize, &self.m.control))
             }
-            EventKind::Host(HostKind::Collapse) => {
-                refused(self.m.ram().collapse(frame as usize, &self.m.control))
-            }
+            EventKind::Host(HostKind::Collapse) => refused(
+                self.m
+                    .ram()
+                    .collapse(gframe(frame) as usize, &self.m.control),
+            ),
             EventKind::Host(HostKind::Wrprotect) => self.wrprotect(gpa, &mut x)?,
             EventKind::Host(HostKind::Pageout) => self.pageout(gpa, &mut x)?,
             _ => Effect::Noop,
@@ -490,15 +515,23 @@ impl Injector<'_> {
     }
 
     fn slot_cycle(&self, x: &mut Extra) -> Result<Effect, InjectError> {
+        let Some(slot) = self.slot.next_slot() else {
+            return Ok(Effect::Noop);
+        };
+        x.slot = Some(slot.id);
         let _paused = quiesce::pause(&self.m.control)?;
-        self.slot.delete(self.vm)?;
+        self.slot.delete(self.vm, &slot)?;
         // kvm_mmu_zap_all_fast: everything KVM mapped is gone.
-        self.m.ram().take_changed_frames();
+        {
+            let mut ram = self.m.ram();
+            ram.take_changed_frames();
+            ram.take_changed_pages();
+        }
         // Orphans are gone with everything else; a frame whose PDE is dirty
         // can get none again.
         self.candidates().retain(|f| !self.guest_pde_dirty(*f));
         let after = self.mapping();
-        self.slot.create(self.vm)?;
+        self.slot.create(self.vm, &slot)?;
         let (p4, p2) = after?;
         x.mapped_after_delete = p4 + p2;
         Ok(Effect::Done)
@@ -551,6 +584,7 @@ impl Injector<'_> {
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
         let mut ram = self.m.ram();
         ram.take_changed_frames();
+        ram.take_changed_pages();
         let states = ram.frame_states();
         let huge_frames = states
             .iter()
@@ -568,7 +602,7 @@ impl Injector<'_> {
         let orphan_frames = self
             .candidates()
             .iter()
-            .filter(|f| levels.get(**f as usize) == Some(&Some(thp::units::Level::K4)))
+            .filter(|f| levels.get(gframe(**f) as usize) == Some(&Some(thp::units::Level::K4)))
             .count() as u64;
         let books_vs_host = host_pmd.as_ref().map(|pmd| {
             states
@@ -636,11 +670,12 @@ fn predict(
         max_pages_2m: 0,
         comparable: false,
         mmu: String::new(),
+        per_slot: Vec::new(),
     };
     let Some(ctx) = m.mirror_context() else {
         return failed("no mirror context".into());
     };
     let extra = mirror::shadow_orphan_slack(ctx, orphan_frames);
-    mirror::predict_all_touched(ctx, ram.host_addr(), ram.size(), levels, dirty, extra)
+    mirror::predict_all_touched(ctx, ram.host_addr(), ram.memslots(), levels, dirty, extra)
         .unwrap_or_else(|e| failed(format!("the mirror refused: {e}")))
 }

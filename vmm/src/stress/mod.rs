@@ -53,7 +53,7 @@ use replay::{ReplayError, ReplayFile, REPLAY_VERSION};
 pub use report::StressReport;
 use report::Tally;
 use shared::SharedLog;
-use slot::Slot0;
+use slot::Slots;
 use vcpu::StressVcpuShared;
 
 /// Events printed with a violation.
@@ -207,16 +207,17 @@ pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
         }
     }
 
-    let (host_addr, size) = {
+    let slots = {
         let mut ram = m.ram();
         // Populating guest RAM is no remap of a mapping KVM had.
         ram.take_changed_frames();
-        (ram.host_addr(), ram.size())
+        ram.take_changed_pages();
+        ram.memslots().to_vec()
     };
     let inj = Injector {
         m: &m,
         vm: &vm.fd,
-        slot: Slot0 { host_addr, size },
+        slot: Slots::new(slots),
         log: log.clone(),
         vshared: &vshared,
         backing: p.backing,

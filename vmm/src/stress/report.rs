@@ -38,6 +38,8 @@ pub struct KindReport {
     pub unmapped_after_delete: u64,
     /// `wrprotect`: episodes in which at least one vCPU write faulted.
     pub faulted: u64,
+    /// Events per memslot they acted in (slot id -> count).
+    pub per_slot: BTreeMap<u32, u64>,
     #[serde(skip)]
     latencies: Vec<u64>,
 }
@@ -63,6 +65,9 @@ impl Tally {
             }
         }
         k.latencies.push(took.as_micros() as u64);
+        if let Some(s) = x.slot {
+            *k.per_slot.entry(s).or_default() += 1;
+        }
         let t = &mut k.totals;
         t.faults += x.faults;
         t.pages_2m_before += x.pages_2m_before;
@@ -212,6 +217,20 @@ impl StressReport {
                     .clone()
                     .map(|r| format!("refused: {r}"))
                     .unwrap_or_default(),
+            };
+            let note = if k.per_slot.len() > 1 {
+                let per: Vec<String> = k
+                    .per_slot
+                    .iter()
+                    .map(|(id, n)| format!("{id}:{n}"))
+                    .collect();
+                format!(
+                    "{note}{}by slot {}",
+                    if note.is_empty() { "" } else { "; " },
+                    per.join(" ")
+                )
+            } else {
+                note
             };
             let _ = writeln!(
                 s,

@@ -50,12 +50,11 @@ pub fn build(
     let mut ram = GuestRam::new(&GuestRamConfig::new(memory, backing))?;
     ram.populate_all()?;
     let mem = ram.memory();
-    let size = ram.size();
     // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
     // in place with MAP_FIXED) until it is dropped; the Machine owns `ram`
     // and outlives every vCPU thread, and the caller drops the VM first.
-    let vm = unsafe { Vm::new(kvm, usize::from(vcpus), ram.host_addr(), size)? };
-    let tables = long_mode::setup(&mem, size)?;
+    let vm = unsafe { Vm::new(kvm, usize::from(vcpus), ram.memslots())? };
+    let tables = long_mode::setup(&mem, ram.layout().low_size())?;
     image.load(&mem)?;
     vm.setup_long_mode(&tables, |i| image.initial_regs(i), true)?;
     drop(mem);

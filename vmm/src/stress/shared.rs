@@ -133,6 +133,9 @@ impl SharedLog {
     ) -> Result<(), SharedError> {
         let pages = len / 4096;
         let ones = vec![1u8; pages as usize];
+        // The guest's slices and flags are in its virtual space (RAM above
+        // the 32-bit MMIO hole continues it); a discard never crosses the hole.
+        let gpa = crate::testguest::layout::Layout::va_of(gpa);
         let at = self.area.flag(gpa);
         mem.write_slice(&ones, GuestAddress(at))
             .map_err(|source| SharedError { gpa: at, source })?;

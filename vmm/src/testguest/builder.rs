@@ -23,7 +23,7 @@ use super::device::{
     ReportKey, CMD_CHECKPOINT, CMD_DISCARD, CMD_EXIT, CMD_PRINT, CMD_REFILL, CMD_REPORT,
     PORT_DOORBELL,
 };
-use super::layout::{Layout, STRINGS_ADDR, STRINGS_END};
+use super::layout::{Layout, HOLE_SIZE, HOLE_START, STRINGS_ADDR, STRINGS_END};
 use super::TestGuestError;
 
 /// An argument of a device command.
@@ -102,14 +102,40 @@ impl GuestBuilder {
         self.command(CMD_CHECKPOINT, &[phase])
     }
 
-    /// DISCARD `[gpa, gpa + len)`.
-    pub fn discard(&mut self, gpa: Arg, len: Arg) -> Result<(), TestGuestError> {
+    /// DISCARD `[va, va + len)` (a range of one 2M page or less; the VMM is
+    /// sent its guest-physical address, [`Self::gpa_arg`]).
+    pub fn discard(&mut self, va: Arg, len: Arg) -> Result<(), TestGuestError> {
+        let gpa = self.gpa_arg(va)?;
         self.command(CMD_DISCARD, &[gpa, len])
     }
 
-    /// REFILL `[gpa, gpa + len)`.
-    pub fn refill(&mut self, gpa: Arg, len: Arg) -> Result<(), TestGuestError> {
+    /// REFILL `[va, va + len)` (as [`Self::discard`]).
+    pub fn refill(&mut self, va: Arg, len: Arg) -> Result<(), TestGuestError> {
+        let gpa = self.gpa_arg(va)?;
         self.command(CMD_REFILL, &[gpa, len])
+    }
+
+    /// The guest-physical address of virtual address `va` as a command
+    /// argument: `va` itself below the 32-bit MMIO hole; above it (RAM past
+    /// 3 GiB, see `layout`) `va` + the hole's size, computed in `rax`.
+    /// Clobbers rax and rdx; `len` must not be in them.
+    fn gpa_arg(&mut self, va: Arg) -> Result<Arg, TestGuestError> {
+        let Arg::Reg(r) = va else {
+            // Constants are below the hole (reserved region).
+            return Ok(va);
+        };
+        if !self.layout.has_high_ram() {
+            return Ok(va);
+        }
+        let mut below = self.a.create_label();
+        self.a.mov(rax, r)?;
+        self.a.mov(rdx, HOLE_START)?;
+        self.a.cmp(rax, rdx)?;
+        self.a.jb(below)?;
+        self.a.add(rax, HOLE_SIZE as i32)?;
+        self.a.set_label(&mut below)?;
+        self.a.nop()?;
+        Ok(Arg::Reg(rax))
     }
 
     /// EXIT with `status`.

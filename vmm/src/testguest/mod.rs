@@ -313,7 +313,11 @@ pub fn build(params: &TestGuestParams) -> Result<TestGuestImage, TestGuestError>
         return Err(TestGuestError::Generations(params.generations));
     }
     guests::check_args(params)?;
-    let layout = Layout::new(params.ram_size, params.vcpus, params.guest_pages)?;
+    let extra = match params.name {
+        TestGuestName::Stress => guests::stress::SharedArea::bytes_needed(params.ram_size),
+        _ => 0,
+    };
+    let layout = Layout::with_extra(params.ram_size, params.vcpus, params.guest_pages, extra)?;
     let mut b = builder::GuestBuilder::new(layout.clone())?;
     let workload = guests::emit(&mut b, params)?;
     let (entry, bytes, code_len) = runtime::assemble(b, workload)?;
@@ -369,8 +373,9 @@ mod tests {
                 assert!(img.entry >= layout::CODE_ADDR && img.entry < layout::CODE_END);
                 assert_eq!(
                     img.load_addr + img.bytes.len() as u64,
-                    layout::BOOT_TABLES_END
+                    img.layout.boot_tables_end()
                 );
+                assert_eq!(img.layout.boot_tables_end(), layout::BOOT_TABLES_END);
                 assert!(img.reserved.end >= layout::BOOT_TABLES_END);
             }
         }

@@ -41,6 +41,31 @@ struct Labels {
     stubs: Vec<CodeLabel>,
 }
 
+/// Fills consecutive page-table entries at `dst` (advanced by 8 each) that
+/// map every page of `step` bytes of RAM with `flags`: one run below the
+/// 32-bit MMIO hole, one above it when RAM goes there (the guest's virtual
+/// space continues past 3 GiB with guest-physical 4 GiB). Clobbers rax, ecx.
+fn emit_map_runs(
+    a: &mut CodeAssembler,
+    dst: AsmRegister64,
+    layout: &Layout,
+    flags: u64,
+    step: u64,
+) -> Result<(), TestGuestError> {
+    for (_, gpa, len) in layout.mapped_runs() {
+        let mut fill = a.create_label();
+        a.mov(rax, gpa | flags)?;
+        a.mov(ecx, (len / step) as u32)?;
+        a.set_label(&mut fill)?;
+        a.mov(qword_ptr(dst), rax)?;
+        a.add(rax, imm(step))?;
+        a.add(dst, 8)?;
+        a.dec(ecx)?;
+        a.jnz(fill)?;
+    }
+    Ok(())
+}
+
 /// CPL0 entry: descriptor tables, bootstrap page tables (vCPU 0), CPL3.
 fn emit_entry(
     a: &mut CodeAssembler,
@@ -50,7 +75,6 @@ fn emit_entry(
     let mut entry = a.create_label();
     let mut ap_wait = a.create_label();
     let mut to_user = a.create_label();
-    let mut fill = a.create_label();
     a.set_label(&mut entry)?;
     a.cli()?;
     a.mov(rsp, rdi)?;
@@ -68,23 +92,17 @@ fn emit_entry(
     a.ltr(ax)?;
     a.test(edi, edi)?;
     a.jnz(ap_wait)?;
-    // vCPU 0: bootstrap tables, 2M user pages over all RAM.
+    // vCPU 0: bootstrap tables, 2M user pages over all RAM (virtual space
+    // continues past the MMIO hole with the RAM above it).
     a.mov(qword_ptr(BOOT_PML4), imm(BOOT_PDPT) | PTE_URW)?;
-    for i in 0..4u64 {
+    for i in 0..layout.pds {
         a.mov(
             qword_ptr(BOOT_PDPT + 8 * i),
             imm(BOOT_PD + i * PAGE) | PTE_URW,
         )?;
     }
     a.mov(ebx, BOOT_PD as u32)?;
-    a.mov(eax, PDE_URW_2M as u32)?;
-    a.mov(ecx, (layout.ram_size / HPAGE) as u32)?;
-    a.set_label(&mut fill)?;
-    a.mov(qword_ptr(rbx), rax)?;
-    a.add(rax, imm(HPAGE))?;
-    a.add(rbx, 8)?;
-    a.dec(ecx)?;
-    a.jnz(fill)?;
+    emit_map_runs(a, rbx, layout, PDE_URW_2M as u64, HPAGE)?;
     a.mov(eax, BOOT_PML4 as u32)?;
     a.mov(cr3, rax)?;
     a.mov(qword_ptr(BOOT_READY_ADDR), 1)?;
@@ -113,21 +131,23 @@ fn emit_entry(
 fn emit_build_4k(a: &mut CodeAssembler, layout: &Layout) -> Result<CodeLabel, TestGuestError> {
     let mut f = a.create_label();
     let mut l1 = a.create_label();
-    let mut l2 = a.create_label();
     a.set_label(&mut f)?;
-    a.mov(edi, PT4K_PML4 as u32)?;
-    a.mov(ecx, ((layout.tables_end - PT4K_PML4) / 8) as u32)?;
+    let (pml4, pdpt, pd, pt) = (
+        layout.pt4k_pml4(),
+        layout.pt4k_pdpt(),
+        layout.pt4k_pd(),
+        layout.pt4k_pt(),
+    );
+    a.mov(edi, pml4 as u32)?;
+    a.mov(ecx, ((layout.tables_end - pml4) / 8) as u32)?;
     a.xor(eax, eax)?;
     a.rep().stosq()?;
-    a.mov(qword_ptr(PT4K_PML4), imm(PT4K_PDPT) | PTE_URW)?;
+    a.mov(qword_ptr(pml4), imm(pdpt) | PTE_URW)?;
     for i in 0..layout.ram_size.div_ceil(1 << 30) {
-        a.mov(
-            qword_ptr(PT4K_PDPT + 8 * i),
-            imm(PT4K_PD + i * PAGE) | PTE_URW,
-        )?;
+        a.mov(qword_ptr(pdpt + 8 * i), imm(pd + i * PAGE) | PTE_URW)?;
     }
-    a.mov(edi, PT4K_PD as u32)?;
-    a.mov(eax, (PT4K_PT as u32) | PTE_URW as u32)?;
+    a.mov(edi, pd as u32)?;
+    a.mov(eax, (pt as u32) | PTE_URW as u32)?;
     a.mov(ecx, (layout.ram_size / HPAGE) as u32)?;
     a.set_label(&mut l1)?;
     a.mov(qword_ptr(rdi), rax)?;
@@ -135,15 +155,8 @@ fn emit_build_4k(a: &mut CodeAssembler, layout: &Layout) -> Result<CodeLabel, Te
     a.add(rdi, 8)?;
     a.dec(ecx)?;
     a.jnz(l1)?;
-    a.mov(edi, PT4K_PT as u32)?;
-    a.mov(eax, PTE_URW as u32)?;
-    a.mov(ecx, (layout.ram_size / PAGE) as u32)?;
-    a.set_label(&mut l2)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.add(rax, imm(PAGE))?;
-    a.add(rdi, 8)?;
-    a.dec(ecx)?;
-    a.jnz(l2)?;
+    a.mov(edi, pt as u32)?;
+    emit_map_runs(a, rdi, layout, PTE_URW as u64, PAGE)?;
     a.ret()?;
     Ok(f)
 }
@@ -324,7 +337,7 @@ fn put(image: &mut [u8], gpa: u64, bytes: &[u8]) {
 }
 
 /// Emits the runtime around `workload`, assembles, and lays out the image
-/// `[IMAGE_ADDR, BOOT_TABLES_END)`. Returns (entry, image bytes).
+/// `[IMAGE_ADDR, boot_tables_end)`. Returns (entry, image bytes).
 pub(super) fn assemble(
     mut b: GuestBuilder,
     workload: CodeLabel,
@@ -357,7 +370,7 @@ pub(super) fn assemble(
         handlers.push((result.label_ip(l)?, 0));
     }
     let layout = &b.layout;
-    let mut image = vec![0u8; (BOOT_TABLES_END - IMAGE_ADDR) as usize];
+    let mut image = vec![0u8; (b.layout.boot_tables_end() - IMAGE_ADDR) as usize];
     put(&mut image, GDT_ADDR, &tables::gdt(layout.vcpus));
     put(
         &mut image,

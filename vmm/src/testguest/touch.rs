@@ -36,8 +36,10 @@ pub struct GuestTouches {
     /// The 4K page tables vCPU 0 writes at CPL3 through the bootstrap 2M map
     /// (`guest_pages = 4k` only).
     pub built_tables: Option<Range<u64>>,
-    /// Work pages each vCPU touches in a phase that touches work (per vCPU).
-    pub work: Vec<Range<u64>>,
+    /// Guest-physical ranges of the work pages each vCPU touches in a phase
+    /// that touches work (per vCPU; a slice that runs past the 32-bit MMIO
+    /// hole in the guest's virtual space is two ranges).
+    pub work: Vec<Vec<Range<u64>>>,
     /// The guest's name (phases differ per guest).
     pub name: TestGuestName,
     /// Every reserved frame (TDP hosts: the CPU walks tables and descriptor
@@ -54,11 +56,11 @@ impl GuestTouches {
         let l = &img.layout;
         let mut page_tables = Vec::from([
             BOOT_PML4_ADDR..BOOT_PD_ADDR + BOOT_PD_COUNT * PAGE,
-            layout::BOOT_PML4..layout::BOOT_TABLES_END,
+            layout::BOOT_PML4..l.boot_tables_end(),
         ]);
         let built_tables = match l.guest_pages {
             GuestPageSize::Size4K => {
-                let r = layout::PT4K_PML4..l.tables_end;
+                let r = l.pt4k_pml4()..l.tables_end;
                 page_tables.push(r.clone());
                 Some(r)
             }
@@ -111,8 +113,14 @@ impl GuestTouches {
     }
 }
 
-/// The work each vCPU touches: its slice, or for `tlb` the first `ws` bytes.
-fn work_ranges(img: &TestGuestImage, l: &Layout) -> Vec<Range<u64>> {
+/// The work each vCPU touches, in guest-physical ranges: its slice, or for
+/// `tlb` the first `ws` bytes.
+fn work_ranges(img: &TestGuestImage, l: &Layout) -> Vec<Vec<Range<u64>>> {
+    work_slices(img, l).iter().map(Layout::gpa_ranges).collect()
+}
+
+/// The work each vCPU touches in its virtual space.
+fn work_slices(img: &TestGuestImage, l: &Layout) -> Vec<Range<u64>> {
     match img.name {
         TestGuestName::Fault => Vec::new(),
         TestGuestName::Tlb => {
@@ -140,7 +148,8 @@ mod tests {
         let img = build(&p).unwrap();
         let t = GuestTouches::of(&img);
         assert!(t.code.start == layout::CODE_ADDR && t.code.end > t.code.start);
-        assert_eq!(t.work, img.slices);
+        let slices: Vec<Vec<Range<u64>>> = img.slices.iter().map(|s| vec![s.clone()]).collect();
+        assert_eq!(t.work, slices);
         assert!(t.built_tables.is_none());
         assert!(t.data.contains(&(0x41000..0x42000)));
         assert!(t.data.contains(&(0x43000..0x44000)));
@@ -158,7 +167,7 @@ mod tests {
         assert!(!t.work_touched_before(None));
         assert_eq!(
             t.built_tables,
-            Some(layout::PT4K_PML4..img.layout.tables_end)
+            Some(img.layout.pt4k_pml4()..img.layout.tables_end)
         );
     }
 }

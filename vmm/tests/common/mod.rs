@@ -130,3 +130,19 @@ pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
         _ => None,
     }
 }
+
+/// Asserts that KVM's (pages_4k, pages_2m) equal the mirror's at every
+/// checkpoint of a `vmm run --stats-json` report.
+pub fn assert_checkpoints_match_mirror(r: &Value) {
+    for c in r["checkpoints"]
+        .as_array()
+        .expect("checkpoints in the report")
+    {
+        assert_eq!(
+            (num(c, &["kvm", "pages_4k"]), num(c, &["kvm", "pages_2m"])),
+            (num(c, &["mirror_pages_4k"]), num(c, &["mirror_pages_2m"])),
+            "phase {}: KVM vs mirror (pages_4k, pages_2m): {r:#}",
+            c["phase"]
+        );
+    }
+}

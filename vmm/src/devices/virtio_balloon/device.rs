@@ -122,7 +122,8 @@ impl<B: BalloonBackend> Balloon<B> {
             backend,
             features,
             queue_max: vec![QUEUE_SIZE; queues],
-            inflated: PfnSet::new(cfg.ram_size / PAGE_SIZE),
+            inflated: PfnSet::new(cfg.ram_size / PAGE_SIZE)
+                .with_hole(cfg.hole.map_or(0..0, |(s, e)| s / PAGE_SIZE..e / PAGE_SIZE)),
             num_pages: 0,
             actual: 0,
             irq: None,
@@ -394,7 +395,7 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
             }
             QueueRole::Reporting => drain_queue(queue, mem, role.name(), |_, descs| {
                 for d in descs {
-                    report_run(backend, counters, d);
+                    report_run(backend, counters, inflated, d);
                 }
                 Completion::Used(0)
             }),
@@ -414,14 +415,28 @@ impl<B: BalloonBackend> VirtioDevice for Balloon<B> {
     }
 }
 
-/// Hand one reported free run to the backend if it is page aligned.
-fn report_run<B: BalloonBackend>(backend: &mut B, counters: &mut BalloonCounters, d: &Descriptor) {
+/// Hand one reported free run to the backend if it is page aligned guest
+/// RAM (`ram`: the PFNs that are).
+fn report_run<B: BalloonBackend>(
+    backend: &mut B,
+    counters: &mut BalloonCounters,
+    ram: &PfnSet,
+    d: &Descriptor,
+) {
     let (gpa, len) = (d.addr().0, u64::from(d.len()));
     if len == 0 {
         return;
     }
     if (gpa | len) & (PAGE_SIZE - 1) != 0 {
         guest_warn!("balloon reporting queue: run {gpa:#x}+{len:#x} is not 4K aligned; ignored");
+        counters.runs_rejected += 1;
+        return;
+    }
+    if !ram.covers(gpa / PAGE_SIZE, len / PAGE_SIZE) {
+        guest_warn!(
+            "balloon reporting queue: run {gpa:#x}+{len:#x} is not guest RAM (past its end or \
+             in the 32-bit MMIO hole); ignored"
+        );
         counters.runs_rejected += 1;
         return;
     }

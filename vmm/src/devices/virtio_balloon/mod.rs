@@ -42,8 +42,11 @@ pub const F_REPORTING: u64 = 1 << 5;
 /// What the balloon offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BalloonConfig {
-    /// Guest RAM is gpa `0..ram_size` (4K multiple).
+    /// Guest RAM lies in gpa `0..ram_size` (4K multiple) ...
     pub ram_size: u64,
+    /// ... except in this gpa range `[start, end)` (the 32-bit MMIO hole
+    /// when RAM goes above it; 4K aligned): PFNs there are rejected.
+    pub hole: Option<(u64, u64)>,
     /// Offer the statistics queue.
     pub stats: bool,
     /// Offer free page reporting.
@@ -57,6 +60,7 @@ impl BalloonConfig {
     pub fn new(ram_size: u64) -> Self {
         BalloonConfig {
             ram_size,
+            hole: None,
             stats: true,
             reporting: true,
             deflate_on_oom: false,

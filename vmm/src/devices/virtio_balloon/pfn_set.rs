@@ -4,7 +4,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PfnError {
     /// The page is not guest RAM.
-    #[error("PFN {pfn:#x} is outside guest RAM ({pages:#x} pages)")]
+    #[error("PFN {pfn:#x} is outside guest RAM ({pages:#x} pages, the 32-bit MMIO hole excluded)")]
     OutOfRange {
         /// The offending PFN.
         pfn: u64,
@@ -31,6 +31,8 @@ pub struct PfnSet {
     words: Vec<u64>,
     pages: u64,
     count: u64,
+    /// PFNs below `pages` that are not RAM (the 32-bit MMIO hole).
+    hole: std::ops::Range<u64>,
 }
 
 impl PfnSet {
@@ -40,7 +42,21 @@ impl PfnSet {
             words: vec![0; pages.div_ceil(64) as usize],
             pages,
             count: 0,
+            hole: 0..0,
         }
+    }
+
+    /// Whether the `n` PFNs from `first` are all guest RAM.
+    pub fn covers(&self, first: u64, n: u64) -> bool {
+        first.checked_add(n).is_some_and(|end| {
+            end <= self.pages && (end <= self.hole.start || first >= self.hole.end)
+        })
+    }
+
+    /// The same set with the PFNs `hole` (not RAM) out of range.
+    pub fn with_hole(mut self, hole: std::ops::Range<u64>) -> Self {
+        self.hole = hole;
+        self
     }
 
     /// Pages of guest RAM covered.
@@ -113,7 +129,7 @@ impl PfnSet {
     }
 
     fn check_range(&self, pfn: u64) -> Result<(), PfnError> {
-        if pfn >= self.pages {
+        if pfn >= self.pages || self.hole.contains(&pfn) {
             return Err(PfnError::OutOfRange {
                 pfn,
                 pages: self.pages,
@@ -154,6 +170,12 @@ mod tests {
         );
         assert_eq!(s.remove(5), Err(PfnError::NotInflated { pfn: 5 }));
         assert!(s.contains(129) && !s.contains(128) && !s.contains(1 << 40));
+        let mut h = PfnSet::new(1024).with_hole(256..512);
+        assert!(matches!(h.insert(256), Err(PfnError::OutOfRange { .. })));
+        assert!(matches!(h.insert(511), Err(PfnError::OutOfRange { .. })));
+        assert!(h.insert(255).is_ok() && h.insert(512).is_ok());
+        assert!(h.covers(0, 256) && h.covers(512, 512) && !h.covers(255, 2));
+        assert!(!h.covers(300, 1) && !h.covers(1000, 25) && !h.covers(u64::MAX, 2));
         assert_eq!(s.count(), 2);
         assert_eq!(s.remove(0), Ok(()));
         assert_eq!(s.insert(64), Ok(()));

@@ -42,7 +42,7 @@ use iced_x86::code_asm::*;
 use super::pattern::GOLDEN;
 use crate::testguest::builder::GuestBuilder;
 use crate::testguest::device::ReportKey;
-use crate::testguest::layout::{Layout, BOOT_TABLES_END, MAX_VCPUS, PAGE};
+use crate::testguest::layout::{Layout, MAX_VCPUS, PAGE};
 use crate::testguest::{TestGuestError, TestGuestName, TestGuestParams};
 
 /// Distance between two control blocks.
@@ -63,11 +63,17 @@ pub struct SharedArea {
 }
 
 impl SharedArea {
+    /// Bytes the area needs at most for `ram_size` bytes of RAM (control
+    /// blocks, one expect-zero byte per page, alignment).
+    pub fn bytes_needed(ram_size: u64) -> u64 {
+        PAGE + CTRL_STRIDE * MAX_VCPUS as u64 + ram_size / PAGE
+    }
+
     /// The area for `layout`, or why it does not fit.
     pub fn new(layout: &Layout) -> Result<SharedArea, String> {
         let ctrl = layout
             .tables_end
-            .max(BOOT_TABLES_END)
+            .max(layout.boot_tables_end())
             .next_multiple_of(PAGE);
         let flags = ctrl + CTRL_STRIDE * MAX_VCPUS as u64;
         let pages = (layout.ram_size - layout.reserved.end) / PAGE;
@@ -91,9 +97,10 @@ impl SharedArea {
         self.ctrl + cpu as u64 * CTRL_STRIDE
     }
 
-    /// Gpa of the expect-zero byte of the page at `gpa`.
-    pub fn flag(&self, gpa: u64) -> u64 {
-        self.flags + gpa / PAGE - self.first_gfn
+    /// Gpa of the expect-zero byte of the page at virtual address `va`
+    /// (the guest's; `Layout::va_of` of a guest-physical address).
+    pub fn flag(&self, va: u64) -> u64 {
+        self.flags + va / PAGE - self.first_gfn
     }
 }
 

@@ -1,6 +1,9 @@
 //! `unmap`: partial give-back of 2M frames.
 //!
-//! Every vCPU, on its slice, with `K = min(frames, frames in the slice)`:
+//! Every vCPU, on its slice, with `K = min(frames, ceil(frames in the
+//! slice / stride))`, gives back a page of each of the K frames `0, stride,
+//! 2 * stride, ...` of its slice (`stride` spreads them over the slice, e.g.
+//! to both sides of the 32-bit MMIO hole):
 //!
 //! | phase (CHECKPOINT) | what happened before it |
 //! |---|---|
@@ -26,8 +29,10 @@ pub const DEFAULT_FRAMES: u64 = 8;
 
 /// Arguments: `frames` (K, default [`DEFAULT_FRAMES`]), `page` (index of
 /// the 4K page given back in each frame, 0..512, default 1), `whole` (1:
-/// give back and take back each of the K frames whole, 2M; default 0).
-pub const ARGS: &[&str] = &["frames", "page", "whole"];
+/// give back and take back each of the K frames whole, 2M; default 0),
+/// `stride` (frames from one given-back frame to the next, a power of two,
+/// default 1).
+pub const ARGS: &[&str] = &["frames", "page", "whole", "stride"];
 
 fn arg(
     params: &TestGuestParams,
@@ -66,17 +71,23 @@ fn for_each_page(
 }
 
 /// Jumps to `discarded` if the page at rdi is one of the K given back
-/// (r11 = K, rbp = page index; `whole`: every page of the K frames).
-/// Clobbers rax.
+/// (r11 = K, rbp = page index, frames `stride = 1 << shift` apart; `whole`:
+/// every page of the K frames). Clobbers rax.
 fn emit_is_discarded(
     a: &mut CodeAssembler,
     discarded: CodeLabel,
     whole: bool,
+    shift: u32,
 ) -> Result<(), TestGuestError> {
     let mut no = a.create_label();
     a.mov(rax, rdi)?;
     a.sub(rax, r12)?;
     a.shr(rax, 21)?;
+    if shift > 0 {
+        a.test(eax, (1u32 << shift) as i32 - 1)?;
+        a.jnz(no)?;
+        a.shr(rax, shift)?;
+    }
     a.cmp(rax, r11)?;
     a.jae(no)?;
     if whole {
@@ -96,6 +107,7 @@ fn emit_is_discarded(
 /// uses rsi and r9 as loop registers; `body` must preserve them.
 fn for_each_discarded(
     b: &mut GuestBuilder,
+    shift: u32,
     body: &mut dyn FnMut(&mut GuestBuilder) -> Result<(), TestGuestError>,
 ) -> Result<(), TestGuestError> {
     let mut lp = b.a.create_label();
@@ -108,7 +120,8 @@ fn for_each_discarded(
     b.a.cmp(r9, r11)?;
     b.a.jae(done)?;
     body(b)?;
-    b.a.add(rsi, 0x20_0000)?;
+    b.a.mov(rax, 0x20_0000u64 << shift)?;
+    b.a.add(rsi, rax)?;
     b.a.inc(r9)?;
     b.a.jmp(lp)?;
     b.a.set_label(&mut done)?;
@@ -126,6 +139,16 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
         arg(params, "page", 1, 511)?
     };
     let len: i32 = if whole { 0x20_0000 } else { 0x1000 };
+    let stride = arg(params, "stride", 1, 1 << 20)?;
+    if !stride.is_power_of_two() {
+        return Err(TestGuestError::BadArg {
+            guest: params.name,
+            arg: "stride",
+            value: stride,
+            why: "a power of two".into(),
+        });
+    }
+    let shift = stride.trailing_zeros();
     // r8 = bad kept pages, r15/r14 reserved, r10 = GOLDEN, r11 = K, rbp = page,
     // rbx = generation, r9/rsi loop registers, [rsp] = pages checked,
     // [rsp + 8] = non-zero discarded pages.
@@ -138,6 +161,11 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     a.mov(r11, r13)?;
     a.sub(r11, r12)?;
     a.shr(r11, 21)?;
+    if shift > 0 {
+        // ceil(frames in the slice / stride)
+        a.add(r11, (1u32 << shift) as i32 - 1)?;
+        a.shr(r11, shift)?;
+    }
     a.mov(rax, frames)?;
     a.cmp(r11, rax)?;
     a.cmova(r11, rax)?;
@@ -147,7 +175,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     for_each_page(b, &mut |b| emit_stamp(&mut b.a))?;
     b.checkpoint(Arg::Imm(1))?;
     // Phase 2: give back one page per frame.
-    for_each_discarded(b, &mut |b| b.discard(Arg::Reg(rsi), Arg::Imm(len)))?;
+    for_each_discarded(b, shift, &mut |b| b.discard(Arg::Reg(rsi), Arg::Imm(len)))?;
     b.report(ReportKey::PagesDiscarded, r11)?;
     b.checkpoint(Arg::Imm(2))?;
     // Phase 3: kept pages hold generation 1, discarded ones read zero.
@@ -158,7 +186,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
         let mut bad_zero = a.create_label();
         let mut next = a.create_label();
         a.inc(qword_ptr(rsp))?;
-        emit_is_discarded(a, discarded, whole)?;
+        emit_is_discarded(a, discarded, whole, shift)?;
         emit_check(a, bad_kept)?;
         a.jmp(next)?;
         a.set_label(&mut bad_kept)?;
@@ -175,7 +203,7 @@ pub fn emit(b: &mut GuestBuilder, params: &TestGuestParams) -> Result<(), TestGu
     })?;
     b.checkpoint(Arg::Imm(3))?;
     // Phase 4: take the pages back; they must read zero.
-    for_each_discarded(b, &mut |b| {
+    for_each_discarded(b, shift, &mut |b| {
         b.refill(Arg::Reg(rsi), Arg::Imm(len))?;
         let a = &mut b.a;
         let mut bad = a.create_label();
