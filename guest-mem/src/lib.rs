@@ -6,6 +6,8 @@
 //! acts on its plans with memfd, mmap, fallocate and madvise, and reads back
 //! the host's own accounting.
 
+#![deny(missing_docs)]
+
 pub mod backing;
 pub mod error;
 mod give_back;

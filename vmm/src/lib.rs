@@ -1,6 +1,8 @@
 //! `vmm`: a minimal KVM VMM whose guest RAM lives on 2M huge pages it manages
 //! itself. See docs/ARCHITECTURE.md, section `vmm`.
 
+#![deny(missing_docs)]
+
 pub mod api;
 pub mod balloon_backend;
 pub mod bench;
