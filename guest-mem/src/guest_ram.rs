@@ -88,7 +88,11 @@ fn all_pages() -> Vec<u16> {
     (0..PPH as u16).collect()
 }
 
-fn validate_size(size: u64) -> Result<usize, GuestMemError> {
+/// The one guest RAM size check: `size` must be a positive multiple of 2 MiB
+/// and at most [`MAX_RAM_SIZE`]. Returns the number of 2M frames. Every layer
+/// that takes a RAM size from a user or a file (`vmm run`, `vmm stress`, replay
+/// files) checks it here, so the rule has one home.
+pub fn check_ram_size(size: u64) -> Result<usize, GuestMemError> {
     if size == 0 || !size.is_multiple_of(HPAGE_SIZE) {
         return Err(GuestMemError::SizeNotMultipleOf2M { size });
     }
@@ -131,7 +135,7 @@ impl GuestRam {
     /// Create guest RAM: check the host, reserve the 2M-aligned range, create
     /// the memfds. Nothing is populated yet (see [`GuestRam::populate_all`]).
     pub fn new(cfg: &GuestRamConfig) -> Result<GuestRam, GuestMemError> {
-        let frames = validate_size(cfg.size)?;
+        let frames = check_ram_size(cfg.size)?;
         let (requested_pool, policy) = match cfg.backing {
             Backing::Hugetlb => (
                 cfg.hugetlb_pool_pages.unwrap_or(frames).min(frames),

@@ -25,7 +25,7 @@ mod vma_probe;
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
-pub use guest_ram::{FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
+pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
 pub use stats::{DiscardReport, HostView, PoolStats};
 

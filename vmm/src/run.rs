@@ -141,22 +141,19 @@ impl RunError {
 }
 
 fn check_args(a: &RunArgs) -> Result<(), RunError> {
-    if !a.memory.is_multiple_of(HPAGE_SIZE) {
-        return Err(RunError::Usage(format!(
-            "--memory {} ({:#x} bytes) is not a multiple of 2 MiB: guest RAM is managed in 2M frames \
-             (--backing {} needs whole 2M pages); round it, e.g. to {}M",
-            a.memory,
-            a.memory,
-            a.backing,
-            a.memory.div_ceil(HPAGE_SIZE) * 2
-        )));
-    }
-    if a.memory > guest_mem::MAX_RAM_SIZE {
-        return Err(RunError::Usage(format!(
-            "--memory {:#x} is larger than the maximum {:#x} (3 GiB, RAM ends below the 32-bit MMIO hole)",
-            a.memory,
-            guest_mem::MAX_RAM_SIZE
-        )));
+    match guest_mem::check_ram_size(a.memory) {
+        Ok(_) => {}
+        Err(GuestMemError::SizeNotMultipleOf2M { .. }) => {
+            return Err(RunError::Usage(format!(
+                "--memory {} ({:#x} bytes) is not a multiple of 2 MiB: guest RAM is managed in 2M \
+                 frames (--backing {} needs whole 2M pages); round it, e.g. to {}M",
+                a.memory,
+                a.memory,
+                a.backing,
+                a.memory.div_ceil(HPAGE_SIZE).max(1) * 2
+            )));
+        }
+        Err(e) => return Err(RunError::Usage(format!("--memory: {e}"))),
     }
     if let Some(t) = a.timeout {
         if !(t > 0.0 && t.is_finite()) {
