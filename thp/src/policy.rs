@@ -151,19 +151,24 @@ pub struct ParsePolicyError {
     pub expected: &'static str,
 }
 
-/// Strips the sysfs brackets: `"always [madvise] never"` selects `madvise`.
-fn selected(s: &str) -> &str {
-    let s = s.trim();
-    match (s.find('['), s.find(']')) {
-        (Some(a), Some(b)) if a < b => &s[a + 1..b],
-        _ => s,
-    }
+/// The bracketed value of a sysfs choice file: `"always [madvise] never"`
+/// selects `madvise`; `None` when nothing is bracketed. The one parser of that
+/// format: `guest-mem` (which reads the files) and `vmm` use it too.
+pub fn selected(text: &str) -> Option<&str> {
+    let s = text.find('[')?;
+    let e = text[s..].find(']')? + s;
+    Some(&text[s + 1..e])
+}
+
+/// A knob value as typed (`madvise`) or as sysfs shows it (`[madvise]`).
+fn knob_value(s: &str) -> &str {
+    selected(s).unwrap_or(s.trim())
 }
 
 impl FromStr for Enabled {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match selected(s) {
+        match knob_value(s) {
             "always" => Ok(Enabled::Always),
             "madvise" => Ok(Enabled::Madvise),
             "never" => Ok(Enabled::Never),
@@ -179,7 +184,7 @@ impl FromStr for Enabled {
 impl FromStr for Defrag {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match selected(s) {
+        match knob_value(s) {
             "always" => Ok(Defrag::Always),
             "defer" => Ok(Defrag::Defer),
             "defer+madvise" => Ok(Defrag::DeferMadvise),
@@ -219,6 +224,17 @@ impl fmt::Display for Defrag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selected_value() {
+        assert_eq!(
+            selected("always within_size [advise] never deny force\n"),
+            Some("advise")
+        );
+        assert_eq!(selected("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(selected("always advise"), None);
+        assert_eq!(selected(""), None);
+    }
 
     #[test]
     fn parses_sysfs_spellings_with_brackets() {

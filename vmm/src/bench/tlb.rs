@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use guest_mem::Backing;
+use guest_mem::{Backing, HPAGE_SIZE};
 
 use crate::host::{HostInfo, HostKind};
 use crate::testguest::guests::tlb::{self as guest_tlb, TlbParams, MAX_ACCESSES};
 
 use super::args::{GuestChoice, GuestThp, TlbArgs};
 use super::error::BenchError;
-use super::hostdesc::{meminfo, HostDesc};
+use super::hostdesc::HostDesc;
 use super::plan::{self, Config};
 use super::summary::{self, Samples, TlbResults};
 use super::{chart, guest, native, tsc, workload};
@@ -94,13 +94,11 @@ fn check_hugetlb_pool(cfgs: &[Config], linux: bool) -> Result<(), BenchError> {
     if need == 0 {
         return Ok(());
     }
-    let free = if meminfo("Hugepagesize:") == Some(2048) {
-        meminfo("HugePages_Free:").unwrap_or(0)
-    } else {
-        0
-    };
+    // No hugetlb support in the kernel: an empty pool.
+    let m = guest_mem::smaps::read_meminfo().unwrap_or_default();
+    let free = if m.page_size == HPAGE_SIZE { m.free } else { 0 };
     if free < need {
-        let total = meminfo("HugePages_Total:").unwrap_or(0);
+        let total = m.total;
         return Err(BenchError::HostPrerequisite(format!(
             "hugetlb pool too small: the largest hugetlb run needs {need} free 2M pages \
              (guest RAM = working set + reserved region + slack), the host has {free} free \
