@@ -3,7 +3,8 @@
 //! per frame) from where it stopped, and collapses each small-page frame the
 //! policy allows back into one huge page (hugetlb: the vCPUs are paused for
 //! the copy; thp: `MADV_COLLAPSE`). The policy is `thp::policy::Khugepaged`:
-//! a frame qualifies when it has at most `max_ptes_none` pages not present.
+//! a frame qualifies when it has at most `max_ptes_none` pages not present
+//! (`Khugepaged::none_ptes_within_limit`, the rule of `thp`'s khugepaged).
 //! The VMM's default `max_ptes_none` is 0 (only frames whose pages are all
 //! present again, e.g. after a balloon deflate): the kernel's 511 would
 //! re-fill every page the guest gave back.
@@ -35,13 +36,12 @@ impl CollapserConfig {
         (self.khugepaged.pages_to_scan as usize / PAGES_PER_HPAGE as usize).max(1)
     }
 
-    /// Whether a frame in `state` qualifies for a collapse.
+    /// Whether a frame in `state` qualifies for a collapse: a small frame
+    /// within khugepaged's none-PTE limit
+    /// ([`Khugepaged::none_ptes_within_limit`], the rule `thp` applies).
     pub fn eligible(&self, state: FrameView) -> bool {
         match state {
-            FrameView::Small { present } if present > 0 => {
-                PAGES_PER_HPAGE as u32 - present.min(PAGES_PER_HPAGE as u32)
-                    <= self.khugepaged.max_ptes_none
-            }
+            FrameView::Small { present } => self.khugepaged.none_ptes_within_limit(present),
             _ => false,
         }
     }
