@@ -289,7 +289,7 @@ impl Machine {
                 ctx,
                 ram.host_addr(),
                 ram.size(),
-                mirror::host_levels(&states),
+                thp::ram_model::host_levels(&states),
                 false,
                 None,
             ),
