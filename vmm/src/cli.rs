@@ -1,11 +1,11 @@
 //! Command-line interface of the `vmm` binary (clap).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use guest_mem::Backing;
 
+use crate::config::RunConfig;
 use crate::exit_code;
 use crate::testguest::{GuestPageSize, TestGuestName};
 
@@ -149,33 +149,39 @@ pub struct KvmDevArg {
     pub kvm_dev: PathBuf,
 }
 
-impl RunArgs {
-    /// The balloon's split policy from `--balloon-split` and its delay.
-    pub fn split_policy(&self) -> guest_mem::SplitPolicy {
-        match self.balloon_split {
-            BalloonSplit::Eager => guest_mem::SplitPolicy::Eager,
-            BalloonSplit::Deferred => guest_mem::SplitPolicy::Deferred {
-                delay: std::time::Duration::from_millis(u64::from(self.balloon_split_delay_ms)),
-                max_wait: std::time::Duration::from_millis(u64::from(
-                    self.balloon_split_max_wait_ms,
-                )),
-            },
+pub use crate::config::BalloonSplit;
+
+impl From<RunArgs> for RunConfig {
+    fn from(a: RunArgs) -> Self {
+        RunConfig {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            memory: a.memory,
+            vcpus: a.vcpus,
+            backing: a.backing,
+            serial: a.serial,
+            stats: a.stats,
+            stats_json: a.stats_json,
+            timeout: a.timeout,
+            test_guest: a.test_guest,
+            guest_pages: a.guest_pages,
+            generations: a.generations,
+            guest_args: a.guest_args,
+            balloon: a.balloon,
+            balloon_target: a.balloon_target,
+            no_free_page_reporting: a.no_free_page_reporting,
+            balloon_split: a.balloon_split,
+            balloon_split_delay_ms: a.balloon_split_delay_ms,
+            balloon_split_max_wait_ms: a.balloon_split_max_wait_ms,
+            api_socket: a.api_socket,
+            no_collapser: a.no_collapser,
+            collapse_interval_ms: a.collapse_interval_ms,
+            collapse_pages_to_scan: a.collapse_pages_to_scan,
+            collapse_max_ptes_none: a.collapse_max_ptes_none,
+            kvm_dev: a.kvm.kvm_dev,
         }
     }
-
-    /// The guest arguments as a map.
-    pub fn guest_arg_map(&self) -> BTreeMap<String, u64> {
-        self.guest_args.iter().cloned().collect()
-    }
-}
-
-/// `--balloon-split`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalloonSplit {
-    /// Split a partly given-back frame at once.
-    Eager,
-    /// Queue it; split it after `--balloon-split-delay-ms`.
-    Deferred,
 }
 
 /// Parse `--balloon-split`.
@@ -304,6 +310,40 @@ mod tests {
         assert_eq!(parse_guest_arg("x=0x10").unwrap(), ("x".into(), 16));
         assert!(parse_guest_arg("x").is_err());
         assert!(parse_guest_arg("x=y").is_err());
+    }
+
+    fn run_config(argv: &[&str]) -> RunConfig {
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => RunConfig::from(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_config_defaults_are_the_cli_defaults() {
+        let c = run_config(&[
+            "vmm",
+            "run",
+            "--test-guest",
+            "hello",
+            "--kvm-dev",
+            "/dev/kvm",
+        ]);
+        assert_eq!(
+            c,
+            RunConfig {
+                test_guest: Some(TestGuestName::Hello),
+                ..RunConfig::default()
+            }
+        );
+        let k = run_config(&["vmm", "run", "--kernel", "/k", "--kvm-dev", "/dev/kvm"]);
+        assert_eq!(
+            k,
+            RunConfig {
+                kernel: Some("/k".into()),
+                ..RunConfig::default()
+            }
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod boot;
 pub mod cli;
 pub mod collapser;
+pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod deferred_split;

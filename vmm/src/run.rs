@@ -14,8 +14,8 @@ use crate::api::{ApiServer, ApiServerError};
 use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
 use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
-use crate::cli::RunArgs;
-use crate::collapser::{Collapser, CollapserConfig};
+use crate::collapser::Collapser;
+use crate::config::RunConfig;
 use crate::deferred_split::DeferredSplitter;
 use crate::devices::console::{self, Console};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
@@ -140,7 +140,7 @@ impl RunError {
     }
 }
 
-fn check_args(a: &RunArgs) -> Result<(), RunError> {
+fn check_args(a: &RunConfig) -> Result<(), RunError> {
     match guest_mem::check_ram_size(a.memory) {
         Ok(_) => {}
         Err(GuestMemError::SizeNotMultipleOf2M { .. }) => {
@@ -195,7 +195,7 @@ fn duplicate_guest_arg(args: &[(String, u64)]) -> Option<&(String, u64)> {
 
 /// The serial console's sink: `--serial` (stdout or a file) behind a
 /// [`Console`] buffer, so a slow or gone reader never blocks a vCPU.
-fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
+fn serial_sink(a: &RunConfig, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
     let out: Box<dyn Write + Send> = if a.serial == "stdout" {
         Box::new(std::io::stdout())
     } else {
@@ -213,7 +213,7 @@ fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Conso
 }
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.
-pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
+pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
     crate::signals::install().map_err(|source| RunError::Os {
         what: "installing the SIGINT/SIGTERM/SIGHUP handler",
         source,
@@ -223,7 +223,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     log::info!("host: {:?}", host);
 
     // Cheap checks first: KVM, then the test guest's parameters.
-    let kvm = vm::open_kvm(&args.kvm.kvm_dev)?;
+    let kvm = vm::open_kvm(&args.kvm_dev)?;
     let image = match args.test_guest {
         Some(name) => {
             let mut p = TestGuestParams::new(name, args.memory);
@@ -244,7 +244,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let collapser_cfg = collapser_config(args);
+    let collapser_cfg = args.collapser_config();
     let mut ram_cfg = GuestRamConfig::new(args.memory, args.backing);
     // The model refuses collapses the collapser's policy would not ask for.
     ram_cfg.policy.khugepaged = collapser_cfg.khugepaged;
@@ -478,19 +478,6 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     rep.kvm_samples = kvm_samples;
     drop(vm);
     Ok(rep)
-}
-
-/// The collapser's policy from the command line.
-pub fn collapser_config(a: &RunArgs) -> CollapserConfig {
-    CollapserConfig {
-        khugepaged: thp::policy::Khugepaged {
-            max_ptes_none: a.collapse_max_ptes_none,
-            pages_to_scan: a.collapse_pages_to_scan,
-            scan_sleep_ms: a.collapse_interval_ms,
-            ..thp::policy::Khugepaged::default()
-        },
-        background: a.collapse_interval_ms > 0,
-    }
 }
 
 /// Appends KVM's mapping counters now to `samples` (the last one is replaced

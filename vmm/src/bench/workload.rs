@@ -14,12 +14,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::Parser;
 use guest_mem::Backing;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::config::RunConfig;
 use crate::exit_code;
 use crate::host::{HostInfo, HostKind};
 use crate::snapshot::HostMemory;
@@ -196,38 +195,22 @@ fn console_path(b: Backing, rep: u32) -> PathBuf {
     ))
 }
 
-/// The `vmm run` arguments of one run (parsed, so new options get their defaults).
-pub fn run_args(s: &Spec, b: Backing, console: &Path) -> Result<RunArgs, BenchError> {
+/// The run configuration of one run (`vmm run`'s defaults otherwise).
+pub fn run_config(s: &Spec, b: Backing, console: &Path) -> RunConfig {
     let mut cmdline = protocol::cmdline(&s.run, s.guest_thp.map(GuestThp::name));
     if let Some(extra) = &s.cmdline {
         cmdline = format!("{extra} {cmdline}");
     }
-    let argv: Vec<String> = vec![
-        "vmm".into(),
-        "run".into(),
-        "--kernel".into(),
-        s.kernel.display().to_string(),
-        "--initrd".into(),
-        s.initrd.display().to_string(),
-        "--cmdline".into(),
-        cmdline,
-        "--memory".into(),
-        s.memory.to_string(),
-        "--backing".into(),
-        b.to_string(),
-        "--serial".into(),
-        console.display().to_string(),
-        "--timeout".into(),
-        s.timeout.to_string(),
-        "--kvm-dev".into(),
-        s.kvm_dev.display().to_string(),
-    ];
-    match Cli::try_parse_from(&argv) {
-        Ok(Cli {
-            command: Command::Run(a),
-        }) => Ok(a),
-        Ok(_) => Err(BenchError::Usage("internal: not a run command".into())),
-        Err(e) => Err(BenchError::Usage(format!("guest run arguments: {e}"))),
+    RunConfig {
+        kernel: Some(s.kernel.clone()),
+        initrd: Some(s.initrd.clone()),
+        cmdline: Some(cmdline),
+        memory: s.memory,
+        backing: b,
+        serial: console.display().to_string(),
+        timeout: Some(s.timeout),
+        kvm_dev: s.kvm_dev.clone(),
+        ..RunConfig::default()
     }
 }
 
@@ -235,7 +218,7 @@ pub fn run_args(s: &Spec, b: Backing, console: &Path) -> Result<RunArgs, BenchEr
 pub fn one(s: &Spec, b: Backing, rep: u32) -> Result<WorkloadRun, BenchError> {
     let config = config_name(b, rep);
     let console = console_path(b, rep);
-    let args = run_args(s, b, &console)?;
+    let args = run_config(s, b, &console);
     let started = Instant::now();
     let r = crate::run::run(&args);
     let vmm_seconds = started.elapsed().as_secs_f64();
@@ -537,7 +520,7 @@ mod tests {
             timeout: 60.0,
             kvm_dev: "/dev/kvm".into(),
         };
-        let a = run_args(&s, Backing::Hugetlb, Path::new("/tmp/c")).unwrap();
+        let a = run_config(&s, Backing::Hugetlb, Path::new("/tmp/c"));
         assert_eq!(
             a.cmdline.as_deref(),
             Some("quiet vmm.run=Y2hhc2UgNjRNIDEwMDA= vmm.thp=always")
