@@ -18,17 +18,19 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Bench(args) => vmm::bench::run_cli(&args),
-        Command::Stress(args) => vmm::stress::run_cli(&args),
-        Command::Ctl(args) => match vmm::api::ctl(&args) {
-            Ok(text) => {
-                vmm::stdout::print(&text);
-                exit_code::OK
+        Command::Stress(args) => vmm::stress::run_cli(&args.into()),
+        Command::Ctl(args) => {
+            match vmm::api::ctl(&args.api_socket, args.json, &(&args.command).into()) {
+                Ok(text) => {
+                    vmm::stdout::print(&text);
+                    exit_code::OK
+                }
+                Err(e) => {
+                    eprintln!("vmm ctl: error: {e}");
+                    e.exit_code()
+                }
             }
-            Err(e) => {
-                eprintln!("vmm ctl: error: {e}");
-                e.exit_code()
-            }
-        },
+        }
         Command::Run(args) => {
             let cfg = RunConfig::from(args);
             match run::run(&cfg) {
