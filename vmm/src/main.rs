@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Bench(args) => vmm::bench::run_cli(&args),
+        Command::Bench(args) => vmm::bench::run_cli(&args.into()),
         Command::Stress(args) => vmm::stress::run_cli(&args.into()),
         Command::Ctl(args) => {
             match vmm::api::ctl(&args.api_socket, args.json, &(&args.command).into()) {

@@ -24,7 +24,7 @@ use crate::host::{HostInfo, HostKind};
 use crate::snapshot::HostMemory;
 use crate::stats::{self, KvmSample, MappingStats};
 
-use super::args::{GuestThp, WorkloadArgs};
+use super::args::{GuestThp, WorkloadConfig};
 use super::error::BenchError;
 use super::hostdesc::HostDesc;
 use super::protocol::{self, GuestOutput};
@@ -58,7 +58,7 @@ pub struct Spec {
 
 impl Spec {
     /// From the command line.
-    pub fn of(a: &WorkloadArgs) -> Spec {
+    pub fn of(a: &WorkloadConfig) -> Spec {
         Spec {
             kernel: a.kernel.clone(),
             initrd: a.initrd.clone(),
@@ -69,7 +69,7 @@ impl Spec {
             repeat: a.repeat,
             cmdline: a.cmdline.clone(),
             timeout: a.timeout,
-            kvm_dev: a.kvm.kvm_dev.clone(),
+            kvm_dev: a.kvm_dev.clone(),
         }
     }
 }
@@ -426,7 +426,7 @@ pub fn write_json(path: &Path, r: &WorkloadResults) -> Result<(), BenchError> {
 }
 
 /// `vmm bench workload`: run, print the table, write JSON.
-pub fn run_cli(a: &WorkloadArgs) -> Result<(), BenchError> {
+pub fn run_cli(a: &WorkloadConfig) -> Result<(), BenchError> {
     crate::output_path::check_all([("--json", a.json.as_deref())])
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     let r = run(&Spec::of(a), &mut |l| eprintln!("{l}"))?;

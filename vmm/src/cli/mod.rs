@@ -1,5 +1,6 @@
 //! Command-line interface of the `vmm` binary (clap).
 
+pub mod bench;
 pub mod ctl;
 pub mod stress;
 
@@ -28,7 +29,7 @@ pub enum Command {
     /// Boot a Linux kernel or run a built-in test guest.
     Run(RunArgs),
     /// Benchmarks (`vmm bench tlb`).
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// mmu-notifier fault injection: host invalidations fired at a running
     /// checker guest; exits 4 on a stale read, lost write or mirror mismatch.
     Stress(stress::StressArgs),
