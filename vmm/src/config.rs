@@ -1,6 +1,6 @@
 //! What a `vmm run` builds and runs: a plain configuration, no clap.
 //!
-//! The CLI layer (`cli.rs`) parses `vmm run` options into its clap struct
+//! The CLI layer (`cli/` in the binary) parses `vmm run` options into its clap struct
 //! and turns them into a [`RunConfig`] (`From<RunArgs>`); `bench` builds one
 //! directly. Everything below takes this struct or plain values, never the
 //! clap struct.
@@ -83,7 +83,7 @@ pub struct RunConfig {
 }
 
 impl Default for RunConfig {
-    /// `vmm run`'s defaults (a test in `cli.rs` keeps the two equal).
+    /// `vmm run`'s defaults (a test in the binary's `cli` keeps the two equal).
     fn default() -> Self {
         RunConfig {
             kernel: None,

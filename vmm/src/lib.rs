@@ -7,7 +7,6 @@ pub mod api;
 pub mod balloon_backend;
 pub mod bench;
 pub mod boot;
-pub mod cli;
 pub mod collapser;
 pub mod config;
 pub mod control;

@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
+mod cli;
+
 use anyhow::Context;
 use clap::Parser;
-use vmm::cli::{Cli, Command};
+use cli::{Cli, Command};
 use vmm::config::RunConfig;
 use vmm::{exit_code, report, run};
 

@@ -2,16 +2,15 @@
 
 use std::path::PathBuf;
 
-use clap::builder::PossibleValue;
 use clap::{Args, Subcommand, ValueEnum};
 use guest_mem::Backing;
 
 use super::KvmDevArg;
-use crate::bench::args::{
+use vmm::bench::args::{
     Bench, GuestChoice, GuestThp, Mode, TlbConfig, WorkloadConfig, DEFAULT_ACCESSES,
 };
-use crate::testguest::guests::tlb;
-use crate::testguest::GuestPageSize;
+use vmm::testguest::guests::tlb;
+use vmm::testguest::GuestPageSize;
 
 /// `vmm bench <kind>`.
 #[derive(Debug, Clone, Args)]
@@ -51,7 +50,7 @@ pub struct WorkloadArgs {
     pub backing: Vec<Backing>,
     /// The guest's THP mode (default: the guest kernel's own).
     #[arg(long, value_enum, value_name = "MODE")]
-    pub guest_thp: Option<GuestThp>,
+    pub guest_thp: Option<GuestThpArg>,
     /// Guest RAM size (K, M or G suffix; a multiple of 2M).
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = super::parse_size)]
     pub memory: u64,
@@ -87,8 +86,8 @@ pub struct TlbArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_ACCESSES)]
     pub accesses: u64,
     /// Workload.
-    #[arg(long, value_enum, default_value_t = Mode::Chase)]
-    pub mode: Mode,
+    #[arg(long, value_enum, default_value_t = ModeArg::Chase)]
+    pub mode: ModeArg,
     /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
     #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
     pub backing: Vec<Backing>,
@@ -112,8 +111,8 @@ pub struct TlbArgs {
     #[arg(long, value_name = "PATH")]
     pub markdown: Option<PathBuf>,
     /// Where the loop runs.
-    #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
-    pub guest: GuestChoice,
+    #[arg(long, value_enum, default_value_t = GuestChoiceArg::Test)]
+    pub guest: GuestChoiceArg,
     /// Guest kernel of `--guest linux`.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
@@ -148,7 +147,7 @@ impl From<WorkloadArgs> for WorkloadConfig {
             initrd: a.initrd,
             run: a.run,
             backing: a.backing,
-            guest_thp: a.guest_thp,
+            guest_thp: a.guest_thp.map(Into::into),
             memory: a.memory,
             repeat: a.repeat,
             cmdline: a.cmdline,
@@ -164,7 +163,7 @@ impl From<TlbArgs> for TlbConfig {
         TlbConfig {
             working_set: a.working_set,
             accesses: a.accesses,
-            mode: a.mode,
+            mode: a.mode.into(),
             backing: a.backing,
             guest_pages: a.guest_pages,
             repeat: a.repeat,
@@ -172,7 +171,7 @@ impl From<TlbArgs> for TlbConfig {
             json: a.json,
             svg: a.svg,
             markdown: a.markdown,
-            guest: a.guest,
+            guest: a.guest.into(),
             kernel: a.kernel,
             initrd: a.initrd,
             seed: a.seed,
@@ -183,53 +182,63 @@ impl From<TlbArgs> for TlbConfig {
 }
 
 // The value enums live with the benchmark (plain); their command-line
-// spellings and help are here.
+// spellings and help are these clap twins.
 
-impl ValueEnum for GuestThp {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[GuestThp::Always, GuestThp::Madvise, GuestThp::Never]
-    }
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            GuestThp::Always => {
-                PossibleValue::new("always").help("THP for every anonymous mapping")
-            }
-            GuestThp::Madvise => {
-                PossibleValue::new("madvise").help("THP only where the program asks (madvise)")
-            }
-            GuestThp::Never => PossibleValue::new("never").help("No THP"),
-        })
+/// `--guest-thp` ([`GuestThp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestThpArg {
+    /// THP for every anonymous mapping.
+    Always,
+    /// THP only where the program asks (madvise).
+    Madvise,
+    /// No THP.
+    Never,
+}
+
+impl From<GuestThpArg> for GuestThp {
+    fn from(a: GuestThpArg) -> Self {
+        match a {
+            GuestThpArg::Always => GuestThp::Always,
+            GuestThpArg::Madvise => GuestThp::Madvise,
+            GuestThpArg::Never => GuestThp::Never,
+        }
     }
 }
 
-impl ValueEnum for Mode {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[Mode::Chase, Mode::Gups]
-    }
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            Mode::Chase => PossibleValue::new("chase")
-                .help("Dependent loads through a random cycle over all pages (latency)"),
-            Mode::Gups => PossibleValue::new("gups")
-                .help("Random 8-byte XOR updates (GUPS-style, throughput)"),
-        })
+/// `--mode` ([`Mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Dependent loads through a random cycle over all pages (latency).
+    Chase,
+    /// Random 8-byte XOR updates (GUPS-style, throughput).
+    Gups,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(a: ModeArg) -> Self {
+        match a {
+            ModeArg::Chase => Mode::Chase,
+            ModeArg::Gups => Mode::Gups,
+        }
     }
 }
 
-impl ValueEnum for GuestChoice {
-    fn value_variants<'a>() -> &'a [Self] {
-        &[GuestChoice::Test, GuestChoice::Linux]
-    }
-    fn to_possible_value(&self) -> Option<PossibleValue> {
-        Some(match self {
-            GuestChoice::Test => {
-                PossibleValue::new("test").help("The built-in `tlb` test guest (no OS)")
-            }
-            GuestChoice::Linux => PossibleValue::new("linux").help(
-                "The static chase / gups programs in a Linux guest (needs guest user space; \
-                 `--kernel`, `--initrd`; guest pages 4k / 2m = guest THP never / always)",
-            ),
-        })
+/// `--guest` ([`GuestChoice`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GuestChoiceArg {
+    /// The built-in `tlb` test guest (no OS).
+    Test,
+    /// The static chase / gups programs in a Linux guest (needs guest user space;
+    /// `--kernel`, `--initrd`; guest pages 4k / 2m = guest THP never / always).
+    Linux,
+}
+
+impl From<GuestChoiceArg> for GuestChoice {
+    fn from(a: GuestChoiceArg) -> Self {
+        match a {
+            GuestChoiceArg::Test => GuestChoice::Test,
+            GuestChoiceArg::Linux => GuestChoice::Linux,
+        }
     }
 }
 
@@ -247,8 +256,8 @@ fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use crate::testguest::GuestPageSize;
     use clap::Parser;
+    use vmm::testguest::GuestPageSize;
 
     fn tlb_args(extra: &[&str]) -> TlbArgs {
         let mut v = vec!["vmm", "bench", "tlb"];

@@ -1,11 +1,11 @@
 //! Options of `vmm ctl` (clap), turned into an API request for
-//! [`crate::api::client::ctl`].
+//! [`vmm::api::client::ctl`].
 
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use crate::api::Request;
+use vmm::api::Request;
 
 /// Options of `vmm ctl`.
 #[derive(Debug, Clone, Args)]
@@ -47,7 +47,7 @@ fn parse_size_or_zero(s: &str) -> Result<u64, String> {
     if s.trim() == "0" {
         return Ok(0);
     }
-    crate::parse::parse_size(s)
+    vmm::parse::parse_size(s)
 }
 
 impl From<&CtlCommand> for Request {

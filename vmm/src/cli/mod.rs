@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use guest_mem::Backing;
 
-use crate::config::RunConfig;
-use crate::exit_code;
-pub use crate::parse::{parse_secs, parse_size, MAX_SECS};
-use crate::testguest::{GuestPageSize, TestGuestName};
+use vmm::config::RunConfig;
+use vmm::exit_code;
+pub use vmm::parse::{parse_secs, parse_size};
+use vmm::testguest::{GuestPageSize, TestGuestName};
 
 /// A minimal KVM VMM whose guest RAM lives on 2M huge pages it manages itself.
 #[derive(Debug, Parser)]
@@ -154,7 +154,7 @@ pub struct KvmDevArg {
     pub kvm_dev: PathBuf,
 }
 
-pub use crate::config::BalloonSplit;
+pub use vmm::config::BalloonSplit;
 
 impl From<RunArgs> for RunConfig {
     fn from(a: RunArgs) -> Self {
@@ -196,7 +196,7 @@ pub fn parse_balloon_split(s: &str) -> Result<BalloonSplit, String> {
         "deferred" => Ok(BalloonSplit::Deferred),
         other => Err(format!(
             "unknown split policy {:?}: expected eager or deferred",
-            crate::api::protocol::prefix(other, 32)
+            vmm::api::protocol::prefix(other, 32)
         )),
     }
 }

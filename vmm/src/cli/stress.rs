@@ -6,8 +6,8 @@ use clap::Args;
 use guest_mem::Backing;
 
 use super::{parse_backing, parse_secs, parse_size, KvmDevArg};
-use crate::stress::events::{OpsMix, DEFAULT_MIX};
-use crate::stress::{InjectBug, StressConfig, EXIT_CODES};
+use vmm::stress::events::{OpsMix, DEFAULT_MIX};
+use vmm::stress::{InjectBug, StressConfig, EXIT_CODES};
 
 /// Options of `vmm stress`.
 #[derive(Debug, Clone, Args)]
