@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use guest_mem::{Backing, SplitPolicy};
 
-use crate::collapser::CollapserConfig;
 use crate::testguest::{GuestPageSize, TestGuestName};
 
 /// When a 2M frame the guest gave back only in part is split.
@@ -131,18 +130,5 @@ impl RunConfig {
     /// The guest arguments as a map.
     pub fn guest_arg_map(&self) -> BTreeMap<String, u64> {
         self.guest_args.iter().cloned().collect()
-    }
-
-    /// The collapser's policy.
-    pub fn collapser_config(&self) -> CollapserConfig {
-        CollapserConfig {
-            khugepaged: thp::policy::Khugepaged {
-                max_ptes_none: self.collapse_max_ptes_none,
-                pages_to_scan: self.collapse_pages_to_scan,
-                scan_sleep_ms: self.collapse_interval_ms,
-                ..thp::policy::Khugepaged::default()
-            },
-            background: self.collapse_interval_ms > 0,
-        }
     }
 }

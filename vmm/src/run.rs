@@ -14,7 +14,7 @@ use crate::api::{ApiServer, ApiServerError};
 use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
 use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
-use crate::collapser::Collapser;
+use crate::collapser::{Collapser, CollapserConfig};
 use crate::config::RunConfig;
 use crate::deferred_split::DeferredSplitter;
 use crate::devices::console::{self, Console};
@@ -244,7 +244,7 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
         None => None,
     };
 
-    let collapser_cfg = args.collapser_config();
+    let collapser_cfg = collapser_config(args);
     let mut ram_cfg = GuestRamConfig::new(args.memory, args.backing);
     // The model refuses collapses the collapser's policy would not ask for.
     ram_cfg.policy.khugepaged = collapser_cfg.khugepaged;
@@ -478,6 +478,19 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
     rep.kvm_samples = kvm_samples;
     drop(vm);
     Ok(rep)
+}
+
+/// The collapser's policy from the run configuration.
+pub fn collapser_config(a: &RunConfig) -> CollapserConfig {
+    CollapserConfig {
+        khugepaged: thp::policy::Khugepaged {
+            max_ptes_none: a.collapse_max_ptes_none,
+            pages_to_scan: a.collapse_pages_to_scan,
+            scan_sleep_ms: a.collapse_interval_ms,
+            ..thp::policy::Khugepaged::default()
+        },
+        background: a.collapse_interval_ms > 0,
+    }
 }
 
 /// Appends KVM's mapping counters now to `samples` (the last one is replaced
