@@ -270,12 +270,13 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
                 RunError::Usage("either --kernel or --test-guest is required".into())
             })?;
             let extra = host.needs_emulator_workarounds().then_some(PV_CMDLINE);
-            let user = match (args.balloon, args.cmdline.as_deref()) {
-                (true, Some(c)) => Some(format!("{} {c}", BALLOON_SLOT.cmdline_arg())),
-                (true, None) => Some(BALLOON_SLOT.cmdline_arg()),
-                (false, c) => c.map(str::to_string),
-            };
-            let (cmdline, defaults_len) = linux::compose_cmdline(extra, user.as_deref());
+            let balloon = args.balloon.then(|| BALLOON_SLOT.cmdline_arg());
+            let user: Vec<&str> = balloon
+                .iter()
+                .map(String::as_str)
+                .chain(args.cmdline.as_deref())
+                .collect();
+            let (cmdline, defaults_len) = linux::compose_cmdline(extra, &user)?;
             let spec = LinuxBootSpec {
                 kernel,
                 initrd: args.initrd.clone(),
