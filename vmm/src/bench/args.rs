@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use guest_mem::Backing;
 
+use super::workload::Spec;
 use crate::testguest::guests::tlb;
 use crate::testguest::GuestPageSize;
 
@@ -74,31 +75,14 @@ pub enum GuestChoice {
     Linux,
 }
 
-/// What `vmm bench workload` runs (its options, same names and meaning).
+/// What `vmm bench workload` runs: the runs ([`Spec`]) and where the
+/// results go.
 #[derive(Debug, Clone)]
 pub struct WorkloadConfig {
-    /// Guest kernel (ELF vmlinux or bzImage).
-    pub kernel: PathBuf,
-    /// Initramfs following the guest init protocol.
-    pub initrd: PathBuf,
-    /// The command the guest runs (a `sh -c` string), e.g. 'chase 64M 4000000'.
-    pub run: String,
-    /// Host backings of guest RAM, in run order.
-    pub backing: Vec<Backing>,
-    /// The guest's THP mode (default: the guest kernel's own).
-    pub guest_thp: Option<GuestThp>,
-    /// Guest RAM size in bytes (a multiple of 2M).
-    pub memory: u64,
-    /// Repeats of every backing (interleaved: the repeat loop is outermost).
-    pub repeat: u32,
-    /// Extra kernel command-line entries.
-    pub cmdline: Option<String>,
+    /// The runs.
+    pub spec: Spec,
     /// Write the results as JSON to this file.
     pub json: Option<PathBuf>,
-    /// Stop a guest run (boot included) after this many seconds.
-    pub timeout: f64,
-    /// KVM device node.
-    pub kvm_dev: PathBuf,
 }
 
 /// What `vmm bench tlb` runs (its options, same names and meaning).

@@ -56,24 +56,6 @@ pub struct Spec {
     pub kvm_dev: PathBuf,
 }
 
-impl Spec {
-    /// From the command line.
-    pub fn of(a: &WorkloadConfig) -> Spec {
-        Spec {
-            kernel: a.kernel.clone(),
-            initrd: a.initrd.clone(),
-            run: a.run.clone(),
-            backings: a.backing.clone(),
-            guest_thp: a.guest_thp,
-            memory: a.memory,
-            repeat: a.repeat,
-            cmdline: a.cmdline.clone(),
-            timeout: a.timeout,
-            kvm_dev: a.kvm_dev.clone(),
-        }
-    }
-}
-
 /// Why a Linux guest's user space cannot run benchmarks on this host, if it cannot.
 pub fn user_space_unavailable(info: &HostInfo) -> Option<String> {
     (info.kind == HostKind::ParavirtShadow).then(|| {
@@ -429,7 +411,7 @@ pub fn write_json(path: &Path, r: &WorkloadResults) -> Result<(), BenchError> {
 pub fn run_cli(a: &WorkloadConfig) -> Result<(), BenchError> {
     crate::output_path::check_all([("--json", a.json.as_deref())])
         .map_err(|e| BenchError::Usage(e.to_string()))?;
-    let r = run(&Spec::of(a), &mut |l| eprintln!("{l}"))?;
+    let r = run(&a.spec, &mut |l| eprintln!("{l}"))?;
     // The file first: stdout may be a closed pipe.
     let written = a.json.as_deref().map(|p| write_json(p, &r));
     crate::stdout::print(&format!(

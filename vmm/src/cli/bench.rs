@@ -9,6 +9,7 @@ use super::KvmDevArg;
 use vmm::bench::args::{
     Bench, GuestChoice, GuestThp, Mode, TlbConfig, WorkloadConfig, DEFAULT_ACCESSES,
 };
+use vmm::bench::workload::Spec;
 use vmm::testguest::guests::tlb;
 use vmm::testguest::GuestPageSize;
 
@@ -143,17 +144,19 @@ impl From<BenchArgs> for Bench {
 impl From<WorkloadArgs> for WorkloadConfig {
     fn from(a: WorkloadArgs) -> Self {
         WorkloadConfig {
-            kernel: a.kernel,
-            initrd: a.initrd,
-            run: a.run,
-            backing: a.backing,
-            guest_thp: a.guest_thp.map(Into::into),
-            memory: a.memory,
-            repeat: a.repeat,
-            cmdline: a.cmdline,
+            spec: Spec {
+                kernel: a.kernel,
+                initrd: a.initrd,
+                run: a.run,
+                backings: a.backing,
+                guest_thp: a.guest_thp.map(Into::into),
+                memory: a.memory,
+                repeat: a.repeat,
+                cmdline: a.cmdline,
+                timeout: a.timeout,
+                kvm_dev: a.kvm.kvm_dev,
+            },
             json: a.json,
-            timeout: a.timeout,
-            kvm_dev: a.kvm.kvm_dev,
         }
     }
 }
