@@ -26,6 +26,7 @@ pub mod msr;
 pub mod outcome;
 pub mod output_path;
 pub mod parse;
+pub mod ram_handle;
 pub mod report;
 pub mod run;
 pub mod signals;

@@ -16,7 +16,7 @@ use crate::halt::HaltWatch;
 use crate::host::HostInfo;
 use crate::mirror::{self, LiveMirror, MirrorContext, Prediction};
 use crate::outcome::Outcome;
-use crate::snapshot::FrameCounts;
+use crate::ram_handle::RamHandle;
 use crate::stats::{KvmStats, MappingStats};
 use crate::testguest::device::TestDevice;
 use crate::unmap_stats::UnmapRecorder;
@@ -390,5 +390,51 @@ impl Machine {
     /// Checkpoints so far.
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
         lock(&self.checkpoints).clone()
+    }
+}
+
+impl RamHandle for Machine {
+    fn ram(&self) -> MutexGuard<'_, GuestRam> {
+        Machine::ram(self)
+    }
+    fn with_ram_after_balloon(&self, f: &mut dyn FnMut(&mut GuestRam)) {
+        let _device = self.balloon().map(|b| b.lock());
+        f(&mut Machine::ram(self));
+    }
+    fn vcpus(&self) -> &VcpuControl {
+        &self.control
+    }
+    fn recorder(&self) -> &UnmapRecorder {
+        &self.unmap
+    }
+}
+
+/// Frame states of guest RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FrameCounts {
+    /// Frames mapped by one 2M page on the host.
+    pub huge: usize,
+    /// Frames mapped by small pages.
+    pub small: usize,
+    /// Frames not populated.
+    pub unpopulated: usize,
+    /// Of `huge`: frames the balloon gave back whole, their huge page freed
+    /// on the host until the guest touches them again (then a fresh huge
+    /// page of the pool is faulted in).
+    pub released: usize,
+}
+
+impl FrameCounts {
+    /// Count `states`.
+    pub fn of(states: &[guest_mem::FrameView]) -> FrameCounts {
+        let mut c = FrameCounts::default();
+        for f in states {
+            match f {
+                guest_mem::FrameView::Huge { .. } => c.huge += 1,
+                guest_mem::FrameView::Small { .. } => c.small += 1,
+                guest_mem::FrameView::Unpopulated => c.unpopulated += 1,
+            }
+        }
+        c
     }
 }
