@@ -68,11 +68,12 @@ impl Default for HostPaths {
     }
 }
 
-/// The bracketed value of a sysfs choice file (`always [advise] never`).
-pub fn selected(text: &str) -> Option<&str> {
-    let s = text.find('[')?;
-    let e = text[s..].find(']')? + s;
-    Some(&text[s + 1..e])
+pub use thp::policy::selected;
+
+/// The `[selected]` value of the sysfs choice file `knob` under
+/// `paths.sys` (e.g. `kernel/mm/transparent_hugepage/enabled`).
+pub fn read_selected(paths: &HostPaths, knob: &str) -> Result<String, GuestMemError> {
+    read_choice(&paths.sys.join(knob))
 }
 
 fn read_choice(path: &Path) -> Result<String, GuestMemError> {
@@ -166,15 +167,6 @@ mod tests {
             e.to_string(),
             "unknown backing \"2m\": use one of hugetlb, thp, 4k"
         );
-    }
-
-    #[test]
-    fn selected_value() {
-        assert_eq!(
-            selected("always within_size [advise] never deny force\n"),
-            Some("advise")
-        );
-        assert_eq!(selected("always advise"), None);
     }
 
     fn fake_sys(global: &str, per_size: Option<&str>) -> (std::path::PathBuf, HostPaths) {

@@ -100,6 +100,15 @@ fn all_pages() -> Vec<u16> {
     (0..PPH as u16).collect()
 }
 
+/// The one guest RAM size check: `size` must be a positive multiple of 2 MiB
+/// and at most [`MAX_RAM_SIZE`] (the rule lives in [`RamLayout::new`]).
+/// Returns the number of 2M frames of RAM (the 32-bit MMIO hole excluded).
+/// Every layer that takes a RAM size from a user or a file (`vmm run`,
+/// `vmm stress`, replay files) checks it here, so the rule has one home.
+pub fn check_ram_size(size: u64) -> Result<usize, GuestMemError> {
+    RamLayout::new(size).map(|l| l.ram_frames())
+}
+
 /// How many pool slots fit on the host (hugetlb): the requested count, or in
 /// the default mode what is free now (with a warning).
 fn fit_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemError> {

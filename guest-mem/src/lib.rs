@@ -6,6 +6,8 @@
 //! acts on its plans with memfd, mmap, fallocate and madvise, and reads back
 //! the host's own accounting.
 
+#![deny(missing_docs)]
+
 pub mod backing;
 pub mod error;
 mod give_back;
@@ -24,7 +26,7 @@ mod vma_probe;
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
-pub use guest_ram::{FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
+pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
 pub use layout::{RamLayout, RamRegion, RamSlot, HIGH_RAM_START, MMIO_HOLE_START};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
 pub use stats::{DiscardReport, HostView, PoolStats};

@@ -5,8 +5,6 @@
 //! folios of [`crate::kpageflags`], trusted only when their count equals
 //! what smaps says is PMD-mapped in the range.
 
-use std::os::fd::AsRawFd;
-
 use crate::error::GuestMemError;
 use crate::kpageflags::{self, FrameFolio};
 use crate::{smaps, vma_probe, HPAGE_SIZE};
@@ -39,9 +37,14 @@ struct PmScanArg {
     return_mask: u64,
 }
 
-/// `_IOWR('f', 16, struct pm_scan_arg)`.
-const PAGEMAP_SCAN: u64 =
-    (3 << 30) | ((std::mem::size_of::<PmScanArg>() as u64) << 16) | (0x66 << 8) | 16;
+/// The ioctl numbers, encoded by vmm-sys-util (a private module: the macro
+/// makes public functions without docs).
+mod nr {
+    use super::PmScanArg;
+    // `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)` (include/uapi/linux/fs.h).
+    vmm_sys_util::ioctl_iowr_nr!(PAGEMAP_SCAN, 0x66, 16, PmScanArg);
+}
+use nr::PAGEMAP_SCAN;
 
 const PAGEMAP: &str = "/proc/self/pagemap";
 
@@ -127,10 +130,10 @@ fn scan_pmd_mapped(start: u64, frames: usize) -> Result<Option<Vec<bool>>, Guest
             return_mask: PAGE_IS_HUGE | PAGE_IS_PRESENT,
             ..PmScanArg::default()
         };
-        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `vec.len()`
-        // writable page_region entries that outlive the call.
-        let n =
-            unsafe { libc::ioctl(f.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg as *mut PmScanArg) };
+        // SAFETY: `f` is our open /proc/self/pagemap; `arg` is a valid
+        // pm_scan_arg (its `size` field is its own size) whose `vec` points at
+        // `vec.len()` writable page_region entries that outlive the call.
+        let n = unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&f, PAGEMAP_SCAN(), &mut arg) };
         if n < 0 {
             let e = GuestMemError::last_os();
             if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) {
@@ -173,7 +176,7 @@ mod tests {
     #[test]
     fn ioctl_number_matches_the_uapi() {
         assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
-        assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
+        assert_eq!(PAGEMAP_SCAN(), 0xc060_6610);
     }
 
     #[test]

@@ -50,6 +50,7 @@
 //! page-cache folio with a PMD again; the model keeps PTE mappings), fork of a
 //! shmem mapping (modelled as COW).
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod folio;
 pub mod give_back;

@@ -4,6 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::units::PAGES_PER_HPAGE;
+
 /// `/sys/kernel/mm/transparent_hugepage/enabled`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Enabled {
@@ -57,6 +59,20 @@ impl Default for Khugepaged {
             pages_to_scan: 4096,
             scan_sleep_ms: 10_000,
         }
+    }
+}
+
+impl Khugepaged {
+    /// khugepaged's none-PTE limit (`SCAN_EXCEED_NONE_PTE` in
+    /// `hpage_collapse_scan_pmd` and `hpage_collapse_scan_file`,
+    /// mm/khugepaged.c): a 2M range with `present` of its 512 PTEs present
+    /// qualifies when at most `max_ptes_none` of them are none. The kernel
+    /// takes at most 511 (`max_ptes_none_store` rejects more), so a range with
+    /// nothing present never qualifies, whatever value this struct holds.
+    pub fn none_ptes_within_limit(&self, present: u32) -> bool {
+        let ptes = PAGES_PER_HPAGE as u32;
+        let none = ptes - present.min(ptes);
+        none < ptes && none <= self.max_ptes_none
     }
 }
 
@@ -151,19 +167,24 @@ pub struct ParsePolicyError {
     pub expected: &'static str,
 }
 
-/// Strips the sysfs brackets: `"always [madvise] never"` selects `madvise`.
-fn selected(s: &str) -> &str {
-    let s = s.trim();
-    match (s.find('['), s.find(']')) {
-        (Some(a), Some(b)) if a < b => &s[a + 1..b],
-        _ => s,
-    }
+/// The bracketed value of a sysfs choice file: `"always [madvise] never"`
+/// selects `madvise`; `None` when nothing is bracketed. The one parser of that
+/// format: `guest-mem` (which reads the files) and `vmm` use it too.
+pub fn selected(text: &str) -> Option<&str> {
+    let s = text.find('[')?;
+    let e = text[s..].find(']')? + s;
+    Some(&text[s + 1..e])
+}
+
+/// A knob value as typed (`madvise`) or as sysfs shows it (`[madvise]`).
+fn knob_value(s: &str) -> &str {
+    selected(s).unwrap_or(s.trim())
 }
 
 impl FromStr for Enabled {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match selected(s) {
+        match knob_value(s) {
             "always" => Ok(Enabled::Always),
             "madvise" => Ok(Enabled::Madvise),
             "never" => Ok(Enabled::Never),
@@ -179,7 +200,7 @@ impl FromStr for Enabled {
 impl FromStr for Defrag {
     type Err = ParsePolicyError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match selected(s) {
+        match knob_value(s) {
             "always" => Ok(Defrag::Always),
             "defer" => Ok(Defrag::Defer),
             "defer+madvise" => Ok(Defrag::DeferMadvise),
@@ -219,6 +240,32 @@ impl fmt::Display for Defrag {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn none_pte_limit_counts_missing_pages() {
+        let k = |max_ptes_none| Khugepaged {
+            max_ptes_none,
+            ..Khugepaged::default()
+        };
+        assert!(k(0).none_ptes_within_limit(512));
+        assert!(!k(0).none_ptes_within_limit(511));
+        assert!(k(100).none_ptes_within_limit(412));
+        assert!(!k(100).none_ptes_within_limit(411));
+        assert!(k(511).none_ptes_within_limit(1));
+        assert!(!k(511).none_ptes_within_limit(0));
+        assert!(!k(512).none_ptes_within_limit(0));
+    }
+
+    #[test]
+    fn selected_value() {
+        assert_eq!(
+            selected("always within_size [advise] never deny force\n"),
+            Some("advise")
+        );
+        assert_eq!(selected("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(selected("always advise"), None);
+        assert_eq!(selected(""), None);
+    }
 
     #[test]
     fn parses_sysfs_spellings_with_brackets() {

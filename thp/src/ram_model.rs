@@ -8,7 +8,7 @@ use crate::invariants::{self, InvariantViolation};
 use crate::policy::ThpPolicy;
 use crate::pool::{HugePool, SmallPool};
 use crate::primary::{CollapseRefusal, FaultOutcome, FrameMap, Mm, MmError, MmId, Primary, VmStat};
-use crate::units::{PAGES_PER_HPAGE, PAGES_PER_HPAGE_USIZE};
+use crate::units::{Level, PAGES_PER_HPAGE, PAGES_PER_HPAGE_USIZE};
 
 /// What the model says about one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +25,33 @@ pub enum FrameView {
         /// Present pages.
         present: u32,
     },
+}
+
+impl FrameView {
+    /// The level at which the host maps this frame, as KVM's
+    /// `host_pfn_mapping_level` sees it: a huge frame by one PMD (2M), a
+    /// small frame with any page present by PTEs (4K), an unpopulated or
+    /// empty frame not at all (`None`).
+    ///
+    /// Per frame, not per page, on purpose: `guest-mem` maps every page of a
+    /// populated small frame that the model calls absent (given back, never
+    /// refilled) to an anonymous zero page, so the host maps the whole frame.
+    /// [`RamModel::host_map`] answers per page from the model's own page
+    /// table, where those pages are not mapped; it is the right host for a
+    /// pure model, this is the right one for guest RAM on a real host.
+    pub fn host_level(&self) -> Option<Level> {
+        match self {
+            FrameView::Huge { .. } => Some(Level::M2),
+            FrameView::Small { present } if *present > 0 => Some(Level::K4),
+            FrameView::Small { .. } | FrameView::Unpopulated => None,
+        }
+    }
+}
+
+/// The host level of each frame ([`FrameView::host_level`]), in frame order:
+/// what [`crate::kvm_mirror::LevelMap`] takes.
+pub fn host_levels(frames: &[FrameView]) -> Vec<Option<Level>> {
+    frames.iter().map(FrameView::host_level).collect()
 }
 
 /// Result of [`RamModel::populate`].

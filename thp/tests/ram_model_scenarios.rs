@@ -353,3 +353,41 @@ fn discard_frame_pages_refuses_unsorted_or_out_of_frame_pages() {
     assert!(m.discard_frame_pages(1, &[0], true).is_err());
     assert_eq!(m.frame(0), FrameView::Huge { slot: 0 });
 }
+
+/// `FrameView::host_level` (per frame, what the VMM feeds its KVM mirror)
+/// agrees with `RamModel::host_map` (per page, the model's page table) on
+/// every present page, and differs only where the model has no page: there
+/// guest-mem maps a zero page, so the frame level is the right one.
+#[test]
+fn frame_host_levels_agree_with_host_map_on_present_pages() {
+    use thp::kvm_mirror::HostMap;
+    use thp::units::Level;
+    const HPAGE: u64 = 2 << 20;
+    let mut m = RamModel::new(4, 4, ThpPolicy::always());
+    for f in 0..3 {
+        m.populate(f).unwrap();
+    }
+    m.split(1).unwrap();
+    // Frame 2: give back page 7 (a split) -> small, 511 present.
+    m.discard(2 * 512 + 7, 1).unwrap();
+    ok(&m);
+    let frames: Vec<FrameView> = (0..4).map(|f| m.frame(f)).collect();
+    let levels = thp::ram_model::host_levels(&frames);
+    assert_eq!(
+        levels,
+        vec![Some(Level::M2), Some(Level::K4), Some(Level::K4), None]
+    );
+    let host = m.host_map();
+    for (f, level) in levels.iter().enumerate() {
+        for page in 0..512u64 {
+            let hva = f as u64 * HPAGE + page * 4096;
+            match host.pfn(hva) {
+                Some(_) => assert_eq!(Some(host.host_level(hva)), *level, "frame {f} page {page}"),
+                None => assert!(
+                    (f, page) == (2, 7) || f == 3,
+                    "frame {f} page {page} unexpectedly absent"
+                ),
+            }
+        }
+    }
+}

@@ -26,7 +26,7 @@ use crate::devices::virtio_balloon::{
 };
 use crate::devices::virtio_mmio::{Interrupt, MmioSlot, MmioTransport};
 use crate::give_back_stats::{GiveBackMetrics, GiveBackRecorder};
-use crate::machine::Machine;
+use crate::ram_handle::RamHandle;
 use crate::unmap_stats::{GiveBack, TimedQuiesce};
 
 /// Where the balloon lives: 4K of registers at 0xd000_0000 (in the 32-bit MMIO
@@ -73,7 +73,7 @@ pub fn whole_frames(gpa: u64, len: u64) -> Option<(u64, u64)> {
 
 /// The balloon's backend over the machine's guest RAM.
 pub struct RamBackend {
-    machine: Weak<Machine>,
+    machine: Weak<dyn RamHandle>,
     /// When the guest's current request (its MMIO exit) arrived.
     requested: Option<Instant>,
     /// When a partly given-back frame is split.
@@ -85,14 +85,14 @@ pub struct RamBackend {
 /// Record a give-back's outcome in the machine's unmap metrics and the
 /// balloon's own.
 pub(crate) fn record(
-    m: &Machine,
+    m: &dyn RamHandle,
     metrics: &GiveBackRecorder,
     rep: &GiveBackReport,
     requested: Option<Instant>,
     pauses: &[std::time::Duration],
 ) {
     metrics.record(rep, pauses);
-    m.unmap.give_back(
+    m.recorder().give_back(
         GiveBack {
             frames_split: rep.frames_split,
             huge_frames_freed: rep.whole_frames_freed,
@@ -104,13 +104,13 @@ pub(crate) fn record(
 }
 
 impl RamBackend {
-    fn give_back(&self, m: &Machine, gpa: u64, len: u64, report: bool) {
+    fn give_back(&self, m: &dyn RamHandle, gpa: u64, len: u64, report: bool) {
         let what = if report {
             "free page report"
         } else {
             "inflate"
         };
-        let timed = TimedQuiesce::new(&m.control);
+        let timed = TimedQuiesce::new(m.vcpus());
         let r = if report {
             m.ram().report_free(gpa, len, &timed)
         } else {
@@ -140,7 +140,7 @@ impl BalloonBackend for RamBackend {
             return;
         };
         for (first, n) in pfn_runs(pfns) {
-            self.give_back(&m, first * PAGE_SIZE, n * PAGE_SIZE, false);
+            self.give_back(m.as_ref(), first * PAGE_SIZE, n * PAGE_SIZE, false);
         }
     }
 
@@ -150,9 +150,9 @@ impl BalloonBackend for RamBackend {
         };
         for (first, n) in pfn_runs(pfns) {
             let (gpa, len) = (first * PAGE_SIZE, n * PAGE_SIZE);
-            let r = m.ram().refill(gpa, len, &m.control);
+            let r = m.ram().refill(gpa, len, m.vcpus());
             match r {
-                Ok(()) => m.unmap.refilled(n),
+                Ok(()) => m.recorder().refilled(n),
                 Err(e) => log::warn!(
                     "balloon deflate: taking back [{gpa:#x}, +{len:#x}) failed: {e}; \
                      the pages read as zero pages"
@@ -168,7 +168,7 @@ impl BalloonBackend for RamBackend {
         // Whole frames, and frames the run completes with pages queued by
         // inflates: splitting a frame for a free run the guest may reuse any
         // moment would cost a copy for nothing.
-        self.give_back(&m, gpa, len, true);
+        self.give_back(m.as_ref(), gpa, len, true);
     }
 }
 
@@ -228,7 +228,7 @@ impl BalloonDevice {
     /// `line`; `initial_target` bytes are asked for once the driver is ready;
     /// free page reporting is offered if `free_page_reporting`.
     pub fn new(
-        m: Weak<Machine>,
+        m: Weak<impl RamHandle + 'static>,
         mem: vm_memory::GuestMemoryMmap,
         layout: guest_mem::RamLayout,
         line: Arc<dyn Interrupt>,
@@ -237,7 +237,7 @@ impl BalloonDevice {
     ) -> Result<BalloonDevice, BalloonError> {
         let metrics = Arc::new(GiveBackRecorder::new(SplitPolicy::default()));
         let backend = RamBackend {
-            machine: m,
+            machine: m as Weak<dyn RamHandle>,
             requested: None,
             policy: SplitPolicy::default(),
             metrics: metrics.clone(),

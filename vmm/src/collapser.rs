@@ -3,7 +3,8 @@
 //! per frame) from where it stopped, and collapses each small-page frame the
 //! policy allows back into one huge page (hugetlb: the vCPUs are paused for
 //! the copy; thp: `MADV_COLLAPSE`). The policy is `thp::policy::Khugepaged`:
-//! a frame qualifies when it has at most `max_ptes_none` pages not present.
+//! a frame qualifies when it has at most `max_ptes_none` pages not present
+//! (`Khugepaged::none_ptes_within_limit`, the rule of `thp`'s khugepaged).
 //! The VMM's default `max_ptes_none` is 0 (only frames whose pages are all
 //! present again, e.g. after a balloon deflate): the kernel's 511 would
 //! re-fill every page the guest gave back.
@@ -16,7 +17,7 @@ use guest_mem::{FrameView, GuestMemError, PAGES_PER_HPAGE};
 use thp::policy::Khugepaged;
 use thp::ram_model::ModelError;
 
-use crate::machine::Machine;
+use crate::ram_handle::RamHandle;
 use crate::unmap_stats::TimedQuiesce;
 
 /// The collapser's policy.
@@ -35,13 +36,12 @@ impl CollapserConfig {
         (self.khugepaged.pages_to_scan as usize / PAGES_PER_HPAGE as usize).max(1)
     }
 
-    /// Whether a frame in `state` qualifies for a collapse.
+    /// Whether a frame in `state` qualifies for a collapse: a small frame
+    /// within khugepaged's none-PTE limit
+    /// ([`Khugepaged::none_ptes_within_limit`], the rule `thp` applies).
     pub fn eligible(&self, state: FrameView) -> bool {
         match state {
-            FrameView::Small { present } if present > 0 => {
-                PAGES_PER_HPAGE as u32 - present.min(PAGES_PER_HPAGE as u32)
-                    <= self.khugepaged.max_ptes_none
-            }
+            FrameView::Small { present } => self.khugepaged.none_ptes_within_limit(present),
             _ => false,
         }
     }
@@ -80,34 +80,35 @@ impl Collapser {
     /// Collapse `frame` if it still qualifies. Lock order: balloon transport,
     /// guest RAM (as on the balloon's path). Not on a vCPU thread unless it
     /// counts as parked.
-    fn collapse_frame(&self, m: &Machine, frame: usize) -> bool {
-        let _device = m.balloon().map(|b| b.lock());
-        let mut ram = m.ram();
-        if !self.cfg.eligible(ram.frame_state(frame)) {
-            return false;
-        }
-        let timed = TimedQuiesce::new(&m.control);
-        let t = Instant::now();
-        match ram.collapse(frame, &timed) {
-            Ok(()) => {
-                m.unmap.collapsed(t.elapsed(), &timed.windows());
-                log::debug!("collapser: frame {frame} collapsed in {:?}", t.elapsed());
-                true
+    fn collapse_frame(&self, m: &dyn RamHandle, frame: usize) -> bool {
+        let mut collapsed = false;
+        m.with_ram_after_balloon(&mut |ram| {
+            if !self.cfg.eligible(ram.frame_state(frame)) {
+                return;
             }
-            Err(e) => {
-                m.unmap.collapse_refused();
-                match e {
-                    GuestMemError::Model(
-                        ModelError::HugePoolEmpty { .. } | ModelError::CollapseRefused { .. },
-                    ) => log::debug!("collapser: frame {frame} not collapsed: {e}"),
-                    e => log::warn!("collapser: collapsing frame {frame} failed: {e}"),
+            let timed = TimedQuiesce::new(m.vcpus());
+            let t = Instant::now();
+            match ram.collapse(frame, &timed) {
+                Ok(()) => {
+                    m.recorder().collapsed(t.elapsed(), &timed.windows());
+                    log::debug!("collapser: frame {frame} collapsed in {:?}", t.elapsed());
+                    collapsed = true;
                 }
-                false
+                Err(e) => {
+                    m.recorder().collapse_refused();
+                    match e {
+                        GuestMemError::Model(
+                            ModelError::HugePoolEmpty { .. } | ModelError::CollapseRefused { .. },
+                        ) => log::debug!("collapser: frame {frame} not collapsed: {e}"),
+                        e => log::warn!("collapser: collapsing frame {frame} failed: {e}"),
+                    }
+                }
             }
-        }
+        });
+        collapsed
     }
 
-    fn scan(&self, m: &Machine, frames: Option<usize>) -> u64 {
+    fn scan(&self, m: &dyn RamHandle, frames: Option<usize>) -> u64 {
         let mut cursor = lock(&self.cursor);
         let states = m.ram().frame_states();
         let total = states.len();
@@ -127,18 +128,21 @@ impl Collapser {
     }
 
     /// One pass over every frame; returns how many collapsed.
-    pub fn pass_all(&self, m: &Machine) -> u64 {
+    pub fn pass_all(&self, m: &dyn RamHandle) -> u64 {
         self.scan(m, None)
     }
 
     /// One khugepaged wake-up: `pages_to_scan` pages' worth of frames.
-    pub fn pass(&self, m: &Machine) -> u64 {
+    pub fn pass(&self, m: &dyn RamHandle) -> u64 {
         self.scan(m, Some(self.cfg.frames_per_scan()))
     }
 
     /// Start the background thread (if configured); it ends after
-    /// [`Collapser::stop`] or when the machine is gone.
-    pub fn spawn(self: &Arc<Self>, m: Weak<Machine>) -> std::io::Result<Option<JoinHandle<()>>> {
+    /// [`Collapser::stop`] or when the VM is gone.
+    pub fn spawn(
+        self: &Arc<Self>,
+        m: Weak<impl RamHandle + 'static>,
+    ) -> std::io::Result<Option<JoinHandle<()>>> {
         if !self.cfg.background {
             return Ok(None);
         }
@@ -158,10 +162,10 @@ impl Collapser {
                     }
                 }
                 let Some(m) = m.upgrade() else { return };
-                if m.control.stopping() {
+                if m.vcpus().stopping() {
                     return;
                 }
-                let n = me.pass(&m);
+                let n = me.pass(m.as_ref());
                 if n > 0 {
                     log::info!("collapser: {n} frame(s) collapsed");
                 }

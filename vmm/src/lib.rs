@@ -1,12 +1,14 @@
 //! `vmm`: a minimal KVM VMM whose guest RAM lives on 2M huge pages it manages
 //! itself. See docs/ARCHITECTURE.md, section `vmm`.
 
+#![deny(missing_docs)]
+
 pub mod api;
 pub mod balloon_backend;
 pub mod bench;
 pub mod boot;
-pub mod cli;
 pub mod collapser;
+pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod deferred_split;
@@ -23,6 +25,8 @@ pub mod mmu_params;
 pub mod msr;
 pub mod outcome;
 pub mod output_path;
+pub mod parse;
+pub mod ram_handle;
 pub mod report;
 pub mod run;
 pub mod signals;

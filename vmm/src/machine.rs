@@ -16,7 +16,7 @@ use crate::halt::HaltWatch;
 use crate::host::HostInfo;
 use crate::mirror::{self, LiveMirror, MirrorContext, Prediction};
 use crate::outcome::Outcome;
-use crate::snapshot::FrameCounts;
+use crate::ram_handle::RamHandle;
 use crate::stats::{KvmStats, MappingStats};
 use crate::testguest::device::TestDevice;
 use crate::unmap_stats::UnmapRecorder;
@@ -289,7 +289,7 @@ impl Machine {
                 ctx,
                 ram.host_addr(),
                 ram.memslots(),
-                mirror::host_levels(&states),
+                thp::ram_model::host_levels(&states),
                 false,
                 None,
             ),
@@ -392,5 +392,69 @@ impl Machine {
     /// Checkpoints so far.
     pub fn checkpoints(&self) -> Vec<Checkpoint> {
         lock(&self.checkpoints).clone()
+    }
+}
+
+impl RamHandle for Machine {
+    fn ram(&self) -> MutexGuard<'_, GuestRam> {
+        Machine::ram(self)
+    }
+    fn with_ram_after_balloon(&self, f: &mut dyn FnMut(&mut GuestRam)) {
+        let _device = self.balloon().map(|b| b.lock());
+        f(&mut Machine::ram(self));
+    }
+    fn vcpus(&self) -> &VcpuControl {
+        &self.control
+    }
+    fn recorder(&self) -> &UnmapRecorder {
+        &self.unmap
+    }
+}
+
+/// Frame states of guest RAM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FrameCounts {
+    /// Frames mapped by one 2M page on the host.
+    pub huge: usize,
+    /// Frames mapped by small pages.
+    pub small: usize,
+    /// Frames not populated.
+    pub unpopulated: usize,
+    /// Of `huge`: frames the balloon gave back whole, their huge page freed
+    /// on the host until the guest touches them again (then a fresh huge
+    /// page of the pool is faulted in).
+    pub released: usize,
+}
+
+impl FrameCounts {
+    /// Count the RAM frames of `states` (indexed by frame; the 32-bit MMIO
+    /// hole's frames are not RAM and not counted).
+    pub fn of(states: &[guest_mem::FrameView], layout: guest_mem::RamLayout) -> FrameCounts {
+        Self::of_range(states, layout, 0..u64::MAX)
+    }
+
+    /// Count the RAM frames of `states` that overlap guest-physical `range`.
+    pub fn of_range(
+        states: &[guest_mem::FrameView],
+        layout: guest_mem::RamLayout,
+        range: std::ops::Range<u64>,
+    ) -> FrameCounts {
+        let hpage = guest_mem::HPAGE_SIZE;
+        let mut c = FrameCounts::default();
+        let frames = layout
+            .ram_frame_indices()
+            .filter(|f| {
+                let gpa = *f as u64 * hpage;
+                gpa < range.end && gpa + hpage > range.start
+            })
+            .filter_map(|f| states.get(f));
+        for f in frames {
+            match f {
+                guest_mem::FrameView::Huge { .. } => c.huge += 1,
+                guest_mem::FrameView::Small { .. } => c.small += 1,
+                guest_mem::FrameView::Unpopulated => c.unpopulated += 1,
+            }
+        }
+        c
     }
 }

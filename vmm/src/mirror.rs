@@ -20,6 +20,7 @@ use thp::kvm_mirror::{
     self, Access, LevelMap, Memslot, MirrorError, MmuKind, MmuParams, SecondaryMmu, Touch,
     PTE_PREFETCH_NUM,
 };
+use thp::ram_model::host_levels;
 use thp::units::Level;
 
 use guest_mem::RamSlot;
@@ -166,18 +167,6 @@ impl Prediction {
             None => format!("{v}; {}", self.mmu),
         }
     }
-}
-
-/// The host level of each frame as KVM's `host_pfn_mapping_level` sees it.
-pub fn host_levels(states: &[guest_mem::FrameView]) -> Vec<Option<Level>> {
-    states
-        .iter()
-        .map(|s| match s {
-            guest_mem::FrameView::Huge { .. } => Some(Level::M2),
-            guest_mem::FrameView::Small { present } if *present > 0 => Some(Level::K4),
-            guest_mem::FrameView::Small { .. } | guest_mem::FrameView::Unpopulated => None,
-        })
-        .collect()
 }
 
 /// What the mirror needs of a run besides guest RAM.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::balloon_backend::BalloonStatus;
-use crate::cli::RunArgs;
+use crate::config::RunConfig;
 use crate::devices::console::ConsoleStats;
 use crate::emulation;
 use crate::machine::MirrorPoint;
@@ -96,7 +96,7 @@ impl RunReport {
 pub fn collect(
     m: &Machine,
     _vm: &Vm,
-    args: &RunArgs,
+    args: &RunConfig,
     outcome: Outcome,
     elapsed: Duration,
     host_memory_start: Option<HostMemory>,

@@ -14,8 +14,8 @@ use crate::api::{ApiServer, ApiServerError};
 use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
 use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
-use crate::cli::RunArgs;
 use crate::collapser::{Collapser, CollapserConfig};
+use crate::config::RunConfig;
 use crate::deferred_split::DeferredSplitter;
 use crate::devices::console::{self, Console};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
@@ -142,24 +142,26 @@ impl RunError {
     }
 }
 
-fn check_args(a: &RunArgs) -> Result<(), RunError> {
-    if !a.memory.is_multiple_of(HPAGE_SIZE) {
-        return Err(RunError::Usage(format!(
-            "--memory {} ({:#x} bytes) is not a multiple of 2 MiB: guest RAM is managed in 2M frames \
-             (--backing {} needs whole 2M pages); round it, e.g. to {}M",
-            a.memory,
-            a.memory,
-            a.backing,
-            a.memory.div_ceil(HPAGE_SIZE) * 2
-        )));
-    }
-    if a.memory > guest_mem::MAX_RAM_SIZE {
-        return Err(RunError::Usage(format!(
-            "--memory {:#x} is larger than the maximum {:#x} (511 GiB: 3 GiB below the 32-bit \
-             MMIO hole, the rest from 4 GiB up to 512 GiB)",
-            a.memory,
-            guest_mem::MAX_RAM_SIZE
-        )));
+fn check_args(a: &RunConfig) -> Result<(), RunError> {
+    match guest_mem::check_ram_size(a.memory) {
+        Ok(_) => {}
+        Err(GuestMemError::SizeNotMultipleOf2M { .. }) => {
+            return Err(RunError::Usage(format!(
+                "--memory {} ({:#x} bytes) is not a multiple of 2 MiB: guest RAM is managed in 2M \
+                 frames (--backing {} needs whole 2M pages); round it, e.g. to {}M",
+                a.memory,
+                a.memory,
+                a.backing,
+                a.memory.div_ceil(HPAGE_SIZE).max(1) * 2
+            )));
+        }
+        Err(GuestMemError::SizeTooLarge { size, max }) => {
+            return Err(RunError::Usage(format!(
+                "--memory {size:#x} is larger than the maximum {max:#x} (511 GiB: 3 GiB below the \
+                 32-bit MMIO hole, the rest from 4 GiB up to 512 GiB)"
+            )));
+        }
+        Err(e) => return Err(RunError::Usage(format!("--memory: {e}"))),
     }
     if let Some(size) = a.memslot_size {
         // The layout itself is checked above; here the cut into memslots.
@@ -208,7 +210,7 @@ fn duplicate_guest_arg(args: &[(String, u64)]) -> Option<&(String, u64)> {
 
 /// The serial console's sink: `--serial` (stdout or a file) behind a
 /// [`Console`] buffer, so a slow or gone reader never blocks a vCPU.
-fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
+fn serial_sink(a: &RunConfig, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
     let out: Box<dyn Write + Send> = if a.serial == "stdout" {
         Box::new(std::io::stdout())
     } else {
@@ -226,7 +228,7 @@ fn serial_sink(a: &RunArgs, flags: Arc<SerialFlags>) -> Result<(SerialOut, Conso
 }
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.
-pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
+pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
     crate::signals::install().map_err(|source| RunError::Os {
         what: "installing the SIGINT/SIGTERM/SIGHUP handler",
         source,
@@ -236,7 +238,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     log::info!("host: {:?}", host);
 
     // Cheap checks first: KVM, then the test guest's parameters.
-    let kvm = vm::open_kvm(&args.kvm.kvm_dev)?;
+    let kvm = vm::open_kvm(&args.kvm_dev)?;
     let image = match args.test_guest {
         Some(name) => {
             let mut p = TestGuestParams::new(name, args.memory);
@@ -284,12 +286,13 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
                 RunError::Usage("either --kernel or --test-guest is required".into())
             })?;
             let extra = host.needs_emulator_workarounds().then_some(PV_CMDLINE);
-            let user = match (args.balloon, args.cmdline.as_deref()) {
-                (true, Some(c)) => Some(format!("{} {c}", BALLOON_SLOT.cmdline_arg())),
-                (true, None) => Some(BALLOON_SLOT.cmdline_arg()),
-                (false, c) => c.map(str::to_string),
-            };
-            let (cmdline, defaults_len) = linux::compose_cmdline(extra, user.as_deref());
+            let balloon = args.balloon.then(|| BALLOON_SLOT.cmdline_arg());
+            let user: Vec<&str> = balloon
+                .iter()
+                .map(String::as_str)
+                .chain(args.cmdline.as_deref())
+                .collect();
+            let (cmdline, defaults_len) = linux::compose_cmdline(extra, &user)?;
             let spec = LinuxBootSpec {
                 kernel,
                 initrd: args.initrd.clone(),
@@ -494,8 +497,8 @@ pub fn run(args: &RunArgs) -> Result<RunReport, RunError> {
     Ok(rep)
 }
 
-/// The collapser's policy from the command line.
-pub fn collapser_config(a: &RunArgs) -> CollapserConfig {
+/// The collapser's policy from the run configuration.
+pub fn collapser_config(a: &RunConfig) -> CollapserConfig {
     CollapserConfig {
         khugepaged: thp::policy::Khugepaged {
             max_ptes_none: a.collapse_max_ptes_none,

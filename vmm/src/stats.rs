@@ -9,8 +9,14 @@ use std::os::unix::fs::FileExt;
 use kvm_bindings::{kvm_stats_desc, kvm_stats_header};
 use serde::Serialize;
 
-/// `KVM_GET_STATS_FD` = `_IO(KVMIO, 0xce)`.
-const KVM_GET_STATS_FD: libc::c_ulong = (0xAE << 8) | 0xce;
+/// The ioctl numbers kvm-ioctls has no wrapper for, encoded by vmm-sys-util
+/// (a private module: the macro makes public functions without docs).
+mod nr {
+    use kvm_bindings::KVMIO;
+    // `KVM_GET_STATS_FD` = `_IO(KVMIO, 0xce)` (include/uapi/linux/kvm.h).
+    vmm_sys_util::ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+}
+use nr::KVM_GET_STATS_FD;
 
 /// Reading the statistics failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +68,7 @@ impl KvmStats {
     pub fn open(vm_fd: &impl AsRawFd) -> Result<KvmStats, StatsError> {
         // SAFETY: KVM_GET_STATS_FD takes no argument and returns a new fd or -1;
         // `vm_fd` is a valid open KVM VM fd for the duration of the call.
-        let fd = unsafe { libc::ioctl(vm_fd.as_raw_fd(), KVM_GET_STATS_FD as _) };
+        let fd = unsafe { vmm_sys_util::ioctl::ioctl(vm_fd, KVM_GET_STATS_FD()) };
         if fd < 0 {
             return Err(StatsError::Ioctl(std::io::Error::last_os_error()));
         }
@@ -174,6 +180,11 @@ pub fn peak(samples: &[KvmSample], f: impl Fn(&MappingStats) -> Option<u64>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ioctl_number_matches_the_uapi() {
+        assert_eq!(KVM_GET_STATS_FD(), 0xae_ce);
+    }
 
     #[test]
     fn reads_named_statistics_of_a_real_vm() {

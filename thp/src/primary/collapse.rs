@@ -143,7 +143,7 @@ impl Primary {
         let refuse = |r| Err(MmError::Collapse(r));
         let k = self.policy.khugepaged;
         let none = PAGES_PER_HPAGE as u32 - t.present();
-        if cc.is_khugepaged && none > k.max_ptes_none {
+        if cc.is_khugepaged && !k.none_ptes_within_limit(t.present()) {
             return refuse(CollapseRefusal::ExceedNonePte {
                 none,
                 max: k.max_ptes_none,
@@ -188,7 +188,7 @@ impl Primary {
         let k = self.policy.khugepaged;
         let present = t.present();
         let none = PAGES_PER_HPAGE as u32 - present;
-        if cc.is_khugepaged && present < PAGES_PER_HPAGE as u32 - k.max_ptes_none {
+        if cc.is_khugepaged && !k.none_ptes_within_limit(present) {
             return Err(MmError::Collapse(CollapseRefusal::ExceedNonePte {
                 none,
                 max: k.max_ptes_none,

@@ -7,56 +7,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
-
 use super::protocol::{Reply, Request};
 use crate::exit_code;
 
 /// How long the client waits for a reply (a pause may take up to 20 s).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Options of `vmm ctl`.
-#[derive(Debug, Clone, Args)]
-pub struct CtlArgs {
-    /// The API socket of the running VM (`vmm run --api-socket PATH`).
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
-    /// Print the reply as the raw JSON line.
-    #[arg(long)]
-    pub json: bool,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: CtlCommand,
-}
-
-/// `vmm ctl` commands.
-#[derive(Debug, Clone, Subcommand)]
-pub enum CtlCommand {
-    /// Set the balloon target: SIZE of guest RAM the guest gives back (e.g. 64M; 0 deflates).
-    Balloon {
-        /// Target size: bytes, or with a K, M or G suffix.
-        #[arg(value_name = "SIZE", value_parser = parse_size_or_zero)]
-        size: u64,
-    },
-    /// KVM stats beside the mirror's prediction, frame counts, pool, balloon.
-    Stats,
-    /// Pause every vCPU.
-    Pause,
-    /// Resume the vCPUs.
-    Resume,
-    /// Stop the VM (`vmm run` writes its report and exits 0).
-    Stop,
-    /// Split every frame waiting on the balloon's deferred-split queue now,
-    /// freeing its given-back pages.
-    Split,
-}
-
-fn parse_size_or_zero(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        return Ok(0);
-    }
-    crate::cli::parse_size(s)
-}
 
 /// Why `vmm ctl` failed.
 #[derive(Debug, thiserror::Error)]
@@ -244,32 +199,25 @@ pub fn stats_text(v: &serde_json::Value) -> String {
     s
 }
 
-/// Run `vmm ctl`; returns the text to print.
-pub fn ctl(a: &CtlArgs) -> Result<String, CtlError> {
-    let req = match &a.command {
-        CtlCommand::Balloon { size } => Request::Balloon { bytes: *size },
-        CtlCommand::Stats => Request::Stats,
-        CtlCommand::Pause => Request::Pause,
-        CtlCommand::Resume => Request::Resume,
-        CtlCommand::Stop => Request::Stop,
-        CtlCommand::Split => Request::Split,
-    };
-    let reply = serde_json::Value::Object(request(&a.api_socket, &req)?);
-    if a.json {
+/// Run `vmm ctl`: send `req` to the API socket at `socket`; returns the
+/// text to print (the raw JSON reply with `json`).
+pub fn ctl(socket: &Path, json: bool, req: &Request) -> Result<String, CtlError> {
+    let reply = serde_json::Value::Object(request(socket, req)?);
+    if json {
         return Ok(format!("{reply}\n"));
     }
-    Ok(match &a.command {
-        CtlCommand::Stats => stats_text(&reply),
-        CtlCommand::Balloon { .. } => format!(
+    Ok(match req {
+        Request::Stats => stats_text(&reply),
+        Request::Balloon { .. } => format!(
             "balloon target {} pages (actual {} pages, driver active: {})\n",
             num(&reply, &["target_pages"]),
             num(&reply, &["actual_pages"]),
             num(&reply, &["driver_active"])
         ),
-        CtlCommand::Pause => "vCPUs paused\n".into(),
-        CtlCommand::Resume => "vCPUs resumed\n".into(),
-        CtlCommand::Stop => "VM stopping\n".into(),
-        CtlCommand::Split => format!(
+        Request::Pause => "vCPUs paused\n".into(),
+        Request::Resume => "vCPUs resumed\n".into(),
+        Request::Stop => "VM stopping\n".into(),
+        Request::Split => format!(
             "deferred split: {} frame(s) split, {} pages freed\n",
             num(&reply, &["frames_split"]),
             num(&reply, &["pages_freed"])

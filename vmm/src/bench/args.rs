@@ -1,38 +1,29 @@
-//! Options of `vmm bench`.
+//! What `vmm bench` runs: plain configurations (no clap; the CLI layer's
+//! `cli::bench` builds them from its options) and their value enums.
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand, ValueEnum};
 use guest_mem::Backing;
 
-use crate::cli::KvmDevArg;
+use super::workload::Spec;
 use crate::testguest::guests::tlb;
 use crate::testguest::GuestPageSize;
 
 /// Default timed accesses per run of `vmm bench tlb`.
 pub const DEFAULT_ACCESSES: u64 = 4_000_000;
 
-/// `vmm bench <kind>`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// Which benchmark.
-    #[command(subcommand)]
-    pub bench: BenchKind,
-}
-
-/// The benchmarks.
-#[derive(Debug, Clone, Subcommand)]
-pub enum BenchKind {
-    /// TLB-heavy guest workloads by host backing and guest page size, against native.
-    Tlb(TlbArgs),
-    /// A user's command in a Linux guest, by host backing (guest init protocol:
-    /// docs/ARCHITECTURE.md), with KVM's mapping counts sampled during each run.
-    Workload(WorkloadArgs),
+/// Which benchmark `vmm bench` runs.
+#[derive(Debug, Clone)]
+pub enum Bench {
+    /// `vmm bench tlb`.
+    Tlb(TlbConfig),
+    /// `vmm bench workload`.
+    Workload(WorkloadConfig),
 }
 
 /// The guest's transparent huge page mode (`vmm.thp=`, written to
 /// /sys/kernel/mm/transparent_hugepage/enabled by the guest's init).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GuestThp {
     /// THP for every anonymous mapping.
@@ -54,52 +45,8 @@ impl GuestThp {
     }
 }
 
-/// Options of `vmm bench workload`.
-#[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "The initramfs must follow the guest init protocol (docs/ARCHITECTURE.md): CMD reaches it as vmm.run=<base64> on the kernel command line; it prints VMM-RESULT-BEGIN, CMD's output (RESULT key=value lines), VMM-RESULT-END rc=N wall_ns=N, then powers off. resources/initramfs/build.sh workload builds one with /bin/chase and /bin/gups.\n\nExit codes: 0 done, 1 internal error, 2 bad input or host prerequisite missing (e.g. a paravirtual shadow-paging host, where guest user space cannot make system calls; hugetlb pool too small), 4 the guest did not report (protocol) or CMD failed, 5 a run timed out"
-)]
-pub struct WorkloadArgs {
-    /// Guest kernel (ELF vmlinux or bzImage).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
-    /// Initramfs following the guest init protocol.
-    #[arg(long, value_name = "PATH")]
-    pub initrd: PathBuf,
-    /// The command the guest runs (a `sh -c` string), e.g. 'chase 64M 4000000'.
-    #[arg(long, value_name = "CMD")]
-    pub run: String,
-    /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
-    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
-    pub backing: Vec<Backing>,
-    /// The guest's THP mode (default: the guest kernel's own).
-    #[arg(long, value_enum, value_name = "MODE")]
-    pub guest_thp: Option<GuestThp>,
-    /// Guest RAM size (K, M or G suffix; a multiple of 2M).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = crate::cli::parse_size)]
-    pub memory: u64,
-    /// Repeats of every backing (interleaved: the repeat loop is outermost).
-    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub repeat: u32,
-    /// Extra kernel command-line entries.
-    #[arg(long, value_name = "STR")]
-    pub cmdline: Option<String>,
-    /// Write the results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
-    pub json: Option<PathBuf>,
-    /// Write an SVG bar chart (medians relative to the `4k` backing) to this file.
-    #[arg(long, value_name = "PATH")]
-    pub svg: Option<PathBuf>,
-    /// Stop a guest run (boot included) after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 600.0, value_parser = crate::cli::parse_secs)]
-    pub timeout: f64,
-    /// KVM device node (hidden, for tests).
-    #[command(flatten)]
-    pub kvm: KvmDevArg,
-}
-
 /// Workload of `vmm bench tlb`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Dependent loads through a random cycle over all pages (latency).
@@ -119,7 +66,7 @@ impl Mode {
 }
 
 /// Where the loop runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestChoice {
     /// The built-in `tlb` test guest (no OS).
     Test,
@@ -128,124 +75,53 @@ pub enum GuestChoice {
     Linux,
 }
 
-/// Options of `vmm bench tlb`.
-#[derive(Debug, Clone, Args)]
-#[command(
-    after_help = "Exit codes: 0 done, 1 internal error, 2 bad input or host prerequisite \
-missing (e.g. hugetlb pool too small, --guest linux on a paravirtual host), \
-4 a run returned a wrong checksum or failed, 5 a run timed out"
-)]
-pub struct TlbArgs {
-    /// Working sets (comma-separated sizes with K, M or G suffix). In the
-    /// default list, 4G, 8G and 16G run only where the host can back them
-    /// (hugetlb pool for hugetlb guests and native 2M, available memory for
-    /// the others); the rest are skipped with the reason.
-    #[arg(long, value_name = "SIZE,...", value_delimiter = ',', default_value = "64M,512M,2G,4G,8G,16G", value_parser = crate::cli::parse_size)]
+/// What `vmm bench workload` runs: the runs ([`Spec`]) and where the
+/// results go.
+#[derive(Debug, Clone)]
+pub struct WorkloadConfig {
+    /// The runs.
+    pub spec: Spec,
+    /// Write the results as JSON to this file.
+    pub json: Option<PathBuf>,
+    /// Write an SVG bar chart (medians relative to the `4k` backing) to this file.
+    pub svg: Option<PathBuf>,
+}
+
+/// What `vmm bench tlb` runs (its options, same names and meaning).
+#[derive(Debug, Clone)]
+pub struct TlbConfig {
+    /// Working sets in bytes.
     pub working_set: Vec<u64>,
     /// Timed accesses per run.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_ACCESSES)]
     pub accesses: u64,
     /// Workload.
-    #[arg(long, value_enum, default_value_t = Mode::Chase)]
     pub mode: Mode,
-    /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
-    #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
+    /// Host backings of guest RAM, in run order.
     pub backing: Vec<Backing>,
-    /// Guest page sizes (comma-separated: 4k, 2m).
-    #[arg(long, value_name = "P,...", value_delimiter = ',', default_value = "4k,2m", value_parser = parse_guest_pages)]
+    /// Guest page sizes.
     pub guest_pages: Vec<GuestPageSize>,
     /// Repeats of every configuration (interleaved: the repeat loop is outermost).
-    #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
     /// Also run the loop in a host thread on host memory of the same page size
     /// (4K: anonymous + MADV_NOHUGEPAGE; 2M: MAP_HUGETLB, else MADV_HUGEPAGE).
-    #[arg(long)]
     pub native: bool,
     /// Write the results as JSON to this file.
-    #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
     /// Write an SVG bar chart to this file.
-    #[arg(long, value_name = "PATH")]
     pub svg: Option<PathBuf>,
     /// Write the table in Markdown to this file.
-    #[arg(long, value_name = "PATH")]
     pub markdown: Option<PathBuf>,
     /// Where the loop runs.
-    #[arg(long, value_enum, default_value_t = GuestChoice::Test)]
     pub guest: GuestChoice,
     /// Guest kernel of `--guest linux`.
-    #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
     /// Initramfs of `--guest linux`: the guest init protocol with /bin/chase and
     /// /bin/gups (`resources/initramfs/build.sh workload`).
-    #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// PRNG seed of the permutation / update stream (non-zero).
-    #[arg(long, value_name = "N", default_value_t = tlb::DEFAULT_SEED)]
     pub seed: u64,
     /// Stop a guest run after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300.0, value_parser = crate::cli::parse_secs)]
     pub timeout: f64,
-    /// KVM device node (hidden, for tests).
-    #[command(flatten)]
-    pub kvm: KvmDevArg,
-}
-
-/// One item of a comma-separated `--backing` list (spaces allowed).
-fn parse_backing(s: &str) -> Result<Backing, String> {
-    crate::cli::parse_backing(s.trim())
-}
-
-/// One item of a comma-separated `--guest-pages` list (spaces allowed).
-fn parse_guest_pages(s: &str) -> Result<GuestPageSize, String> {
-    crate::cli::parse_guest_pages(s.trim())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
-
-    fn tlb_args(extra: &[&str]) -> TlbArgs {
-        let mut v = vec!["vmm", "bench", "tlb"];
-        v.extend_from_slice(extra);
-        match Cli::try_parse_from(v).unwrap().command {
-            Command::Bench(BenchArgs {
-                bench: BenchKind::Tlb(t),
-            }) => t,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn defaults_and_lists() {
-        let t = tlb_args(&[]);
-        assert_eq!(
-            t.working_set,
-            vec![64 << 20, 512 << 20, 2 << 30, 4 << 30, 8 << 30, 16 << 30]
-        );
-        assert_eq!(
-            t.backing,
-            vec![Backing::Small4k, Backing::Thp, Backing::Hugetlb]
-        );
-        assert_eq!(t.guest_pages.len(), 2);
-        assert_eq!(t.repeat, 3);
-        assert!(!t.native);
-        let t = tlb_args(&[
-            "--working-set",
-            "16M",
-            "--backing",
-            "hugetlb,4k",
-            "--guest-pages",
-            "2m",
-            "--native",
-        ]);
-        assert_eq!(t.working_set, vec![16 << 20]);
-        assert_eq!(t.backing, vec![Backing::Hugetlb, Backing::Small4k]);
-        assert_eq!(t.guest_pages, vec![GuestPageSize::Size2M]);
-        assert!(t.native);
-        assert!(Cli::try_parse_from(["vmm", "bench", "tlb", "--backing", "1g"]).is_err());
-        assert!(Cli::try_parse_from(["vmm", "bench", "tlb", "--repeat", "0"]).is_err());
-    }
+    /// KVM device node.
+    pub kvm_dev: PathBuf,
 }

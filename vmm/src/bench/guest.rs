@@ -3,15 +3,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use clap::Parser;
 use guest_mem::Backing;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::config::RunConfig;
 use crate::exit_code;
 use crate::stats::MappingStats;
 use crate::testguest::device::ReportKey;
 use crate::testguest::guests::tlb::{self, TlbParams};
-use crate::testguest::GuestPageSize;
+use crate::testguest::{GuestPageSize, TestGuestName};
 
 use super::error::BenchError;
 use super::plan::{guest_memory, Config};
@@ -35,48 +34,29 @@ pub struct GuestRun {
     pub seconds: f64,
 }
 
-/// The `vmm run` arguments of a guest run (parsed, so new options get their defaults).
-pub fn run_args(
+/// The run configuration of a guest run (`vmm run`'s defaults otherwise).
+pub fn run_config(
     p: &TlbParams,
     backing: Backing,
     pages: GuestPageSize,
     timeout: f64,
     kvm_dev: &Path,
-) -> Result<RunArgs, BenchError> {
-    let memory = guest_memory(p.ws, pages)?;
-    let argv: Vec<String> = vec![
-        "vmm".into(),
-        "run".into(),
-        "--test-guest".into(),
-        "tlb".into(),
-        "--memory".into(),
-        memory.to_string(),
-        "--backing".into(),
-        backing.to_string(),
-        "--guest-pages".into(),
-        pages.to_string(),
-        "--guest-arg".into(),
-        format!("ws={}", p.ws),
-        "--guest-arg".into(),
-        format!("accesses={}", p.accesses),
-        "--guest-arg".into(),
-        format!("mode={}", p.mode),
-        "--guest-arg".into(),
-        format!("seed={}", p.seed),
-        "--timeout".into(),
-        timeout.to_string(),
-        "--kvm-dev".into(),
-        kvm_dev.display().to_string(),
-    ];
-    match Cli::try_parse_from(&argv) {
-        Ok(Cli {
-            command: Command::Run(a),
-        }) => Ok(a),
-        Ok(_) => Err(BenchError::Usage("internal: not a run command".into())),
-        Err(e) => Err(BenchError::Usage(format!(
-            "guest run arguments {argv:?}: {e}"
-        ))),
-    }
+) -> Result<RunConfig, BenchError> {
+    Ok(RunConfig {
+        test_guest: Some(TestGuestName::Tlb),
+        memory: guest_memory(p.ws, pages)?,
+        backing,
+        guest_pages: pages,
+        guest_args: vec![
+            ("ws".into(), p.ws),
+            ("accesses".into(), p.accesses),
+            ("mode".into(), p.mode),
+            ("seed".into(), p.seed),
+        ],
+        timeout: Some(timeout),
+        kvm_dev: kvm_dev.to_path_buf(),
+        ..RunConfig::default()
+    })
 }
 
 /// Runs configuration `c` (which must have a backing) once.
@@ -89,7 +69,7 @@ pub fn run(
     let backing = c
         .backing
         .ok_or_else(|| BenchError::Usage("internal: a guest run needs a backing".into()))?;
-    let args = run_args(p, backing, c.guest_pages, timeout, kvm_dev)?;
+    let args = run_config(p, backing, c.guest_pages, timeout, kvm_dev)?;
     let started = Instant::now();
     let rep = crate::run::run(&args).map_err(|source| BenchError::Run {
         config: c.name(),

@@ -1,6 +1,9 @@
 //! What the host is, for the results file.
 
 use crate::host::{HostInfo, HostKind};
+use guest_mem::backing::read_selected;
+use guest_mem::smaps::read_meminfo;
+use guest_mem::HostPaths;
 
 /// The host a benchmark ran on.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -29,20 +32,10 @@ fn read(p: &str) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// A value from /proc/meminfo (first number).
-pub fn meminfo(key: &str) -> Option<u64> {
-    read("/proc/meminfo")
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
-fn selected(text: &str) -> String {
-    text.split_whitespace()
-        .find(|w| w.starts_with('['))
-        .map(|w| w.trim_matches(|c| c == '[' || c == ']').to_string())
-        .unwrap_or_else(|| "?".into())
+/// The `[selected]` value of a THP knob, `?` when it cannot be read.
+fn thp_knob(name: &str) -> String {
+    let knob = format!("kernel/mm/transparent_hugepage/{name}");
+    read_selected(&HostPaths::default(), &knob).unwrap_or_else(|_| "?".into())
 }
 
 impl HostDesc {
@@ -64,6 +57,8 @@ impl HostDesc {
             .filter(|m| std::path::Path::new(&format!("/sys/module/{m}")).exists())
             .map(|m| m.to_string())
             .collect();
+        // No hugetlb support in the kernel: an empty pool.
+        let huge = read_meminfo().unwrap_or_default();
         HostDesc {
             cpu_model,
             cpus,
@@ -76,11 +71,11 @@ impl HostDesc {
             tdp_mmu: info.tdp_mmu,
             thp: format!(
                 "enabled={} shmem_enabled={}",
-                selected(&read("/sys/kernel/mm/transparent_hugepage/enabled")),
-                selected(&read("/sys/kernel/mm/transparent_hugepage/shmem_enabled"))
+                thp_knob("enabled"),
+                thp_knob("shmem_enabled")
             ),
-            hugetlb_total: meminfo("HugePages_Total:").unwrap_or(0),
-            hugetlb_free: meminfo("HugePages_Free:").unwrap_or(0),
+            hugetlb_total: huge.total,
+            hugetlb_free: huge.free,
         }
     }
 
@@ -98,16 +93,5 @@ impl HostDesc {
             self.hugetlb_free,
             self.hugetlb_total
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn selected_setting() {
-        assert_eq!(selected("always [madvise] never\n"), "madvise");
-        assert_eq!(selected(""), "?");
     }
 }

@@ -36,14 +36,14 @@ pub mod tlb;
 pub mod tsc;
 pub mod workload;
 
-pub use args::{BenchArgs, BenchKind, TlbArgs, WorkloadArgs};
+pub use args::{Bench, TlbConfig, WorkloadConfig};
 pub use error::BenchError;
 
 /// Runs `vmm bench ...`; prints results and errors; returns the exit code.
-pub fn run_cli(args: &BenchArgs) -> i32 {
-    let r = match &args.bench {
-        BenchKind::Tlb(t) => tlb::run_cli(t),
-        BenchKind::Workload(w) => workload::run_cli(w),
+pub fn run_cli(bench: &Bench) -> i32 {
+    let r = match bench {
+        Bench::Tlb(t) => tlb::run_cli(t),
+        Bench::Workload(w) => workload::run_cli(w),
     };
     match r {
         Ok(()) => crate::exit_code::OK,

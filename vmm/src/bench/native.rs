@@ -110,10 +110,11 @@ impl HostTable {
         Ok(t)
     }
 
+    /// Pointer to the qword at byte `off` of the table. Computing it is safe
+    /// (`wrapping_add`); callers that dereference it pass offsets below the
+    /// working set, which lies inside the mapping, 8-byte aligned.
     fn qword(&self, off: u64) -> *mut u64 {
-        // SAFETY (for callers dereferencing it): offsets passed here are below
-        // the working set, which lies inside the mapping; 8-byte aligned.
-        unsafe { self.base.add(off as usize).cast() }
+        self.base.wrapping_add(off as usize).cast()
     }
 }
 
@@ -205,7 +206,9 @@ fn run_chase(t: &HostTable, p: &TlbParams) -> (u64, u64) {
     let base = t.base as u64;
     for i in 0..pages {
         let s = t.qword(tlb::slot_offset(i));
-        // SAFETY: the slot lies in page `i` of the table.
+        // SAFETY: `slot_offset(i)` is page `i` plus a cache-line offset below
+        // 4096 (8-aligned), `i < pages = ws / 4096` and the table maps `ws`
+        // bytes read-write, so the qword is inside it.
         unsafe { s.write_volatile(s as u64) };
     }
     let mut x = p.seed;
@@ -214,7 +217,8 @@ fn run_chase(t: &HostTable, p: &TlbParams) -> (u64, u64) {
         x = tlb::xorshift64(x);
         let j = tlb::mulhi(x, i);
         let (a, b) = (t.qword(tlb::slot_offset(i)), t.qword(tlb::slot_offset(j)));
-        // SAFETY: both slots lie inside the table.
+        // SAFETY: `j <= i < pages` (`mulhi(x, i) < i`), so both slots are
+        // inside the table, as in the loop above; this thread is its only user.
         unsafe {
             let (va, vb) = (a.read_volatile(), b.read_volatile());
             a.write_volatile(vb);
@@ -222,7 +226,8 @@ fn run_chase(t: &HostTable, p: &TlbParams) -> (u64, u64) {
         }
         i -= 1;
     }
-    // SAFETY: the slots form one cycle of pointers into the table.
+    // SAFETY: every slot holds the address of a slot (first loop) and the
+    // swaps (Sattolo) only permute those values: one cycle through the table.
     unsafe { chase(base, p.warm_accesses()) };
     let t0 = rdtsc();
     // SAFETY: as above.
@@ -234,7 +239,7 @@ fn run_chase(t: &HostTable, p: &TlbParams) -> (u64, u64) {
 fn run_gups(t: &HostTable, p: &TlbParams) -> (u64, u64) {
     let mut off = 0;
     while off < p.ws {
-        // SAFETY: inside the table.
+        // SAFETY: `off < ws`, 4096-aligned, and the table maps `ws` bytes.
         unsafe { t.qword(off).write_volatile(0) };
         off += 4096;
     }
@@ -248,7 +253,7 @@ fn run_gups(t: &HostTable, p: &TlbParams) -> (u64, u64) {
     let t1 = rdtsc();
     let mut sum = 0u64;
     for w in 0..nwords {
-        // SAFETY: inside the table.
+        // SAFETY: `w < nwords = ws / 8`, so byte `w * 8` is a qword of the table.
         sum ^= unsafe { t.qword(w * 8).read_volatile() };
     }
     (t1.wrapping_sub(t0), sum)

@@ -6,14 +6,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use guest_mem::Backing;
+use guest_mem::{Backing, HPAGE_SIZE};
 
 use crate::host::{HostInfo, HostKind};
 use crate::testguest::guests::tlb::{self as guest_tlb, TlbParams, MAX_ACCESSES};
 
-use super::args::{GuestChoice, GuestThp, TlbArgs};
+use super::args::{GuestChoice, GuestThp, TlbConfig};
 use super::error::BenchError;
-use super::hostdesc::{meminfo, HostDesc};
+use super::hostdesc::HostDesc;
 use super::plan::{self, Config};
 use super::summary::{self, Samples, TlbResults};
 use super::{chart, fit, guest, native, tsc, workload};
@@ -34,7 +34,7 @@ pub fn linux_guest_unavailable(info: &HostInfo) -> String {
     }
 }
 
-fn check(a: &TlbArgs) -> Result<(), BenchError> {
+fn check(a: &TlbConfig) -> Result<(), BenchError> {
     plan::check_working_sets(&a.working_set)?;
     if a.accesses == 0 || a.accesses > MAX_ACCESSES {
         return Err(BenchError::Usage(format!(
@@ -94,13 +94,11 @@ fn check_hugetlb_pool(cfgs: &[Config], linux: bool) -> Result<(), BenchError> {
     if need == 0 {
         return Ok(());
     }
-    let free = if meminfo("Hugepagesize:") == Some(2048) {
-        meminfo("HugePages_Free:").unwrap_or(0)
-    } else {
-        0
-    };
+    // No hugetlb support in the kernel: an empty pool.
+    let m = guest_mem::smaps::read_meminfo().unwrap_or_default();
+    let free = if m.page_size == HPAGE_SIZE { m.free } else { 0 };
     if free < need {
-        let total = meminfo("HugePages_Total:").unwrap_or(0);
+        let total = m.total;
         return Err(BenchError::HostPrerequisite(format!(
             "hugetlb pool too small: the largest hugetlb run needs {need} free 2M pages \
              (guest RAM = working set + reserved region + slack), the host has {free} free \
@@ -112,7 +110,7 @@ fn check_hugetlb_pool(cfgs: &[Config], linux: bool) -> Result<(), BenchError> {
     Ok(())
 }
 
-fn params(a: &TlbArgs, ws: u64) -> TlbParams {
+fn params(a: &TlbConfig, ws: u64) -> TlbParams {
     TlbParams {
         ws,
         accesses: a.accesses,
@@ -122,7 +120,7 @@ fn params(a: &TlbArgs, ws: u64) -> TlbParams {
 }
 
 fn one(
-    a: &TlbArgs,
+    a: &TlbConfig,
     c: &Config,
     p: &TlbParams,
     tsc: &tsc::TscFreq,
@@ -158,7 +156,7 @@ fn one(
             ))
         }
         Some(_) => {
-            let r = guest::run(c, p, a.timeout, &a.kvm.kvm_dev)?;
+            let r = guest::run(c, p, a.timeout, &a.kvm_dev)?;
             checksum_ok(r.checksum)?;
             let ns = tsc.ns_per(r.cycles, r.accesses);
             let setup = tsc.ns_per(r.setup_cycles, 1) / 1e9;
@@ -190,7 +188,7 @@ pub fn linux_command(p: &TlbParams) -> String {
 /// One `--guest linux` run: the workload path ([`workload`]) with guest THP
 /// `never` for guest pages 4k, `always` for 2m.
 fn one_linux(
-    a: &TlbArgs,
+    a: &TlbConfig,
     c: &Config,
     b: Backing,
     p: &TlbParams,
@@ -215,7 +213,7 @@ fn one_linux(
         repeat: 1,
         cmdline: None,
         timeout: a.timeout,
-        kvm_dev: a.kvm.kvm_dev.clone(),
+        kvm_dev: a.kvm_dev.clone(),
     };
     let r = workload::one(&spec, b, 0)?;
     let missing = |key: &'static str| BenchError::MissingReport {
@@ -258,7 +256,7 @@ fn one_linux(
 }
 
 /// Runs the benchmark; `progress` gets one line per run.
-pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, BenchError> {
+pub fn run(a: &TlbConfig, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, BenchError> {
     let info = HostInfo::detect();
     let linux = a.guest == GuestChoice::Linux;
     if linux && (info.kind == HostKind::ParavirtShadow || a.kernel.is_none() || a.initrd.is_none())
@@ -273,13 +271,10 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
         .copied()
         .collect();
     if a.working_set == default_sets {
+        let m = guest_mem::smaps::read_meminfo().unwrap_or_default();
         let room = fit::HostRoom {
-            free_huge: if meminfo("Hugepagesize:") == Some(2048) {
-                meminfo("HugePages_Free:").unwrap_or(0)
-            } else {
-                0
-            },
-            available: meminfo("MemAvailable:").unwrap_or(0) * 1024,
+            free_huge: if m.page_size == HPAGE_SIZE { m.free } else { 0 },
+            available: guest_mem::smaps::read_mem_available().unwrap_or(0),
         };
         let (run, skipped) = fit::default_matrix(cfgs, room);
         for (c, why) in skipped {
@@ -289,7 +284,7 @@ pub fn run(a: &TlbArgs, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, Be
     }
     check_hugetlb_pool(&cfgs, linux)?;
     let host = HostDesc::detect(&info);
-    let tsc = tsc::detect(&a.kvm.kvm_dev);
+    let tsc = tsc::detect(&a.kvm_dev);
     progress(&format!("host: {}", host.line()));
     progress(&format!(
         "TSC {} kHz from {} (host TSC calibrated: {} kHz)",
@@ -340,7 +335,7 @@ fn write(path: &Path, text: &str) -> Result<(), BenchError> {
 }
 
 /// `vmm bench tlb`: run, print the table, write JSON / SVG.
-pub fn run_cli(a: &TlbArgs) -> Result<(), BenchError> {
+pub fn run_cli(a: &TlbConfig) -> Result<(), BenchError> {
     crate::output_path::check_all([
         ("--json", a.json.as_deref()),
         ("--markdown", a.markdown.as_deref()),
@@ -364,7 +359,7 @@ pub fn run_cli(a: &TlbArgs) -> Result<(), BenchError> {
 }
 
 /// Write `--json`, `--markdown`, `--svg`.
-fn write_outputs(a: &TlbArgs, r: &TlbResults) -> Result<(), BenchError> {
+fn write_outputs(a: &TlbConfig, r: &TlbResults) -> Result<(), BenchError> {
     if let Some(p) = &a.json {
         let text = serde_json::to_string_pretty(r).map_err(|e| BenchError::Output {
             path: p.clone(),

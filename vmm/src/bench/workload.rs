@@ -14,18 +14,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use clap::Parser;
 use guest_mem::Backing;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::cli::{Cli, Command, RunArgs};
+use crate::config::RunConfig;
 use crate::exit_code;
 use crate::host::{HostInfo, HostKind};
 use crate::snapshot::HostMemory;
 use crate::stats::{self, KvmSample, MappingStats};
 
-use super::args::{GuestThp, WorkloadArgs};
+use super::args::{GuestThp, WorkloadConfig};
 use super::error::BenchError;
 use super::hostdesc::HostDesc;
 use super::protocol::{self, GuestOutput};
@@ -55,24 +54,6 @@ pub struct Spec {
     pub timeout: f64,
     /// KVM device node.
     pub kvm_dev: PathBuf,
-}
-
-impl Spec {
-    /// From the command line.
-    pub fn of(a: &WorkloadArgs) -> Spec {
-        Spec {
-            kernel: a.kernel.clone(),
-            initrd: a.initrd.clone(),
-            run: a.run.clone(),
-            backings: a.backing.clone(),
-            guest_thp: a.guest_thp,
-            memory: a.memory,
-            repeat: a.repeat,
-            cmdline: a.cmdline.clone(),
-            timeout: a.timeout,
-            kvm_dev: a.kvm.kvm_dev.clone(),
-        }
-    }
 }
 
 /// Why a Linux guest's user space cannot run benchmarks on this host, if it cannot.
@@ -196,38 +177,22 @@ fn console_path(b: Backing, rep: u32) -> PathBuf {
     ))
 }
 
-/// The `vmm run` arguments of one run (parsed, so new options get their defaults).
-pub fn run_args(s: &Spec, b: Backing, console: &Path) -> Result<RunArgs, BenchError> {
+/// The run configuration of one run (`vmm run`'s defaults otherwise).
+pub fn run_config(s: &Spec, b: Backing, console: &Path) -> RunConfig {
     let mut cmdline = protocol::cmdline(&s.run, s.guest_thp.map(GuestThp::name));
     if let Some(extra) = &s.cmdline {
         cmdline = format!("{extra} {cmdline}");
     }
-    let argv: Vec<String> = vec![
-        "vmm".into(),
-        "run".into(),
-        "--kernel".into(),
-        s.kernel.display().to_string(),
-        "--initrd".into(),
-        s.initrd.display().to_string(),
-        "--cmdline".into(),
-        cmdline,
-        "--memory".into(),
-        s.memory.to_string(),
-        "--backing".into(),
-        b.to_string(),
-        "--serial".into(),
-        console.display().to_string(),
-        "--timeout".into(),
-        s.timeout.to_string(),
-        "--kvm-dev".into(),
-        s.kvm_dev.display().to_string(),
-    ];
-    match Cli::try_parse_from(&argv) {
-        Ok(Cli {
-            command: Command::Run(a),
-        }) => Ok(a),
-        Ok(_) => Err(BenchError::Usage("internal: not a run command".into())),
-        Err(e) => Err(BenchError::Usage(format!("guest run arguments: {e}"))),
+    RunConfig {
+        kernel: Some(s.kernel.clone()),
+        initrd: Some(s.initrd.clone()),
+        cmdline: Some(cmdline),
+        memory: s.memory,
+        backing: b,
+        serial: console.display().to_string(),
+        timeout: Some(s.timeout),
+        kvm_dev: s.kvm_dev.clone(),
+        ..RunConfig::default()
     }
 }
 
@@ -235,7 +200,7 @@ pub fn run_args(s: &Spec, b: Backing, console: &Path) -> Result<RunArgs, BenchEr
 pub fn one(s: &Spec, b: Backing, rep: u32) -> Result<WorkloadRun, BenchError> {
     let config = config_name(b, rep);
     let console = console_path(b, rep);
-    let args = run_args(s, b, &console)?;
+    let args = run_config(s, b, &console);
     let started = Instant::now();
     let r = crate::run::run(&args);
     let vmm_seconds = started.elapsed().as_secs_f64();
@@ -457,10 +422,10 @@ pub fn write_svg(path: &Path, r: &WorkloadResults) -> Result<(), BenchError> {
 }
 
 /// `vmm bench workload`: run, print the table, write JSON / SVG.
-pub fn run_cli(a: &WorkloadArgs) -> Result<(), BenchError> {
+pub fn run_cli(a: &WorkloadConfig) -> Result<(), BenchError> {
     crate::output_path::check_all([("--json", a.json.as_deref()), ("--svg", a.svg.as_deref())])
         .map_err(|e| BenchError::Usage(e.to_string()))?;
-    let r = run(&Spec::of(a), &mut |l| eprintln!("{l}"))?;
+    let r = run(&a.spec, &mut |l| eprintln!("{l}"))?;
     // The files first: stdout may be a closed pipe.
     let written = a
         .json
@@ -556,7 +521,7 @@ mod tests {
             timeout: 60.0,
             kvm_dev: "/dev/kvm".into(),
         };
-        let a = run_args(&s, Backing::Hugetlb, Path::new("/tmp/c")).unwrap();
+        let a = run_config(&s, Backing::Hugetlb, Path::new("/tmp/c"));
         assert_eq!(
             a.cmdline.as_deref(),
             Some("quiet vmm.run=Y2hhc2UgNjRNIDEwMDA= vmm.thp=always")

@@ -7,6 +7,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use guest_mem::RamLayout;
+use linux_loader::cmdline::{Cmdline, Error as CmdlineError};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
@@ -160,19 +161,50 @@ pub struct LinuxEntry {
     pub initrd: Option<(u64, u64)>,
 }
 
-/// The command line: defaults, extra entries for this host, then the user's.
-pub fn compose_cmdline(extra_host: Option<&str>, user: Option<&str>) -> (String, usize) {
-    let mut s = String::from(DEFAULT_CMDLINE);
-    if let Some(h) = extra_host {
-        s.push(' ');
-        s.push_str(h);
+/// The command line: defaults, extra entries for this host, then the user's
+/// parts in order (each trimmed, empty ones left out), joined by
+/// `linux_loader`'s [`Cmdline`], which refuses a byte outside printable ASCII
+/// and a line longer than x86's `COMMAND_LINE_SIZE` ([`CMDLINE_MAX_SIZE`],
+/// NUL included). Returns the line and the length of its default part;
+/// [`load`] checks it again against the kernel's own limit.
+pub fn compose_cmdline(
+    extra_host: Option<&str>,
+    user: &[&str],
+) -> Result<(String, usize), BootError> {
+    fn parts<'a>(it: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+        it.map(str::trim).filter(|p| !p.is_empty()).collect()
     }
-    let defaults_len = s.len();
-    if let Some(u) = user.map(str::trim).filter(|u| !u.is_empty()) {
-        s.push(' ');
-        s.push_str(u);
+    let defaults = parts(std::iter::once(DEFAULT_CMDLINE).chain(extra_host));
+    let user = parts(user.iter().copied());
+    let defaults_len = defaults.join(" ").len();
+    // The joined length: the parts and one space between each two.
+    let all = defaults.len() + user.len();
+    let len = defaults.iter().chain(&user).map(|p| p.len()).sum::<usize>() + all - 1;
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|_| BootError::CmdlineInvalid)?;
+    for part in defaults.iter().chain(&user) {
+        c.insert_str(part)
+            .map_err(|e| cmdline_error(e, len, CMDLINE_MAX_SIZE, defaults_len))?;
     }
-    (s, defaults_len)
+    Ok((cmdline_text(&c)?, defaults_len))
+}
+
+/// The [`BootError`] of a refused command line of `len` bytes, `capacity`
+/// with its NUL.
+fn cmdline_error(e: CmdlineError, len: usize, capacity: usize, defaults_len: usize) -> BootError {
+    match e {
+        CmdlineError::TooLarge => BootError::CmdlineTooLong {
+            len,
+            max: capacity - 1,
+            defaults_len,
+        },
+        _ => BootError::CmdlineInvalid,
+    }
+}
+
+/// The text of a command line (without its NUL).
+fn cmdline_text(c: &Cmdline) -> Result<String, BootError> {
+    let s = c.as_cstring().map_err(|_| BootError::CmdlineInvalid)?;
+    s.into_string().map_err(|_| BootError::CmdlineInvalid)
 }
 
 enum Kind {
@@ -392,24 +424,15 @@ pub fn load(
         }
     };
 
-    // Command line.
-    if spec
-        .cmdline
-        .bytes()
-        .any(|b| b == 0 || !(0x20..0x7f).contains(&b))
-    {
-        return Err(BootError::CmdlineInvalid);
-    }
-    if spec.cmdline.len() + 1 > cmdline_max {
-        return Err(BootError::CmdlineTooLong {
-            len: spec.cmdline.len(),
-            max: cmdline_max - 1,
-            defaults_len: spec.defaults_len,
-        });
-    }
-    let mut cbytes = spec.cmdline.clone().into_bytes();
-    cbytes.push(0);
-    mem.write_slice(&cbytes, GuestAddress(CMDLINE_START))
+    // Command line: printable ASCII, within the kernel's limit (NUL included).
+    let mut cmdline = Cmdline::new(cmdline_max).map_err(|_| BootError::CmdlineInvalid)?;
+    cmdline
+        .insert_str(&spec.cmdline)
+        .map_err(|e| cmdline_error(e, spec.cmdline.len(), cmdline_max, spec.defaults_len))?;
+    let cbytes = cmdline
+        .as_cstring()
+        .map_err(|_| BootError::CmdlineInvalid)?;
+    mem.write_slice(cbytes.as_bytes_with_nul(), GuestAddress(CMDLINE_START))
         .map_err(|e| BootError::GuestWrite {
             what: "the command line",
             detail: e.to_string(),
@@ -458,7 +481,7 @@ pub fn load(
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = spec.cmdline.len() as u32;
+    params.hdr.cmdline_size = cbytes.as_bytes().len() as u32;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
@@ -709,9 +732,35 @@ mod tests {
 
     #[test]
     fn cmdline_order() {
-        let (s, d) = compose_cmdline(Some("clearcpuid=x"), Some(" quiet "));
+        let (s, d) = compose_cmdline(Some("clearcpuid=x"), &[" quiet "]).unwrap();
         assert!(s.starts_with(DEFAULT_CMDLINE));
         assert!(s.ends_with(" clearcpuid=x quiet"));
         assert_eq!(&s[..d], &format!("{DEFAULT_CMDLINE} clearcpuid=x"));
+    }
+
+    #[test]
+    fn cmdline_parts_are_joined_as_before_and_checked() {
+        let (s, d) = compose_cmdline(
+            None,
+            &["virtio_mmio.device=4K@0xd0000000:5", "  ", " a=1  b "],
+        )
+        .unwrap();
+        assert_eq!(
+            s,
+            format!("{DEFAULT_CMDLINE} virtio_mmio.device=4K@0xd0000000:5 a=1  b")
+        );
+        assert_eq!(d, DEFAULT_CMDLINE.len());
+        assert_eq!(compose_cmdline(None, &[]).unwrap().0, DEFAULT_CMDLINE);
+        let long = "y".repeat(CMDLINE_MAX_SIZE);
+        let e = compose_cmdline(Some("clearcpuid=x"), &[long.as_str()]).unwrap_err();
+        let want = DEFAULT_CMDLINE.len() + " clearcpuid=x ".len() + long.len();
+        assert!(
+            matches!(e, BootError::CmdlineTooLong { len, max: 2047, defaults_len } if len == want && defaults_len == want - long.len() - 1),
+            "{e}"
+        );
+        assert!(matches!(
+            compose_cmdline(None, &["a\u{1}b"]),
+            Err(BootError::CmdlineInvalid)
+        ));
     }
 }

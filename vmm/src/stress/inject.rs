@@ -640,7 +640,7 @@ fn refused(r: Result<(), GuestMemError>) -> Effect {
 /// The host level of every frame: a PMD where the host's page tables say
 /// so, else 4K where our books say the frame is populated.
 fn host_levels(states: &[FrameView], pmd: Option<&[bool]>) -> Vec<Option<thp::units::Level>> {
-    let mut levels = mirror::host_levels(states);
+    let mut levels = thp::ram_model::host_levels(states);
     if let Some(pmd) = pmd {
         for (l, huge) in levels.iter_mut().zip(pmd) {
             *l = match (*huge, *l) {

@@ -46,7 +46,7 @@ use crate::outcome::Outcome;
 use crate::run::RunError;
 use crate::testguest::guests::stress::SharedArea;
 
-pub use args::{InjectBug, StressArgs};
+pub use args::{InjectBug, StressConfig, EXIT_CODES};
 use events::{Event, EventKind, Generator, OpsMix};
 use inject::{Effect, Extra, Injector};
 use replay::{ReplayError, ReplayFile, REPLAY_VERSION};
@@ -121,7 +121,7 @@ enum Source {
     },
 }
 
-fn params(a: &StressArgs) -> Result<(Params, Option<ReplayFile>), StressError> {
+fn params(a: &StressConfig) -> Result<(Params, Option<ReplayFile>), StressError> {
     if let Some(s) = a.seconds {
         if !(s > 0.0 && s.is_finite()) {
             return Err(StressError::Usage(format!(
@@ -169,13 +169,13 @@ fn params(a: &StressArgs) -> Result<(Params, Option<ReplayFile>), StressError> {
 }
 
 /// Run `vmm stress`.
-pub fn run(a: &StressArgs) -> Result<StressReport, StressError> {
+pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     let (p, replay) = params(a)?;
     crate::output_path::check_all([
         ("--json", a.json.as_deref()),
         ("--replay-out", a.replay_out.as_deref()),
     ])?;
-    let built = setup::build(&a.kvm.kvm_dev, p.memory, p.vcpus, p.backing)?;
+    let built = setup::build(&a.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let setup::Built {
         mut vm,
         machine: m,
@@ -518,7 +518,7 @@ impl Loop {
 
 /// `vmm stress` for the binary: run, print the report, write `--json`;
 /// returns the process exit code.
-pub fn run_cli(a: &StressArgs) -> i32 {
+pub fn run_cli(a: &StressConfig) -> i32 {
     match run(a) {
         Ok(rep) => {
             crate::stdout::print(&rep.text());

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use guest_mem::{Backing, HPAGE_SIZE, MAX_RAM_SIZE};
+use guest_mem::{Backing, HPAGE_SIZE};
 use serde::{Deserialize, Serialize};
 
 use super::args::InjectBug;
@@ -101,11 +101,8 @@ impl ReplayFile {
                 f.version
             )));
         }
-        if f.memory == 0 || !f.memory.is_multiple_of(HPAGE_SIZE) || f.memory > MAX_RAM_SIZE {
-            return Err(invalid(format!(
-                "memory {:#x} must be a non-zero multiple of 2 MiB, at most {MAX_RAM_SIZE:#x}",
-                f.memory
-            )));
+        if let Err(e) = guest_mem::check_ram_size(f.memory) {
+            return Err(invalid(format!("memory: {e}")));
         }
         if !(1..=MAX_VCPUS).contains(&f.vcpus) {
             return Err(invalid(format!(

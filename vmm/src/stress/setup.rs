@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use guest_mem::{Backing, GuestRam, GuestRamConfig, HPAGE_SIZE};
+use guest_mem::{Backing, GuestRam, GuestRamConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::long_mode;
@@ -33,12 +33,7 @@ pub fn build(
     vcpus: u8,
     backing: Backing,
 ) -> Result<Built, RunError> {
-    if !memory.is_multiple_of(HPAGE_SIZE) || memory > guest_mem::MAX_RAM_SIZE {
-        return Err(RunError::Usage(format!(
-            "--memory {memory:#x} must be a multiple of 2 MiB and at most {:#x}",
-            guest_mem::MAX_RAM_SIZE
-        )));
-    }
+    guest_mem::check_ram_size(memory)?;
     let host = HostInfo::detect();
     let kvm = vm::open_kvm(kvm_dev)?;
     let mut p = TestGuestParams::new(TestGuestName::Stress, memory);

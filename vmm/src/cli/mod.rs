@@ -1,13 +1,18 @@
 //! Command-line interface of the `vmm` binary (clap).
 
-use std::collections::BTreeMap;
+pub mod bench;
+pub mod ctl;
+pub mod stress;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use guest_mem::Backing;
 
-use crate::exit_code;
-use crate::testguest::{GuestPageSize, TestGuestName};
+use vmm::config::RunConfig;
+use vmm::exit_code;
+pub use vmm::parse::{parse_secs, parse_size};
+use vmm::testguest::{GuestPageSize, TestGuestName};
 
 /// A minimal KVM VMM whose guest RAM lives on 2M huge pages it manages itself.
 #[derive(Debug, Parser)]
@@ -24,12 +29,12 @@ pub enum Command {
     /// Boot a Linux kernel or run a built-in test guest.
     Run(RunArgs),
     /// Benchmarks (`vmm bench tlb`).
-    Bench(crate::bench::BenchArgs),
+    Bench(bench::BenchArgs),
     /// mmu-notifier fault injection: host invalidations fired at a running
     /// checker guest; exits 4 on a stale read, lost write or mirror mismatch.
-    Stress(crate::stress::StressArgs),
+    Stress(stress::StressArgs),
     /// Control a running VM through its API socket (`vmm run --api-socket`).
-    Ctl(crate::api::client::CtlArgs),
+    Ctl(ctl::CtlArgs),
 }
 
 /// Options of `vmm run`.
@@ -161,33 +166,40 @@ pub struct KvmDevArg {
     pub kvm_dev: PathBuf,
 }
 
-impl RunArgs {
-    /// The balloon's split policy from `--balloon-split` and its delay.
-    pub fn split_policy(&self) -> guest_mem::SplitPolicy {
-        match self.balloon_split {
-            BalloonSplit::Eager => guest_mem::SplitPolicy::Eager,
-            BalloonSplit::Deferred => guest_mem::SplitPolicy::Deferred {
-                delay: std::time::Duration::from_millis(u64::from(self.balloon_split_delay_ms)),
-                max_wait: std::time::Duration::from_millis(u64::from(
-                    self.balloon_split_max_wait_ms,
-                )),
-            },
+pub use vmm::config::BalloonSplit;
+
+impl From<RunArgs> for RunConfig {
+    fn from(a: RunArgs) -> Self {
+        RunConfig {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            memory: a.memory,
+            memslot_size: a.memslot_size,
+            vcpus: a.vcpus,
+            backing: a.backing,
+            serial: a.serial,
+            stats: a.stats,
+            stats_json: a.stats_json,
+            timeout: a.timeout,
+            test_guest: a.test_guest,
+            guest_pages: a.guest_pages,
+            generations: a.generations,
+            guest_args: a.guest_args,
+            balloon: a.balloon,
+            balloon_target: a.balloon_target,
+            no_free_page_reporting: a.no_free_page_reporting,
+            balloon_split: a.balloon_split,
+            balloon_split_delay_ms: a.balloon_split_delay_ms,
+            balloon_split_max_wait_ms: a.balloon_split_max_wait_ms,
+            api_socket: a.api_socket,
+            no_collapser: a.no_collapser,
+            collapse_interval_ms: a.collapse_interval_ms,
+            collapse_pages_to_scan: a.collapse_pages_to_scan,
+            collapse_max_ptes_none: a.collapse_max_ptes_none,
+            kvm_dev: a.kvm.kvm_dev,
         }
     }
-
-    /// The guest arguments as a map.
-    pub fn guest_arg_map(&self) -> BTreeMap<String, u64> {
-        self.guest_args.iter().cloned().collect()
-    }
-}
-
-/// `--balloon-split`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalloonSplit {
-    /// Split a partly given-back frame at once.
-    Eager,
-    /// Queue it; split it after `--balloon-split-delay-ms`.
-    Deferred,
 }
 
 /// Parse `--balloon-split`.
@@ -197,63 +209,9 @@ pub fn parse_balloon_split(s: &str) -> Result<BalloonSplit, String> {
         "deferred" => Ok(BalloonSplit::Deferred),
         other => Err(format!(
             "unknown split policy {:?}: expected eager or deferred",
-            crate::api::protocol::prefix(other, 32)
+            vmm::api::protocol::prefix(other, 32)
         )),
     }
-}
-
-/// Parse a size such as `512M`, `2G`, `65536K` or `268435456`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let body = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (num, shift) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 10),
-        Some('m') => (&body[..body.len() - 1], 20),
-        Some('g') => (&body[..body.len() - 1], 30),
-        Some(c) if c.is_ascii_digit() => (body, 0),
-        _ => {
-            return Err(format!(
-            "invalid size {s:?}: use a number with an optional K, M or G suffix, e.g. 512M or 2G"
-        ))
-        }
-    };
-    let n: u64 = num.trim().parse().map_err(|_| {
-        format!(
-            "invalid size {s:?}: use a number with an optional K, M or G suffix, e.g. 512M or 2G"
-        )
-    })?;
-    let v = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))?;
-    if v == 0 {
-        return Err(format!("size {s:?} must be larger than zero"));
-    }
-    Ok(v)
-}
-
-/// Most seconds a duration option takes (about 31 years): larger values
-/// cannot be added to a clock without overflow.
-pub const MAX_SECS: f64 = 1e9;
-
-/// Parse a positive number of seconds, at most [`MAX_SECS`].
-pub fn parse_secs(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 30 or 2.5)"))?;
-    if !(v > 0.0 && v.is_finite()) {
-        return Err(format!("{s} must be a positive, finite number of seconds"));
-    }
-    if v > MAX_SECS {
-        return Err(format!(
-            "{s} seconds is too large: at most {MAX_SECS:e} seconds (about 31 years)"
-        ));
-    }
-    Ok(v)
 }
 
 pub(crate) fn parse_backing(s: &str) -> Result<Backing, String> {
@@ -288,34 +246,45 @@ mod tests {
     use clap::CommandFactory;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("2g").unwrap(), 2 << 30);
-        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
-        assert_eq!(parse_size("4096K").unwrap(), 4 << 20);
-        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
-        for bad in ["", "M", "12X", "1.5G", "-1M", "0", "99999999999999G"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn seconds_are_bounded() {
-        assert_eq!(parse_secs("2.5").unwrap(), 2.5);
-        assert_eq!(parse_secs("1e9").unwrap(), 1e9);
-        for bad in ["0", "-1", "nan", "inf", "1e300", "1e19", "x", ""] {
-            assert!(parse_secs(bad).is_err(), "{bad}");
-        }
-        assert!(parse_secs("1e300").unwrap_err().contains("too large"));
-    }
-
-    #[test]
     fn guest_args() {
         assert_eq!(parse_guest_arg("frames=3").unwrap(), ("frames".into(), 3));
         assert_eq!(parse_guest_arg("x=0x10").unwrap(), ("x".into(), 16));
         assert!(parse_guest_arg("x").is_err());
         assert!(parse_guest_arg("x=y").is_err());
+    }
+
+    fn run_config(argv: &[&str]) -> RunConfig {
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Run(a) => RunConfig::from(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn run_config_defaults_are_the_cli_defaults() {
+        let c = run_config(&[
+            "vmm",
+            "run",
+            "--test-guest",
+            "hello",
+            "--kvm-dev",
+            "/dev/kvm",
+        ]);
+        assert_eq!(
+            c,
+            RunConfig {
+                test_guest: Some(TestGuestName::Hello),
+                ..RunConfig::default()
+            }
+        );
+        let k = run_config(&["vmm", "run", "--kernel", "/k", "--kvm-dev", "/dev/kvm"]);
+        assert_eq!(
+            k,
+            RunConfig {
+                kernel: Some("/k".into()),
+                ..RunConfig::default()
+            }
+        );
     }
 
     #[test]

@@ -1,0 +1,25 @@
+//! The narrow handle the services of a running VM (the collapser, the
+//! balloon backend) get instead of the whole `Machine`: guest RAM, the vCPUs
+//! to pause while a frame is copied, and where give-backs and collapses are
+//! counted. `Machine` implements it; the services never import `machine`.
+
+use std::sync::MutexGuard;
+
+use guest_mem::GuestRam;
+
+use crate::control::VcpuControl;
+use crate::unmap_stats::UnmapRecorder;
+
+/// Guest RAM and what acting on it needs.
+pub trait RamHandle: Send + Sync {
+    /// Guest RAM, locked alone.
+    fn ram(&self) -> MutexGuard<'_, GuestRam>;
+    /// Runs `f` on guest RAM with the balloon transport (if any) locked
+    /// first: the lock order of the balloon's path, for a service that does
+    /// not come through the balloon (the collapser).
+    fn with_ram_after_balloon(&self, f: &mut dyn FnMut(&mut GuestRam));
+    /// The vCPUs (a `guest_mem::Quiesce`).
+    fn vcpus(&self) -> &VcpuControl;
+    /// Where give-backs, refills and collapses are counted.
+    fn recorder(&self) -> &UnmapRecorder;
+}
