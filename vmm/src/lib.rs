@@ -6,6 +6,7 @@
 pub mod api;
 pub mod balloon_backend;
 pub mod bench;
+pub mod builder;
 pub mod boot;
 pub mod collapser;
 pub mod config;

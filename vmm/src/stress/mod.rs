@@ -191,21 +191,10 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
 
-    let vcpu_fds = std::mem::take(&mut vm.vcpus);
-    let mut handles = Vec::new();
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
-        let (m2, s2) = (m.clone(), vshared.clone());
-        match std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run_vcpu(i, fd, m2, s2))
-        {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                m.control.stop(STOP_TIMEOUT);
-                return Err(StressError::Thread(e));
-            }
-        }
-    }
+    let (m2, s2) = (m.clone(), vshared.clone());
+    let body = move |i, fd| vcpu::run_vcpu(i, fd, m2.clone(), s2.clone());
+    let handles = crate::builder::spawn_vcpus(&mut vm, &m.control, STOP_TIMEOUT, body)
+        .map_err(StressError::Thread)?;
 
     let slots = {
         let mut ram = m.ram();
