@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod api_handle;
 pub mod balloon_backend;
 pub mod bench;
 pub mod builder;
