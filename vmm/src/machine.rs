@@ -285,14 +285,9 @@ impl Machine {
         let ctx = self.mirror_ctx.get()?;
         let states = ram.frame_states();
         let r = match &ctx.guest {
-            None => mirror::predict_all_touched(
-                ctx,
-                ram.host_addr(),
-                ram.memslots(),
-                thp::ram_model::host_levels(&states),
-                false,
-                None,
-            ),
+            None => {
+                mirror::predict_quiescent(ctx, ram, mirror::frame_levels(&states, None), false, 0)
+            }
             Some(g) => {
                 let mut live = lock(&self.live_mirror);
                 let l = match live.as_mut() {

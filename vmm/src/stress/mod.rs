@@ -27,7 +27,6 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
-pub mod protect;
 pub mod replay;
 pub mod report;
 pub mod setup;

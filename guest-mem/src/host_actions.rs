@@ -1,7 +1,120 @@
-//! `mprotect` of a host range that never leaves it half protected: Linux
-//! applies a protection change VMA by VMA, so a call that fails part way
-//! (`ENOMEM` at a hole, for one) has already changed the start of the range.
-//! On failure the original protection is put back on the whole range.
+//! Host actions on one frame of guest RAM that are not plans of the RAM
+//! model: write protection, page-out and residency (the events `vmm stress`
+//! fires from the host side). They go through [`GuestRam`] so the frame is
+//! checked to be RAM and the host change is in the books: a frame whose
+//! protection changed or whose pages were paged out is in
+//! [`GuestRam::take_changed_frames`] (each fired the host's mmu notifier
+//! over the frame), like a frame a discard or split remapped.
+//!
+//! `mprotect` never leaves a frame half protected: Linux applies a
+//! protection change VMA by VMA, so a call that fails part way (`ENOMEM` at
+//! a hole, for one) has already changed the start of the range; on failure
+//! the original protection is put back on the whole range.
+
+use crate::error::GuestMemError;
+use crate::guest_ram::GuestRam;
+use crate::{HPAGE_SIZE, PAGES_PER_HPAGE};
+
+const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+/// What a page-out of a frame did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageOut {
+    /// The kernel took the advice (shmem pages unmapped; with no swap
+    /// they stay resident).
+    Done,
+    /// The kernel refused the frame (why): hugetlb mappings cannot be
+    /// paged out.
+    Refused(String),
+}
+
+impl GuestRam {
+    /// Make `frame` read-only on the host, run `hold` (the caller watches
+    /// the vCPUs fault on it), then make it writable again. The frame is
+    /// recorded as changed (the host zapped its secondary mappings).
+    pub fn write_protect_frame<R>(
+        &mut self,
+        frame: usize,
+        hold: impl FnOnce() -> R,
+    ) -> Result<R, GuestMemError> {
+        let addr = self.frame_host_addr(frame)?;
+        // SAFETY: [addr, addr + 2M) is one RAM frame of guest RAM's host
+        // range (checked above; 2M aligned, so hugetlb mappings accept it);
+        // only the protection changes, and it is restored below (or by
+        // `protect` itself on failure) before `&mut self` is released, so
+        // nothing else of ours touches the mapping meanwhile. The vCPUs'
+        // writes fault in KVM (EFAULT), which the caller waits out.
+        unsafe { protect(addr, HPAGE_SIZE, libc::PROT_READ, RW) }?;
+        self.changed.insert(frame);
+        let r = hold();
+        // SAFETY: as above; this restores the original protection.
+        unsafe { protect(addr, HPAGE_SIZE, RW, RW) }?;
+        Ok(r)
+    }
+
+    /// How many 4K pages of `frame` are resident on the host (`mincore`).
+    pub fn resident_pages(&self, frame: usize) -> Result<u64, GuestMemError> {
+        let addr = self.frame_host_addr(frame)?;
+        let mut vec = vec![0u8; PAGES_PER_HPAGE as usize];
+        // SAFETY: [addr, addr + 2M) is a mapped RAM frame (checked above);
+        // `vec` has one byte per 4K page of it, as mincore requires.
+        let r = unsafe {
+            libc::mincore(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(GuestMemError::Mincore {
+                addr,
+                source: GuestMemError::last_os(),
+            });
+        }
+        Ok(vec.iter().filter(|b| **b & 1 != 0).count() as u64)
+    }
+
+    /// Advise the host to page `frame` out (`MADV_PAGEOUT`): its contents
+    /// stay (shmem pages are written back or stay resident), its pages may
+    /// be unmapped. A hugetlb frame is refused by the kernel
+    /// ([`PageOut::Refused`]); a frame the kernel took is recorded as changed.
+    pub fn page_out_frame(&mut self, frame: usize) -> Result<PageOut, GuestMemError> {
+        let addr = self.frame_host_addr(frame)?;
+        // SAFETY: MADV_PAGEOUT on one RAM frame of our own mapping (checked
+        // above) keeps its contents; it may unmap pages, which the next
+        // access faults back in.
+        let r = unsafe {
+            libc::madvise(
+                addr as *mut libc::c_void,
+                HPAGE_SIZE as usize,
+                libc::MADV_PAGEOUT,
+            )
+        };
+        if r == 0 {
+            self.changed.insert(frame);
+            return Ok(PageOut::Done);
+        }
+        let source = GuestMemError::last_os();
+        match source.raw_os_error() {
+            Some(libc::EINVAL) => Ok(PageOut::Refused(
+                "EINVAL (hugetlb mappings cannot be paged out)".into(),
+            )),
+            _ => Err(GuestMemError::Madvise {
+                advice: "MADV_PAGEOUT",
+                addr,
+                len: HPAGE_SIZE,
+                source,
+            }),
+        }
+    }
+
+    /// The host address of RAM frame `frame`.
+    fn frame_host_addr(&self, frame: usize) -> Result<u64, GuestMemError> {
+        let gpa = frame as u64 * HPAGE_SIZE;
+        self.check_range(gpa, HPAGE_SIZE)?;
+        Ok(self.host_addr() + gpa)
+    }
+}
 
 /// `mprotect` failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +148,7 @@ fn prot_name(prot: libc::c_int) -> &'static str {
 /// `[addr, addr + len)` must be memory this process mapped and owns, and no
 /// Rust reference to it may be used in a way the new protection forbids
 /// while it is in force.
-pub unsafe fn protect(
+unsafe fn protect(
     addr: u64,
     len: u64,
     prot: libc::c_int,
