@@ -165,13 +165,16 @@ fn guest_config(a: &RunConfig, host: &HostInfo) -> Result<GuestConfig, RunError>
         .chain(a.cmdline.as_deref())
         .collect();
     let (cmdline, defaults_len) = linux::compose_cmdline(extra, &user)?;
-    Ok(GuestConfig::Linux(LinuxBootSpec {
+    let spec = LinuxBootSpec {
         kernel,
         initrd: a.initrd.clone(),
         cmdline,
         defaults_len,
         vcpus: a.vcpus,
-    }))
+    };
+    // What the kernel file is and whether it fits, before any guest memory.
+    linux::check_kernel(guest_mem::RamLayout::new(a.memory)?, &spec)?;
+    Ok(GuestConfig::Linux(spec))
 }
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.

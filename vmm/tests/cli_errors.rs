@@ -220,6 +220,20 @@ fn run_input_is_checked_before_kvm() {
     let long = "x=".to_string() + &"y".repeat(3000);
     let o = run_kernel(&k, "64M", &["--cmdline", &long, no_kvm[0], no_kvm[1]]);
     assert_bad_input(&o, &["command line", "at most 2047"]);
+    // So is the kernel file: what it is, whether it is whole, whether it fits.
+    let d = tmpdir("kernel-nokvm");
+    let notes = d.join("notes.txt");
+    std::fs::write(&notes, "just some text, certainly not a kernel\n".repeat(100)).unwrap();
+    let trunc = d.join("vmlinux-truncated");
+    write_elf(&trunc, 0x10_0000, 0x2000);
+    for (k, needles) in [
+        (&notes, &["is not a kernel", "vmlinux", "bzImage"][..]),
+        (&trunc, &["damaged ELF", "truncated"][..]),
+    ] {
+        let o = run_kernel(k, "64M", &no_kvm);
+        assert_bad_input(&o, needles);
+        assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
+    }
 }
 
 #[test]
