@@ -38,11 +38,7 @@ impl ApiHandle for Machine {
         snapshot::take(self)
     }
     fn split_queued(&self) -> Result<GiveBackReport, GuestMemError> {
-        crate::deferred_split::split_due(
-            self,
-            std::time::Duration::ZERO,
-            std::time::Duration::ZERO,
-        )
+        crate::deferred_split::split_due(self, std::time::Duration::ZERO, std::time::Duration::ZERO)
     }
     fn finish(&self, outcome: Outcome) {
         Machine::finish(self, outcome)

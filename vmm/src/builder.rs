@@ -213,7 +213,8 @@ pub fn build_vm(c: VmConfig) -> Result<BuiltVm, RunError> {
     let kind = load_guest(&vm, &ram, &c.guest)?;
     let flags = Arc::new(SerialFlags::default());
     let (serial_out, console) = serial_sink(&c.serial, flags.clone())?;
-    let serial_dev = serial::new_serial(register_irq(&vm, serial::COM1_IRQ, SERIAL_IRQ)?, serial_out);
+    let serial_dev =
+        serial::new_serial(register_irq(&vm, serial::COM1_IRQ, SERIAL_IRQ)?, serial_out);
     let stats = match KvmStats::open(&vm.fd) {
         Ok(s) => Some(s),
         Err(e) => {
@@ -327,7 +328,10 @@ fn serial_sink(
     let out: Box<dyn Write + Send> = if target == "stdout" {
         Box::new(std::io::stdout())
     } else {
-        Box::new(input_file::create_output("--serial", &PathBuf::from(target))?)
+        Box::new(input_file::create_output(
+            "--serial",
+            &PathBuf::from(target),
+        )?)
     };
     let (console, writer) =
         Console::spawn(out, console::DEFAULT_CAPACITY).map_err(|source| RunError::Os {

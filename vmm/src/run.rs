@@ -196,12 +196,13 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let m = machine.clone();
     let body = move |i, fd| crate::vcpu::run_vcpu(i, fd, m.clone());
-    let handles = builder::spawn_vcpus(&mut vm, &machine.control, STOP_TIMEOUT, body).map_err(
-        |source| RunError::Os {
-            what: "spawning a vCPU thread",
-            source,
-        },
-    )?;
+    let handles =
+        builder::spawn_vcpus(&mut vm, &machine.control, STOP_TIMEOUT, body).map_err(|source| {
+            RunError::Os {
+                what: "spawning a vCPU thread",
+                source,
+            }
+        })?;
 
     let mut kvm_samples = Vec::new();
     let timeout = args.timeout.map(Duration::from_secs_f64);

@@ -223,7 +223,11 @@ fn run_input_is_checked_before_kvm() {
     // So is the kernel file: what it is, whether it is whole, whether it fits.
     let d = tmpdir("kernel-nokvm");
     let notes = d.join("notes.txt");
-    std::fs::write(&notes, "just some text, certainly not a kernel\n".repeat(100)).unwrap();
+    std::fs::write(
+        &notes,
+        "just some text, certainly not a kernel\n".repeat(100),
+    )
+    .unwrap();
     let trunc = d.join("vmlinux-truncated");
     write_elf(&trunc, 0x10_0000, 0x2000);
     for (k, needles) in [

@@ -23,8 +23,8 @@ use super::framing::{read_frame, Frame};
 use super::pause::ApiPause;
 use super::peer;
 use super::protocol::{parse_request, Reply, Request};
-use crate::input_file::kind_name;
 use crate::api_handle::ApiHandle;
+use crate::input_file::kind_name;
 
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -159,7 +159,10 @@ fn bind_owner_only(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerE
 impl ApiServer {
     /// Listen on `path` for `m` with the default [`ServerLimits`]: a stale
     /// socket there is replaced, anything else refused.
-    pub fn start(path: &Path, m: Weak<impl ApiHandle + 'static>) -> Result<ApiServer, ApiServerError> {
+    pub fn start(
+        path: &Path,
+        m: Weak<impl ApiHandle + 'static>,
+    ) -> Result<ApiServer, ApiServerError> {
         ApiServer::start_with(path, m, ServerLimits::default())
     }
 

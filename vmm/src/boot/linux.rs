@@ -282,7 +282,10 @@ fn classify(path: &Path, f: &mut File) -> Result<Kind, BootError> {
             .map_err(|()| bad("program headers unreadable".into()))?;
         let mut end = 0u64;
         let mut loads = 0;
-        for p in phdrs.iter().filter(|p| p.p_type.get(LE) == object::elf::PT_LOAD) {
+        for p in phdrs
+            .iter()
+            .filter(|p| p.p_type.get(LE) == object::elf::PT_LOAD)
+        {
             loads += 1;
             let offset = p.p_offset.get(LE);
             let paddr = p.p_paddr.get(LE);

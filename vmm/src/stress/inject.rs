@@ -390,7 +390,8 @@ impl Injector<'_> {
         let r = ram.write_protect_frame(frame_of(gpa), || gate.wait_fault(WRPROTECT_HOLD));
         x.faults = gate.episode_faults();
         gate.open();
-        r.map(|_| Effect::Done).map_err(guest_mem_err("write-protect", gpa))
+        r.map(|_| Effect::Done)
+            .map_err(guest_mem_err("write-protect", gpa))
     }
 
     fn pageout(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {

@@ -261,7 +261,9 @@ fn event_source(a: &StressConfig, p: &Params, replay: Option<Vec<Event>>) -> Sou
 /// close every live run) until it ends or a step says stop.
 fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop {
     let mut lp = Loop::default();
-    let mut next_q = Instant::now().checked_add(every).unwrap_or_else(Instant::now);
+    let mut next_q = Instant::now()
+        .checked_add(every)
+        .unwrap_or_else(Instant::now);
     let mut q_count = 0u64;
     loop {
         let ev = match &mut source {
