@@ -29,7 +29,7 @@ use crate::devices::serial::{self, SerialFlags, SerialOut};
 use crate::devices::virtio_balloon::BalloonError;
 use crate::exit_code;
 use crate::host::HostInfo;
-use crate::input_file::{self, InputFileError};
+use crate::input_file::InputFileError;
 use crate::machine::{GuestKind, Machine, MachineParts};
 use crate::mirror::MirrorContext;
 use crate::output_path::OutputPathError;
@@ -141,10 +141,10 @@ pub enum GuestConfig {
 }
 
 /// Where the guest's serial console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
-    /// `stdout` or a file path, behind a [`Console`] buffer.
-    Console(String),
+    /// This writer (stdout, or the `--serial` file the caller opened),
+    /// behind a [`Console`] buffer.
+    Console(Box<dyn Write + Send>),
     /// Nowhere (a guest that talks only through the test device).
     Discard,
 }
@@ -212,7 +212,7 @@ pub fn build_vm(c: VmConfig) -> Result<BuiltVm, RunError> {
     let vm = unsafe { Vm::new(kvm, usize::from(c.vcpus), ram.memslots())? };
     let kind = load_guest(&vm, &ram, &c.guest)?;
     let flags = Arc::new(SerialFlags::default());
-    let (serial_out, console) = serial_sink(&c.serial, flags.clone())?;
+    let (serial_out, console) = serial_sink(c.serial, flags.clone())?;
     let serial_dev =
         serial::new_serial(register_irq(&vm, serial::COM1_IRQ, SERIAL_IRQ)?, serial_out);
     let stats = match KvmStats::open(&vm.fd) {
@@ -313,25 +313,17 @@ fn register_irq(vm: &Vm, irq: u32, (what, op): IrqUse) -> Result<EventFd, RunErr
     Ok(e)
 }
 
-/// The serial console's sink: stdout or a file behind a [`Console`] buffer,
-/// so a slow or gone reader never blocks a vCPU; or nowhere.
+/// The serial console's sink: the writer behind a [`Console`] buffer, so a
+/// slow or gone reader never blocks a vCPU; or nowhere.
 fn serial_sink(
-    c: &SerialConfig,
+    c: SerialConfig,
     flags: Arc<SerialFlags>,
 ) -> Result<(SerialOut, Option<Console>), RunError> {
-    let target = match c {
+    let out = match c {
         SerialConfig::Discard => {
             return Ok((SerialOut::new(Box::new(std::io::sink()), flags), None));
         }
-        SerialConfig::Console(t) => t,
-    };
-    let out: Box<dyn Write + Send> = if target == "stdout" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(input_file::create_output(
-            "--serial",
-            &PathBuf::from(target),
-        )?)
+        SerialConfig::Console(out) => out,
     };
     let (console, writer) =
         Console::spawn(out, console::DEFAULT_CAPACITY).map_err(|source| RunError::Os {

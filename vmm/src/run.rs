@@ -125,7 +125,7 @@ pub fn vm_config(a: &RunConfig) -> Result<VmConfig, RunError> {
         backing: a.backing,
         khugepaged: Some(collapser_config(a).khugepaged),
         guest,
-        serial: SerialConfig::Console(a.serial.clone()),
+        serial: SerialConfig::Console(serial_out(a)?),
         balloon: a.balloon.then(|| BalloonSpec {
             target: a.balloon_target,
             free_page_reporting: !a.no_free_page_reporting,
@@ -133,6 +133,16 @@ pub fn vm_config(a: &RunConfig) -> Result<VmConfig, RunError> {
         }),
         host,
     })
+}
+
+/// The serial console's writer: stdout, or the `--serial` file (a regular
+/// file or a character device; created or truncated now, before KVM).
+fn serial_out(a: &RunConfig) -> Result<Box<dyn std::io::Write + Send>, RunError> {
+    if a.serial == "stdout" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let path = std::path::Path::new(&a.serial);
+    Ok(Box::new(input_file::create_output("--serial", path)?))
 }
 
 /// The test guest assembled, or the Linux boot spec with its command line.

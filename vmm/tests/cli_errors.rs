@@ -214,6 +214,21 @@ fn run_input_is_checked_before_kvm() {
         assert_bad_input(&o, needles);
         assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
     }
+    // The --serial output is opened first too (a directory is refused).
+    let sdir = tmpdir("serial-nokvm");
+    let mut a = vec![
+        "run",
+        "--backing",
+        "4k",
+        "--test-guest",
+        "hello",
+        "--serial",
+    ];
+    a.push(sdir.to_str().unwrap());
+    a.extend(no_kvm);
+    let o = vmm(&a);
+    assert_bad_input(&o, &["--serial", "is a directory"]);
+    assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
     // The kernel command line is composed (and its length checked) first too.
     let k = tmpdir("cmdline-nokvm").join("vmlinux");
     write_elf(&k, 0x1000, 0x2000);
