@@ -40,9 +40,9 @@ use std::time::{Duration, Instant};
 
 use guest_mem::{Backing, HPAGE_SIZE};
 
+use crate::builder::RunError;
 use crate::exit_code;
 use crate::outcome::Outcome;
-use crate::run::RunError;
 use crate::testguest::guests::stress::SharedArea;
 
 pub use args::{InjectBug, StressConfig, EXIT_CODES};

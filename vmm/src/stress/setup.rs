@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use guest_mem::Backing;
 
+use crate::builder::RunError;
 use crate::builder::{self, GuestConfig, SerialConfig, VmConfig};
 use crate::host::HostInfo;
 use crate::machine::Machine;
-use crate::run::RunError;
 use crate::testguest::{self, GuestPageSize, TestGuestImage, TestGuestName, TestGuestParams};
 use crate::vm::Vm;
 
