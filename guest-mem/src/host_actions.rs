@@ -180,29 +180,18 @@ unsafe fn protect(
     })
 }
 
+/// `/proc/self/maps` permissions, shared with the integration tests.
+#[cfg(test)]
+#[path = "../tests/common/maps.rs"]
+mod test_maps;
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const PAGE: usize = 4096;
 
-    /// The permission string of the mapping that contains `addr` in
-    /// /proc/self/maps.
-    fn perms(addr: usize) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for l in maps.lines() {
-            let (range, rest) = l.split_once(' ').unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            if (a..b).contains(&addr) {
-                return rest[..4].to_string();
-            }
-        }
-        panic!("{addr:#x} is not mapped");
-    }
+    use super::test_maps::perms;
 
     #[test]
     fn partial_failure_restores_the_original_protection() {

@@ -7,21 +7,12 @@ use guest_mem::{Backing, GuestMemError, GuestRam, GuestRamConfig, PageOut, HPAGE
 
 const FRAMES: u64 = 4;
 
-/// The permission string of the mapping holding `addr` in /proc/self/maps.
+#[path = "common/maps.rs"]
+mod maps;
+
+/// The access bits (`rw-`, `r--`) of the mapping holding `addr`.
 fn perms(addr: u64) -> String {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    for l in maps.lines() {
-        let (range, rest) = l.split_once(' ').unwrap();
-        let (a, b) = range.split_once('-').unwrap();
-        let (a, b) = (
-            u64::from_str_radix(a, 16).unwrap(),
-            u64::from_str_radix(b, 16).unwrap(),
-        );
-        if (a..b).contains(&addr) {
-            return rest[..3].to_string();
-        }
-    }
-    panic!("{addr:#x} is not mapped");
+    maps::perms(addr as usize)[..3].to_string()
 }
 
 fn ram(backing: Backing) -> GuestRam {
