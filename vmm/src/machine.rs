@@ -398,6 +398,17 @@ impl RamHandle for Machine {
         let _device = self.balloon().map(|b| b.lock());
         f(&mut Machine::ram(self));
     }
+    fn with_balloon_ram(
+        &self,
+        f: &mut dyn FnMut(&mut GuestRam, &crate::give_back_stats::GiveBackRecorder),
+    ) -> bool {
+        let Some(b) = self.balloon() else {
+            return false;
+        };
+        let _device = b.lock();
+        f(&mut Machine::ram(self), b.metrics());
+        true
+    }
     fn vcpus(&self) -> &VcpuControl {
         &self.control
     }
