@@ -522,24 +522,36 @@ impl GuestRam {
     pub fn refill(&mut self, gpa: u64, len: u64, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         self.take_back_given(first, n)?;
-        let before = self.model.clone();
-        let steps = self.model.refill(first, n)?;
-        self.changed.extend(
-            steps
-                .iter()
-                .filter(|s| !s.filled.is_empty())
-                .map(|s| s.frame),
-        );
-        let r = if self.backing == Backing::Hugetlb {
-            match quiesce::pause(q) {
-                Ok(_guard) => self.apply_refill(steps),
-                Err(e) => Err(e.into()),
+        self.undoable(|ram| {
+            let steps = ram.model.refill(first, n)?;
+            ram.changed.extend(
+                steps
+                    .iter()
+                    .filter(|s| !s.filled.is_empty())
+                    .map(|s| s.frame),
+            );
+            if ram.backing == Backing::Hugetlb {
+                let _guard = quiesce::pause(q)?;
+                ram.apply_refill(steps)
+            } else {
+                ram.apply_refill(steps)
             }
+        })
+    }
+
+    /// Runs `op` (a model operation and the host work its plan asks for)
+    /// in a model transaction: on error the model is rolled back exactly
+    /// as it was, at the cost of what `op` touched (no copy of the model).
+    pub(crate) fn undoable<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, GuestMemError>,
+    ) -> Result<T, GuestMemError> {
+        self.model.checkpoint();
+        let r = op(self);
+        if r.is_ok() {
+            self.model.commit();
         } else {
-            self.apply_refill(steps)
-        };
-        if r.is_err() {
-            self.model = before;
+            self.model.rollback();
         }
         r
     }
@@ -579,32 +591,26 @@ impl GuestRam {
         self.check_huge_backing("split")?;
         self.check_frame(frame)?;
         self.settle_give_backs(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
-        let before = self.model.clone();
-        let plan = self.model.split(frame)?;
-        let SplitPlan::Split {
-            frame,
-            huge_slot,
-            copied,
-        } = plan
-        else {
-            return Ok(());
-        };
-        self.changed.insert(frame);
-        let r = match quiesce::pause(q) {
-            Ok(_guard) => match self.backing {
-                Backing::Hugetlb => self.apply_split_hugetlb(frame, huge_slot, &copied),
-                _ => self
+        self.undoable(|ram| {
+            let SplitPlan::Split {
+                frame,
+                huge_slot,
+                copied,
+            } = ram.model.split(frame)?
+            else {
+                return Ok(());
+            };
+            ram.changed.insert(frame);
+            let _guard = quiesce::pause(q)?;
+            match ram.backing {
+                Backing::Hugetlb => ram.apply_split_hugetlb(frame, huge_slot, &copied),
+                _ => ram
                     .host
                     .thp_split(frame, None)
-                    .and_then(|()| self.host.frame_hugepage_advice(frame, false))
-                    .and_then(|()| self.host.remap_present(frame)),
-            },
-            Err(e) => Err(e.into()),
-        };
-        if r.is_err() {
-            self.model = before;
-        }
-        r
+                    .and_then(|()| ram.host.frame_hugepage_advice(frame, false))
+                    .and_then(|()| ram.host.remap_present(frame)),
+            }
+        })
     }
 
     /// Move the present pages `copied` (page, new small slot) of huge `frame`
@@ -630,30 +636,26 @@ impl GuestRam {
     pub fn collapse(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.check_huge_backing("collapse")?;
         self.check_frame(frame)?;
-        let before = self.model.clone();
-        let plan = self.model.collapse(frame)?;
-        let CollapsePlan::Collapse {
-            frame,
-            huge_slot,
-            copy,
-            zero: _,
-            free_small,
-        } = plan
-        else {
-            return Ok(());
-        };
-        self.changed.insert(frame);
-        let r = match self.backing {
-            Backing::Hugetlb => match quiesce::pause(q) {
-                Ok(_guard) => self.apply_collapse_hugetlb(frame, huge_slot, &copy, &free_small),
-                Err(e) => Err(e.into()),
-            },
-            _ => self.host.thp_collapse(frame),
-        };
-        if r.is_err() {
-            self.model = before;
-        }
-        r
+        self.undoable(|ram| {
+            let CollapsePlan::Collapse {
+                frame,
+                huge_slot,
+                copy,
+                zero: _,
+                free_small,
+            } = ram.model.collapse(frame)?
+            else {
+                return Ok(());
+            };
+            ram.changed.insert(frame);
+            match ram.backing {
+                Backing::Hugetlb => {
+                    let _guard = quiesce::pause(q)?;
+                    ram.apply_collapse_hugetlb(frame, huge_slot, &copy, &free_small)
+                }
+                _ => ram.host.thp_collapse(frame),
+            }
+        })
     }
 
     fn apply_collapse_hugetlb(

@@ -25,6 +25,20 @@ pub struct HugePool {
     free: Vec<u32>,
     used: Vec<bool>,
     fail_next: u32,
+    /// While a transaction is open ([`HugePool::begin_undo`]): how to undo
+    /// each change, in order.
+    undo: Option<Vec<PoolUndo>>,
+}
+
+/// One change to a pool, as the undo log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolUndo {
+    /// `slot` was allocated; `grew`: past the high-water mark (small pool).
+    Alloc { slot: u32, grew: bool },
+    /// `slot` was freed.
+    Free(u32),
+    /// An injected failure was consumed.
+    Failed,
 }
 
 impl HugePool {
@@ -36,6 +50,42 @@ impl HugePool {
             free: (0..capacity).rev().collect(),
             used: vec![false; capacity as usize],
             fail_next: 0,
+            undo: None,
+        }
+    }
+
+    /// Starts recording how to undo every change (see [`Self::rollback_undo`]).
+    pub fn begin_undo(&mut self) {
+        self.undo = Some(Vec::new());
+    }
+
+    /// Keeps the changes since [`Self::begin_undo`] and stops recording.
+    pub fn commit_undo(&mut self) {
+        self.undo = None;
+    }
+
+    /// Undoes every change since [`Self::begin_undo`], newest first (the
+    /// free list's order included), and stops recording.
+    pub fn rollback_undo(&mut self) {
+        for op in self.undo.take().unwrap_or_default().into_iter().rev() {
+            match op {
+                PoolUndo::Alloc { slot, .. } => {
+                    self.used[slot as usize] = false;
+                    self.free.push(slot);
+                }
+                PoolUndo::Free(slot) => {
+                    let s = self.free.pop();
+                    debug_assert_eq!(s, Some(slot));
+                    self.used[slot as usize] = true;
+                }
+                PoolUndo::Failed => self.fail_next += 1,
+            }
+        }
+    }
+
+    fn record(&mut self, op: PoolUndo) {
+        if let Some(u) = self.undo.as_mut() {
+            u.push(op);
         }
     }
 
@@ -68,10 +118,12 @@ impl HugePool {
     pub fn alloc(&mut self) -> Option<u32> {
         if self.fail_next > 0 {
             self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
             return None;
         }
         let slot = self.free.pop()?;
         self.used[slot as usize] = true;
+        self.record(PoolUndo::Alloc { slot, grew: false });
         Some(slot)
     }
 
@@ -81,6 +133,7 @@ impl HugePool {
             Some(u) if *u => {
                 *u = false;
                 self.free.push(slot);
+                self.record(PoolUndo::Free(slot));
                 Ok(())
             }
             _ => Err(PoolError::NotAllocated { pool: "huge", slot }),
@@ -106,6 +159,9 @@ pub struct SmallPool {
     used: Vec<bool>,
     in_use: usize,
     fail_next: u32,
+    /// While a transaction is open ([`SmallPool::begin_undo`]): how to undo
+    /// each change, in order.
+    undo: Option<Vec<PoolUndo>>,
 }
 
 impl SmallPool {
@@ -114,6 +170,48 @@ impl SmallPool {
         SmallPool {
             limit,
             ..Default::default()
+        }
+    }
+
+    /// Starts recording how to undo every change (see [`Self::rollback_undo`]).
+    pub fn begin_undo(&mut self) {
+        self.undo = Some(Vec::new());
+    }
+
+    /// Keeps the changes since [`Self::begin_undo`] and stops recording.
+    pub fn commit_undo(&mut self) {
+        self.undo = None;
+    }
+
+    /// Undoes every change since [`Self::begin_undo`], newest first, and
+    /// stops recording: free set, used map, high-water mark and counters
+    /// are exactly as before.
+    pub fn rollback_undo(&mut self) {
+        for op in self.undo.take().unwrap_or_default().into_iter().rev() {
+            match op {
+                PoolUndo::Alloc { slot, grew } => {
+                    self.in_use -= 1;
+                    if grew {
+                        debug_assert_eq!(self.used.len(), slot as usize + 1);
+                        self.used.pop();
+                    } else {
+                        self.used[slot as usize] = false;
+                        self.free.insert(slot);
+                    }
+                }
+                PoolUndo::Free(slot) => {
+                    self.free.remove(&slot);
+                    self.used[slot as usize] = true;
+                    self.in_use += 1;
+                }
+                PoolUndo::Failed => self.fail_next += 1,
+            }
+        }
+    }
+
+    fn record(&mut self, op: PoolUndo) {
+        if let Some(u) = self.undo.as_mut() {
+            u.push(op);
         }
     }
 
@@ -157,20 +255,22 @@ impl SmallPool {
     pub fn alloc(&mut self) -> Option<u32> {
         if self.fail_next > 0 {
             self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
             return None;
         }
         if self.available() == 0 {
             return None;
         }
-        let slot = match self.free.pop_first() {
-            Some(s) => s,
+        let (slot, grew) = match self.free.pop_first() {
+            Some(s) => (s, false),
             None => {
                 self.used.push(false);
-                (self.used.len() - 1) as u32
+                ((self.used.len() - 1) as u32, true)
             }
         };
         self.used[slot as usize] = true;
         self.in_use += 1;
+        self.record(PoolUndo::Alloc { slot, grew });
         Some(slot)
     }
 
@@ -181,6 +281,7 @@ impl SmallPool {
                 *u = false;
                 self.free.insert(slot);
                 self.in_use -= 1;
+                self.record(PoolUndo::Free(slot));
                 Ok(())
             }
             _ => Err(PoolError::NotAllocated {
