@@ -813,7 +813,9 @@ mod tests {
     const FRAMES: usize = 4;
 
     fn ram() -> Option<GuestRam> {
-        let free = crate::smaps::read_meminfo().map(|m| m.available()).unwrap_or(0);
+        let free = crate::smaps::read_meminfo()
+            .map(|m| m.available())
+            .unwrap_or(0);
         if free < FRAMES as u64 + 8 {
             eprintln!("skipped: needs {} free 2M hugetlb pages", FRAMES + 8);
             return None;
@@ -838,7 +840,10 @@ mod tests {
     fn state(ram: &GuestRam) -> (String, (u64, u64), Vec<u64>) {
         let mem = ram.memory();
         let words = (0..FRAMES as u64 * PPH as u64)
-            .map(|p| mem.read_obj::<u64>(GuestAddress(p * PAGE_SIZE)).expect("read"))
+            .map(|p| {
+                mem.read_obj::<u64>(GuestAddress(p * PAGE_SIZE))
+                    .expect("read")
+            })
             .collect();
         (
             format!("{:?}", ram.model),
@@ -870,14 +875,20 @@ mod tests {
         assert!(ram.collapse(1, &NoVcpus).is_err());
         ram.host.fail_switch = false;
         assert_eq!(state(&ram), before);
-        assert!(matches!(ram.frame_state(1), FrameView::Small { present: 512 }));
+        assert!(matches!(
+            ram.frame_state(1),
+            FrameView::Small { present: 512 }
+        ));
 
         // And then both work, keeping every word.
         let words = before.2;
         ram.split(0, &NoVcpus).expect("split");
         ram.collapse(1, &NoVcpus).expect("collapse");
         assert_eq!(state(&ram).2, words);
-        assert!(matches!(ram.frame_state(0), FrameView::Small { present: 512 }));
+        assert!(matches!(
+            ram.frame_state(0),
+            FrameView::Small { present: 512 }
+        ));
         assert!(matches!(ram.frame_state(1), FrameView::Huge { .. }));
     }
 }

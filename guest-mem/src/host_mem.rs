@@ -345,7 +345,10 @@ impl HostMem {
         // A hugetlb mapping can only be replaced 2M at a time.
         if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
         {
-            self.zero_map(frame, &(0..crate::PAGES_PER_HPAGE as u16).collect::<Vec<_>>())?;
+            self.zero_map(
+                frame,
+                &(0..crate::PAGES_PER_HPAGE as u16).collect::<Vec<_>>(),
+            )?;
         }
         for &(p, s, n) in &runs {
             self.range.map_file(
@@ -430,7 +433,9 @@ impl HostMem {
                 .and_then(|()| self.small_map(frame, copy, true))
                 .and_then(|()| self.huge_free(slot));
             if let Err(e) = back {
-                log::warn!("frame {frame}: restoring the small mapping after a failed collapse: {e}");
+                log::warn!(
+                    "frame {frame}: restoring the small mapping after a failed collapse: {e}"
+                );
             }
         }
         r
