@@ -426,19 +426,34 @@ impl GuestRam {
             self.note_discard(s);
         }
         let mut rep = DiscardReport::default();
-        let needs_pause = self.backing == Backing::Hugetlb
-            && steps
-                .iter()
-                .any(|s| matches!(s, DiscardStep::SplitHuge { .. }));
-        let _guard = if needs_pause {
-            Some(quiesce::pause(q)?)
-        } else {
-            None
-        };
         for step in steps {
-            self.apply_discard_step(step, &mut rep)?;
+            self.apply_discard_step_paused(step, &mut rep, q)?;
         }
         Ok(rep)
+    }
+
+    /// Act on one frame's discard plan, pausing the vCPUs through `q` only
+    /// for what must not race with them: the copy and remap of a hugetlb
+    /// split (see [`Self::split_hugetlb`]).
+    pub(crate) fn apply_discard_step_paused(
+        &mut self,
+        step: DiscardStep,
+        rep: &mut DiscardReport,
+        q: &dyn Quiesce,
+    ) -> Result<(), GuestMemError> {
+        match step {
+            DiscardStep::SplitHuge {
+                frame,
+                huge_slot,
+                kept,
+                dropped,
+            } if self.backing == Backing::Hugetlb => {
+                rep.frames_split += 1;
+                rep.pages_freed += dropped.len() as u64;
+                self.split_hugetlb(frame, huge_slot, &kept, q)
+            }
+            step => self.apply_discard_step(step, rep),
+        }
     }
 
     /// Record what a discard step changes on the host: hugetlb remaps and
@@ -461,7 +476,8 @@ impl GuestRam {
     }
 
     /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
-    /// paused by the caller).
+    /// paused by the caller; [`Self::apply_discard_step_paused`] pauses
+    /// them itself, for less time).
     pub(crate) fn apply_discard_step(
         &mut self,
         step: DiscardStep,
@@ -609,19 +625,34 @@ impl GuestRam {
                     .and_then(|()| ram.host.frame_hugepage_advice(frame, false))
                     .and_then(|()| ram.host.remap_present(frame));
             }
-            // Allocating and faulting in the small pages happens with the
-            // vCPUs running; only the copy and the remap hold them back.
-            ram.host.split_prepare(&copied)?;
-            let switched = match quiesce::pause(q) {
-                Ok(_guard) => ram.host.split_switch(frame, huge_slot, &copied),
-                Err(e) => Err(e.into()),
-            };
-            if let Err(e) = switched {
-                ram.free_prepared_small(&copied);
-                return Err(e);
-            }
-            ram.host.split_finish(frame, huge_slot, &copied)
+            ram.split_hugetlb(frame, huge_slot, &copied, q)
         })
+    }
+
+    /// Move the present pages `pages` (page, new small slot) of huge `frame`
+    /// to small pages, the others becoming zero pages. Allocating and
+    /// faulting in the small pages happens with the vCPUs running; only the
+    /// copy and the remap hold them back (paused through `q`); mapping the
+    /// small pages in and freeing the huge page follow the resume. When
+    /// the pause or the remap fails the frame keeps its huge page and the
+    /// prepared small slots are freed.
+    fn split_hugetlb(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+        q: &dyn Quiesce,
+    ) -> Result<(), GuestMemError> {
+        self.host.split_prepare(pages)?;
+        let switched = match quiesce::pause(q) {
+            Ok(_guard) => self.host.split_switch(frame, huge_slot, pages),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = switched {
+            self.free_prepared_small(pages);
+            return Err(e);
+        }
+        self.host.split_finish(frame, huge_slot, pages)
     }
 
     /// After a split that did not happen: punch the small slots it
