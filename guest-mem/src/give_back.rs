@@ -249,10 +249,18 @@ impl GuestRam {
         if self.give_back.released.is_empty() {
             return;
         }
-        if let Ok(Some(pmd)) = pagemap::pmd_mapped_frames(self.host_addr(), self.frames) {
+        // Scan only the span of the released frames, not all of guest RAM.
+        let (Some(&lo), Some(&hi)) = (
+            self.give_back.released.first(),
+            self.give_back.released.last(),
+        ) else {
+            return;
+        };
+        let start = self.host_addr() + lo as u64 * crate::HPAGE_SIZE;
+        if let Ok(Some(pmd)) = pagemap::pmd_mapped_frames(start, hi - lo + 1) {
             self.give_back
                 .released
-                .retain(|f| !pmd.get(*f).copied().unwrap_or(false));
+                .retain(|f| !pmd.get(*f - lo).copied().unwrap_or(false));
         }
     }
 
