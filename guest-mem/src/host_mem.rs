@@ -84,6 +84,27 @@ pub(crate) fn page_runs(pages: &[u16]) -> Vec<(u16, u32)> {
     runs
 }
 
+/// Copies `(offset in the frame, offset in dst, len)` runs from one frame of
+/// guest RAM at `frame` (its first byte) into the separate mapping `dst`;
+/// a run reaching past the frame or past `dst` is skipped.
+fn copy_out(frame: *const u8, dst: &TempMap, runs: &[(u64, u64, u64)]) {
+    for &(src_off, dst_off, len) in runs {
+        if src_off + len > HPAGE_SIZE || dst_off + len > dst.len() as u64 {
+            continue;
+        }
+        // SAFETY: the source is mapped, readable guest RAM inside the frame
+        // and the destination lies inside `dst` (both checked above); the
+        // two are distinct mappings, so the regions don't overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                frame.add(src_off as usize),
+                dst.ptr().add(dst_off as usize),
+                len as usize,
+            );
+        }
+    }
+}
+
 fn frame_off(frame: usize) -> u64 {
     frame as u64 * HPAGE_SIZE
 }
@@ -321,27 +342,16 @@ impl HostMem {
             return Err(GuestMemError::VmMemory("injected host failure".into()));
         }
         let runs = slot_runs(pages);
-        let src_base = self.range.ptr(frame_off(frame));
+        let copies: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|&(p, s, n)| {
+                let len = u64::from(n) * PAGE_SIZE;
+                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
+            })
+            .collect();
+        let src = self.range.ptr(frame_off(frame));
         let w = self.window()?;
-        for &(p, s, n) in &runs {
-            let src_off = u64::from(p) * PAGE_SIZE;
-            let dst_off = u64::from(s) * PAGE_SIZE;
-            let len = u64::from(n) * PAGE_SIZE;
-            if src_off + len > HPAGE_SIZE || dst_off + len > w.len() as u64 {
-                continue;
-            }
-            // SAFETY: the source is mapped, readable guest RAM inside the
-            // frame (checked above); the destination lies inside the window
-            // (checked above); the two mappings are distinct so the regions
-            // don't overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(src_off as usize),
-                    w.ptr().add(dst_off as usize),
-                    len as usize,
-                );
-            }
-        }
+        copy_out(src, w, &copies);
         // A hugetlb mapping can only be replaced 2M at a time.
         if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
         {
@@ -453,24 +463,14 @@ impl HostMem {
             return Err(GuestMemError::VmMemory("injected host failure".into()));
         }
         let pages: Vec<u16> = copy.iter().map(|p| p.0).collect();
-        let src_base = self.range.ptr(frame_off(frame));
-        for (p, n) in page_runs(&pages) {
-            let off = u64::from(p) * PAGE_SIZE;
-            let len = u64::from(n) * PAGE_SIZE;
-            if off + len > HPAGE_SIZE || off + len > staging.len() as u64 {
-                continue;
-            }
-            // SAFETY: the source is mapped guest RAM inside `frame`; the
-            // destination lies inside the 2M staging map (checked above);
-            // distinct mappings, so no overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(off as usize),
-                    staging.ptr().add(off as usize),
-                    len as usize,
-                );
-            }
-        }
+        let copies: Vec<(u64, u64, u64)> = page_runs(&pages)
+            .into_iter()
+            .map(|(p, n)| {
+                let off = u64::from(p) * PAGE_SIZE;
+                (off, off, u64::from(n) * PAGE_SIZE)
+            })
+            .collect();
+        copy_out(self.range.ptr(frame_off(frame)), staging, &copies);
         self.huge_map(frame, slot)
     }
 

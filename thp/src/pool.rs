@@ -25,9 +25,33 @@ pub struct HugePool {
     free: Vec<u32>,
     used: Vec<bool>,
     fail_next: u32,
-    /// While a transaction is open ([`HugePool::begin_undo`]): how to undo
-    /// each change, in order.
-    undo: Option<Vec<PoolUndo>>,
+    /// While a transaction is open: how to undo each change.
+    pub(crate) undo: UndoLog,
+}
+
+/// How to undo each change to a pool since [`UndoLog::begin`], in order
+/// (recording only between `begin` and `commit`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UndoLog(Option<Vec<PoolUndo>>);
+
+impl UndoLog {
+    /// Starts recording.
+    pub(crate) fn begin(&mut self) {
+        self.0 = Some(Vec::new());
+    }
+    /// Forgets the log and stops recording.
+    pub(crate) fn commit(&mut self) {
+        self.0 = None;
+    }
+    fn record(&mut self, op: PoolUndo) {
+        if let Some(u) = self.0.as_mut() {
+            u.push(op);
+        }
+    }
+    /// The changes to undo, newest first; stops recording.
+    fn take_newest_first(&mut self) -> impl Iterator<Item = PoolUndo> {
+        self.0.take().unwrap_or_default().into_iter().rev()
+    }
 }
 
 /// One change to a pool, as the undo log records it.
@@ -50,24 +74,14 @@ impl HugePool {
             free: (0..capacity).rev().collect(),
             used: vec![false; capacity as usize],
             fail_next: 0,
-            undo: None,
+            undo: UndoLog::default(),
         }
     }
 
-    /// Starts recording how to undo every change (see [`Self::rollback_undo`]).
-    pub fn begin_undo(&mut self) {
-        self.undo = Some(Vec::new());
-    }
-
-    /// Keeps the changes since [`Self::begin_undo`] and stops recording.
-    pub fn commit_undo(&mut self) {
-        self.undo = None;
-    }
-
-    /// Undoes every change since [`Self::begin_undo`], newest first (the
+    /// Undoes every change since the undo log began, newest first (the
     /// free list's order included), and stops recording.
-    pub fn rollback_undo(&mut self) {
-        for op in self.undo.take().unwrap_or_default().into_iter().rev() {
+    pub(crate) fn rollback_undo(&mut self) {
+        for op in self.undo.take_newest_first() {
             match op {
                 PoolUndo::Alloc { slot, .. } => {
                     self.used[slot as usize] = false;
@@ -84,9 +98,7 @@ impl HugePool {
     }
 
     fn record(&mut self, op: PoolUndo) {
-        if let Some(u) = self.undo.as_mut() {
-            u.push(op);
-        }
+        self.undo.record(op);
     }
 
     /// Total number of slots.
@@ -159,9 +171,8 @@ pub struct SmallPool {
     used: Vec<bool>,
     in_use: usize,
     fail_next: u32,
-    /// While a transaction is open ([`SmallPool::begin_undo`]): how to undo
-    /// each change, in order.
-    undo: Option<Vec<PoolUndo>>,
+    /// While a transaction is open: how to undo each change.
+    pub(crate) undo: UndoLog,
 }
 
 impl SmallPool {
@@ -173,21 +184,11 @@ impl SmallPool {
         }
     }
 
-    /// Starts recording how to undo every change (see [`Self::rollback_undo`]).
-    pub fn begin_undo(&mut self) {
-        self.undo = Some(Vec::new());
-    }
-
-    /// Keeps the changes since [`Self::begin_undo`] and stops recording.
-    pub fn commit_undo(&mut self) {
-        self.undo = None;
-    }
-
-    /// Undoes every change since [`Self::begin_undo`], newest first, and
+    /// Undoes every change since the undo log began, newest first, and
     /// stops recording: free set, used map, high-water mark and counters
     /// are exactly as before.
-    pub fn rollback_undo(&mut self) {
-        for op in self.undo.take().unwrap_or_default().into_iter().rev() {
+    pub(crate) fn rollback_undo(&mut self) {
+        for op in self.undo.take_newest_first() {
             match op {
                 PoolUndo::Alloc { slot, grew } => {
                     self.in_use -= 1;
@@ -210,9 +211,7 @@ impl SmallPool {
     }
 
     fn record(&mut self, op: PoolUndo) {
-        if let Some(u) = self.undo.as_mut() {
-            u.push(op);
-        }
+        self.undo.record(op);
     }
 
     /// Changes the limit (fault injection). Slots already in use stay.

@@ -321,8 +321,8 @@ impl Primary {
     pub fn begin_undo(&mut self) {
         debug_assert!(self.undo.is_none(), "nested transaction");
         self.folios.begin_undo();
-        self.huge.begin_undo();
-        self.small.begin_undo();
+        self.huge.undo.begin();
+        self.small.undo.begin();
         self.undo = Some(Box::new(PrimaryUndo {
             frames: Vec::new(),
             saved_frames: BTreeSet::new(),
@@ -341,8 +341,8 @@ impl Primary {
     /// Keeps every change since [`Self::begin_undo`] and closes the transaction.
     pub fn commit_undo(&mut self) {
         self.folios.commit_undo();
-        self.huge.commit_undo();
-        self.small.commit_undo();
+        self.huge.undo.commit();
+        self.small.undo.commit();
         self.undo = None;
     }
 
