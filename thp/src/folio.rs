@@ -234,8 +234,9 @@ pub struct FolioArena {
 enum ArenaOp {
     /// `id` was stored; `reused`: taken from the free list (else appended).
     Inserted { id: FolioId, reused: bool },
-    /// `id` was removed; it was `folio`.
-    Removed { id: FolioId, folio: Folio },
+    /// `id` was removed; it was `folio` (`None`: an older entry of the
+    /// log restores its value, only the slot and free list matter).
+    Removed { id: FolioId, folio: Option<Folio> },
     /// `id` was handed out mutable for the first time; it was `folio`.
     Changed { id: FolioId, folio: Folio },
 }
@@ -246,7 +247,37 @@ enum ArenaOp {
 #[derive(Debug, Clone, Default)]
 struct ArenaUndo {
     ops: Vec<ArenaOp>,
-    saved: std::collections::HashSet<FolioId>,
+    saved: std::collections::HashSet<FolioId, IdHash>,
+}
+
+/// Hashing of folio ids for the undo log's set: one multiply (ids are
+/// small dense integers; SipHash would cost more than the rest of the log).
+#[derive(Debug, Clone, Copy, Default)]
+struct IdHash;
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+/// The hasher of [`IdHash`].
+#[derive(Debug, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (u64::from(n) ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl FolioArena {
@@ -286,6 +317,8 @@ impl FolioArena {
                 ArenaOp::Removed { id, folio } => {
                     let back = self.free.pop();
                     debug_assert_eq!(back, Some(id));
+                    // Without a value, an older entry overwrites this one.
+                    let folio = folio.unwrap_or_else(|| Folio::new(Backing::Small(0), 0));
                     self.slots[id as usize] = Some(folio);
                     self.live += 1;
                 }
@@ -320,11 +353,8 @@ impl FolioArena {
         self.free.push(id);
         self.live -= 1;
         if let Some(u) = self.undo.as_mut() {
-            u.ops.push(ArenaOp::Removed {
-                id,
-                folio: f.clone(),
-            });
-            u.saved.insert(id);
+            let folio = u.saved.insert(id).then(|| f.clone());
+            u.ops.push(ArenaOp::Removed { id, folio });
         }
         Some(f)
     }

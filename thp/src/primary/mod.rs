@@ -381,7 +381,9 @@ impl Primary {
             .and_then(|m| m.as_mut())
             .ok_or(MmError::NoSuchMm(mm))?;
         if let Some(u) = self.undo.as_mut() {
-            if u.saved_frames.insert((mm, frame)) {
+            // Most changes hit the frame changed last: skip the set then.
+            let last = u.frames.last().is_some_and(|l| l.0 == mm && l.1 == frame);
+            if !last && u.saved_frames.insert((mm, frame)) {
                 u.frames.push((mm, frame, m.frames[frame].clone()));
             }
         }
