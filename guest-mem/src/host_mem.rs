@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 
 use crate::backing::Backing;
 use crate::error::GuestMemError;
-use crate::mapping::{HostRange, TempMap};
+use crate::mapping::{madvise_raw, HostRange, TempMap};
 use crate::memfd::{Memfd, MemfdKind};
 use crate::{HPAGE_SIZE, PAGE_SIZE};
 
@@ -27,6 +27,10 @@ pub(crate) struct HostMem {
     pool: Option<Memfd>,
     data: Memfd,
     data_len: u64,
+    /// Tests: the next split or collapse switch fails (a host failure
+    /// under the pause).
+    #[cfg(test)]
+    pub(crate) fail_switch: bool,
 }
 
 /// Runs of consecutive `(page index, slot)` pairs: `(first page, first slot, count)`.
@@ -42,6 +46,22 @@ pub(crate) fn slot_runs(pages: &[(u16, u32)]) -> Vec<(u16, u32, u32)> {
             }
         }
         runs.push((p, s, 1));
+    }
+    runs
+}
+
+/// Runs of consecutive slots of `(page index, slot)` pairs, whatever their
+/// pages: `(first slot, count)`.
+fn slot_only_runs(pages: &[(u16, u32)]) -> Vec<(u32, u32)> {
+    let mut slots: Vec<u32> = pages.iter().map(|p| p.1).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for s in slots {
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += 1,
+            _ => runs.push((s, 1)),
+        }
     }
     runs
 }
@@ -62,6 +82,27 @@ pub(crate) fn page_runs(pages: &[u16]) -> Vec<(u16, u32)> {
         runs.push((p, 1));
     }
     runs
+}
+
+/// Copies `(offset in the frame, offset in dst, len)` runs from one frame of
+/// guest RAM at `frame` (its first byte) into the separate mapping `dst`;
+/// a run reaching past the frame or past `dst` is skipped.
+fn copy_out(frame: *const u8, dst: &TempMap, runs: &[(u64, u64, u64)]) {
+    for &(src_off, dst_off, len) in runs {
+        if src_off + len > HPAGE_SIZE || dst_off + len > dst.len() as u64 {
+            continue;
+        }
+        // SAFETY: the source is mapped, readable guest RAM inside the frame
+        // and the destination lies inside `dst` (both checked above); the
+        // two are distinct mappings, so the regions don't overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                frame.add(src_off as usize),
+                dst.ptr().add(dst_off as usize),
+                len as usize,
+            );
+        }
+    }
 }
 
 fn frame_off(frame: usize) -> u64 {
@@ -115,6 +156,8 @@ impl HostMem {
             pool,
             data,
             data_len,
+            #[cfg(test)]
+            fail_switch: false,
         })
     }
 
@@ -243,40 +286,192 @@ impl HostMem {
         })
     }
 
-    /// Copy pages of `frame` (as mapped now) into small slots: `(page, slot)`.
-    pub(crate) fn copy_to_small(
-        &mut self,
-        frame: usize,
-        pages: &[(u16, u32)],
-    ) -> Result<(), GuestMemError> {
+    /// Split, step 1 (vCPUs running): size the small memfd and allocate the
+    /// small slots of `pages` (`(page, slot)`), faulting them into the copy
+    /// window (`MADV_POPULATE_WRITE`, one call per run of slots), so that the
+    /// copy under the pause takes no page fault and allocates nothing.
+    pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let Some(max) = pages.iter().map(|p| p.1).max() else {
             return Ok(());
         };
         self.ensure_data_len(u64::from(max) + 1)?;
-        let src_base = self.range.ptr(frame_off(frame));
         let w = self.window()?;
-        for &(p, s) in pages {
-            let src_off = u64::from(p) * PAGE_SIZE;
-            let dst_off = u64::from(s) * PAGE_SIZE;
-            if src_off + PAGE_SIZE > HPAGE_SIZE || dst_off + PAGE_SIZE > w.len() as u64 {
-                continue;
+        let (base, len) = (w.ptr() as usize, w.len() as u64);
+        for (s, n) in slot_only_runs(pages) {
+            let (off, l) = (u64::from(s) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
+            if off + l <= len {
+                madvise_raw(
+                    base + off as usize,
+                    l as usize,
+                    libc::MADV_POPULATE_WRITE,
+                    "MADV_POPULATE_WRITE (small slots)",
+                )?;
             }
-            // SAFETY: the source is a mapped, readable page of our guest range
-            // (inside the frame); the destination lies inside the window (checked
-            // above); the two mappings are distinct so the regions don't overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(src_off as usize),
-                    w.ptr().add(dst_off as usize),
-                    PAGE_SIZE as usize,
+        }
+        Ok(())
+    }
+
+    /// Split, step 2 (vCPUs paused): copy `pages` of huge `frame` into their
+    /// prepared small slots (one copy per run of pages on consecutive slots),
+    /// then replace the frame's mapping: one `mmap` when a single run covers
+    /// the frame, else zero pages over the frame and one `mmap` per run.
+    /// Nothing is faulted in here. On error the frame maps `huge_slot` again
+    /// (still allocated and intact), so the host is as before the split.
+    pub(crate) fn split_switch(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        let r = self.split_switch_inner(frame, pages);
+        if r.is_err() {
+            if let Err(e) = self.huge_map(frame, huge_slot) {
+                log::warn!("frame {frame}: restoring the huge mapping after a failed split: {e}");
+            }
+        }
+        r
+    }
+
+    fn split_switch_inner(
+        &mut self,
+        frame: usize,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        #[cfg(test)]
+        if self.fail_switch {
+            return Err(GuestMemError::VmMemory("injected host failure".into()));
+        }
+        let runs = slot_runs(pages);
+        let copies: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|&(p, s, n)| {
+                let len = u64::from(n) * PAGE_SIZE;
+                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
+            })
+            .collect();
+        let src = self.range.ptr(frame_off(frame));
+        let w = self.window()?;
+        copy_out(src, w, &copies);
+        // A hugetlb mapping can only be replaced 2M at a time.
+        if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
+        {
+            self.zero_map(
+                frame,
+                &(0..crate::PAGES_PER_HPAGE as u16).collect::<Vec<_>>(),
+            )?;
+        }
+        for &(p, s, n) in &runs {
+            self.range.map_file(
+                page_off(frame, p),
+                u64::from(n) * PAGE_SIZE,
+                &self.data,
+                u64::from(s) * PAGE_SIZE,
+                "small-page slots",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Split, step 3 (vCPUs running again): map the small pages in (they
+    /// are in the page cache: no allocation, and a vCPU that gets there
+    /// first only takes the same minor fault), keep the frame from forming
+    /// shmem THPs, drop the window's PTEs, free the huge slot.
+    pub(crate) fn split_finish(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        for (p, _, n) in slot_runs(pages) {
+            self.populate(page_off(frame, p), u64::from(n) * PAGE_SIZE)?;
+        }
+        if !pages.is_empty() {
+            self.frame_hugepage_advice(frame, false)?;
+            let w = self.window()?;
+            for (s, n) in slot_only_runs(pages) {
+                w.drop_ptes(
+                    (u64::from(s) * PAGE_SIZE) as usize,
+                    (u64::from(n) * PAGE_SIZE) as usize,
+                )?;
+            }
+        }
+        self.huge_free(huge_slot)
+    }
+
+    /// Collapse, step 1 (vCPUs running): take huge slot `slot` from the host
+    /// pool (the kernel zeroes it here) and map it for staging.
+    pub(crate) fn collapse_prepare(&self, slot: u32) -> Result<TempMap, GuestMemError> {
+        self.huge_alloc(slot)?;
+        let t = TempMap::new(
+            self.pool(),
+            u64::from(slot) * HPAGE_SIZE,
+            HPAGE_SIZE,
+            "hugetlb staging map",
+        )
+        .and_then(|t| {
+            madvise_raw(
+                t.ptr() as usize,
+                t.len(),
+                libc::MADV_POPULATE_WRITE,
+                "MADV_POPULATE_WRITE (staging)",
+            )
+            .map(|()| t)
+        });
+        if t.is_err() {
+            self.huge_free(slot)?;
+        }
+        t
+    }
+
+    /// Collapse, step 2 (vCPUs paused): copy the present `copy` pages
+    /// (`(page, small slot)`) of `frame` into the staging map of `slot`
+    /// (one copy per run of pages; the others stay zero), then map the slot
+    /// over the frame (one PMD). On error the frame maps its small slots and
+    /// zero pages again and the slot goes back to the host pool.
+    pub(crate) fn collapse_switch(
+        &mut self,
+        frame: usize,
+        slot: u32,
+        staging: &TempMap,
+        copy: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        let r = self.collapse_switch_inner(frame, slot, staging, copy);
+        if r.is_err() {
+            let all: Vec<u16> = (0..crate::PAGES_PER_HPAGE as u16).collect();
+            let back = self
+                .zero_map(frame, &all)
+                .and_then(|()| self.small_map(frame, copy, true))
+                .and_then(|()| self.huge_free(slot));
+            if let Err(e) = back {
+                log::warn!(
+                    "frame {frame}: restoring the small mapping after a failed collapse: {e}"
                 );
             }
         }
-        let min = pages.iter().map(|p| p.1).min().unwrap_or(0);
-        let lo = u64::from(min) * PAGE_SIZE;
-        let hi = (u64::from(max) + 1) * PAGE_SIZE;
-        // The window's PTEs are not needed any more; the file keeps the pages.
-        w.drop_ptes(lo as usize, (hi - lo) as usize)
+        r
+    }
+
+    fn collapse_switch_inner(
+        &self,
+        frame: usize,
+        slot: u32,
+        staging: &TempMap,
+        copy: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        #[cfg(test)]
+        if self.fail_switch {
+            return Err(GuestMemError::VmMemory("injected host failure".into()));
+        }
+        let pages: Vec<u16> = copy.iter().map(|p| p.0).collect();
+        let copies: Vec<(u64, u64, u64)> = page_runs(&pages)
+            .into_iter()
+            .map(|(p, n)| {
+                let off = u64::from(p) * PAGE_SIZE;
+                (off, off, u64::from(n) * PAGE_SIZE)
+            })
+            .collect();
+        copy_out(self.range.ptr(frame_off(frame)), staging, &copies);
+        self.huge_map(frame, slot)
     }
 
     /// Map small slots over pages of `frame`: `(page, slot)`, one mmap per run.
@@ -333,42 +528,6 @@ impl HostMem {
             self.data
                 .punch_hole(u64::from(s[i]) * PAGE_SIZE, (j - i) as u64 * PAGE_SIZE)?;
             i = j;
-        }
-        Ok(())
-    }
-
-    /// Copy the listed pages of `frame` (as mapped now) into the allocated huge
-    /// slot `slot`; the other pages of the slot stay zero.
-    pub(crate) fn copy_to_huge(
-        &self,
-        frame: usize,
-        slot: u32,
-        pages: &[u16],
-    ) -> Result<(), GuestMemError> {
-        if pages.is_empty() {
-            return Ok(());
-        }
-        let t = TempMap::new(
-            self.pool(),
-            u64::from(slot) * HPAGE_SIZE,
-            HPAGE_SIZE,
-            "hugetlb staging map",
-        )?;
-        let src_base = self.range.ptr(frame_off(frame));
-        for &p in pages {
-            let off = u64::from(p) * PAGE_SIZE;
-            if off + PAGE_SIZE > HPAGE_SIZE {
-                continue;
-            }
-            // SAFETY: the source is a mapped page inside `frame` of our range;
-            // the destination lies inside the 2M staging map; distinct mappings.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(off as usize),
-                    t.ptr().add(off as usize),
-                    PAGE_SIZE as usize,
-                );
-            }
         }
         Ok(())
     }

@@ -276,12 +276,16 @@ impl Injector<'_> {
     }
 
     fn find(&self, start: u64, pred: impl Fn(&FrameView) -> bool) -> Option<u64> {
-        let states = self.states();
+        // Frame by frame: no copy of every frame's state per event.
+        let ram = self.m.ram();
         let w = &self.work_frames;
         let n = w.end - w.start;
         (0..n)
             .map(|i| w.start + (start - w.start + i) % n)
-            .find(|f| states.get(gframe(*f) as usize).is_some_and(&pred))
+            .find(|f| {
+                let g = gframe(*f) as usize;
+                g < ram.frames() && pred(&ram.frame_state(g))
+            })
     }
 
     /// Resolve a drawn event to the frame it acts on now.
