@@ -11,6 +11,9 @@
 
 use std::os::fd::AsRawFd;
 
+use rustix::io::Errno;
+use rustix::mm::Advice;
+
 use crate::backing::Backing;
 use crate::error::GuestMemError;
 use crate::mapping::{madvise_raw, HostRange, TempMap};
@@ -142,9 +145,9 @@ impl HostMem {
                 data.set_len(size)?;
                 range.map_file(0, size, &data, 0, "guest RAM memfd")?;
                 if backing == Backing::Thp {
-                    range.madvise(0, size, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
+                    range.madvise(0, size, Advice::LinuxHugepage, "MADV_HUGEPAGE")?;
                 } else {
-                    range.madvise(0, size, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
+                    range.madvise(0, size, Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")?;
                 }
                 (None, data, size)
             }
@@ -186,7 +189,7 @@ impl HostMem {
 
     fn populate(&self, off: u64, len: u64) -> Result<(), GuestMemError> {
         self.range
-            .madvise(off, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
+            .madvise(off, len, Advice::LinuxPopulateWrite, "MADV_POPULATE_WRITE")
     }
 
     // ---- hugetlb primitives ----
@@ -282,7 +285,7 @@ impl HostMem {
             what: "small-page copy window",
             addr: 0,
             len: self.data_len,
-            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            source: Errno::NOMEM.into(),
         })
     }
 
@@ -303,7 +306,7 @@ impl HostMem {
                 madvise_raw(
                     base + off as usize,
                     l as usize,
-                    libc::MADV_POPULATE_WRITE,
+                    Advice::LinuxPopulateWrite,
                     "MADV_POPULATE_WRITE (small slots)",
                 )?;
             }
@@ -412,7 +415,7 @@ impl HostMem {
             madvise_raw(
                 t.ptr() as usize,
                 t.len(),
-                libc::MADV_POPULATE_WRITE,
+                Advice::LinuxPopulateWrite,
                 "MADV_POPULATE_WRITE (staging)",
             )
             .map(|()| t)
@@ -655,9 +658,9 @@ impl HostMem {
         huge: bool,
     ) -> Result<(), GuestMemError> {
         let (a, n) = if huge {
-            (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+            (Advice::LinuxHugepage, "MADV_HUGEPAGE")
         } else {
-            (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+            (Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")
         };
         self.range.madvise(frame_off(frame), HPAGE_SIZE, a, n)
     }
@@ -686,6 +689,7 @@ impl HostMem {
         self.frame_hugepage_advice(frame, true)?;
         let addr = self.range.base() + frame_off(frame);
         loop {
+            // rustix's `Advice` has no MADV_COLLAPSE: this call stays on libc.
             // SAFETY: madvise on one frame of our own mapping; MADV_COLLAPSE
             // keeps contents and mappings valid.
             let r = unsafe {
