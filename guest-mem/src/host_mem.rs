@@ -9,9 +9,8 @@
 //! * `thp` / `4k`: `data` is the RAM memfd mapped once over the whole range,
 //!   file offset = guest-physical address. Unpopulated pages are holes.
 
-use std::os::fd::AsRawFd;
-
-use rustix::io::Errno;
+use rustix::fs::{self, SeekFrom};
+use rustix::io::{retry_on_intr, Errno};
 use rustix::mm::Advice;
 
 use crate::backing::Backing;
@@ -611,31 +610,31 @@ impl HostMem {
     /// Runs of pages of `frame` the RAM memfd holds data for (`SEEK_DATA` /
     /// `SEEK_HOLE`): `(first page, count)`.
     pub(crate) fn data_runs(&self, frame: usize) -> Result<Vec<(u16, u32)>, GuestMemError> {
-        let start = frame_off(frame) as libc::off_t;
-        let end = start + HPAGE_SIZE as libc::off_t;
-        let fd = self.data.as_raw_fd();
+        let start = frame_off(frame);
+        let end = start + HPAGE_SIZE;
         let mut runs = Vec::new();
         let mut pos = start;
         while pos < end {
-            // SAFETY: lseek on our own fd; no memory is touched.
-            let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if d < 0 || d >= end {
-                let e = GuestMemError::last_os();
-                if d < 0 && e.raw_os_error() != Some(libc::ENXIO) {
+            let d = match fs::seek(&self.data, SeekFrom::Data(pos)) {
+                Ok(d) if d < end => d,
+                Ok(_) | Err(Errno::NXIO) => break,
+                Err(e) => {
                     return Err(GuestMemError::HostRead {
                         path: format!("memfd {} (SEEK_DATA)", self.data.name()),
-                        source: e,
-                    });
+                        source: e.into(),
+                    })
                 }
+            };
+            // A failed SEEK_HOLE ends the scan like an empty run.
+            let Ok(h) = fs::seek(&self.data, SeekFrom::Hole(d)) else {
                 break;
-            }
-            // SAFETY: as above.
-            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) }.min(end);
+            };
+            let h = h.min(end);
             if h <= d {
                 break;
             }
-            let first = ((d - start) as u64 / PAGE_SIZE) as u16;
-            let n = ((h - d) as u64).div_ceil(PAGE_SIZE) as u32;
+            let first = ((d - start) / PAGE_SIZE) as u16;
+            let n = (h - d).div_ceil(PAGE_SIZE) as u32;
             runs.push((first, n));
             pos = h;
         }
@@ -735,26 +734,21 @@ impl HostMem {
             Backing::Thp | Backing::Small4k => {
                 let mut done = 0usize;
                 while done < buf.len() {
-                    // SAFETY: pread into the unfilled tail of `buf`.
-                    let r = unsafe {
-                        libc::pread(
-                            self.data.as_raw_fd(),
-                            buf[done..].as_mut_ptr() as *mut libc::c_void,
-                            buf.len() - done,
-                            (off + done as u64) as libc::off_t,
-                        )
-                    };
-                    if r <= 0 {
-                        let e = GuestMemError::last_os();
-                        if r < 0 && e.raw_os_error() == Some(libc::EINTR) {
+                    let r = retry_on_intr(|| {
+                        rustix::io::pread(&self.data, &mut buf[done..], off + done as u64)
+                    });
+                    let source = match r {
+                        Ok(n) if n > 0 => {
+                            done += n;
                             continue;
                         }
-                        return Err(GuestMemError::HostRead {
-                            path: format!("memfd {}", self.data.name()),
-                            source: e,
-                        });
-                    }
-                    done += r as usize;
+                        Ok(_) => std::io::ErrorKind::UnexpectedEof.into(),
+                        Err(e) => e.into(),
+                    };
+                    return Err(GuestMemError::HostRead {
+                        path: format!("memfd {}", self.data.name()),
+                        source,
+                    });
                 }
                 Ok(())
             }
