@@ -11,11 +11,16 @@
 //! a hole, for one) has already changed the start of the range; on failure
 //! the original protection is put back on the whole range.
 
+use std::ffi::c_void;
+
+use rustix::io::Errno;
+use rustix::mm::{self, Advice, MprotectFlags};
+
 use crate::error::GuestMemError;
 use crate::guest_ram::GuestRam;
 use crate::{HPAGE_SIZE, PAGES_PER_HPAGE};
 
-const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+const RW: MprotectFlags = MprotectFlags::READ.union(MprotectFlags::WRITE);
 
 /// What a page-out of a frame did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +49,7 @@ impl GuestRam {
         // `protect` itself on failure) before `&mut self` is released, so
         // nothing else of ours touches the mapping meanwhile. The vCPUs'
         // writes fault in KVM (EFAULT), which the caller waits out.
-        unsafe { protect(addr, HPAGE_SIZE, libc::PROT_READ, RW) }?;
+        unsafe { protect(addr, HPAGE_SIZE, MprotectFlags::READ, RW) }?;
         self.changed.insert(frame);
         let r = hold();
         // SAFETY: as above; this restores the original protection.
@@ -56,6 +61,7 @@ impl GuestRam {
     pub fn resident_pages(&self, frame: usize) -> Result<u64, GuestMemError> {
         let addr = self.frame_host_addr(frame)?;
         let mut vec = vec![0u8; PAGES_PER_HPAGE as usize];
+        // rustix has no mincore: this call stays on libc.
         // SAFETY: [addr, addr + 2M) is a mapped RAM frame (checked above);
         // `vec` has one byte per 4K page of it, as mincore requires.
         let r = unsafe {
@@ -84,26 +90,25 @@ impl GuestRam {
         // above) keeps its contents; it may unmap pages, which the next
         // access faults back in.
         let r = unsafe {
-            libc::madvise(
-                addr as *mut libc::c_void,
+            mm::madvise(
+                addr as *mut c_void,
                 HPAGE_SIZE as usize,
-                libc::MADV_PAGEOUT,
+                Advice::LinuxPageOut,
             )
         };
-        if r == 0 {
-            self.changed.insert(frame);
-            return Ok(PageOut::Done);
-        }
-        let source = GuestMemError::last_os();
-        match source.raw_os_error() {
-            Some(libc::EINVAL) => Ok(PageOut::Refused(
+        match r {
+            Ok(()) => {
+                self.changed.insert(frame);
+                Ok(PageOut::Done)
+            }
+            Err(Errno::INVAL) => Ok(PageOut::Refused(
                 "EINVAL (hugetlb mappings cannot be paged out)".into(),
             )),
-            _ => Err(GuestMemError::Madvise {
+            Err(e) => Err(GuestMemError::Madvise {
                 advice: "MADV_PAGEOUT",
                 addr,
                 len: HPAGE_SIZE,
-                source,
+                source: e.into(),
             }),
         }
     }
@@ -132,12 +137,15 @@ pub struct ProtectError {
     pub restore: String,
 }
 
-fn prot_name(prot: libc::c_int) -> &'static str {
-    match prot {
-        libc::PROT_READ => "PROT_READ",
-        p if p == libc::PROT_READ | libc::PROT_WRITE => "PROT_READ|PROT_WRITE",
-        libc::PROT_NONE => "PROT_NONE",
-        _ => "other",
+fn prot_name(prot: MprotectFlags) -> &'static str {
+    if prot == MprotectFlags::READ {
+        "PROT_READ"
+    } else if prot == RW {
+        "PROT_READ|PROT_WRITE"
+    } else if prot.is_empty() {
+        "PROT_NONE"
+    } else {
+        "other"
     }
 }
 
@@ -151,31 +159,28 @@ fn prot_name(prot: libc::c_int) -> &'static str {
 unsafe fn protect(
     addr: u64,
     len: u64,
-    prot: libc::c_int,
-    original: libc::c_int,
+    prot: MprotectFlags,
+    original: MprotectFlags,
 ) -> Result<(), ProtectError> {
+    let ptr = addr as *mut c_void;
     // SAFETY: the caller guarantees the range is ours (see above).
-    let r = unsafe { libc::mprotect(addr as *mut libc::c_void, len as usize, prot) };
-    if r == 0 {
+    let Err(source) = (unsafe { mm::mprotect(ptr, len as usize, prot) }) else {
         return Ok(());
-    }
-    let source = std::io::Error::last_os_error();
+    };
     // SAFETY: as above; this puts back the protection the range had.
-    let back = unsafe { libc::mprotect(addr as *mut libc::c_void, len as usize, original) };
-    let restore = if back == 0 {
-        "; original protection restored".to_string()
-    } else {
-        format!(
+    let restore = match unsafe { mm::mprotect(ptr, len as usize, original) } {
+        Ok(()) => "; original protection restored".to_string(),
+        Err(e) => format!(
             "; restoring {}: {} (the mapped parts were restored)",
             prot_name(original),
-            std::io::Error::last_os_error()
-        )
+            std::io::Error::from(e)
+        ),
     };
     Err(ProtectError {
         prot: prot_name(prot),
         addr,
         len,
-        source,
+        source: source.into(),
         restore,
     })
 }
@@ -189,66 +194,62 @@ mod test_maps;
 mod tests {
     use super::*;
 
+    use rustix::mm::{MapFlags, ProtFlags};
+
     const PAGE: usize = 4096;
 
     use super::test_maps::perms;
+
+    /// A fresh private anonymous read-write mapping of `len` bytes.
+    fn anon(len: usize) -> usize {
+        // SAFETY: a new mapping at a kernel-chosen address; overlaps nothing.
+        unsafe {
+            mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE,
+            )
+        }
+        .unwrap() as usize
+    }
 
     #[test]
     fn partial_failure_restores_the_original_protection() {
         // Four pages with a hole at the third: mprotect over all four
         // changes the first two, then fails with ENOMEM at the hole.
-        // SAFETY: a fresh private anonymous mapping, then one page of it unmapped.
-        let base = unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                4 * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            assert_eq!(libc::munmap(p.cast::<u8>().add(2 * PAGE).cast(), PAGE), 0);
-            p as usize
-        };
+        let base = anon(4 * PAGE);
+        // SAFETY: the third page of the mapping just made; nothing refers to it.
+        unsafe { mm::munmap((base + 2 * PAGE) as *mut c_void, PAGE) }.unwrap();
         assert_eq!(perms(base), "rw-p");
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
         // SAFETY: our own mapping; nothing reads or writes it meanwhile.
-        let e = unsafe { protect(base as u64, 4 * PAGE as u64, libc::PROT_READ, rw) }.unwrap_err();
-        assert_eq!(e.source.raw_os_error(), Some(libc::ENOMEM), "{e}");
+        let e =
+            unsafe { protect(base as u64, 4 * PAGE as u64, MprotectFlags::READ, RW) }.unwrap_err();
+        assert_eq!(
+            e.source.raw_os_error(),
+            Some(Errno::NOMEM.raw_os_error()),
+            "{e}"
+        );
         assert!(e.to_string().contains("mprotect(PROT_READ)"), "{e}");
         assert_eq!(perms(base), "rw-p", "the first pages stayed read-only");
         assert_eq!(perms(base + PAGE), "rw-p");
         // SAFETY: still mapped read-write (checked above); then unmapped.
         unsafe {
             *(base as *mut u8) = 7;
-            libc::munmap(base as *mut libc::c_void, 2 * PAGE);
-            libc::munmap((base + 3 * PAGE) as *mut libc::c_void, PAGE);
+            mm::munmap(base as *mut c_void, 2 * PAGE).unwrap();
+            mm::munmap((base + 3 * PAGE) as *mut c_void, PAGE).unwrap();
         }
     }
 
     #[test]
     fn success_changes_the_protection() {
-        // SAFETY: a fresh private anonymous mapping, unmapped at the end.
+        let p = anon(PAGE);
+        // SAFETY: our own fresh mapping, which nothing else reads or writes;
+        // unmapped at the end.
         unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED);
-            protect(
-                p as u64,
-                PAGE as u64,
-                libc::PROT_READ,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-            .unwrap();
-            assert_eq!(perms(p as usize), "r--p");
-            libc::munmap(p, PAGE);
+            protect(p as u64, PAGE as u64, MprotectFlags::READ, RW).unwrap();
+            assert_eq!(perms(p), "r--p");
+            mm::munmap(p as *mut c_void, PAGE).unwrap();
         }
     }
 }
