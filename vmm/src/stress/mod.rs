@@ -27,6 +27,7 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
+pub mod priority;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -207,9 +208,12 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     };
     inj.note_start();
     let source = event_source(a, &p, replay.map(|f| f.events));
+    // After the vCPU threads started: they keep their priority.
+    let raised = priority::raise_injector();
     let started = Instant::now();
     let mut lp = fire_events(&inj, source, Duration::from_secs_f64(a.quiesce_every));
     let seconds = started.elapsed().as_secs_f64();
+    drop(raised);
 
     // Stop the guest at the end of its pass, then the vCPU threads.
     if let Err(e) = log.request_stop(&m.mem) {
