@@ -276,7 +276,15 @@ fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop 
                     *next += 1;
                     e.clone()
                 }
-                None => break,
+                None => {
+                    // Like the closing quiescent point of a live run (not
+                    // recorded: the replay fires the file's events only):
+                    // the guest checks every page after the last event.
+                    if let Err(e) = inj.wait_whole_pass() {
+                        lp.internal = Some(e.to_string());
+                    }
+                    break;
+                }
             },
             Source::Live { gen, deadline, ops } => {
                 let over = deadline.is_some_and(|d| Instant::now() >= d)
