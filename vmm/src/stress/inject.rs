@@ -512,9 +512,15 @@ impl Injector<'_> {
         r
     }
 
-    fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+    /// Wait until every vCPU completed a whole pass that started after
+    /// now: it checked every page of its slice since the last event.
+    pub fn wait_whole_pass(&self) -> Result<(), InjectError> {
         let start = self.log.all_counters(&self.m.mem)?;
-        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))?;
+        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))
+    }
+
+    fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+        self.wait_whole_pass()?;
         let _paused = quiesce::pause(&self.m.control)?;
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
         let mut ram = self.m.ram();

@@ -27,6 +27,7 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
+pub mod priority;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -207,9 +208,12 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     };
     inj.note_start();
     let source = event_source(a, &p, replay.map(|f| f.events));
+    // After the vCPU threads started: they keep their priority.
+    let raised = priority::raise_injector();
     let started = Instant::now();
     let mut lp = fire_events(&inj, source, Duration::from_secs_f64(a.quiesce_every));
     let seconds = started.elapsed().as_secs_f64();
+    drop(raised);
 
     // Stop the guest at the end of its pass, then the vCPU threads.
     if let Err(e) = log.request_stop(&m.mem) {
@@ -272,7 +276,15 @@ fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop 
                     *next += 1;
                     e.clone()
                 }
-                None => break,
+                None => {
+                    // Like the closing quiescent point of a live run (not
+                    // recorded: the replay fires the file's events only):
+                    // the guest checks every page after the last event.
+                    if let Err(e) = inj.wait_whole_pass() {
+                        lp.internal = Some(e.to_string());
+                    }
+                    break;
+                }
             },
             Source::Live { gen, deadline, ops } => {
                 let over = deadline.is_some_and(|d| Instant::now() >= d)
