@@ -52,6 +52,11 @@ pub(crate) fn slot_runs(pages: &[(u16, u32)]) -> Vec<(u16, u32, u32)> {
     runs
 }
 
+/// Every page index of a 2M frame.
+pub(crate) fn all_pages() -> Vec<u16> {
+    (0..crate::PAGES_PER_HPAGE as u16).collect()
+}
+
 /// Runs of consecutive slots of `(page index, slot)` pairs, whatever their
 /// pages: `(first slot, count)`.
 fn slot_only_runs(pages: &[(u16, u32)]) -> Vec<(u32, u32)> {
@@ -357,10 +362,7 @@ impl HostMem {
         // A hugetlb mapping can only be replaced 2M at a time.
         if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
         {
-            self.zero_map(
-                frame,
-                &(0..crate::PAGES_PER_HPAGE as u16).collect::<Vec<_>>(),
-            )?;
+            self.zero_map(frame, &all_pages())?;
         }
         for &(p, s, n) in &runs {
             self.range.map_file(
@@ -439,9 +441,8 @@ impl HostMem {
     ) -> Result<(), GuestMemError> {
         let r = self.collapse_switch_inner(frame, slot, staging, copy);
         if r.is_err() {
-            let all: Vec<u16> = (0..crate::PAGES_PER_HPAGE as u16).collect();
             let back = self
-                .zero_map(frame, &all)
+                .zero_map(frame, &all_pages())
                 .and_then(|()| self.small_map(frame, copy, true))
                 .and_then(|()| self.huge_free(slot));
             if let Err(e) = back {
