@@ -96,10 +96,6 @@ pub struct GuestRam {
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
 
-fn all_pages() -> Vec<u16> {
-    (0..PPH as u16).collect()
-}
-
 /// The one guest RAM size check: `size` must be a positive multiple of 2 MiB
 /// and at most [`MAX_RAM_SIZE`] (the rule lives in [`RamLayout::new`]).
 /// Returns the number of 2M frames of RAM (the 32-bit MMIO hole excluded).
@@ -488,10 +484,10 @@ impl GuestRam {
                 rep.huge_frames_freed += 1;
                 rep.pages_freed += PAGES_PER_HPAGE;
                 if self.backing == Backing::Hugetlb {
-                    self.host.zero_map(frame, &all_pages())?;
+                    self.host.zero_map(frame, &crate::host_mem::all_pages())?;
                     self.host.huge_free(slot)?;
                 } else {
-                    self.host.file_punch(frame, &all_pages())?;
+                    self.host.file_punch(frame, &crate::host_mem::all_pages())?;
                 }
             }
             DiscardStep::SplitHuge {
@@ -546,12 +542,12 @@ impl GuestRam {
                     .filter(|s| !s.filled.is_empty())
                     .map(|s| s.frame),
             );
-            if ram.backing == Backing::Hugetlb {
-                let _guard = quiesce::pause(q)?;
-                ram.apply_refill(steps)
+            let _guard = if ram.backing == Backing::Hugetlb {
+                Some(quiesce::pause(q)?)
             } else {
-                ram.apply_refill(steps)
-            }
+                None
+            };
+            ram.apply_refill(steps)
         })
     }
 
@@ -823,6 +819,11 @@ impl Drop for GuestRam {
     }
 }
 
+/// The tests' one skip policy (`VMM_TEST_NO_SKIP` turns a skip into a failure).
+#[cfg(test)]
+#[path = "../../tests/src/skip.rs"]
+mod skip_policy;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -848,7 +849,7 @@ mod tests {
             .map(|m| m.available())
             .unwrap_or(0);
         if free < FRAMES as u64 + 8 {
-            eprintln!("skipped: needs {} free 2M hugetlb pages", FRAMES + 8);
+            skip_policy::skip(&format!("needs {} free 2M hugetlb pages", FRAMES + 8));
             return None;
         }
         let mut cfg = GuestRamConfig::new(FRAMES as u64 * HPAGE_SIZE, Backing::Hugetlb);

@@ -7,6 +7,7 @@ use guest_mem::{Backing, GuestMemError, GuestRam, GuestRamConfig, PageOut, HPAGE
 
 const FRAMES: u64 = 4;
 
+mod common;
 #[path = "common/maps.rs"]
 mod maps;
 
@@ -51,10 +52,7 @@ fn page_out_keeps_the_contents_and_is_recorded() {
 
 #[test]
 fn page_out_of_hugetlb_is_refused_not_an_error() {
-    let hugetlb = guest_mem::backing::hugetlb_2m_counters(&guest_mem::HostPaths::default())
-        .map_or(0, |c| c.free);
-    if hugetlb < FRAMES {
-        eprintln!("skipped: fewer than {FRAMES} free 2M hugetlb pages");
+    if !common::hugetlb_available(FRAMES) {
         return;
     }
     let mut ram = ram(Backing::Hugetlb);
