@@ -3,11 +3,7 @@
 //! The range is reserved once (`PROT_NONE`, anonymous), aligned to 2M, and
 //! never moves: frames are switched by mapping over them with `MAP_FIXED`.
 
-use std::ffi::c_void;
-use std::os::fd::AsFd;
-
-use rustix::io::{retry_on_intr, Errno};
-use rustix::mm::{self, Advice, MapFlags, ProtFlags};
+use std::os::fd::AsRawFd;
 
 use crate::HPAGE_SIZE;
 
@@ -30,7 +26,7 @@ fn to_usize(v: u64, what: &'static str) -> Result<usize, GuestMemError> {
         what,
         addr: 0,
         len: v,
-        source: Errno::OVERFLOW.into(),
+        source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
     })
 }
 
@@ -45,19 +41,21 @@ impl HostRange {
             what: "guest RAM reservation",
             addr: 0,
             len: size as u64,
-            source: Errno::OVERFLOW.into(),
+            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
         })?;
         // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel
         // picks; it overlaps nothing of ours.
         let p = unsafe {
-            mm::mmap_anonymous(
+            libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                ProtFlags::empty(),
-                MapFlags::PRIVATE | MapFlags::NORESERVE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
             )
-        }
-        .map_err(mmap_error("guest RAM reservation", 0, len as u64))?;
+        };
+        let p = mapped(p, "guest RAM reservation", 0, len as u64)?;
         let start = p as usize;
         let base = (start + hp - 1) & !(hp - 1);
         let head = base - start;
@@ -66,10 +64,10 @@ impl HostRange {
         // [base, base + size), which we keep.
         unsafe {
             if head > 0 {
-                let _ = mm::munmap(start as *mut c_void, head);
+                libc::munmap(start as *mut libc::c_void, head);
             }
             if tail > 0 {
-                let _ = mm::munmap((base + size) as *mut c_void, tail);
+                libc::munmap((base + size) as *mut libc::c_void, tail);
             }
         }
         Ok(Self {
@@ -108,7 +106,7 @@ impl HostRange {
                 what,
                 addr: self.base as u64 + off,
                 len,
-                source: Errno::INVAL.into(),
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
             });
         }
         Ok((self.base + off as usize, len as usize))
@@ -120,32 +118,30 @@ impl HostRange {
         &self,
         off: u64,
         len: u64,
-        fd: &impl AsFd,
+        fd: &impl AsRawFd,
         file_off: u64,
         what: &'static str,
     ) -> Result<(), GuestMemError> {
         let (addr, l) = self.check(off, len, what)?;
-        if i64::try_from(file_off).is_err() {
-            return Err(GuestMemError::Mmap {
-                what,
-                addr: addr as u64,
-                len,
-                source: Errno::OVERFLOW.into(),
-            });
-        }
+        let fo = libc::off_t::try_from(file_off).map_err(|_| GuestMemError::Mmap {
+            what,
+            addr: addr as u64,
+            len,
+            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+        })?;
         // SAFETY: [addr, addr + l) lies inside our reserved range (checked), so
         // MAP_FIXED replaces only our own mappings; the fd is valid.
-        unsafe {
-            mm::mmap(
-                addr as *mut c_void,
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
                 l,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::FIXED,
-                fd,
-                file_off,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                fo,
             )
-        }
-        .map_err(mmap_error(what, addr as u64, len))?;
+        };
+        mapped(p, what, addr as u64, len)?;
         Ok(())
     }
 
@@ -156,17 +152,19 @@ impl HostRange {
         let what = "anonymous zero pages";
         let (addr, l) = self.check(off, len, what)?;
         // SAFETY: [addr, addr + l) lies inside our reserved range (checked).
-        unsafe {
-            mm::mmap_anonymous(
-                addr as *mut c_void,
+        let p = unsafe {
+            libc::mmap(
+                addr as *mut libc::c_void,
                 l,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
             )
-        }
-        .map_err(mmap_error(what, addr as u64, len))?;
+        };
+        mapped(p, what, addr as u64, len)?;
         // Best effort: keep anonymous filler out of THP so the host view stays exact.
-        self.madvise(off, len, Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")
+        self.madvise(off, len, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
     }
 
     /// `madvise(advice)` on `[off, off + len)` of the range.
@@ -174,7 +172,7 @@ impl HostRange {
         &self,
         off: u64,
         len: u64,
-        advice: Advice,
+        advice: libc::c_int,
         name: &'static str,
     ) -> Result<(), GuestMemError> {
         let (addr, l) = self.check(off, len, name)?;
@@ -186,20 +184,27 @@ impl HostRange {
 pub(crate) fn madvise_raw(
     addr: usize,
     len: usize,
-    advice: Advice,
+    advice: libc::c_int,
     name: &'static str,
 ) -> Result<(), GuestMemError> {
-    retry_on_intr(|| {
+    loop {
         // SAFETY: madvise on memory we mapped; the advices used here never
         // unmap memory other code relies on.
-        unsafe { mm::madvise(addr as *mut c_void, len, advice) }
-    })
-    .map_err(|e| GuestMemError::Madvise {
-        advice: name,
-        addr: addr as u64,
-        len: len as u64,
-        source: e.into(),
-    })
+        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = GuestMemError::last_os();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return Err(GuestMemError::Madvise {
+            advice: name,
+            addr: addr as u64,
+            len: len as u64,
+            source: e,
+        });
+    }
 }
 
 impl HostRange {
@@ -221,7 +226,7 @@ impl Drop for HostRange {
         // SAFETY: we own [base, base + size) and nothing refers to it any more
         // (the owner checks outstanding vm-memory views before dropping us).
         unsafe {
-            let _ = mm::munmap(self.base as *mut c_void, self.size);
+            libc::munmap(self.base as *mut libc::c_void, self.size);
         }
     }
 }
@@ -236,7 +241,7 @@ pub struct TempMap {
 impl TempMap {
     /// Map `len` bytes of `fd` at `file_off`, shared, read-write, anywhere.
     pub fn new(
-        fd: &impl AsFd,
+        fd: &impl AsRawFd,
         file_off: u64,
         len: u64,
         what: &'static str,
@@ -248,21 +253,20 @@ impl TempMap {
             source,
         };
         let l = to_usize(len, what)?;
-        if i64::try_from(file_off).is_err() {
-            return Err(err(Errno::OVERFLOW.into()));
-        }
+        let fo = libc::off_t::try_from(file_off)
+            .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
         // SAFETY: a new shared mapping at a kernel-chosen address; overlaps nothing.
         let p = unsafe {
-            mm::mmap(
+            libc::mmap(
                 std::ptr::null_mut(),
                 l,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::NORESERVE,
-                fd,
-                file_off,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                fo,
             )
-        }
-        .map_err(mmap_error(what, 0, len))?;
+        };
+        let p = mapped(p, what, 0, len)?;
         Ok(Self {
             addr: p as usize,
             len: l,
@@ -289,7 +293,7 @@ impl TempMap {
         if off.checked_add(len).is_none_or(|e| e > self.len) {
             return Ok(());
         }
-        madvise_raw(self.addr + off, len, Advice::LinuxDontNeed, "MADV_DONTNEED")
+        madvise_raw(self.addr + off, len, libc::MADV_DONTNEED, "MADV_DONTNEED")
     }
 }
 
@@ -297,19 +301,28 @@ impl Drop for TempMap {
     fn drop(&mut self) {
         // SAFETY: we own this mapping and nothing borrows from it past its life.
         unsafe {
-            let _ = mm::munmap(self.addr as *mut c_void, self.len);
+            libc::munmap(self.addr as *mut libc::c_void, self.len);
         }
     }
 }
 
-/// A failed `mmap` as [`GuestMemError::Mmap`], with what was mapped where.
-fn mmap_error(what: &'static str, addr: u64, len: u64) -> impl FnOnce(Errno) -> GuestMemError {
-    move |e| GuestMemError::Mmap {
-        what,
-        addr,
-        len,
-        source: e.into(),
+/// `mmap`'s result: `MAP_FAILED` becomes [`GuestMemError::Mmap`] with the errno
+/// (call it right after `mmap`, before anything else can change errno).
+fn mapped(
+    p: *mut libc::c_void,
+    what: &'static str,
+    addr: u64,
+    len: u64,
+) -> Result<*mut libc::c_void, GuestMemError> {
+    if p == libc::MAP_FAILED {
+        return Err(GuestMemError::Mmap {
+            what,
+            addr,
+            len,
+            source: GuestMemError::last_os(),
+        });
     }
+    Ok(p)
 }
 
 #[cfg(test)]

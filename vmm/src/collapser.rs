@@ -110,9 +110,8 @@ impl Collapser {
 
     fn scan(&self, m: &dyn RamHandle, frames: Option<usize>) -> u64 {
         let mut cursor = lock(&self.cursor);
-        // Frame by frame: a wake-up scans a few frames, it must not copy
-        // every frame's state of guest RAM (up to 511 GiB) to do so.
-        let total = m.ram().frames();
+        let states = m.ram().frame_states();
+        let total = states.len();
         if total == 0 {
             return 0;
         }
@@ -120,8 +119,7 @@ impl Collapser {
         let mut collapsed = 0;
         for i in 0..n {
             let f = (*cursor + i) % total;
-            let state = m.ram().frame_state(f);
-            if self.cfg.eligible(state) && self.collapse_frame(m, f) {
+            if self.cfg.eligible(states[f]) && self.collapse_frame(m, f) {
                 collapsed += 1;
             }
         }
