@@ -1,31 +1,71 @@
 //! Latency of split and collapse per 2M frame (hugetlb: copy by the VMM;
-//! thp: in-kernel) and of a 4K discard, on real memory.
+//! thp: in-kernel) at several guest RAM sizes (the cost must not grow with
+//! RAM: only the frames under test are populated, a hugetlb pool of just
+//! their size), and of a 4K discard, on real memory.
 
 use std::time::{Duration, Instant};
 
+use std::cell::Cell;
+
 use criterion::{criterion_group, criterion_main, Criterion};
+use guest_mem::quiesce::{Quiesce, QuiesceError};
 use guest_mem::{Backing, GuestRam, GuestRamConfig, NoVcpus, HPAGE_SIZE, PAGE_SIZE};
+
+/// Adds up the time between each pause and its resume: how long the
+/// vCPUs would stand still.
+#[derive(Default)]
+struct PauseClock {
+    since: Cell<Option<Instant>>,
+    total: Cell<Duration>,
+}
+
+impl Quiesce for PauseClock {
+    fn pause(&self) -> Result<(), QuiesceError> {
+        self.since.set(Some(Instant::now()));
+        Ok(())
+    }
+    fn resume(&self) {
+        if let Some(t) = self.since.take() {
+            self.total.set(self.total.get() + t.elapsed());
+        }
+    }
+}
 
 const FRAMES: usize = 8;
 
+/// Guest RAM sizes the split and collapse benches run at.
+const SIZES: [(u64, &str); 3] = [(256 << 20, "256M"), (2 << 30, "2G"), (16 << 30, "16G")];
+
 fn ram(backing: Backing) -> Option<GuestRam> {
-    let mut r = match GuestRam::new(&GuestRamConfig::new(FRAMES as u64 * HPAGE_SIZE, backing)) {
+    ram_of(FRAMES as u64 * HPAGE_SIZE, backing)
+}
+
+/// `size` bytes of guest RAM with only the first [`FRAMES`] frames
+/// populated (hugetlb: a pool of [`FRAMES`] pages).
+fn ram_of(size: u64, backing: Backing) -> Option<GuestRam> {
+    let mut cfg = GuestRamConfig::new(size, backing);
+    cfg.hugetlb_pool_pages = Some(FRAMES);
+    let mut r = match GuestRam::new(&cfg) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("skip {backing}: {e}");
             return None;
         }
     };
-    if let Err(e) = r.populate_all() {
-        eprintln!("skip {backing}: {e}");
-        return None;
+    for f in 0..FRAMES {
+        if let Err(e) = r.populate(f) {
+            eprintln!("skip {backing}: {e}");
+            return None;
+        }
     }
     Some(r)
 }
 
-fn split_collapse(c: &mut Criterion, backing: Backing) {
-    let Some(mut r) = ram(backing) else { return };
-    let mut g = c.benchmark_group(format!("{backing}"));
+fn split_collapse(c: &mut Criterion, backing: Backing, size: u64, name: &str) {
+    let Some(mut r) = ram_of(size, backing) else {
+        return;
+    };
+    let mut g = c.benchmark_group(format!("{backing}/{name}"));
     g.bench_function("split_2m", |b| {
         b.iter_custom(|iters| {
             let mut t = Duration::ZERO;
@@ -52,6 +92,30 @@ fn split_collapse(c: &mut Criterion, backing: Backing) {
             t
         })
     });
+    if backing == Backing::Hugetlb {
+        g.bench_function("split_pause", |b| {
+            b.iter_custom(|iters| {
+                let q = PauseClock::default();
+                for i in 0..iters {
+                    let f = i as usize % FRAMES;
+                    r.split(f, &q).unwrap();
+                    r.collapse(f, &NoVcpus).unwrap();
+                }
+                q.total.get()
+            })
+        });
+        g.bench_function("collapse_pause", |b| {
+            b.iter_custom(|iters| {
+                let q = PauseClock::default();
+                for i in 0..iters {
+                    let f = i as usize % FRAMES;
+                    r.split(f, &NoVcpus).unwrap();
+                    r.collapse(f, &q).unwrap();
+                }
+                q.total.get()
+            })
+        });
+    }
     g.finish();
 }
 
@@ -75,8 +139,11 @@ fn discard_4k(c: &mut Criterion, backing: Backing) {
 }
 
 fn benches(c: &mut Criterion) {
-    split_collapse(c, Backing::Hugetlb);
-    split_collapse(c, Backing::Thp);
+    for backing in [Backing::Hugetlb, Backing::Thp] {
+        for (size, name) in SIZES {
+            split_collapse(c, backing, size, name);
+        }
+    }
     discard_4k(c, Backing::Small4k);
     discard_4k(c, Backing::Hugetlb);
 }

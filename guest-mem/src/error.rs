@@ -249,6 +249,19 @@ pub enum GuestMemError {
     #[error("the RAM model refused: {0}")]
     Model(#[from] thp::ram_model::ModelError),
 
+    /// `mprotect` of a frame failed (the original protection put back).
+    #[error(transparent)]
+    Protect(#[from] crate::host_actions::ProtectError),
+
+    /// `mincore` of a frame failed.
+    #[error("mincore at host {addr:#x} failed: {source}")]
+    Mincore {
+        /// Host address.
+        addr: u64,
+        /// The OS error (errno).
+        source: io::Error,
+    },
+
     /// Building the vm-memory view failed.
     #[error("building the vm-memory view of guest RAM failed: {0}")]
     VmMemory(String),

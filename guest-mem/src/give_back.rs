@@ -17,7 +17,7 @@ use thp::ram_model::DiscardStep;
 use crate::backing::Backing;
 use crate::error::GuestMemError;
 use crate::guest_ram::{FrameView, GuestRam};
-use crate::quiesce::{self, Quiesce};
+use crate::quiesce::Quiesce;
 use crate::stats::DiscardReport;
 use crate::{pagemap, PAGES_PER_HPAGE};
 
@@ -249,10 +249,18 @@ impl GuestRam {
         if self.give_back.released.is_empty() {
             return;
         }
-        if let Ok(Some(pmd)) = pagemap::pmd_mapped_frames(self.host_addr(), self.frames) {
+        // Scan only the span of the released frames, not all of guest RAM.
+        let (Some(&lo), Some(&hi)) = (
+            self.give_back.released.first(),
+            self.give_back.released.last(),
+        ) else {
+            return;
+        };
+        let start = self.host_addr() + lo as u64 * crate::HPAGE_SIZE;
+        if let Ok(Some(pmd)) = pagemap::pmd_mapped_frames(start, hi - lo + 1) {
             self.give_back
                 .released
-                .retain(|f| !pmd.get(*f).copied().unwrap_or(false));
+                .retain(|f| !pmd.get(*f - lo).copied().unwrap_or(false));
         }
     }
 
@@ -330,15 +338,12 @@ impl GuestRam {
     ) -> Result<(), GuestMemError> {
         for d in due {
             self.give_back.released.remove(&d.frame);
-            let step = self.model.discard_frame_pages(d.frame, &d.pages, false)?;
-            self.note_discard(&step);
             let mut r = DiscardReport::default();
-            if self.backing == Backing::Hugetlb && matches!(step, DiscardStep::SplitHuge { .. }) {
-                let _paused = quiesce::pause(q)?;
-                self.apply_discard_step(step, &mut r)?;
-            } else {
-                self.apply_discard_step(step, &mut r)?;
-            }
+            self.undoable(|ram| {
+                let step = ram.model.discard_frame_pages(d.frame, &d.pages, false)?;
+                ram.note_discard(&step);
+                ram.apply_discard_step_paused(step, &mut r, q)
+            })?;
             rep.add_discard(&r);
             rep.freed_after
                 .push(self.give_back.now().saturating_sub(d.since));

@@ -96,10 +96,6 @@ pub struct GuestRam {
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
 
-fn all_pages() -> Vec<u16> {
-    (0..PPH as u16).collect()
-}
-
 /// The one guest RAM size check: `size` must be a positive multiple of 2 MiB
 /// and at most [`MAX_RAM_SIZE`] (the rule lives in [`RamLayout::new`]).
 /// Returns the number of 2M frames of RAM (the 32-bit MMIO hole excluded).
@@ -426,19 +422,34 @@ impl GuestRam {
             self.note_discard(s);
         }
         let mut rep = DiscardReport::default();
-        let needs_pause = self.backing == Backing::Hugetlb
-            && steps
-                .iter()
-                .any(|s| matches!(s, DiscardStep::SplitHuge { .. }));
-        let _guard = if needs_pause {
-            Some(quiesce::pause(q)?)
-        } else {
-            None
-        };
         for step in steps {
-            self.apply_discard_step(step, &mut rep)?;
+            self.apply_discard_step_paused(step, &mut rep, q)?;
         }
         Ok(rep)
+    }
+
+    /// Act on one frame's discard plan, pausing the vCPUs through `q` only
+    /// for what must not race with them: the copy and remap of a hugetlb
+    /// split (see [`Self::split_hugetlb`]).
+    pub(crate) fn apply_discard_step_paused(
+        &mut self,
+        step: DiscardStep,
+        rep: &mut DiscardReport,
+        q: &dyn Quiesce,
+    ) -> Result<(), GuestMemError> {
+        match step {
+            DiscardStep::SplitHuge {
+                frame,
+                huge_slot,
+                kept,
+                dropped,
+            } if self.backing == Backing::Hugetlb => {
+                rep.frames_split += 1;
+                rep.pages_freed += dropped.len() as u64;
+                self.split_hugetlb(frame, huge_slot, &kept, q)
+            }
+            step => self.apply_discard_step(step, rep),
+        }
     }
 
     /// Record what a discard step changes on the host: hugetlb remaps and
@@ -461,7 +472,8 @@ impl GuestRam {
     }
 
     /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
-    /// paused by the caller).
+    /// paused by the caller; [`Self::apply_discard_step_paused`] pauses
+    /// them itself, for less time).
     pub(crate) fn apply_discard_step(
         &mut self,
         step: DiscardStep,
@@ -472,10 +484,10 @@ impl GuestRam {
                 rep.huge_frames_freed += 1;
                 rep.pages_freed += PAGES_PER_HPAGE;
                 if self.backing == Backing::Hugetlb {
-                    self.host.zero_map(frame, &all_pages())?;
+                    self.host.zero_map(frame, &crate::host_mem::all_pages())?;
                     self.host.huge_free(slot)?;
                 } else {
-                    self.host.file_punch(frame, &all_pages())?;
+                    self.host.file_punch(frame, &crate::host_mem::all_pages())?;
                 }
             }
             DiscardStep::SplitHuge {
@@ -522,24 +534,36 @@ impl GuestRam {
     pub fn refill(&mut self, gpa: u64, len: u64, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         self.take_back_given(first, n)?;
-        let before = self.model.clone();
-        let steps = self.model.refill(first, n)?;
-        self.changed.extend(
-            steps
-                .iter()
-                .filter(|s| !s.filled.is_empty())
-                .map(|s| s.frame),
-        );
-        let r = if self.backing == Backing::Hugetlb {
-            match quiesce::pause(q) {
-                Ok(_guard) => self.apply_refill(steps),
-                Err(e) => Err(e.into()),
-            }
+        self.undoable(|ram| {
+            let steps = ram.model.refill(first, n)?;
+            ram.changed.extend(
+                steps
+                    .iter()
+                    .filter(|s| !s.filled.is_empty())
+                    .map(|s| s.frame),
+            );
+            let _guard = if ram.backing == Backing::Hugetlb {
+                Some(quiesce::pause(q)?)
+            } else {
+                None
+            };
+            ram.apply_refill(steps)
+        })
+    }
+
+    /// Runs `op` (a model operation and the host work its plan asks for)
+    /// in a model transaction: on error the model is rolled back exactly
+    /// as it was, at the cost of what `op` touched (no copy of the model).
+    pub(crate) fn undoable<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, GuestMemError>,
+    ) -> Result<T, GuestMemError> {
+        self.model.checkpoint();
+        let r = op(self);
+        if r.is_ok() {
+            self.model.commit();
         } else {
-            self.apply_refill(steps)
-        };
-        if r.is_err() {
-            self.model = before;
+            self.model.rollback();
         }
         r
     }
@@ -579,32 +603,61 @@ impl GuestRam {
         self.check_huge_backing("split")?;
         self.check_frame(frame)?;
         self.settle_give_backs(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
-        let before = self.model.clone();
-        let plan = self.model.split(frame)?;
-        let SplitPlan::Split {
-            frame,
-            huge_slot,
-            copied,
-        } = plan
-        else {
-            return Ok(());
-        };
-        self.changed.insert(frame);
-        let r = match quiesce::pause(q) {
-            Ok(_guard) => match self.backing {
-                Backing::Hugetlb => self.apply_split_hugetlb(frame, huge_slot, &copied),
-                _ => self
+        self.undoable(|ram| {
+            let SplitPlan::Split {
+                frame,
+                huge_slot,
+                copied,
+            } = ram.model.split(frame)?
+            else {
+                return Ok(());
+            };
+            ram.changed.insert(frame);
+            if ram.backing != Backing::Hugetlb {
+                let _guard = quiesce::pause(q)?;
+                return ram
                     .host
                     .thp_split(frame, None)
-                    .and_then(|()| self.host.frame_hugepage_advice(frame, false))
-                    .and_then(|()| self.host.remap_present(frame)),
-            },
+                    .and_then(|()| ram.host.frame_hugepage_advice(frame, false))
+                    .and_then(|()| ram.host.remap_present(frame));
+            }
+            ram.split_hugetlb(frame, huge_slot, &copied, q)
+        })
+    }
+
+    /// Move the present pages `pages` (page, new small slot) of huge `frame`
+    /// to small pages, the others becoming zero pages. Allocating and
+    /// faulting in the small pages happens with the vCPUs running; only the
+    /// copy and the remap hold them back (paused through `q`); mapping the
+    /// small pages in and freeing the huge page follow the resume. When
+    /// the pause or the remap fails the frame keeps its huge page and the
+    /// prepared small slots are freed.
+    fn split_hugetlb(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+        q: &dyn Quiesce,
+    ) -> Result<(), GuestMemError> {
+        self.host.split_prepare(pages)?;
+        let switched = match quiesce::pause(q) {
+            Ok(_guard) => self.host.split_switch(frame, huge_slot, pages),
             Err(e) => Err(e.into()),
         };
-        if r.is_err() {
-            self.model = before;
+        if let Err(e) = switched {
+            self.free_prepared_small(pages);
+            return Err(e);
         }
-        r
+        self.host.split_finish(frame, huge_slot, pages)
+    }
+
+    /// After a split that did not happen: punch the small slots it
+    /// prepared, so the small memfd holds what the rolled-back books say.
+    fn free_prepared_small(&mut self, pages: &[(u16, u32)]) {
+        let slots: Vec<u32> = pages.iter().map(|p| p.1).collect();
+        if let Err(e) = self.host.small_free(&slots) {
+            warn!("freeing the small slots of a failed split: {e}");
+        }
     }
 
     /// Move the present pages `copied` (page, new small slot) of huge `frame`
@@ -615,12 +668,10 @@ impl GuestRam {
         huge_slot: u32,
         copied: &[(u16, u32)],
     ) -> Result<(), GuestMemError> {
-        // Copy out first, then replace the whole hugetlb mapping (it can only
-        // be unmapped 2M at a time) with zero pages, then map the kept pages.
-        self.host.copy_to_small(frame, copied)?;
-        self.host.zero_map(frame, &all_pages())?;
-        self.host.small_map(frame, copied, true)?;
-        self.host.huge_free(huge_slot)
+        // The caller holds the vCPUs paused throughout (several frames).
+        self.host.split_prepare(copied)?;
+        self.host.split_switch(frame, huge_slot, copied)?;
+        self.host.split_finish(frame, huge_slot, copied)
     }
 
     /// Collapse `frame` back into one huge page (pages not present come back
@@ -630,45 +681,38 @@ impl GuestRam {
     pub fn collapse(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.check_huge_backing("collapse")?;
         self.check_frame(frame)?;
-        let before = self.model.clone();
-        let plan = self.model.collapse(frame)?;
-        let CollapsePlan::Collapse {
-            frame,
-            huge_slot,
-            copy,
-            zero: _,
-            free_small,
-        } = plan
-        else {
-            return Ok(());
-        };
-        self.changed.insert(frame);
-        let r = match self.backing {
-            Backing::Hugetlb => match quiesce::pause(q) {
-                Ok(_guard) => self.apply_collapse_hugetlb(frame, huge_slot, &copy, &free_small),
-                Err(e) => Err(e.into()),
-            },
-            _ => self.host.thp_collapse(frame),
-        };
-        if r.is_err() {
-            self.model = before;
-        }
-        r
-    }
-
-    fn apply_collapse_hugetlb(
-        &mut self,
-        frame: usize,
-        huge_slot: u32,
-        copy: &[(u16, u32)],
-        free_small: &[u32],
-    ) -> Result<(), GuestMemError> {
-        // A fresh hugetlb page is zero-filled: the `zero` pages need nothing.
-        self.host.huge_alloc(huge_slot)?;
-        let pages: Vec<u16> = copy.iter().map(|p| p.0).collect();
-        self.host.copy_to_huge(frame, huge_slot, &pages)?;
-        self.host.huge_map(frame, huge_slot)?;
-        self.host.small_free(free_small)
+        self.undoable(|ram| {
+            let CollapsePlan::Collapse {
+                frame,
+                huge_slot,
+                copy,
+                zero: _,
+                free_small,
+            } = ram.model.collapse(frame)?
+            else {
+                return Ok(());
+            };
+            ram.changed.insert(frame);
+            if ram.backing != Backing::Hugetlb {
+                return ram.host.thp_collapse(frame);
+            }
+            // Taking the huge page (zeroed by the kernel: the `zero` pages
+            // need nothing) happens with the vCPUs running; only the copy
+            // and the remap hold them back.
+            let staging = ram.host.collapse_prepare(huge_slot)?;
+            let switched = match quiesce::pause(q) {
+                Ok(_guard) => ram.host.collapse_switch(frame, huge_slot, &staging, &copy),
+                Err(e) => {
+                    if let Err(f) = ram.host.huge_free(huge_slot) {
+                        warn!("freeing the huge slot of a failed collapse: {f}");
+                    }
+                    Err(e.into())
+                }
+            };
+            drop(staging);
+            switched?;
+            ram.host.small_free(&free_small)
+        })
     }
 
     /// Frames whose host mapping changed since the last call, in frame
@@ -772,5 +816,111 @@ impl Drop for GuestRam {
             );
             self.host.leak_range();
         }
+    }
+}
+
+/// The tests' one skip policy (`VMM_TEST_NO_SKIP` turns a skip into a failure).
+#[cfg(test)]
+#[path = "../../tests/src/skip.rs"]
+mod skip_policy;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quiesce::{NoVcpus, QuiesceError};
+    use vm_memory::Bytes;
+
+    /// Pausing fails: the host fails after the model planned and the
+    /// small slots or huge page were prepared.
+    struct NoPause;
+    impl Quiesce for NoPause {
+        fn pause(&self) -> Result<(), QuiesceError> {
+            Err(QuiesceError {
+                reason: "injected".into(),
+            })
+        }
+        fn resume(&self) {}
+    }
+
+    const FRAMES: usize = 4;
+
+    fn ram() -> Option<GuestRam> {
+        let free = crate::smaps::read_meminfo()
+            .map(|m| m.available())
+            .unwrap_or(0);
+        if free < FRAMES as u64 + 8 {
+            skip_policy::skip(&format!("needs {} free 2M hugetlb pages", FRAMES + 8));
+            return None;
+        }
+        let mut cfg = GuestRamConfig::new(FRAMES as u64 * HPAGE_SIZE, Backing::Hugetlb);
+        cfg.strict_pool = true;
+        let mut ram = GuestRam::new(&cfg).expect("guest RAM");
+        ram.populate_all().expect("populate");
+        let mem = ram.memory();
+        for f in 0..FRAMES as u64 {
+            for p in 0..PPH as u64 {
+                let a = GuestAddress(f * HPAGE_SIZE + p * PAGE_SIZE);
+                mem.write_obj(f << 32 | p << 8 | 0x5a, a).expect("write");
+            }
+        }
+        Some(ram)
+    }
+
+    /// Everything a failed operation must leave as it was: the whole model
+    /// (pools, free lists, folios, counters), the memfds' backed bytes and
+    /// every word the guest wrote.
+    fn state(ram: &GuestRam) -> (String, (u64, u64), Vec<u64>) {
+        let mem = ram.memory();
+        let words = (0..FRAMES as u64 * PPH as u64)
+            .map(|p| {
+                mem.read_obj::<u64>(GuestAddress(p * PAGE_SIZE))
+                    .expect("read")
+            })
+            .collect();
+        (
+            format!("{:?}", ram.model),
+            ram.host.allocated_bytes().expect("allocated"),
+            words,
+        )
+    }
+
+    #[test]
+    fn host_failure_mid_split_or_collapse_leaves_model_pool_and_data_as_before() {
+        let Some(mut ram) = ram() else { return };
+        // Frame 1 small (for collapse), frame 0 huge (for split).
+        ram.split(1, &NoVcpus).expect("split");
+        let before = state(&ram);
+
+        // Pausing fails after the small slots were prepared.
+        assert!(ram.split(0, &NoPause).is_err());
+        assert_eq!(state(&ram), before);
+        // The host fails under the pause, after nothing / the copy.
+        ram.host.fail_switch = true;
+        assert!(ram.split(0, &NoVcpus).is_err());
+        ram.host.fail_switch = false;
+        assert_eq!(state(&ram), before);
+        assert_eq!(ram.frame_state(0), FrameView::Huge { slot: 0 });
+
+        assert!(ram.collapse(1, &NoPause).is_err());
+        assert_eq!(state(&ram), before);
+        ram.host.fail_switch = true;
+        assert!(ram.collapse(1, &NoVcpus).is_err());
+        ram.host.fail_switch = false;
+        assert_eq!(state(&ram), before);
+        assert!(matches!(
+            ram.frame_state(1),
+            FrameView::Small { present: 512 }
+        ));
+
+        // And then both work, keeping every word.
+        let words = before.2;
+        ram.split(0, &NoVcpus).expect("split");
+        ram.collapse(1, &NoVcpus).expect("collapse");
+        assert_eq!(state(&ram).2, words);
+        assert!(matches!(
+            ram.frame_state(0),
+            FrameView::Small { present: 512 }
+        ));
+        assert!(matches!(ram.frame_state(1), FrameView::Huge { .. }));
     }
 }

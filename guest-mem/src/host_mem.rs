@@ -9,11 +9,13 @@
 //! * `thp` / `4k`: `data` is the RAM memfd mapped once over the whole range,
 //!   file offset = guest-physical address. Unpopulated pages are holes.
 
-use std::os::fd::AsRawFd;
+use rustix::fs::{self, SeekFrom};
+use rustix::io::{retry_on_intr, Errno};
+use rustix::mm::Advice;
 
 use crate::backing::Backing;
 use crate::error::GuestMemError;
-use crate::mapping::{HostRange, TempMap};
+use crate::mapping::{madvise_raw, HostRange, TempMap};
 use crate::memfd::{Memfd, MemfdKind};
 use crate::{HPAGE_SIZE, PAGE_SIZE};
 
@@ -27,6 +29,10 @@ pub(crate) struct HostMem {
     pool: Option<Memfd>,
     data: Memfd,
     data_len: u64,
+    /// Tests: the next split or collapse switch fails (a host failure
+    /// under the pause).
+    #[cfg(test)]
+    pub(crate) fail_switch: bool,
 }
 
 /// Runs of consecutive `(page index, slot)` pairs: `(first page, first slot, count)`.
@@ -42,6 +48,27 @@ pub(crate) fn slot_runs(pages: &[(u16, u32)]) -> Vec<(u16, u32, u32)> {
             }
         }
         runs.push((p, s, 1));
+    }
+    runs
+}
+
+/// Every page index of a 2M frame.
+pub(crate) fn all_pages() -> Vec<u16> {
+    (0..crate::PAGES_PER_HPAGE as u16).collect()
+}
+
+/// Runs of consecutive slots of `(page index, slot)` pairs, whatever their
+/// pages: `(first slot, count)`.
+fn slot_only_runs(pages: &[(u16, u32)]) -> Vec<(u32, u32)> {
+    let mut slots: Vec<u32> = pages.iter().map(|p| p.1).collect();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for s in slots {
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += 1,
+            _ => runs.push((s, 1)),
+        }
     }
     runs
 }
@@ -62,6 +89,27 @@ pub(crate) fn page_runs(pages: &[u16]) -> Vec<(u16, u32)> {
         runs.push((p, 1));
     }
     runs
+}
+
+/// Copies `(offset in the frame, offset in dst, len)` runs from one frame of
+/// guest RAM at `frame` (its first byte) into the separate mapping `dst`;
+/// a run reaching past the frame or past `dst` is skipped.
+fn copy_out(frame: *const u8, dst: &TempMap, runs: &[(u64, u64, u64)]) {
+    for &(src_off, dst_off, len) in runs {
+        if src_off + len > HPAGE_SIZE || dst_off + len > dst.len() as u64 {
+            continue;
+        }
+        // SAFETY: the source is mapped, readable guest RAM inside the frame
+        // and the destination lies inside `dst` (both checked above); the
+        // two are distinct mappings, so the regions don't overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                frame.add(src_off as usize),
+                dst.ptr().add(dst_off as usize),
+                len as usize,
+            );
+        }
+    }
 }
 
 fn frame_off(frame: usize) -> u64 {
@@ -101,9 +149,9 @@ impl HostMem {
                 data.set_len(size)?;
                 range.map_file(0, size, &data, 0, "guest RAM memfd")?;
                 if backing == Backing::Thp {
-                    range.madvise(0, size, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")?;
+                    range.madvise(0, size, Advice::LinuxHugepage, "MADV_HUGEPAGE")?;
                 } else {
-                    range.madvise(0, size, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")?;
+                    range.madvise(0, size, Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")?;
                 }
                 (None, data, size)
             }
@@ -115,6 +163,8 @@ impl HostMem {
             pool,
             data,
             data_len,
+            #[cfg(test)]
+            fail_switch: false,
         })
     }
 
@@ -143,7 +193,7 @@ impl HostMem {
 
     fn populate(&self, off: u64, len: u64) -> Result<(), GuestMemError> {
         self.range
-            .madvise(off, len, libc::MADV_POPULATE_WRITE, "MADV_POPULATE_WRITE")
+            .madvise(off, len, Advice::LinuxPopulateWrite, "MADV_POPULATE_WRITE")
     }
 
     // ---- hugetlb primitives ----
@@ -239,44 +289,192 @@ impl HostMem {
             what: "small-page copy window",
             addr: 0,
             len: self.data_len,
-            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+            source: Errno::NOMEM.into(),
         })
     }
 
-    /// Copy pages of `frame` (as mapped now) into small slots: `(page, slot)`.
-    pub(crate) fn copy_to_small(
-        &mut self,
-        frame: usize,
-        pages: &[(u16, u32)],
-    ) -> Result<(), GuestMemError> {
+    /// Split, step 1 (vCPUs running): size the small memfd and allocate the
+    /// small slots of `pages` (`(page, slot)`), faulting them into the copy
+    /// window (`MADV_POPULATE_WRITE`, one call per run of slots), so that the
+    /// copy under the pause takes no page fault and allocates nothing.
+    pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let Some(max) = pages.iter().map(|p| p.1).max() else {
             return Ok(());
         };
         self.ensure_data_len(u64::from(max) + 1)?;
-        let src_base = self.range.ptr(frame_off(frame));
         let w = self.window()?;
-        for &(p, s) in pages {
-            let src_off = u64::from(p) * PAGE_SIZE;
-            let dst_off = u64::from(s) * PAGE_SIZE;
-            if src_off + PAGE_SIZE > HPAGE_SIZE || dst_off + PAGE_SIZE > w.len() as u64 {
-                continue;
+        let (base, len) = (w.ptr() as usize, w.len() as u64);
+        for (s, n) in slot_only_runs(pages) {
+            let (off, l) = (u64::from(s) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
+            if off + l <= len {
+                madvise_raw(
+                    base + off as usize,
+                    l as usize,
+                    Advice::LinuxPopulateWrite,
+                    "MADV_POPULATE_WRITE (small slots)",
+                )?;
             }
-            // SAFETY: the source is a mapped, readable page of our guest range
-            // (inside the frame); the destination lies inside the window (checked
-            // above); the two mappings are distinct so the regions don't overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(src_off as usize),
-                    w.ptr().add(dst_off as usize),
-                    PAGE_SIZE as usize,
+        }
+        Ok(())
+    }
+
+    /// Split, step 2 (vCPUs paused): copy `pages` of huge `frame` into their
+    /// prepared small slots (one copy per run of pages on consecutive slots),
+    /// then replace the frame's mapping: one `mmap` when a single run covers
+    /// the frame, else zero pages over the frame and one `mmap` per run.
+    /// Nothing is faulted in here. On error the frame maps `huge_slot` again
+    /// (still allocated and intact), so the host is as before the split.
+    pub(crate) fn split_switch(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        let r = self.split_switch_inner(frame, pages);
+        if r.is_err() {
+            if let Err(e) = self.huge_map(frame, huge_slot) {
+                log::warn!("frame {frame}: restoring the huge mapping after a failed split: {e}");
+            }
+        }
+        r
+    }
+
+    fn split_switch_inner(
+        &mut self,
+        frame: usize,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        #[cfg(test)]
+        if self.fail_switch {
+            return Err(GuestMemError::VmMemory("injected host failure".into()));
+        }
+        let runs = slot_runs(pages);
+        let copies: Vec<(u64, u64, u64)> = runs
+            .iter()
+            .map(|&(p, s, n)| {
+                let len = u64::from(n) * PAGE_SIZE;
+                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
+            })
+            .collect();
+        let src = self.range.ptr(frame_off(frame));
+        let w = self.window()?;
+        copy_out(src, w, &copies);
+        // A hugetlb mapping can only be replaced 2M at a time.
+        if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
+        {
+            self.zero_map(frame, &all_pages())?;
+        }
+        for &(p, s, n) in &runs {
+            self.range.map_file(
+                page_off(frame, p),
+                u64::from(n) * PAGE_SIZE,
+                &self.data,
+                u64::from(s) * PAGE_SIZE,
+                "small-page slots",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Split, step 3 (vCPUs running again): map the small pages in (they
+    /// are in the page cache: no allocation, and a vCPU that gets there
+    /// first only takes the same minor fault), keep the frame from forming
+    /// shmem THPs, drop the window's PTEs, free the huge slot.
+    pub(crate) fn split_finish(
+        &mut self,
+        frame: usize,
+        huge_slot: u32,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        for (p, _, n) in slot_runs(pages) {
+            self.populate(page_off(frame, p), u64::from(n) * PAGE_SIZE)?;
+        }
+        if !pages.is_empty() {
+            self.frame_hugepage_advice(frame, false)?;
+            let w = self.window()?;
+            for (s, n) in slot_only_runs(pages) {
+                w.drop_ptes(
+                    (u64::from(s) * PAGE_SIZE) as usize,
+                    (u64::from(n) * PAGE_SIZE) as usize,
+                )?;
+            }
+        }
+        self.huge_free(huge_slot)
+    }
+
+    /// Collapse, step 1 (vCPUs running): take huge slot `slot` from the host
+    /// pool (the kernel zeroes it here) and map it for staging.
+    pub(crate) fn collapse_prepare(&self, slot: u32) -> Result<TempMap, GuestMemError> {
+        self.huge_alloc(slot)?;
+        let t = TempMap::new(
+            self.pool(),
+            u64::from(slot) * HPAGE_SIZE,
+            HPAGE_SIZE,
+            "hugetlb staging map",
+        )
+        .and_then(|t| {
+            madvise_raw(
+                t.ptr() as usize,
+                t.len(),
+                Advice::LinuxPopulateWrite,
+                "MADV_POPULATE_WRITE (staging)",
+            )
+            .map(|()| t)
+        });
+        if t.is_err() {
+            self.huge_free(slot)?;
+        }
+        t
+    }
+
+    /// Collapse, step 2 (vCPUs paused): copy the present `copy` pages
+    /// (`(page, small slot)`) of `frame` into the staging map of `slot`
+    /// (one copy per run of pages; the others stay zero), then map the slot
+    /// over the frame (one PMD). On error the frame maps its small slots and
+    /// zero pages again and the slot goes back to the host pool.
+    pub(crate) fn collapse_switch(
+        &mut self,
+        frame: usize,
+        slot: u32,
+        staging: &TempMap,
+        copy: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        let r = self.collapse_switch_inner(frame, slot, staging, copy);
+        if r.is_err() {
+            let back = self
+                .zero_map(frame, &all_pages())
+                .and_then(|()| self.small_map(frame, copy, true))
+                .and_then(|()| self.huge_free(slot));
+            if let Err(e) = back {
+                log::warn!(
+                    "frame {frame}: restoring the small mapping after a failed collapse: {e}"
                 );
             }
         }
-        let min = pages.iter().map(|p| p.1).min().unwrap_or(0);
-        let lo = u64::from(min) * PAGE_SIZE;
-        let hi = (u64::from(max) + 1) * PAGE_SIZE;
-        // The window's PTEs are not needed any more; the file keeps the pages.
-        w.drop_ptes(lo as usize, (hi - lo) as usize)
+        r
+    }
+
+    fn collapse_switch_inner(
+        &self,
+        frame: usize,
+        slot: u32,
+        staging: &TempMap,
+        copy: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        #[cfg(test)]
+        if self.fail_switch {
+            return Err(GuestMemError::VmMemory("injected host failure".into()));
+        }
+        let pages: Vec<u16> = copy.iter().map(|p| p.0).collect();
+        let copies: Vec<(u64, u64, u64)> = page_runs(&pages)
+            .into_iter()
+            .map(|(p, n)| {
+                let off = u64::from(p) * PAGE_SIZE;
+                (off, off, u64::from(n) * PAGE_SIZE)
+            })
+            .collect();
+        copy_out(self.range.ptr(frame_off(frame)), staging, &copies);
+        self.huge_map(frame, slot)
     }
 
     /// Map small slots over pages of `frame`: `(page, slot)`, one mmap per run.
@@ -333,42 +531,6 @@ impl HostMem {
             self.data
                 .punch_hole(u64::from(s[i]) * PAGE_SIZE, (j - i) as u64 * PAGE_SIZE)?;
             i = j;
-        }
-        Ok(())
-    }
-
-    /// Copy the listed pages of `frame` (as mapped now) into the allocated huge
-    /// slot `slot`; the other pages of the slot stay zero.
-    pub(crate) fn copy_to_huge(
-        &self,
-        frame: usize,
-        slot: u32,
-        pages: &[u16],
-    ) -> Result<(), GuestMemError> {
-        if pages.is_empty() {
-            return Ok(());
-        }
-        let t = TempMap::new(
-            self.pool(),
-            u64::from(slot) * HPAGE_SIZE,
-            HPAGE_SIZE,
-            "hugetlb staging map",
-        )?;
-        let src_base = self.range.ptr(frame_off(frame));
-        for &p in pages {
-            let off = u64::from(p) * PAGE_SIZE;
-            if off + PAGE_SIZE > HPAGE_SIZE {
-                continue;
-            }
-            // SAFETY: the source is a mapped page inside `frame` of our range;
-            // the destination lies inside the 2M staging map; distinct mappings.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    src_base.add(off as usize),
-                    t.ptr().add(off as usize),
-                    PAGE_SIZE as usize,
-                );
-            }
         }
         Ok(())
     }
@@ -449,31 +611,31 @@ impl HostMem {
     /// Runs of pages of `frame` the RAM memfd holds data for (`SEEK_DATA` /
     /// `SEEK_HOLE`): `(first page, count)`.
     pub(crate) fn data_runs(&self, frame: usize) -> Result<Vec<(u16, u32)>, GuestMemError> {
-        let start = frame_off(frame) as libc::off_t;
-        let end = start + HPAGE_SIZE as libc::off_t;
-        let fd = self.data.as_raw_fd();
+        let start = frame_off(frame);
+        let end = start + HPAGE_SIZE;
         let mut runs = Vec::new();
         let mut pos = start;
         while pos < end {
-            // SAFETY: lseek on our own fd; no memory is touched.
-            let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if d < 0 || d >= end {
-                let e = GuestMemError::last_os();
-                if d < 0 && e.raw_os_error() != Some(libc::ENXIO) {
+            let d = match fs::seek(&self.data, SeekFrom::Data(pos)) {
+                Ok(d) if d < end => d,
+                Ok(_) | Err(Errno::NXIO) => break,
+                Err(e) => {
                     return Err(GuestMemError::HostRead {
                         path: format!("memfd {} (SEEK_DATA)", self.data.name()),
-                        source: e,
-                    });
+                        source: e.into(),
+                    })
                 }
+            };
+            // A failed SEEK_HOLE ends the scan like an empty run.
+            let Ok(h) = fs::seek(&self.data, SeekFrom::Hole(d)) else {
                 break;
-            }
-            // SAFETY: as above.
-            let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) }.min(end);
+            };
+            let h = h.min(end);
             if h <= d {
                 break;
             }
-            let first = ((d - start) as u64 / PAGE_SIZE) as u16;
-            let n = ((h - d) as u64).div_ceil(PAGE_SIZE) as u32;
+            let first = ((d - start) / PAGE_SIZE) as u16;
+            let n = (h - d).div_ceil(PAGE_SIZE) as u32;
             runs.push((first, n));
             pos = h;
         }
@@ -496,9 +658,9 @@ impl HostMem {
         huge: bool,
     ) -> Result<(), GuestMemError> {
         let (a, n) = if huge {
-            (libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+            (Advice::LinuxHugepage, "MADV_HUGEPAGE")
         } else {
-            (libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+            (Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")
         };
         self.range.madvise(frame_off(frame), HPAGE_SIZE, a, n)
     }
@@ -527,6 +689,7 @@ impl HostMem {
         self.frame_hugepage_advice(frame, true)?;
         let addr = self.range.base() + frame_off(frame);
         loop {
+            // rustix's `Advice` has no MADV_COLLAPSE: this call stays on libc.
             // SAFETY: madvise on one frame of our own mapping; MADV_COLLAPSE
             // keeps contents and mappings valid.
             let r = unsafe {
@@ -572,26 +735,21 @@ impl HostMem {
             Backing::Thp | Backing::Small4k => {
                 let mut done = 0usize;
                 while done < buf.len() {
-                    // SAFETY: pread into the unfilled tail of `buf`.
-                    let r = unsafe {
-                        libc::pread(
-                            self.data.as_raw_fd(),
-                            buf[done..].as_mut_ptr() as *mut libc::c_void,
-                            buf.len() - done,
-                            (off + done as u64) as libc::off_t,
-                        )
-                    };
-                    if r <= 0 {
-                        let e = GuestMemError::last_os();
-                        if r < 0 && e.raw_os_error() == Some(libc::EINTR) {
+                    let r = retry_on_intr(|| {
+                        rustix::io::pread(&self.data, &mut buf[done..], off + done as u64)
+                    });
+                    let source = match r {
+                        Ok(n) if n > 0 => {
+                            done += n;
                             continue;
                         }
-                        return Err(GuestMemError::HostRead {
-                            path: format!("memfd {}", self.data.name()),
-                            source: e,
-                        });
-                    }
-                    done += r as usize;
+                        Ok(_) => std::io::ErrorKind::UnexpectedEof.into(),
+                        Err(e) => e.into(),
+                    };
+                    return Err(GuestMemError::HostRead {
+                        path: format!("memfd {}", self.data.name()),
+                        source,
+                    });
                 }
                 Ok(())
             }

@@ -3,7 +3,11 @@
 //! The range is reserved once (`PROT_NONE`, anonymous), aligned to 2M, and
 //! never moves: frames are switched by mapping over them with `MAP_FIXED`.
 
-use std::os::fd::AsRawFd;
+use std::ffi::c_void;
+use std::os::fd::AsFd;
+
+use rustix::io::{retry_on_intr, Errno};
+use rustix::mm::{self, Advice, MapFlags, ProtFlags};
 
 use crate::HPAGE_SIZE;
 
@@ -26,7 +30,7 @@ fn to_usize(v: u64, what: &'static str) -> Result<usize, GuestMemError> {
         what,
         addr: 0,
         len: v,
-        source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+        source: Errno::OVERFLOW.into(),
     })
 }
 
@@ -41,21 +45,19 @@ impl HostRange {
             what: "guest RAM reservation",
             addr: 0,
             len: size as u64,
-            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
+            source: Errno::OVERFLOW.into(),
         })?;
         // SAFETY: a fresh anonymous PROT_NONE mapping at an address the kernel
         // picks; it overlaps nothing of ours.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap_anonymous(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::empty(),
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
             )
-        };
-        let p = mapped(p, "guest RAM reservation", 0, len as u64)?;
+        }
+        .map_err(mmap_error("guest RAM reservation", 0, len as u64))?;
         let start = p as usize;
         let base = (start + hp - 1) & !(hp - 1);
         let head = base - start;
@@ -64,10 +66,10 @@ impl HostRange {
         // [base, base + size), which we keep.
         unsafe {
             if head > 0 {
-                libc::munmap(start as *mut libc::c_void, head);
+                let _ = mm::munmap(start as *mut c_void, head);
             }
             if tail > 0 {
-                libc::munmap((base + size) as *mut libc::c_void, tail);
+                let _ = mm::munmap((base + size) as *mut c_void, tail);
             }
         }
         Ok(Self {
@@ -106,7 +108,7 @@ impl HostRange {
                 what,
                 addr: self.base as u64 + off,
                 len,
-                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                source: Errno::INVAL.into(),
             });
         }
         Ok((self.base + off as usize, len as usize))
@@ -118,30 +120,32 @@ impl HostRange {
         &self,
         off: u64,
         len: u64,
-        fd: &impl AsRawFd,
+        fd: &impl AsFd,
         file_off: u64,
         what: &'static str,
     ) -> Result<(), GuestMemError> {
         let (addr, l) = self.check(off, len, what)?;
-        let fo = libc::off_t::try_from(file_off).map_err(|_| GuestMemError::Mmap {
-            what,
-            addr: addr as u64,
-            len,
-            source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
-        })?;
+        if i64::try_from(file_off).is_err() {
+            return Err(GuestMemError::Mmap {
+                what,
+                addr: addr as u64,
+                len,
+                source: Errno::OVERFLOW.into(),
+            });
+        }
         // SAFETY: [addr, addr + l) lies inside our reserved range (checked), so
         // MAP_FIXED replaces only our own mappings; the fd is valid.
-        let p = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
+        unsafe {
+            mm::mmap(
+                addr as *mut c_void,
                 l,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                fd.as_raw_fd(),
-                fo,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::FIXED,
+                fd,
+                file_off,
             )
-        };
-        mapped(p, what, addr as u64, len)?;
+        }
+        .map_err(mmap_error(what, addr as u64, len))?;
         Ok(())
     }
 
@@ -152,19 +156,17 @@ impl HostRange {
         let what = "anonymous zero pages";
         let (addr, l) = self.check(off, len, what)?;
         // SAFETY: [addr, addr + l) lies inside our reserved range (checked).
-        let p = unsafe {
-            libc::mmap(
-                addr as *mut libc::c_void,
+        unsafe {
+            mm::mmap_anonymous(
+                addr as *mut c_void,
                 l,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                -1,
-                0,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
             )
-        };
-        mapped(p, what, addr as u64, len)?;
+        }
+        .map_err(mmap_error(what, addr as u64, len))?;
         // Best effort: keep anonymous filler out of THP so the host view stays exact.
-        self.madvise(off, len, libc::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+        self.madvise(off, len, Advice::LinuxNoHugepage, "MADV_NOHUGEPAGE")
     }
 
     /// `madvise(advice)` on `[off, off + len)` of the range.
@@ -172,7 +174,7 @@ impl HostRange {
         &self,
         off: u64,
         len: u64,
-        advice: libc::c_int,
+        advice: Advice,
         name: &'static str,
     ) -> Result<(), GuestMemError> {
         let (addr, l) = self.check(off, len, name)?;
@@ -184,27 +186,20 @@ impl HostRange {
 pub(crate) fn madvise_raw(
     addr: usize,
     len: usize,
-    advice: libc::c_int,
+    advice: Advice,
     name: &'static str,
 ) -> Result<(), GuestMemError> {
-    loop {
+    retry_on_intr(|| {
         // SAFETY: madvise on memory we mapped; the advices used here never
         // unmap memory other code relies on.
-        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = GuestMemError::last_os();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            continue;
-        }
-        return Err(GuestMemError::Madvise {
-            advice: name,
-            addr: addr as u64,
-            len: len as u64,
-            source: e,
-        });
-    }
+        unsafe { mm::madvise(addr as *mut c_void, len, advice) }
+    })
+    .map_err(|e| GuestMemError::Madvise {
+        advice: name,
+        addr: addr as u64,
+        len: len as u64,
+        source: e.into(),
+    })
 }
 
 impl HostRange {
@@ -226,7 +221,7 @@ impl Drop for HostRange {
         // SAFETY: we own [base, base + size) and nothing refers to it any more
         // (the owner checks outstanding vm-memory views before dropping us).
         unsafe {
-            libc::munmap(self.base as *mut libc::c_void, self.size);
+            let _ = mm::munmap(self.base as *mut c_void, self.size);
         }
     }
 }
@@ -241,7 +236,7 @@ pub struct TempMap {
 impl TempMap {
     /// Map `len` bytes of `fd` at `file_off`, shared, read-write, anywhere.
     pub fn new(
-        fd: &impl AsRawFd,
+        fd: &impl AsFd,
         file_off: u64,
         len: u64,
         what: &'static str,
@@ -253,20 +248,21 @@ impl TempMap {
             source,
         };
         let l = to_usize(len, what)?;
-        let fo = libc::off_t::try_from(file_off)
-            .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+        if i64::try_from(file_off).is_err() {
+            return Err(err(Errno::OVERFLOW.into()));
+        }
         // SAFETY: a new shared mapping at a kernel-chosen address; overlaps nothing.
         let p = unsafe {
-            libc::mmap(
+            mm::mmap(
                 std::ptr::null_mut(),
                 l,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                fo,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::NORESERVE,
+                fd,
+                file_off,
             )
-        };
-        let p = mapped(p, what, 0, len)?;
+        }
+        .map_err(mmap_error(what, 0, len))?;
         Ok(Self {
             addr: p as usize,
             len: l,
@@ -293,7 +289,7 @@ impl TempMap {
         if off.checked_add(len).is_none_or(|e| e > self.len) {
             return Ok(());
         }
-        madvise_raw(self.addr + off, len, libc::MADV_DONTNEED, "MADV_DONTNEED")
+        madvise_raw(self.addr + off, len, Advice::LinuxDontNeed, "MADV_DONTNEED")
     }
 }
 
@@ -301,28 +297,19 @@ impl Drop for TempMap {
     fn drop(&mut self) {
         // SAFETY: we own this mapping and nothing borrows from it past its life.
         unsafe {
-            libc::munmap(self.addr as *mut libc::c_void, self.len);
+            let _ = mm::munmap(self.addr as *mut c_void, self.len);
         }
     }
 }
 
-/// `mmap`'s result: `MAP_FAILED` becomes [`GuestMemError::Mmap`] with the errno
-/// (call it right after `mmap`, before anything else can change errno).
-fn mapped(
-    p: *mut libc::c_void,
-    what: &'static str,
-    addr: u64,
-    len: u64,
-) -> Result<*mut libc::c_void, GuestMemError> {
-    if p == libc::MAP_FAILED {
-        return Err(GuestMemError::Mmap {
-            what,
-            addr,
-            len,
-            source: GuestMemError::last_os(),
-        });
+/// A failed `mmap` as [`GuestMemError::Mmap`], with what was mapped where.
+fn mmap_error(what: &'static str, addr: u64, len: u64) -> impl FnOnce(Errno) -> GuestMemError {
+    move |e| GuestMemError::Mmap {
+        what,
+        addr,
+        len,
+        source: e.into(),
     }
-    Ok(p)
 }
 
 #[cfg(test)]

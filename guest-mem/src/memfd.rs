@@ -1,7 +1,9 @@
 //! memfd creation, sizing, hole punching and allocation.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use rustix::fs::{self, FallocateFlags, MemfdFlags};
+use rustix::io::{retry_on_intr, Errno};
 
 use crate::error::GuestMemError;
 
@@ -24,25 +26,16 @@ pub struct Memfd {
 
 impl Memfd {
     /// `memfd_create(name, MFD_CLOEXEC [| MFD_HUGETLB | MFD_HUGE_2MB])`.
+    /// A name with an interior NUL is refused with `EINVAL`.
     pub fn create(name: &str, kind: MemfdKind) -> Result<Self, GuestMemError> {
-        let cname = CString::new(name).map_err(|_| GuestMemError::Memfd {
-            name: name.to_string(),
-            source: std::io::Error::from_raw_os_error(libc::EINVAL),
-        })?;
-        let mut flags = libc::MFD_CLOEXEC;
+        let mut flags = MemfdFlags::CLOEXEC;
         if kind == MemfdKind::Hugetlb2M {
-            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
         }
-        // SAFETY: `cname` is a valid NUL-terminated string that outlives the call.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
-        if fd < 0 {
-            return Err(GuestMemError::Memfd {
-                name: name.to_string(),
-                source: GuestMemError::last_os(),
-            });
-        }
-        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let fd = fs::memfd_create(name, flags).map_err(|e| GuestMemError::Memfd {
+            name: name.to_string(),
+            source: e.into(),
+        })?;
         Ok(Self {
             fd,
             name: name.to_string(),
@@ -67,39 +60,25 @@ impl Memfd {
             len,
             source,
         };
-        let l = libc::off_t::try_from(len)
-            .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EFBIG)))?;
-        // SAFETY: ftruncate on an fd we own; no memory is touched.
-        let r = unsafe { libc::ftruncate(self.fd.as_raw_fd(), l) };
-        if r < 0 {
-            return Err(err(GuestMemError::last_os()));
+        // Lengths past `off_t` are refused here, as before the kernel sees them.
+        if i64::try_from(len).is_err() {
+            return Err(err(Errno::FBIG.into()));
         }
-        Ok(())
+        fs::ftruncate(&self.fd, len).map_err(|e| err(e.into()))
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<(), std::io::Error> {
-        let (o, l) = match (libc::off_t::try_from(offset), libc::off_t::try_from(len)) {
-            (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(std::io::Error::from_raw_os_error(libc::EFBIG)),
-        };
-        loop {
-            // SAFETY: fallocate on an fd we own; no memory of ours is touched.
-            let r = unsafe { libc::fallocate(self.fd.as_raw_fd(), mode, o, l) };
-            if r == 0 {
-                return Ok(());
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(e);
-            }
+    fn fallocate(&self, mode: FallocateFlags, offset: u64, len: u64) -> Result<(), std::io::Error> {
+        if i64::try_from(offset).is_err() || i64::try_from(len).is_err() {
+            return Err(Errno::FBIG.into());
         }
+        retry_on_intr(|| fs::fallocate(&self.fd, mode, offset, len)).map_err(Into::into)
     }
 
     /// Free `[offset, offset + len)`: `fallocate(PUNCH_HOLE | KEEP_SIZE)`.
     /// The pages read as zero afterwards and every mapping of them is zapped.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), GuestMemError> {
         self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
             offset,
             len,
         )
@@ -115,23 +94,16 @@ impl Memfd {
     /// memfd this takes huge pages from the host pool; the raw `io::Error`
     /// is returned so the caller can tell ENOSPC (pool empty) apart.
     pub fn allocate(&self, offset: u64, len: u64) -> Result<(), std::io::Error> {
-        self.fallocate(0, offset, len)
+        self.fallocate(FallocateFlags::empty(), offset, len)
     }
 
     /// Bytes of the file backed by memory now (`st_blocks * 512`): the host's
     /// own count, independent of our books.
     pub fn allocated_bytes(&self) -> Result<u64, GuestMemError> {
-        let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-        // SAFETY: fstat writes a `struct stat` into `st`, which is large enough.
-        let r = unsafe { libc::fstat(self.fd.as_raw_fd(), st.as_mut_ptr()) };
-        if r < 0 {
-            return Err(GuestMemError::HostRead {
-                path: format!("fstat(memfd {})", self.name),
-                source: GuestMemError::last_os(),
-            });
-        }
-        // SAFETY: fstat returned 0, so it filled the struct.
-        let st = unsafe { st.assume_init() };
+        let st = fs::fstat(&self.fd).map_err(|e| GuestMemError::HostRead {
+            path: format!("fstat(memfd {})", self.name),
+            source: e.into(),
+        })?;
         Ok(u64::try_from(st.st_blocks).unwrap_or(0) * 512)
     }
 
@@ -148,6 +120,12 @@ impl Memfd {
 impl AsRawFd for Memfd {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Memfd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

@@ -158,6 +158,16 @@ impl HugeMeminfo {
     pub fn available(&self) -> u64 {
         self.free.saturating_sub(self.rsvd)
     }
+
+    /// `HugePages_Free` when the default huge page size is 2M, else 0 (no
+    /// 2M pool to take from).
+    pub fn free_2m(&self) -> u64 {
+        if self.page_size == crate::HPAGE_SIZE {
+            self.free
+        } else {
+            0
+        }
+    }
 }
 
 const MEMINFO: &str = "/proc/meminfo";

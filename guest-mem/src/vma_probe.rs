@@ -8,11 +8,13 @@
 //! mm/madvise.c), so KVM's mappings stay as they are.
 //! Used only where `PAGEMAP_SCAN` (Linux 6.7+) is missing.
 
+use rustix::mm::Advice;
+
 use crate::error::GuestMemError;
 use crate::mapping::madvise_raw;
 use crate::{smaps, HPAGE_SIZE};
 
-fn advise(addr: u64, advice: (libc::c_int, &'static str)) -> Result<(), GuestMemError> {
+fn advise(addr: u64, advice: (Advice, &'static str)) -> Result<(), GuestMemError> {
     madvise_raw(addr as usize, HPAGE_SIZE as usize, advice.0, advice.1)
 }
 
@@ -25,13 +27,13 @@ pub fn frame_pmd_mapped(addr: u64) -> Result<bool, GuestMemError> {
         .any(|v| v.start <= addr && addr < v.end && v.dontdump);
     let (flip, back) = if had_dd {
         (
-            (libc::MADV_DODUMP, "MADV_DODUMP"),
-            (libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
+            (Advice::LinuxDoDump, "MADV_DODUMP"),
+            (Advice::LinuxDontDump, "MADV_DONTDUMP"),
         )
     } else {
         (
-            (libc::MADV_DONTDUMP, "MADV_DONTDUMP"),
-            (libc::MADV_DODUMP, "MADV_DODUMP"),
+            (Advice::LinuxDontDump, "MADV_DONTDUMP"),
+            (Advice::LinuxDoDump, "MADV_DODUMP"),
         )
     };
     advise(addr, flip)?;
@@ -69,7 +71,7 @@ mod tests {
         fd.set_len(2 * HPAGE_SIZE).unwrap();
         let r = HostRange::reserve(2 * HPAGE_SIZE).unwrap();
         r.map_file(0, HPAGE_SIZE, &fd, 0, "view at 0").unwrap();
-        r.madvise(0, HPAGE_SIZE, libc::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+        r.madvise(0, HPAGE_SIZE, Advice::LinuxHugepage, "MADV_HUGEPAGE")
             .unwrap();
         r.map_file(HPAGE_SIZE, HPAGE_SIZE, &fd, 4096, "view at 4K")
             .unwrap();

@@ -225,6 +225,59 @@ pub struct FolioArena {
     slots: Vec<Option<Folio>>,
     free: Vec<FolioId>,
     live: usize,
+    /// While a transaction is open ([`FolioArena::begin_undo`]).
+    undo: Option<ArenaUndo>,
+}
+
+/// One change to the arena, as the undo log records it.
+#[derive(Debug, Clone)]
+enum ArenaOp {
+    /// `id` was stored; `reused`: taken from the free list (else appended).
+    Inserted { id: FolioId, reused: bool },
+    /// `id` was removed; it was `folio` (`None`: an older entry of the
+    /// log restores its value, only the slot and free list matter).
+    Removed { id: FolioId, folio: Option<Folio> },
+    /// `id` was handed out mutable for the first time; it was `folio`.
+    Changed { id: FolioId, folio: Folio },
+}
+
+/// The undo log of an open transaction: the changes, and the ids whose
+/// value before the transaction the log can already restore (so a folio
+/// changed many times is saved once).
+#[derive(Debug, Clone, Default)]
+struct ArenaUndo {
+    ops: Vec<ArenaOp>,
+    saved: std::collections::HashSet<FolioId, IdHash>,
+}
+
+/// Hashing of folio ids for the undo log's set: one multiply (ids are
+/// small dense integers; SipHash would cost more than the rest of the log).
+#[derive(Debug, Clone, Copy, Default)]
+struct IdHash;
+
+impl std::hash::BuildHasher for IdHash {
+    type Hasher = IdHasher;
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+/// The hasher of [`IdHash`].
+#[derive(Debug, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (u64::from(n) ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl FolioArena {
@@ -233,19 +286,65 @@ impl FolioArena {
         Self::default()
     }
 
+    /// Starts recording how to undo every change (see
+    /// [`Self::rollback_undo`]): the cost is one copy of each folio changed
+    /// or removed, not of the arena.
+    pub fn begin_undo(&mut self) {
+        self.undo = Some(ArenaUndo::default());
+    }
+
+    /// Keeps the changes since [`Self::begin_undo`] and stops recording.
+    pub fn commit_undo(&mut self) {
+        self.undo = None;
+    }
+
+    /// Undoes every change since [`Self::begin_undo`], newest first: every
+    /// folio, the free list's order and the live count are exactly as before.
+    pub fn rollback_undo(&mut self) {
+        let Some(u) = self.undo.take() else { return };
+        for op in u.ops.into_iter().rev() {
+            match op {
+                ArenaOp::Inserted { id, reused } => {
+                    self.live -= 1;
+                    if reused {
+                        self.slots[id as usize] = None;
+                        self.free.push(id);
+                    } else {
+                        debug_assert_eq!(self.slots.len(), id as usize + 1);
+                        self.slots.pop();
+                    }
+                }
+                ArenaOp::Removed { id, folio } => {
+                    let back = self.free.pop();
+                    debug_assert_eq!(back, Some(id));
+                    // Without a value, an older entry overwrites this one.
+                    let folio = folio.unwrap_or_else(|| Folio::new(Backing::Small(0), 0));
+                    self.slots[id as usize] = Some(folio);
+                    self.live += 1;
+                }
+                ArenaOp::Changed { id, folio } => self.slots[id as usize] = Some(folio),
+            }
+        }
+    }
+
     /// Stores `folio`, returns its id.
     pub fn insert(&mut self, folio: Folio) -> FolioId {
         self.live += 1;
-        match self.free.pop() {
+        let (id, reused) = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = Some(folio);
-                id
+                (id, true)
             }
             None => {
                 self.slots.push(Some(folio));
-                (self.slots.len() - 1) as FolioId
+                ((self.slots.len() - 1) as FolioId, false)
             }
+        };
+        if let Some(u) = self.undo.as_mut() {
+            u.ops.push(ArenaOp::Inserted { id, reused });
+            u.saved.insert(id);
         }
+        id
     }
 
     /// Removes a folio, returning it.
@@ -253,6 +352,10 @@ impl FolioArena {
         let f = self.slots.get_mut(id as usize)?.take()?;
         self.free.push(id);
         self.live -= 1;
+        if let Some(u) = self.undo.as_mut() {
+            let folio = u.saved.insert(id).then(|| f.clone());
+            u.ops.push(ArenaOp::Removed { id, folio });
+        }
         Some(f)
     }
 
@@ -263,7 +366,16 @@ impl FolioArena {
 
     /// The folio `id`, mutable, if live.
     pub fn get_mut(&mut self, id: FolioId) -> Option<&mut Folio> {
-        self.slots.get_mut(id as usize)?.as_mut()
+        let f = self.slots.get_mut(id as usize)?.as_mut()?;
+        if let Some(u) = self.undo.as_mut() {
+            if u.saved.insert(id) {
+                u.ops.push(ArenaOp::Changed {
+                    id,
+                    folio: f.clone(),
+                });
+            }
+        }
+        Some(f)
     }
 
     /// Number of live folios.

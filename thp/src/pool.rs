@@ -25,6 +25,44 @@ pub struct HugePool {
     free: Vec<u32>,
     used: Vec<bool>,
     fail_next: u32,
+    /// While a transaction is open: how to undo each change.
+    pub(crate) undo: UndoLog,
+}
+
+/// How to undo each change to a pool since [`UndoLog::begin`], in order
+/// (recording only between `begin` and `commit`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UndoLog(Option<Vec<PoolUndo>>);
+
+impl UndoLog {
+    /// Starts recording.
+    pub(crate) fn begin(&mut self) {
+        self.0 = Some(Vec::new());
+    }
+    /// Forgets the log and stops recording.
+    pub(crate) fn commit(&mut self) {
+        self.0 = None;
+    }
+    fn record(&mut self, op: PoolUndo) {
+        if let Some(u) = self.0.as_mut() {
+            u.push(op);
+        }
+    }
+    /// The changes to undo, newest first; stops recording.
+    fn take_newest_first(&mut self) -> impl Iterator<Item = PoolUndo> {
+        self.0.take().unwrap_or_default().into_iter().rev()
+    }
+}
+
+/// One change to a pool, as the undo log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolUndo {
+    /// `slot` was allocated; `grew`: past the high-water mark (small pool).
+    Alloc { slot: u32, grew: bool },
+    /// `slot` was freed.
+    Free(u32),
+    /// An injected failure was consumed.
+    Failed,
 }
 
 impl HugePool {
@@ -36,7 +74,31 @@ impl HugePool {
             free: (0..capacity).rev().collect(),
             used: vec![false; capacity as usize],
             fail_next: 0,
+            undo: UndoLog::default(),
         }
+    }
+
+    /// Undoes every change since the undo log began, newest first (the
+    /// free list's order included), and stops recording.
+    pub(crate) fn rollback_undo(&mut self) {
+        for op in self.undo.take_newest_first() {
+            match op {
+                PoolUndo::Alloc { slot, .. } => {
+                    self.used[slot as usize] = false;
+                    self.free.push(slot);
+                }
+                PoolUndo::Free(slot) => {
+                    let s = self.free.pop();
+                    debug_assert_eq!(s, Some(slot));
+                    self.used[slot as usize] = true;
+                }
+                PoolUndo::Failed => self.fail_next += 1,
+            }
+        }
+    }
+
+    fn record(&mut self, op: PoolUndo) {
+        self.undo.record(op);
     }
 
     /// Total number of slots.
@@ -68,10 +130,12 @@ impl HugePool {
     pub fn alloc(&mut self) -> Option<u32> {
         if self.fail_next > 0 {
             self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
             return None;
         }
         let slot = self.free.pop()?;
         self.used[slot as usize] = true;
+        self.record(PoolUndo::Alloc { slot, grew: false });
         Some(slot)
     }
 
@@ -81,6 +145,7 @@ impl HugePool {
             Some(u) if *u => {
                 *u = false;
                 self.free.push(slot);
+                self.record(PoolUndo::Free(slot));
                 Ok(())
             }
             _ => Err(PoolError::NotAllocated { pool: "huge", slot }),
@@ -106,6 +171,8 @@ pub struct SmallPool {
     used: Vec<bool>,
     in_use: usize,
     fail_next: u32,
+    /// While a transaction is open: how to undo each change.
+    pub(crate) undo: UndoLog,
 }
 
 impl SmallPool {
@@ -115,6 +182,36 @@ impl SmallPool {
             limit,
             ..Default::default()
         }
+    }
+
+    /// Undoes every change since the undo log began, newest first, and
+    /// stops recording: free set, used map, high-water mark and counters
+    /// are exactly as before.
+    pub(crate) fn rollback_undo(&mut self) {
+        for op in self.undo.take_newest_first() {
+            match op {
+                PoolUndo::Alloc { slot, grew } => {
+                    self.in_use -= 1;
+                    if grew {
+                        debug_assert_eq!(self.used.len(), slot as usize + 1);
+                        self.used.pop();
+                    } else {
+                        self.used[slot as usize] = false;
+                        self.free.insert(slot);
+                    }
+                }
+                PoolUndo::Free(slot) => {
+                    self.free.remove(&slot);
+                    self.used[slot as usize] = true;
+                    self.in_use += 1;
+                }
+                PoolUndo::Failed => self.fail_next += 1,
+            }
+        }
+    }
+
+    fn record(&mut self, op: PoolUndo) {
+        self.undo.record(op);
     }
 
     /// Changes the limit (fault injection). Slots already in use stay.
@@ -157,20 +254,22 @@ impl SmallPool {
     pub fn alloc(&mut self) -> Option<u32> {
         if self.fail_next > 0 {
             self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
             return None;
         }
         if self.available() == 0 {
             return None;
         }
-        let slot = match self.free.pop_first() {
-            Some(s) => s,
+        let (slot, grew) = match self.free.pop_first() {
+            Some(s) => (s, false),
             None => {
                 self.used.push(false);
-                (self.used.len() - 1) as u32
+                ((self.used.len() - 1) as u32, true)
             }
         };
         self.used[slot as usize] = true;
         self.in_use += 1;
+        self.record(PoolUndo::Alloc { slot, grew });
         Some(slot)
     }
 
@@ -181,6 +280,7 @@ impl SmallPool {
                 *u = false;
                 self.free.insert(slot);
                 self.in_use -= 1;
+                self.record(PoolUndo::Free(slot));
                 Ok(())
             }
             _ => Err(PoolError::NotAllocated {

@@ -674,9 +674,32 @@ impl RamModel {
         })
     }
 
+    /// Opens a transaction: [`Self::rollback`] undoes every change made
+    /// since, exactly (folios, pools and their free lists' order, frame
+    /// mappings, deferred-split queue, counters); [`Self::commit`] keeps
+    /// them. Costs one copy of what each operation touches (a frame's
+    /// mapping and folios, the pool slots it takes or returns), never of
+    /// the whole model: the caller of [`Self::split`], [`Self::collapse`],
+    /// [`Self::refill`] or a discard opens one before and rolls back when
+    /// the host cannot follow the plan. `pin` and `unpin` are not recorded.
+    pub fn checkpoint(&mut self) {
+        self.primary.begin_undo();
+    }
+
+    /// Keeps the changes since [`Self::checkpoint`] and closes the transaction.
+    pub fn commit(&mut self) {
+        self.primary.commit_undo();
+    }
+
+    /// Undoes the changes since [`Self::checkpoint`] and closes the transaction.
+    pub fn rollback(&mut self) {
+        self.primary.rollback_undo();
+    }
+
     /// Pins every page of a populated frame (like `pin_user_pages` over it):
     /// discard, split and collapse of it return `Busy` until [`Self::unpin`].
     pub fn pin(&mut self, frame: usize) -> Result<(), ModelError> {
+        debug_assert!(!self.primary.undo_open(), "pin inside a transaction");
         self.check_frame(frame)?;
         let ids: Vec<FolioId> = match self.mm().frame(frame) {
             FrameMap::None => return Err(ModelError::NotPopulated { frame }),
@@ -699,6 +722,7 @@ impl RamModel {
 
     /// Drops one pin of `frame`.
     pub fn unpin(&mut self, frame: usize) -> Result<(), ModelError> {
+        debug_assert!(!self.primary.undo_open(), "unpin inside a transaction");
         self.check_frame(frame)?;
         let ids = self.pins[frame]
             .pop()

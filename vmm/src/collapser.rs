@@ -110,8 +110,9 @@ impl Collapser {
 
     fn scan(&self, m: &dyn RamHandle, frames: Option<usize>) -> u64 {
         let mut cursor = lock(&self.cursor);
-        let states = m.ram().frame_states();
-        let total = states.len();
+        // Frame by frame: a wake-up scans a few frames, it must not copy
+        // every frame's state of guest RAM (up to 511 GiB) to do so.
+        let total = m.ram().frames();
         if total == 0 {
             return 0;
         }
@@ -119,7 +120,8 @@ impl Collapser {
         let mut collapsed = 0;
         for i in 0..n {
             let f = (*cursor + i) % total;
-            if self.cfg.eligible(states[f]) && self.collapse_frame(m, f) {
+            let state = m.ram().frame_state(f);
+            if self.cfg.eligible(state) && self.collapse_frame(m, f) {
                 collapsed += 1;
             }
         }

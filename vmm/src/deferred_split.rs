@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use guest_mem::{GiveBackReport, GuestMemError};
 
 use crate::balloon_backend::record;
-use crate::machine::Machine;
+use crate::ram_handle::RamHandle;
 use crate::unmap_stats::TimedQuiesce;
 
 /// Longest sleep between two scans for a queue delay of `delay`: a fifth of
@@ -28,25 +28,26 @@ pub fn max_period(delay: Duration) -> Duration {
 /// Lock order: balloon transport, guest RAM (as the balloon's own path).
 /// Not on a vCPU thread unless it counts as parked.
 pub fn split_due(
-    m: &Machine,
+    m: &dyn RamHandle,
     delay: Duration,
     max_wait: Duration,
 ) -> Result<GiveBackReport, GuestMemError> {
-    let Some(b) = m.balloon() else {
-        return Ok(GiveBackReport::default());
-    };
-    let _device = b.lock();
-    let timed = TimedQuiesce::new(&m.control);
-    let rep = m.ram().split_deferred(delay, max_wait, &timed)?;
-    if rep != GiveBackReport::default() {
-        log::debug!(
-            "deferred split: {} frame(s) split, {} pages freed",
-            rep.frames_split,
-            rep.pages_freed
-        );
-        record(m, b.metrics(), &rep, None, &timed.windows());
-    }
-    Ok(rep)
+    let mut out = Ok(GiveBackReport::default());
+    m.with_balloon_ram(&mut |ram, metrics| {
+        let timed = TimedQuiesce::new(m.vcpus());
+        out = ram.split_deferred(delay, max_wait, &timed);
+        if let Ok(rep) = &out {
+            if *rep != GiveBackReport::default() {
+                log::debug!(
+                    "deferred split: {} frame(s) split, {} pages freed",
+                    rep.frames_split,
+                    rep.pages_freed
+                );
+                record(m, metrics, rep, None, &timed.windows());
+            }
+        }
+    });
+    out
 }
 
 /// The worker of one machine.
@@ -74,14 +75,17 @@ impl DeferredSplitter {
     }
 
     /// Start the thread; it ends on [`Self::stop`] or when the machine is gone.
-    pub fn spawn(self: &Arc<Self>, m: Weak<Machine>) -> std::io::Result<JoinHandle<()>> {
+    pub fn spawn(
+        self: &Arc<Self>,
+        m: Weak<impl RamHandle + 'static>,
+    ) -> std::io::Result<JoinHandle<()>> {
         let me = Arc::clone(self);
         std::thread::Builder::new()
             .name("deferred-split".into())
             .spawn(move || me.run(m))
     }
 
-    fn run(&self, m: Weak<Machine>) {
+    fn run(&self, m: Weak<impl RamHandle>) {
         let period = max_period(self.delay.min(self.max_wait));
         let mut next = Instant::now() + period;
         loop {
@@ -105,10 +109,10 @@ impl DeferredSplitter {
             let Some(machine) = m.upgrade() else {
                 return;
             };
-            if machine.control.stopping() {
+            if machine.vcpus().stopping() {
                 return;
             }
-            if let Err(e) = split_due(&machine, self.delay, self.max_wait) {
+            if let Err(e) = split_due(&*machine, self.delay, self.max_wait) {
                 log::warn!("deferred split failed: {e}; the frames stay queued or backed");
             }
             // Wake when the oldest queued frame is due, at the latest after `period`.

@@ -4,9 +4,11 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod api_handle;
 pub mod balloon_backend;
 pub mod bench;
 pub mod boot;
+pub mod builder;
 pub mod collapser;
 pub mod config;
 pub mod control;

@@ -285,14 +285,9 @@ impl Machine {
         let ctx = self.mirror_ctx.get()?;
         let states = ram.frame_states();
         let r = match &ctx.guest {
-            None => mirror::predict_all_touched(
-                ctx,
-                ram.host_addr(),
-                ram.memslots(),
-                thp::ram_model::host_levels(&states),
-                false,
-                None,
-            ),
+            None => {
+                mirror::predict_quiescent(ctx, ram, mirror::frame_levels(&states, None), false, 0)
+            }
             Some(g) => {
                 let mut live = lock(&self.live_mirror);
                 let l = match live.as_mut() {
@@ -402,6 +397,17 @@ impl RamHandle for Machine {
     fn with_ram_after_balloon(&self, f: &mut dyn FnMut(&mut GuestRam)) {
         let _device = self.balloon().map(|b| b.lock());
         f(&mut Machine::ram(self));
+    }
+    fn with_balloon_ram(
+        &self,
+        f: &mut dyn FnMut(&mut GuestRam, &crate::give_back_stats::GiveBackRecorder),
+    ) -> bool {
+        let Some(b) = self.balloon() else {
+            return false;
+        };
+        let _device = b.lock();
+        f(&mut Machine::ram(self), b.metrics());
+        true
     }
     fn vcpus(&self) -> &VcpuControl {
         &self.control

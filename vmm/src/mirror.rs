@@ -105,6 +105,20 @@ pub enum Verdict {
 }
 
 impl Prediction {
+    /// No prediction, for `why`: nothing predicted, not comparable.
+    pub fn unavailable(why: String) -> Prediction {
+        Prediction {
+            pages_4k: 0,
+            pages_2m: 0,
+            pages_4k_max: 0,
+            pages_4k_bound: Some(why),
+            max_pages_2m: 0,
+            comparable: false,
+            mmu: String::new(),
+            per_slot: Vec::new(),
+        }
+    }
+
     /// Compare KVM's counters with the prediction.
     pub fn verdict(&self, pages_4k: u64, pages_2m: u64) -> Verdict {
         if !self.comparable {
@@ -442,6 +456,40 @@ impl LiveMirror {
             per_slot: per_slot(&self.mmu),
         })
     }
+}
+
+/// The host level of every frame of `states` (guest RAM's books): a PMD
+/// where the host's page tables say so (`pmd`, per frame, from
+/// `guest_mem::pagemap`), else 4K where the books say the frame is
+/// populated; without `pmd`, the books alone.
+pub fn frame_levels(states: &[guest_mem::FrameView], pmd: Option<&[bool]>) -> Vec<Option<Level>> {
+    let mut levels = host_levels(states);
+    if let Some(pmd) = pmd {
+        for (l, huge) in levels.iter_mut().zip(pmd) {
+            *l = match (*huge, *l) {
+                (true, _) => Some(Level::M2),
+                (false, Some(_)) => Some(Level::K4),
+                (false, None) => None,
+            };
+        }
+    }
+    levels
+}
+
+/// The prediction at a quiescent point of guest RAM `ram` with the frames
+/// at `levels` ([`frame_levels`]): every page the guest touches touched
+/// (`vmm stress`), or all RAM (a Linux guest's look); `orphan_frames` widen
+/// `pages_4k` on a shadow MMU ([`shadow_orphan_slack`]). The one path for
+/// `vmm stress` and `Machine::predict` without a test guest.
+pub fn predict_quiescent(
+    ctx: &MirrorContext,
+    ram: &guest_mem::GuestRam,
+    levels: Vec<Option<Level>>,
+    dirty: bool,
+    orphan_frames: u64,
+) -> Result<Prediction, MirrorError> {
+    let extra = shadow_orphan_slack(ctx, orphan_frames);
+    predict_all_touched(ctx, ram.host_addr(), ram.memslots(), levels, dirty, extra)
 }
 
 /// A fresh prediction with every page the guest touches touched now (and,

@@ -1,39 +1,34 @@
 //! `vmm run`: create guest RAM and the VM, load a kernel or a test guest, run
 //! the vCPUs until the guest ends, then report.
 
-use std::io::Write;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use guest_mem::{GuestMemError, GuestRam, GuestRamConfig, HPAGE_SIZE};
-use vmm_sys_util::eventfd::EventFd;
+use guest_mem::{GuestMemError, SplitPolicy, HPAGE_SIZE};
 
-use crate::api::{ApiServer, ApiServerError};
-use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
-use crate::boot::linux::{self, BootError, LinuxBootSpec};
-use crate::boot::long_mode::{self, LongModeError};
+use crate::api::ApiServer;
+use crate::balloon_backend::BALLOON_SLOT;
+use crate::boot::linux::{self, LinuxBootSpec};
+use crate::builder::{self, BalloonSpec, BuiltVm, GuestConfig, SerialConfig, VmConfig};
 use crate::collapser::{Collapser, CollapserConfig};
 use crate::config::RunConfig;
 use crate::deferred_split::DeferredSplitter;
-use crate::devices::console::{self, Console};
-use crate::devices::serial::{self, SerialFlags, SerialOut};
-use crate::devices::virtio_balloon::BalloonError;
-use crate::exit_code;
+use crate::devices::console::{Console, ConsoleStats};
+use crate::devices::serial;
 use crate::halt::HaltTracker;
 use crate::host::{HostInfo, PV_CMDLINE};
-use crate::input_file::{self, InputFileError};
-use crate::machine::{GuestKind, Machine, MachineParts};
-use crate::mirror;
+use crate::input_file;
+use crate::machine::{GuestKind, Machine};
 use crate::outcome::Outcome;
-use crate::output_path::{self, OutputPathError};
+use crate::output_path;
 use crate::report::{self, RunReport};
 use crate::snapshot::HostMemory;
-use crate::stats::{KvmSample, KvmStats};
-use crate::testguest::{self, TestGuestError, TestGuestName, TestGuestParams};
-use crate::vm::{self, Vm, VmError};
-use guest_mem::SplitPolicy;
+use crate::stats::KvmSample;
+use crate::testguest::{self, TestGuestName, TestGuestParams};
+
+pub use crate::builder::RunError;
 
 /// How long after a panic line the VMM waits for the guest to reset by itself.
 const PANIC_GRACE: Duration = Duration::from_secs(2);
@@ -47,100 +42,6 @@ pub const KVM_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
 const MAX_KVM_SAMPLES: usize = 20_000;
 /// How often a Linux guest is probed for a halt for good ([`crate::halt`]).
 const HALT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Errors before the guest runs.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// Bad option combination or value.
-    #[error("{0}")]
-    Usage(String),
-    /// Guest RAM.
-    #[error("guest RAM: {0}")]
-    GuestMem(#[from] GuestMemError),
-    /// KVM set-up.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Linux boot.
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    /// Test guest.
-    #[error(transparent)]
-    TestGuest(#[from] TestGuestError),
-    /// Long-mode set-up.
-    #[error(transparent)]
-    LongMode(#[from] LongModeError),
-    /// Serial output file.
-    #[error("cannot open the serial output {path}: {source}")]
-    SerialFile {
-        /// The path.
-        path: PathBuf,
-        /// OS error.
-        source: std::io::Error,
-    },
-    /// The balloon device.
-    #[error("virtio-balloon: {0}")]
-    Balloon(#[from] BalloonError),
-    /// The API socket.
-    #[error(transparent)]
-    Api(#[from] ApiServerError),
-    /// An output path (`--stats-json`) that cannot be written.
-    #[error(transparent)]
-    Output(#[from] OutputPathError),
-    /// An input or serial file that is not a regular file.
-    #[error(transparent)]
-    Input(#[from] InputFileError),
-    /// eventfd / thread creation and other OS failures.
-    #[error("{what}: {source}")]
-    Os {
-        /// What failed.
-        what: &'static str,
-        /// OS error.
-        source: std::io::Error,
-    },
-}
-
-impl RunError {
-    /// The process exit code for this error.
-    pub fn exit_code(&self) -> i32 {
-        let bad = match self {
-            RunError::Usage(_)
-            | RunError::SerialFile { .. }
-            | RunError::Api(_)
-            | RunError::Output(_)
-            | RunError::Input(_) => true,
-            RunError::Balloon(_) => false,
-            RunError::GuestMem(e) => matches!(
-                e,
-                GuestMemError::PoolTooSmall { .. }
-                    | GuestMemError::HugetlbUnavailable { .. }
-                    | GuestMemError::ShmemThpDisabled { .. }
-                    | GuestMemError::SizeNotMultipleOf2M { .. }
-                    | GuestMemError::SizeTooLarge { .. }
-                    | GuestMemError::HostCannotBack { .. }
-                    | GuestMemError::BadMemslotSize { .. }
-                    | GuestMemError::Memfd { .. }
-            ),
-            RunError::Vm(e) => e.is_bad_input(),
-            RunError::Boot(e) => e.is_bad_input(),
-            RunError::TestGuest(e) => !matches!(
-                e,
-                TestGuestError::Assemble(_)
-                    | TestGuestError::TooLarge { .. }
-                    | TestGuestError::Load { .. }
-            ),
-            RunError::LongMode(e) => matches!(
-                e,
-                LongModeError::RamTooSmall { .. } | LongModeError::RamTooLarge { .. }
-            ),
-            RunError::Os { .. } => false,
-        };
-        if bad {
-            exit_code::BAD_INPUT
-        } else {
-            exit_code::INTERNAL
-        }
-    }
-}
 
 fn check_args(a: &RunConfig) -> Result<(), RunError> {
     match guest_mem::check_ram_size(a.memory) {
@@ -208,23 +109,82 @@ fn duplicate_guest_arg(args: &[(String, u64)]) -> Option<&(String, u64)> {
         .map(|(_, a)| a)
 }
 
-/// The serial console's sink: `--serial` (stdout or a file) behind a
-/// [`Console`] buffer, so a slow or gone reader never blocks a vCPU.
-fn serial_sink(a: &RunConfig, flags: Arc<SerialFlags>) -> Result<(SerialOut, Console), RunError> {
-    let out: Box<dyn Write + Send> = if a.serial == "stdout" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(input_file::create_output(
-            "--serial",
-            &PathBuf::from(&a.serial),
-        )?)
+/// Every check of `a` and the VM it describes, without KVM: sizes, files,
+/// options, the test guest assembled (its arguments checked) or the kernel
+/// command line composed.
+pub fn vm_config(a: &RunConfig) -> Result<VmConfig, RunError> {
+    check_args(a)?;
+    let host = HostInfo::detect();
+    log::info!("host: {:?}", host);
+    let guest = guest_config(a, &host)?;
+    Ok(VmConfig {
+        kvm_dev: a.kvm_dev.clone(),
+        memory: a.memory,
+        memslot_size: a.memslot_size,
+        vcpus: a.vcpus,
+        backing: a.backing,
+        khugepaged: Some(collapser_config(a).khugepaged),
+        guest,
+        serial: SerialConfig::Console(serial_out(a)?),
+        balloon: a.balloon.then(|| BalloonSpec {
+            target: a.balloon_target,
+            free_page_reporting: !a.no_free_page_reporting,
+            split_policy: a.split_policy(),
+        }),
+        host,
+    })
+}
+
+/// The serial console's writer: stdout, or the `--serial` file (a regular
+/// file or a character device; created or truncated now, before KVM).
+fn serial_out(a: &RunConfig) -> Result<Box<dyn std::io::Write + Send>, RunError> {
+    if a.serial == "stdout" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let path = std::path::Path::new(&a.serial);
+    Ok(Box::new(input_file::create_output("--serial", path)?))
+}
+
+/// The test guest assembled, or the Linux boot spec with its command line.
+fn guest_config(a: &RunConfig, host: &HostInfo) -> Result<GuestConfig, RunError> {
+    if let Some(name) = a.test_guest {
+        let mut p = TestGuestParams::new(name, a.memory);
+        p.vcpus = usize::from(a.vcpus);
+        p.guest_pages = a.guest_pages;
+        if let Some(g) = a.generations {
+            if name != TestGuestName::Verify {
+                return Err(RunError::Usage(format!(
+                    "--generations {g}: only the verify test guest takes generations \
+                     (--test-guest {name} does not); drop the option"
+                )));
+            }
+            p.generations = g;
+        }
+        p.args = a.guest_arg_map();
+        return Ok(GuestConfig::Test(Box::new(testguest::build(&p)?)));
+    }
+    let kernel = a
+        .kernel
+        .clone()
+        .ok_or_else(|| RunError::Usage("either --kernel or --test-guest is required".into()))?;
+    let extra = host.needs_emulator_workarounds().then_some(PV_CMDLINE);
+    let balloon = a.balloon.then(|| BALLOON_SLOT.cmdline_arg());
+    let user: Vec<&str> = balloon
+        .iter()
+        .map(String::as_str)
+        .chain(a.cmdline.as_deref())
+        .collect();
+    let (cmdline, defaults_len) = linux::compose_cmdline(extra, &user)?;
+    let spec = LinuxBootSpec {
+        kernel,
+        initrd: a.initrd.clone(),
+        cmdline,
+        defaults_len,
+        vcpus: a.vcpus,
     };
-    let (console, writer) =
-        Console::spawn(out, console::DEFAULT_CAPACITY).map_err(|source| RunError::Os {
-            what: "spawning the console writer thread",
-            source,
-        })?;
-    Ok((SerialOut::new(Box::new(writer), flags), console))
+    // What the kernel file is and whether it fits, before any guest memory.
+    linux::check_kernel(guest_mem::RamLayout::new(a.memory)?, &spec)?;
+    Ok(GuestConfig::Linux(spec))
 }
 
 /// Run per `args`; `Ok` carries the report of a run that started the guest.
@@ -233,242 +193,104 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
         what: "installing the SIGINT/SIGTERM/SIGHUP handler",
         source,
     })?;
-    check_args(args)?;
-    let host = HostInfo::detect();
-    log::info!("host: {:?}", host);
-
-    // Cheap checks first: KVM, then the test guest's parameters.
-    let kvm = vm::open_kvm(&args.kvm_dev)?;
-    let image = match args.test_guest {
-        Some(name) => {
-            let mut p = TestGuestParams::new(name, args.memory);
-            p.vcpus = usize::from(args.vcpus);
-            p.guest_pages = args.guest_pages;
-            if let Some(g) = args.generations {
-                if name != TestGuestName::Verify {
-                    return Err(RunError::Usage(format!(
-                        "--generations {g}: only the verify test guest takes generations \
-                         (--test-guest {name} does not); drop the option"
-                    )));
-                }
-                p.generations = g;
-            }
-            p.args = args.guest_arg_map();
-            Some(testguest::build(&p)?)
-        }
-        None => None,
-    };
-
-    let collapser_cfg = collapser_config(args);
-    let mut ram_cfg = GuestRamConfig::new(args.memory, args.backing);
-    ram_cfg.memslot_size = args.memslot_size;
-    // The model refuses collapses the collapser's policy would not ask for.
-    ram_cfg.policy.khugepaged = collapser_cfg.khugepaged;
-    let mut ram = GuestRam::new(&ram_cfg)?;
-    ram.populate_all()?;
-    let mem = ram.memory();
-    let layout = ram.layout();
-
-    // SAFETY: GuestRam keeps its host range mapped (frames are only remapped
-    // in place with MAP_FIXED) until it is dropped; the Machine below owns
-    // `ram` and outlives every vCPU thread, and the VM fd is dropped first.
-    let mut vm = unsafe { Vm::new(kvm, usize::from(args.vcpus), ram.memslots())? };
-
-    let tables = long_mode::setup(&mem, layout.low_size())?;
-    let (kind, test_device) = match &image {
-        Some(img) => {
-            img.load(&mem)?;
-            vm.setup_long_mode(&tables, |i| img.initial_regs(i), true)?;
-            (GuestKind::TestGuest, Some(img.device()))
-        }
-        None => {
-            let kernel = args.kernel.clone().ok_or_else(|| {
-                RunError::Usage("either --kernel or --test-guest is required".into())
-            })?;
-            let extra = host.needs_emulator_workarounds().then_some(PV_CMDLINE);
-            let balloon = args.balloon.then(|| BALLOON_SLOT.cmdline_arg());
-            let user: Vec<&str> = balloon
-                .iter()
-                .map(String::as_str)
-                .chain(args.cmdline.as_deref())
-                .collect();
-            let (cmdline, defaults_len) = linux::compose_cmdline(extra, &user)?;
-            let spec = LinuxBootSpec {
-                kernel,
-                initrd: args.initrd.clone(),
-                cmdline,
-                defaults_len,
-                vcpus: args.vcpus,
-            };
-            let entry = linux::load(&mem, layout, &spec)?;
-            log::info!(
-                "kernel entry {:#x}, image end {:#x}, initrd {:x?}, command line {:?}",
-                entry.entry,
-                entry.kernel_end,
-                entry.initrd,
-                spec.cmdline
-            );
-            vm.setup_long_mode(
-                &tables,
-                |_| vm::entry_regs(entry.entry, linux::BOOT_STACK_POINTER, entry.zero_page),
-                false,
-            )?;
-            (GuestKind::Linux, None)
-        }
-    };
-
-    let flags = Arc::new(SerialFlags::default());
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
-        what: "creating the serial irq eventfd",
-        source,
-    })?;
-    vm.fd
-        .register_irqfd(&irq, serial::COM1_IRQ)
-        .map_err(|source| VmError::Kvm {
-            op: "KVM_IRQFD (serial)",
-            source,
-        })?;
-    let irq_clone = irq.try_clone().map_err(|source| RunError::Os {
-        what: "cloning the serial irq eventfd",
-        source,
-    })?;
-    let (serial_out, console) = serial_sink(args, flags.clone())?;
-    let serial_dev = serial::new_serial(irq_clone, serial_out);
-
-    let stats = match KvmStats::open(&vm.fd) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            log::warn!("KVM statistics unavailable: {e}");
-            None
-        }
-    };
-
-    let mirror_ctx = mirror::MirrorContext {
-        mmu: crate::mmu_params::detect(&host),
-        guest: image
-            .as_ref()
-            .map(crate::testguest::touch::GuestTouches::of),
-    };
-    let balloon_irq = if args.balloon {
-        let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| RunError::Os {
-            what: "creating the balloon irq eventfd",
-            source,
-        })?;
-        vm.fd
-            .register_irqfd(&e, BALLOON_SLOT.irq)
-            .map_err(|source| VmError::Kvm {
-                op: "KVM_IRQFD (balloon)",
-                source,
-            })?;
-        Some(e)
-    } else {
-        None
-    };
-
-    // The machine holds its own view; ours must go before guest RAM does.
-    drop(mem);
-    let vcpu_fds = std::mem::take(&mut vm.vcpus);
-    let machine = Arc::new(Machine::new(MachineParts {
-        vcpus: vcpu_fds.len(),
-        serial: serial_dev,
-        serial_flags: flags,
-        ram,
-        test_device,
-        host,
-        kind,
-        stats,
-    }));
-
-    machine.set_mirror_context(mirror_ctx);
-    if let Some(e) = balloon_irq {
-        let mut dev = BalloonDevice::new(
-            Arc::downgrade(&machine),
-            machine.mem.clone(),
-            layout,
-            Arc::new(IrqfdLine(e)),
-            args.balloon_target,
-            !args.no_free_page_reporting,
-        )?;
-        dev.set_split_policy(args.split_policy());
-        log::info!("virtio-balloon at {}", BALLOON_SLOT.cmdline_arg());
-        machine.set_balloon(Arc::new(dev));
-    }
-    let splitter = match args.split_policy() {
-        SplitPolicy::Deferred { delay, max_wait } if args.balloon => {
-            let s = DeferredSplitter::new(delay, max_wait);
-            let h = s
-                .spawn(Arc::downgrade(&machine))
-                .map_err(|source| RunError::Os {
-                    what: "spawning the deferred-split thread",
-                    source,
-                })?;
-            Some((s, h))
-        }
-        _ => None,
-    };
-    let collapser = if args.no_collapser || !args.backing.has_huge_frames() {
-        None
-    } else {
-        let c = Collapser::new(collapser_cfg);
-        machine.set_collapser(c.clone());
-        let h = c
-            .spawn(Arc::downgrade(&machine))
-            .map_err(|source| RunError::Os {
-                what: "spawning the collapser thread",
-                source,
-            })?;
-        Some((c, h))
-    };
-    let api = match &args.api_socket {
-        Some(p) => Some(ApiServer::start(p, Arc::downgrade(&machine))?),
-        None => None,
-    };
+    let config = vm_config(args)?;
+    let BuiltVm {
+        mut vm,
+        machine,
+        console,
+        ..
+    } = builder::build_vm(config)?;
+    let services = Services::start(args, &machine)?;
     let host_memory_start = HostMemory::read(&machine.ram());
 
     let started = Instant::now();
-    let mut handles = Vec::new();
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
-        let m = machine.clone();
-        let h = std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || crate::vcpu::run_vcpu(i, fd, m))
-            .map_err(|source| RunError::Os {
+    let m = machine.clone();
+    let body = move |i, fd| crate::vcpu::run_vcpu(i, fd, m.clone());
+    let handles =
+        builder::spawn_vcpus(&mut vm, &machine.control, STOP_TIMEOUT, body).map_err(|source| {
+            RunError::Os {
                 what: "spawning a vCPU thread",
                 source,
-            });
-        match h {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                machine.control.stop(STOP_TIMEOUT);
-                return Err(e);
             }
-        }
-    }
+        })?;
 
     let mut kvm_samples = Vec::new();
-    let outcome = wait(
-        &machine,
-        args.timeout.map(Duration::from_secs_f64),
-        started,
-        &mut kvm_samples,
-    );
-    drop(api);
-    if let Some((c, h)) = collapser {
-        c.stop();
-        if let Some(h) = h {
-            if h.join().is_err() {
+    let timeout = args.timeout.map(Duration::from_secs_f64);
+    let outcome = wait(&machine, timeout, started, &mut kvm_samples);
+    services.stop();
+    stop_vcpus(&machine, handles);
+    let elapsed = started.elapsed();
+    let mut rep = report::collect(&machine, &vm, args, outcome, elapsed, host_memory_start);
+    rep.console = finish_console(console);
+    rep.kvm_samples = kvm_samples;
+    drop(vm);
+    Ok(rep)
+}
+
+/// The threads a `vmm run` starts beside the vCPUs: the deferred splitter,
+/// the collapser and the API server.
+struct Services {
+    api: Option<ApiServer>,
+    collapser: Option<(Arc<Collapser>, Option<JoinHandle<()>>)>,
+    splitter: Option<(Arc<DeferredSplitter>, JoinHandle<()>)>,
+}
+
+impl Services {
+    /// Start the services `args` asks for on `machine`.
+    fn start(args: &RunConfig, machine: &Arc<Machine>) -> Result<Services, RunError> {
+        let os = |what| move |source| RunError::Os { what, source };
+        let splitter = match args.split_policy() {
+            SplitPolicy::Deferred { delay, max_wait } if args.balloon => {
+                let s = DeferredSplitter::new(delay, max_wait);
+                let h = s
+                    .spawn(Arc::downgrade(machine))
+                    .map_err(os("spawning the deferred-split thread"))?;
+                Some((s, h))
+            }
+            _ => None,
+        };
+        let collapser = if args.no_collapser || !args.backing.has_huge_frames() {
+            None
+        } else {
+            let c = Collapser::new(collapser_config(args));
+            machine.set_collapser(c.clone());
+            let h = c
+                .spawn(Arc::downgrade(machine))
+                .map_err(os("spawning the collapser thread"))?;
+            Some((c, h))
+        };
+        let api = match &args.api_socket {
+            Some(p) => Some(ApiServer::start(p, Arc::downgrade(machine))?),
+            None => None,
+        };
+        Ok(Services {
+            api,
+            collapser,
+            splitter,
+        })
+    }
+
+    /// Stop them: the API first (no new requests), then the workers.
+    fn stop(self) {
+        drop(self.api);
+        if let Some((c, h)) = self.collapser {
+            c.stop();
+            if h.is_some_and(|h| h.join().is_err()) {
                 log::error!("the collapser thread panicked");
             }
         }
-    }
-    if let Some((s, h)) = splitter {
-        s.stop();
-        if h.join().is_err() {
-            log::error!("the deferred-split thread panicked");
+        if let Some((s, h)) = self.splitter {
+            s.stop();
+            if h.join().is_err() {
+                log::error!("the deferred-split thread panicked");
+            }
         }
     }
-    let stopped = machine.control.stop(STOP_TIMEOUT);
-    if stopped {
+}
+
+/// Stop the vCPU threads and join them.
+fn stop_vcpus(m: &Machine, handles: Vec<JoinHandle<()>>) {
+    if m.control.stop(STOP_TIMEOUT) {
         for h in handles {
             if h.join().is_err() {
                 log::error!("a vCPU thread panicked");
@@ -477,24 +299,26 @@ pub fn run(args: &RunConfig) -> Result<RunReport, RunError> {
     } else {
         log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}");
     }
-    let elapsed = started.elapsed();
-    let console_stats = console.finish(CONSOLE_DRAIN);
-    if console_stats.bytes_dropped > 0 {
+}
+
+/// Let the console's reader take the last bytes; what it dropped is logged.
+fn finish_console(console: Option<Console>) -> ConsoleStats {
+    let Some(console) = console else {
+        return ConsoleStats::default();
+    };
+    let stats = console.finish(CONSOLE_DRAIN);
+    if stats.bytes_dropped > 0 {
         log::warn!(
             "guest console: {} bytes dropped (reader too slow or gone{})",
-            console_stats.bytes_dropped,
-            console_stats
+            stats.bytes_dropped,
+            stats
                 .error
                 .as_deref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
     }
-    let mut rep = report::collect(&machine, &vm, args, outcome, elapsed, host_memory_start);
-    rep.console = console_stats;
-    rep.kvm_samples = kvm_samples;
-    drop(vm);
-    Ok(rep)
+    stats
 }
 
 /// The collapser's policy from the run configuration.

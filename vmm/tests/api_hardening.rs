@@ -10,6 +10,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use vmm::api::{ApiServer, ApiServerError, ServerLimits};
+use vmm::machine::Machine;
 
 fn sock_path(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vmm-api-hard-{}", std::process::id()));
@@ -21,7 +22,7 @@ fn sock_path(name: &str) -> PathBuf {
 }
 
 fn start(p: &Path, limits: ServerLimits) -> ApiServer {
-    ApiServer::start_with(p, Weak::new(), limits).unwrap()
+    ApiServer::start_with(p, Weak::<Machine>::new(), limits).unwrap()
 }
 
 fn connect(p: &Path) -> (UnixStream, BufReader<UnixStream>) {
@@ -48,7 +49,7 @@ fn mkfifo(p: &Path) {
 fn a_non_socket_at_the_path_is_never_removed() {
     let p = sock_path("regular");
     std::fs::write(&p, "precious").unwrap();
-    let e = ApiServer::start(&p, Weak::new()).unwrap_err();
+    let e = ApiServer::start(&p, Weak::<Machine>::new()).unwrap_err();
     assert!(matches!(e, ApiServerError::NotASocket { .. }), "{e}");
     assert!(e.to_string().contains("regular file"), "{e}");
     assert_eq!(std::fs::read_to_string(&p).unwrap(), "precious");
@@ -56,7 +57,7 @@ fn a_non_socket_at_the_path_is_never_removed() {
 
     let f = sock_path("fifo");
     mkfifo(&f);
-    let e = ApiServer::start(&f, Weak::new()).unwrap_err();
+    let e = ApiServer::start(&f, Weak::<Machine>::new()).unwrap_err();
     assert!(e.to_string().contains("FIFO"), "{e}");
     assert!(std::fs::symlink_metadata(&f).unwrap().file_type().is_fifo());
     std::fs::remove_file(&f).unwrap();
@@ -67,7 +68,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     let p = sock_path("stale");
     drop(UnixListener::bind(&p).unwrap());
     let s = start(&p, ServerLimits::default());
-    let e = ApiServer::start(&p, Weak::new()).unwrap_err();
+    let e = ApiServer::start(&p, Weak::<Machine>::new()).unwrap_err();
     assert!(matches!(e, ApiServerError::InUse { .. }), "{e}");
     drop(s);
     assert!(!p.exists(), "its own socket is removed on exit");
@@ -78,7 +79,7 @@ fn socket_is_owner_only_whatever_the_umask() {
     let p = sock_path("umask");
     // SAFETY: umask only changes this process's file-mode mask.
     let old = unsafe { libc::umask(0) };
-    let s = ApiServer::start(&p, Weak::new());
+    let s = ApiServer::start(&p, Weak::<Machine>::new());
     // SAFETY: as above, putting the mask back.
     unsafe { libc::umask(old) };
     let s = s.unwrap();

@@ -182,6 +182,79 @@ fn command_line_too_long() {
     assert_bad_input(&o, &["command line", "at most 2047", "shorten --cmdline"]);
 }
 
+/// Every check of `vmm run`'s input comes before the KVM device is opened:
+/// with a KVM device that does not exist, each bad input still gets its own
+/// usage error (exit 2), never the KVM one.
+#[test]
+fn run_input_is_checked_before_kvm() {
+    let no_kvm = ["--kvm-dev", "/nonexistent/kvm"];
+    let cases: [(Vec<&str>, &[&str]); 4] = [
+        (
+            vec!["--test-guest", "unmap", "--generations", "5"],
+            &["only the verify test guest takes generations"],
+        ),
+        (
+            vec!["--test-guest", "hello", "--guest-arg", "nosuchkey=1"],
+            &["test guest hello has no argument", "nosuchkey"],
+        ),
+        (
+            vec!["--test-guest", "hello", "--memory", "3M"],
+            &["multiple of 2 MiB"],
+        ),
+        (
+            vec!["--kernel", "/nonexistent/vmlinux", "--memory", "64M"],
+            &["/nonexistent/vmlinux"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let mut a = vec!["run", "--backing", "4k"];
+        a.extend(args);
+        a.extend(no_kvm);
+        let o = vmm(&a);
+        assert_bad_input(&o, needles);
+        assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
+    }
+    // The --serial output is opened first too (a directory is refused).
+    let sdir = tmpdir("serial-nokvm");
+    let mut a = vec![
+        "run",
+        "--backing",
+        "4k",
+        "--test-guest",
+        "hello",
+        "--serial",
+    ];
+    a.push(sdir.to_str().unwrap());
+    a.extend(no_kvm);
+    let o = vmm(&a);
+    assert_bad_input(&o, &["--serial", "is a directory"]);
+    assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
+    // The kernel command line is composed (and its length checked) first too.
+    let k = tmpdir("cmdline-nokvm").join("vmlinux");
+    write_elf(&k, 0x1000, 0x2000);
+    let long = "x=".to_string() + &"y".repeat(3000);
+    let o = run_kernel(&k, "64M", &["--cmdline", &long, no_kvm[0], no_kvm[1]]);
+    assert_bad_input(&o, &["command line", "at most 2047"]);
+    // So is the kernel file: what it is, whether it is whole, whether it fits.
+    let d = tmpdir("kernel-nokvm");
+    let notes = d.join("notes.txt");
+    std::fs::write(
+        &notes,
+        "just some text, certainly not a kernel\n".repeat(100),
+    )
+    .unwrap();
+    let trunc = d.join("vmlinux-truncated");
+    write_elf(&trunc, 0x10_0000, 0x2000);
+    for (k, needles) in [
+        (&notes, &["is not a kernel", "vmlinux", "bzImage"][..]),
+        (&trunc, &["damaged ELF", "truncated"][..]),
+    ] {
+        let o = run_kernel(k, "64M", &no_kvm);
+        assert_bad_input(&o, needles);
+        assert!(!stderr(&o).contains("/nonexistent/kvm"), "{}", stderr(&o));
+    }
+}
+
 #[test]
 fn unknown_backing() {
     let o = vmm(&["run", "--test-guest", "hello", "--backing", "gigantic"]);

@@ -114,7 +114,7 @@ impl Primary {
         let f = self.folio(id)?;
         if f.refcount == 1 && f.entire_mapcount == 1 && f.total_mapcount() == 1 {
             let (fr, _) = split_page(page);
-            if let FrameMap::Pmd(p) = &mut self.mm_mut(mm)?.frames[fr] {
+            if let FrameMap::Pmd(p) = self.frame_mut(mm, fr)? {
                 p.writable = true;
             }
             return Ok(FaultOutcome::Reused);
@@ -135,7 +135,7 @@ impl Primary {
         let f = self.folio(id)?;
         let (fr, i) = split_page(page);
         if !f.is_large() && f.refcount == 1 && f.total_mapcount() == 1 {
-            if let FrameMap::Table(t) = &mut self.mm_mut(mm)?.frames[fr] {
+            if let FrameMap::Table(t) = self.frame_mut(mm, fr)? {
                 if let Some(mut p) = t.get(i) {
                     p.writable = true;
                     t.set(i, Some(p));

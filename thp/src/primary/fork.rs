@@ -47,7 +47,7 @@ impl Primary {
                         self.split_huge_pmd(parent, f)?;
                         self.fork_table(parent, child, f)?;
                     } else {
-                        if let FrameMap::Pmd(pp) = &mut self.mm_mut(parent)?.frames[f] {
+                        if let FrameMap::Pmd(pp) = self.frame_mut(parent, f)? {
                             pp.writable = false;
                         }
                         self.install_pmd(child, f, pmd.folio, false)?;
@@ -70,7 +70,7 @@ impl Primary {
                 self.install_pte(child, page, new, 0, true)?;
                 self.stat.cow_copies += 1;
             } else {
-                if let FrameMap::Table(pt) = &mut self.mm_mut(parent)?.frames[f] {
+                if let FrameMap::Table(pt) = self.frame_mut(parent, f)? {
                     let mut w = pte;
                     w.writable = false;
                     pt.set(i, Some(w));

@@ -274,6 +274,24 @@ pub struct Primary {
     deferred: BTreeSet<FolioId>,
     stat: VmStat,
     freed_log: Option<Vec<Backing>>,
+    /// While a transaction is open ([`Primary::begin_undo`]).
+    undo: Option<Box<PrimaryUndo>>,
+}
+
+/// The undo log of an open transaction, for what the arena's and the pools'
+/// own logs do not cover.
+#[derive(Debug, Clone)]
+struct PrimaryUndo {
+    /// First value of every frame mapping changed (address space, frame).
+    frames: Vec<(MmId, usize, FrameMap)>,
+    /// Frames already in `frames`.
+    saved_frames: BTreeSet<(MmId, usize)>,
+    /// Deferred-split queue membership before each change, in order.
+    deferred: Vec<(FolioId, bool)>,
+    /// `parts_live` before each change, in order.
+    parts_live: Vec<(u32, u16)>,
+    stat: VmStat,
+    freed_log: Option<Vec<Backing>>,
 }
 
 impl Primary {
@@ -290,6 +308,107 @@ impl Primary {
             deferred: BTreeSet::new(),
             stat: VmStat::default(),
             freed_log: None,
+            undo: None,
+        }
+    }
+
+    /// Opens a transaction: from now on every change to folios, pools,
+    /// frame mappings, the deferred-split queue and counters is recorded so
+    /// that [`Self::rollback_undo`] can undo it exactly. The cost is per
+    /// change (one copy of each folio and frame mapping touched), never per
+    /// address-space size. Address spaces are not created, destroyed,
+    /// forked or `mprotect`ed inside a transaction (not recorded).
+    pub fn begin_undo(&mut self) {
+        debug_assert!(self.undo.is_none(), "nested transaction");
+        self.folios.begin_undo();
+        self.huge.undo.begin();
+        self.small.undo.begin();
+        self.undo = Some(Box::new(PrimaryUndo {
+            frames: Vec::new(),
+            saved_frames: BTreeSet::new(),
+            deferred: Vec::new(),
+            parts_live: Vec::new(),
+            stat: self.stat,
+            freed_log: self.freed_log.clone(),
+        }));
+    }
+
+    /// Whether a transaction is open.
+    pub fn undo_open(&self) -> bool {
+        self.undo.is_some()
+    }
+
+    /// Keeps every change since [`Self::begin_undo`] and closes the transaction.
+    pub fn commit_undo(&mut self) {
+        self.folios.commit_undo();
+        self.huge.undo.commit();
+        self.small.undo.commit();
+        self.undo = None;
+    }
+
+    /// Undoes every change since [`Self::begin_undo`] (the model is exactly
+    /// as it was then, free lists' order included) and closes the transaction.
+    pub fn rollback_undo(&mut self) {
+        self.folios.rollback_undo();
+        self.huge.rollback_undo();
+        self.small.rollback_undo();
+        let Some(u) = self.undo.take() else { return };
+        let u = *u;
+        for (id, member) in u.deferred.into_iter().rev() {
+            if member {
+                self.deferred.insert(id);
+            } else {
+                self.deferred.remove(&id);
+            }
+        }
+        for (slot, n) in u.parts_live.into_iter().rev() {
+            self.parts_live[slot as usize] = n;
+        }
+        for (mm, frame, map) in u.frames {
+            if let Some(Some(m)) = self.mms.get_mut(mm) {
+                m.frames[frame] = map;
+            }
+        }
+        self.stat = u.stat;
+        self.freed_log = u.freed_log;
+    }
+
+    /// The mapping of `frame` of `mm`, to change (recorded for undo).
+    pub(crate) fn frame_mut(&mut self, mm: MmId, frame: usize) -> Result<&mut FrameMap, MmError> {
+        let m = self
+            .mms
+            .get_mut(mm)
+            .and_then(|m| m.as_mut())
+            .ok_or(MmError::NoSuchMm(mm))?;
+        if let Some(u) = self.undo.as_mut() {
+            // Most changes hit the frame changed last: skip the set then.
+            let last = u.frames.last().is_some_and(|l| l.0 == mm && l.1 == frame);
+            if !last && u.saved_frames.insert((mm, frame)) {
+                u.frames.push((mm, frame, m.frames[frame].clone()));
+            }
+        }
+        Ok(&mut m.frames[frame])
+    }
+
+    /// Puts folio `id` on the deferred-split queue or takes it off (recorded for undo).
+    pub(crate) fn set_deferred(&mut self, id: FolioId, member: bool) {
+        let was = if member {
+            !self.deferred.insert(id)
+        } else {
+            self.deferred.remove(&id)
+        };
+        if was != member {
+            if let Some(u) = self.undo.as_mut() {
+                u.deferred.push((id, was));
+            }
+        }
+    }
+
+    /// Sets the live part count of huge slot `slot` (recorded for undo).
+    pub(crate) fn set_parts_live(&mut self, slot: u32, n: u16) {
+        let old = std::mem::replace(&mut self.parts_live[slot as usize], n);
+        if let Some(u) = self.undo.as_mut() {
+            u.parts_live.push((slot, old));
         }
     }
 

@@ -34,15 +34,15 @@ impl Primary {
         let f = self.folios.remove(id).ok_or(MmError::NoSuchFolio(id))?;
         debug_assert!(!f.is_mapped() && f.pincount == 0 && f.held == 0);
         if f.on_deferred_split {
-            self.deferred.remove(&id);
+            self.set_deferred(id, false);
         }
         match f.backing {
             Backing::Huge(s) => self.huge.free(s)?,
             Backing::Small(s) => self.small.free(s)?,
             Backing::HugePart { slot, .. } => {
-                let n = &mut self.parts_live[slot as usize];
-                *n -= 1;
-                if *n == 0 {
+                let n = self.parts_live[slot as usize] - 1;
+                self.set_parts_live(slot, n);
+                if n == 0 {
                     self.huge.free(slot)?;
                 }
             }
@@ -69,7 +69,7 @@ impl Primary {
             }
             if !f.on_deferred_split {
                 f.on_deferred_split = true;
-                self.deferred.insert(id);
+                self.set_deferred(id, true);
             }
         }
     }
@@ -133,8 +133,7 @@ impl Primary {
         }
         self.rmap_add_pte(folio, idx, mm);
         let (f, i) = split_page(page);
-        let m = self.mm_mut(mm)?;
-        let slot = &mut m.frames[f];
+        let slot = self.frame_mut(mm, f)?;
         if matches!(slot, FrameMap::None) {
             *slot = FrameMap::Table(Box::new(PageTable::new()));
         }
@@ -155,7 +154,7 @@ impl Primary {
     /// Clears the PTE at `page` of `mm` (frame must be a table) and drops its mapping.
     pub(crate) fn clear_pte(&mut self, mm: MmId, page: u64) -> Result<Option<Pte>, MmError> {
         let (f, i) = split_page(page);
-        let old = match &mut self.mm_mut(mm)?.frames[f] {
+        let old = match self.frame_mut(mm, f)? {
             FrameMap::Table(t) => t.set(i, None),
             _ => None,
         };
@@ -181,7 +180,7 @@ impl Primary {
         let total = f.total_mapcount();
         f.folio_add_return_large_mapcount(1, mm, total);
         let pfn = f.pfn(0);
-        self.mm_mut(mm)?.frames[frame] = FrameMap::Pmd(Pmd {
+        *self.frame_mut(mm, frame)? = FrameMap::Pmd(Pmd {
             folio: id,
             pfn,
             writable,

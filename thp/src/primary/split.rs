@@ -52,7 +52,7 @@ impl Primary {
             return Err(MmError::NoSuchFolio(id));
         };
         if old.on_deferred_split {
-            self.deferred.remove(&id);
+            self.set_deferred(id, false);
         }
         let mut new_ids = vec![None; PAGES_PER_HPAGE_USIZE];
         let mut freed = 0u64;
@@ -76,12 +76,12 @@ impl Primary {
             *slot_id = Some(self.folios.insert(nf));
             parts += 1;
         }
-        self.parts_live[slot as usize] = parts;
+        self.set_parts_live(slot, parts);
         if parts == 0 {
             self.huge.free(slot)?;
         }
         for mm in self.mm_ids() {
-            if let FrameMap::Table(t) = &mut self.mm_mut(mm)?.frames[frame] {
+            if let FrameMap::Table(t) = self.frame_mut(mm, frame)? {
                 for i in 0..PAGES_PER_HPAGE_USIZE {
                     if let Some(mut p) = t.get(i) {
                         if p.folio == id {
@@ -186,7 +186,7 @@ impl Primary {
         for id in queued {
             let partial = self.folios.get(id).is_some_and(|f| f.partially_mapped_flag);
             if !partial && !self.thp_underused(id) {
-                self.deferred.remove(&id);
+                self.set_deferred(id, false);
                 if let Some(f) = self.folios.get_mut(id) {
                     f.on_deferred_split = false;
                 }

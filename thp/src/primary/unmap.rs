@@ -9,15 +9,15 @@ impl Primary {
     /// mapping the same folio. Never fails on a PMD; no-op otherwise.
     /// Returns whether a PMD was split.
     pub fn split_huge_pmd(&mut self, mm: MmId, frame: usize) -> Result<bool, MmError> {
-        let m = self.mm_mut(mm)?;
-        let Some(slot) = m.frames.get_mut(frame) else {
-            let pages = m.pages();
+        let pages = self.mm(mm)?.pages();
+        if frame as u64 * PAGES_PER_HPAGE >= pages {
             return Err(MmError::OutOfRange {
                 first: frame as u64 * PAGES_PER_HPAGE,
                 npages: PAGES_PER_HPAGE,
                 pages,
             });
-        };
+        }
+        let slot = self.frame_mut(mm, frame)?;
         let FrameMap::Pmd(pmd) = *slot else {
             return Ok(false);
         };
@@ -68,7 +68,7 @@ impl Primary {
                 FrameMap::None => {}
                 FrameMap::Pmd(pmd) if whole => {
                     let id = pmd.folio;
-                    self.mm_mut(mm)?.frames[f] = FrameMap::None;
+                    *self.frame_mut(mm, f)? = FrameMap::None;
                     self.rmap_remove_pmd(id, mm)?;
                 }
                 FrameMap::Pmd(_) => {
@@ -91,10 +91,9 @@ impl Primary {
     /// Frees the page table of `frame` if it maps nothing (`free_pte_range`);
     /// returns whether it was freed.
     pub fn free_empty_table(&mut self, mm: MmId, frame: usize) -> Result<bool, MmError> {
-        let m = self.mm_mut(mm)?;
-        match m.frames.get(frame) {
+        match self.mm(mm)?.frames.get(frame) {
             Some(FrameMap::Table(t)) if t.present() == 0 => {
-                m.frames[frame] = FrameMap::None;
+                *self.frame_mut(mm, frame)? = FrameMap::None;
                 Ok(true)
             }
             _ => Ok(false),

@@ -23,9 +23,8 @@ use super::framing::{read_frame, Frame};
 use super::pause::ApiPause;
 use super::peer;
 use super::protocol::{parse_request, Reply, Request};
+use crate::api_handle::ApiHandle;
 use crate::input_file::kind_name;
-use crate::machine::Machine;
-use crate::snapshot;
 
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -86,7 +85,7 @@ pub enum ApiServerError {
 
 /// State shared by the server's threads.
 struct Shared {
-    machine: Weak<Machine>,
+    machine: Weak<dyn ApiHandle>,
     stop: AtomicBool,
     /// The API's pause of the vCPUs.
     pause: ApiPause,
@@ -160,20 +159,23 @@ fn bind_owner_only(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerE
 impl ApiServer {
     /// Listen on `path` for `m` with the default [`ServerLimits`]: a stale
     /// socket there is replaced, anything else refused.
-    pub fn start(path: &Path, m: Weak<Machine>) -> Result<ApiServer, ApiServerError> {
+    pub fn start(
+        path: &Path,
+        m: Weak<impl ApiHandle + 'static>,
+    ) -> Result<ApiServer, ApiServerError> {
         ApiServer::start_with(path, m, ServerLimits::default())
     }
 
     /// The same with explicit limits.
     pub fn start_with(
         path: &Path,
-        m: Weak<Machine>,
+        m: Weak<impl ApiHandle + 'static>,
         limits: ServerLimits,
     ) -> Result<ApiServer, ApiServerError> {
         clear_stale(path)?;
         let (listener, identity) = bind_owner_only(path)?;
         let shared = Arc::new(Shared {
-            machine: m,
+            machine: m as Weak<dyn ApiHandle>,
             stop: AtomicBool::new(false),
             pause: ApiPause::default(),
             connections: AtomicUsize::new(0),
@@ -229,7 +231,7 @@ impl Drop for ApiServer {
             }
         }
         if let Some(m) = self.shared.machine.upgrade() {
-            self.shared.pause.release(&m.control);
+            self.shared.pause.release(m.vcpus());
         }
         self.remove_socket();
     }
@@ -380,7 +382,7 @@ fn handle(req: Request, shared: &Shared) -> Reply {
     let Some(m) = shared.machine.upgrade() else {
         return Reply::Error("the VM has ended".into());
     };
-    if m.control.stopping() {
+    if m.vcpus().stopping() {
         return Reply::Error("the VM is stopping".into());
     }
     match req {
@@ -400,7 +402,7 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             }
         },
         Request::Stats => {
-            let mut r = Reply::ok(snapshot::take(&m));
+            let mut r = Reply::ok(m.snapshot());
             if let Reply::Ok(map) = &mut r {
                 map.insert(
                     "paused".into(),
@@ -409,11 +411,11 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             }
             r
         }
-        Request::Pause => match shared.pause.pause(&m.control) {
+        Request::Pause => match shared.pause.pause(m.vcpus()) {
             Ok(()) => Reply::ok(Paused { paused: true }),
             Err(e) => Reply::Error(e),
         },
-        Request::Resume => match shared.pause.resume(&m.control) {
+        Request::Resume => match shared.pause.resume(m.vcpus()) {
             Ok(()) => Reply::ok(Paused { paused: false }),
             Err(e) => Reply::Error(e),
         },
@@ -421,11 +423,7 @@ fn handle(req: Request, shared: &Shared) -> Reply {
             None => Reply::Error(
                 "this VM has no balloon: start `vmm run` with --balloon (Linux guests)".into(),
             ),
-            Some(_) => match crate::deferred_split::split_due(
-                &m,
-                std::time::Duration::ZERO,
-                std::time::Duration::ZERO,
-            ) {
+            Some(_) => match m.split_queued() {
                 Ok(r) => Reply::ok(SplitDone {
                     frames_split: r.frames_split,
                     pages_freed: r.pages_freed,

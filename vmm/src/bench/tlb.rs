@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use guest_mem::{Backing, HPAGE_SIZE};
+use guest_mem::Backing;
 
 use crate::host::{HostInfo, HostKind};
 use crate::testguest::guests::tlb::{self as guest_tlb, TlbParams, MAX_ACCESSES};
@@ -96,7 +96,7 @@ fn check_hugetlb_pool(cfgs: &[Config], linux: bool) -> Result<(), BenchError> {
     }
     // No hugetlb support in the kernel: an empty pool.
     let m = guest_mem::smaps::read_meminfo().unwrap_or_default();
-    let free = if m.page_size == HPAGE_SIZE { m.free } else { 0 };
+    let free = m.free_2m();
     if free < need {
         let total = m.total;
         return Err(BenchError::HostPrerequisite(format!(
@@ -273,7 +273,7 @@ pub fn run(a: &TlbConfig, progress: &mut dyn FnMut(&str)) -> Result<TlbResults, 
     if a.working_set == default_sets {
         let m = guest_mem::smaps::read_meminfo().unwrap_or_default();
         let room = fit::HostRoom {
-            free_huge: if m.page_size == HPAGE_SIZE { m.free } else { 0 },
+            free_huge: m.free_2m(),
             available: guest_mem::smaps::read_mem_available().unwrap_or(0),
         };
         let (run, skipped) = fit::default_matrix(cfgs, room);

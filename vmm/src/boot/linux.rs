@@ -12,6 +12,8 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use object::elf::{FileHeader64, ProgramHeader64};
+use object::LittleEndian as LE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mptable;
@@ -221,19 +223,12 @@ fn open(what: &'static str, path: &Path) -> Result<File, BootError> {
     Ok(crate::input_file::open_regular(opt, path)?)
 }
 
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
 fn le_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
-/// Classify the kernel file and, for ELF, check every loadable segment lies
+/// Classify the kernel file and, for ELF (headers read as `object`'s ELF
+/// structures), check every loadable segment lies
 /// inside the file (a truncated vmlinux is refused here with a clear reason).
 fn classify(path: &Path, f: &mut File) -> Result<Kind, BootError> {
     let io = |source| BootError::File {
@@ -249,20 +244,25 @@ fn classify(path: &Path, f: &mut File) -> Result<Kind, BootError> {
         path: path.to_path_buf(),
         detail,
     };
-    if head.len() >= 4 && head[..4] == *b"\x7fELF" {
-        if head.len() < 64 {
-            return Err(bad(format!(
-                "only {} bytes, an ELF header needs 64",
-                head.len()
-            )));
-        }
-        if head[4] != 2 || head[5] != 1 || le_u16(&head, 18) != 62 {
+    if head.len() >= 4 && head[..4] == object::elf::ELFMAG {
+        let (hdr, _) = object::pod::from_bytes::<FileHeader64<LE>>(&head).map_err(|()| {
+            bad(format!(
+                "only {} bytes, an ELF header needs {}",
+                head.len(),
+                std::mem::size_of::<FileHeader64<LE>>()
+            ))
+        })?;
+        let ident = &hdr.e_ident;
+        if ident.class != object::elf::ELFCLASS64
+            || ident.data != object::elf::ELFDATA2LSB
+            || hdr.e_machine.get(LE) != object::elf::EM_X86_64
+        {
             return Err(bad("not a 64-bit little-endian x86-64 ELF".into()));
         }
-        let phoff = le_u64(&head, 32);
-        let phentsize = u64::from(le_u16(&head, 54));
-        let phnum = u64::from(le_u16(&head, 56));
-        if phentsize != 56 || phnum == 0 {
+        let phoff = hdr.e_phoff.get(LE);
+        let phentsize = u64::from(hdr.e_phentsize.get(LE));
+        let phnum = u64::from(hdr.e_phnum.get(LE));
+        if phentsize != std::mem::size_of::<ProgramHeader64<LE>>() as u64 || phnum == 0 {
             return Err(bad(format!(
                 "program header size {phentsize}, count {phnum}"
             )));
@@ -278,17 +278,19 @@ fn classify(path: &Path, f: &mut File) -> Result<Kind, BootError> {
         let mut ph = vec![0u8; (ph_end - phoff) as usize];
         f.seek(SeekFrom::Start(phoff)).map_err(io)?;
         f.read_exact(&mut ph).map_err(io)?;
+        let (phdrs, _) = object::pod::slice_from_bytes::<ProgramHeader64<LE>>(&ph, phnum as usize)
+            .map_err(|()| bad("program headers unreadable".into()))?;
         let mut end = 0u64;
         let mut loads = 0;
-        for p in ph.chunks_exact(56) {
-            if le_u32(p, 0) != 1 {
-                continue; // not PT_LOAD
-            }
+        for p in phdrs
+            .iter()
+            .filter(|p| p.p_type.get(LE) == object::elf::PT_LOAD)
+        {
             loads += 1;
-            let offset = le_u64(p, 8);
-            let paddr = le_u64(p, 24);
-            let filesz = le_u64(p, 32);
-            let memsz = le_u64(p, 40);
+            let offset = p.p_offset.get(LE);
+            let paddr = p.p_paddr.get(LE);
+            let filesz = p.p_filesz.get(LE);
+            let memsz = p.p_memsz.get(LE);
             let fend = offset.saturating_add(filesz);
             if fend > file_len {
                 return Err(bad(format!(
@@ -305,7 +307,7 @@ fn classify(path: &Path, f: &mut File) -> Result<Kind, BootError> {
         if loads == 0 {
             return Err(bad("no loadable segment".into()));
         }
-        let entry = le_u64(&head, 24);
+        let entry = hdr.e_entry.get(LE);
         if entry < HIMEM_START || entry >= end {
             return Err(bad(format!(
                 "entry {entry:#x} is not a physical address inside the kernel (is this an x86-64 vmlinux?)"
@@ -334,56 +336,40 @@ fn too_small(what: &'static str, need: u64, mem: u64) -> BootError {
     }
 }
 
-/// Load everything into `mem` (guest RAM as `layout` places it; kernel,
-/// initrd and boot data go below the 32-bit MMIO hole).
-pub fn load(
-    mem: &GuestMemoryMmap,
-    layout: RamLayout,
-    spec: &LinuxBootSpec,
-) -> Result<LinuxEntry, BootError> {
-    let mem_size = layout.low_size();
-    let mut kf = open("kernel", &spec.kernel)?;
-    let kind = classify(&spec.kernel, &mut kf)?;
-    let loader_err = |source| BootError::Loader {
+/// The kernel file, opened, classified and checked against the RAM below
+/// the 32-bit MMIO hole: everything about it that needs no guest memory.
+struct KernelFile {
+    file: File,
+    kind: Kind,
+    /// bzImage: the decompressor's `init_size` (0 for ELF).
+    init_size: u64,
+}
+
+/// Open and classify `spec.kernel`, and check that it fits in `mem_size`
+/// bytes of RAM below the hole.
+fn inspect_kernel(spec: &LinuxBootSpec, mem_size: u64) -> Result<KernelFile, BootError> {
+    let mut file = open("kernel", &spec.kernel)?;
+    let kind = classify(&spec.kernel, &mut file)?;
+    let io = |source| BootError::File {
+        what: "kernel",
         path: spec.kernel.clone(),
         source,
     };
-
-    let mut params = boot_params::default();
-    let (entry, kernel_end, cmdline_max, initrd_max) = match kind {
+    let init_size = match kind {
         Kind::Elf { end } => {
             if end > mem_size {
                 return Err(too_small("the kernel", end, mem_size));
             }
-            let r = Elf::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START)))
-                .map_err(loader_err)?;
-            params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
-            (
-                r.kernel_load.0,
-                r.kernel_end.max(end),
-                CMDLINE_MAX_SIZE,
-                DEFAULT_INITRD_ADDR_MAX,
-            )
+            0
         }
         Kind::BzImage => {
-            let file_len = kf
-                .metadata()
-                .map_err(|source| BootError::File {
-                    what: "kernel",
-                    path: spec.kernel.clone(),
-                    source,
-                })?
-                .len();
+            let file_len = file.metadata().map_err(io)?.len();
             // The decompressor needs init_size bytes from the load address; check
             // before loading (the loader only checks the compressed size).
             let mut hb = vec![0u8; 0x270.min(file_len as usize)];
-            kf.seek(SeekFrom::Start(0))
-                .and_then(|_| kf.read_exact(&mut hb))
-                .map_err(|source| BootError::File {
-                    what: "kernel",
-                    path: spec.kernel.clone(),
-                    source,
-                })?;
+            file.seek(SeekFrom::Start(0))
+                .and_then(|_| file.read_exact(&mut hb))
+                .map_err(io)?;
             let init_size = if hb.len() >= 0x264 {
                 u64::from(le_u32(&hb, 0x260))
             } else {
@@ -393,7 +379,56 @@ pub fn load(
             if need > mem_size {
                 return Err(too_small("the kernel (decompressed)", need, mem_size));
             }
-            let r = BzImage::load(mem, None, &mut kf, Some(GuestAddress(HIMEM_START)))
+            init_size
+        }
+    };
+    Ok(KernelFile {
+        file,
+        kind,
+        init_size,
+    })
+}
+
+/// The checks of the kernel file that need no guest memory (what it is,
+/// whether it is whole, whether it fits below the hole of `layout`): `vmm
+/// run` makes them before it opens KVM; [`load`] makes them again.
+pub fn check_kernel(layout: RamLayout, spec: &LinuxBootSpec) -> Result<(), BootError> {
+    inspect_kernel(spec, layout.low_size()).map(|_| ())
+}
+
+/// Where the loaded kernel is and what it accepts.
+struct LoadedKernel {
+    entry: u64,
+    end: u64,
+    cmdline_max: usize,
+    initrd_max: u64,
+}
+
+/// Load the kernel image into `mem`; the boot protocol header goes to `params`.
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    spec: &LinuxBootSpec,
+    k: &mut KernelFile,
+    params: &mut boot_params,
+) -> Result<LoadedKernel, BootError> {
+    let loader_err = |source| BootError::Loader {
+        path: spec.kernel.clone(),
+        source,
+    };
+    match k.kind {
+        Kind::Elf { end } => {
+            let r = Elf::load(mem, None, &mut k.file, Some(GuestAddress(HIMEM_START)))
+                .map_err(loader_err)?;
+            params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
+            Ok(LoadedKernel {
+                entry: r.kernel_load.0,
+                end: r.kernel_end.max(end),
+                cmdline_max: CMDLINE_MAX_SIZE,
+                initrd_max: DEFAULT_INITRD_ADDR_MAX,
+            })
+        }
+        Kind::BzImage => {
+            let r = BzImage::load(mem, None, &mut k.file, Some(GuestAddress(HIMEM_START)))
                 .map_err(loader_err)?;
             let hdr = r.setup_header.ok_or_else(|| BootError::NotAKernel {
                 path: spec.kernel.clone(),
@@ -404,27 +439,32 @@ pub fn load(
                 });
             }
             params.hdr = hdr;
-            let cmax = if hdr.cmdline_size == 0 {
-                CMDLINE_MAX_SIZE
-            } else {
-                hdr.cmdline_size as usize + 1
-            };
-            let imax = if hdr.initrd_addr_max == 0 {
-                DEFAULT_INITRD_ADDR_MAX
-            } else {
-                u64::from(hdr.initrd_addr_max)
-            };
-            // 64-bit entry: startup_64 is 0x200 past the protected-mode start.
-            (
-                r.kernel_load.0 + 0x200,
-                (HIMEM_START + init_size).max(r.kernel_end),
-                cmax,
-                imax,
-            )
+            Ok(LoadedKernel {
+                // 64-bit entry: startup_64 is 0x200 past the protected-mode start.
+                entry: r.kernel_load.0 + 0x200,
+                end: (HIMEM_START + k.init_size).max(r.kernel_end),
+                cmdline_max: if hdr.cmdline_size == 0 {
+                    CMDLINE_MAX_SIZE
+                } else {
+                    hdr.cmdline_size as usize + 1
+                },
+                initrd_max: if hdr.initrd_addr_max == 0 {
+                    DEFAULT_INITRD_ADDR_MAX
+                } else {
+                    u64::from(hdr.initrd_addr_max)
+                },
+            })
         }
-    };
+    }
+}
 
-    // Command line: printable ASCII, within the kernel's limit (NUL included).
+/// Write the command line (printable ASCII, within the kernel's limit, NUL
+/// included); returns its length without the NUL.
+fn write_cmdline(
+    mem: &GuestMemoryMmap,
+    spec: &LinuxBootSpec,
+    cmdline_max: usize,
+) -> Result<usize, BootError> {
     let mut cmdline = Cmdline::new(cmdline_max).map_err(|_| BootError::CmdlineInvalid)?;
     cmdline
         .insert_str(&spec.cmdline)
@@ -437,58 +477,69 @@ pub fn load(
             what: "the command line",
             detail: e.to_string(),
         })?;
+    Ok(cbytes.as_bytes().len())
+}
 
-    // Initrd: page aligned, as high as allowed, above the kernel.
-    let mut initrd = None;
-    if let Some(ipath) = &spec.initrd {
-        let mut f = open("initrd", ipath)?;
-        let size = f
-            .metadata()
-            .map_err(|source| BootError::File {
-                what: "initrd",
-                path: ipath.clone(),
-                source,
-            })?
-            .len();
-        let top = mem_size.min(initrd_max.saturating_add(1));
-        let lowest = kernel_end.div_ceil(PAGE) * PAGE;
-        let aligned = size.div_ceil(PAGE) * PAGE;
-        if size == 0 || lowest + aligned > top {
-            return Err(too_small(
-                "the kernel plus the initrd",
-                lowest + aligned,
-                mem_size,
-            ));
-        }
-        let addr = (top - aligned) & !(PAGE - 1);
-        let mut data = Vec::with_capacity(size as usize);
-        f.read_to_end(&mut data).map_err(|source| BootError::File {
-            what: "initrd",
-            path: ipath.clone(),
-            source,
+/// Load the initrd page aligned, as high as allowed, above the kernel;
+/// returns its (address, size).
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    ipath: &Path,
+    k: &LoadedKernel,
+) -> Result<(u64, u64), BootError> {
+    let io = |source| BootError::File {
+        what: "initrd",
+        path: ipath.to_path_buf(),
+        source,
+    };
+    let mut f = open("initrd", ipath)?;
+    let size = f.metadata().map_err(io)?.len();
+    let top = mem_size.min(k.initrd_max.saturating_add(1));
+    let lowest = k.end.div_ceil(PAGE) * PAGE;
+    let aligned = size.div_ceil(PAGE) * PAGE;
+    if size == 0 || lowest + aligned > top {
+        return Err(too_small(
+            "the kernel plus the initrd",
+            lowest + aligned,
+            mem_size,
+        ));
+    }
+    let addr = (top - aligned) & !(PAGE - 1);
+    let mut data = Vec::with_capacity(size as usize);
+    f.read_to_end(&mut data).map_err(io)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(|e| BootError::GuestWrite {
+            what: "the initrd",
+            detail: e.to_string(),
         })?;
-        mem.write_slice(&data, GuestAddress(addr))
-            .map_err(|e| BootError::GuestWrite {
-                what: "the initrd",
-                detail: e.to_string(),
-            })?;
+    Ok((addr, size))
+}
+
+/// Complete `params` (loader, command line, initrd, e820) and write the
+/// zero page.
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    layout: RamLayout,
+    mut params: boot_params,
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
+    if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
-        initrd = Some((addr, size));
     }
-
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = cbytes.as_bytes().len() as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
     if params.hdr.kernel_alignment == 0 {
         params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
     }
     let e820 = e820_map(layout);
     params.e820_entries = e820.len() as u8;
     params.e820_table[..e820.len()].copy_from_slice(&e820);
-
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(
         &BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START)),
         mem,
@@ -496,21 +547,46 @@ pub fn load(
     .map_err(|e| BootError::GuestWrite {
         what: "the zero page",
         detail: e.to_string(),
-    })?;
+    })
+}
 
-    if spec.vcpus > 1 {
-        let t = mptable::build(spec.vcpus)?;
-        mem.write_slice(&t, GuestAddress(mptable::MPTABLE_START))
-            .map_err(|e| BootError::GuestWrite {
-                what: "the MP table",
-                detail: e.to_string(),
-            })?;
+/// The MP table, for more than one vCPU.
+fn write_mptable(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), BootError> {
+    if vcpus <= 1 {
+        return Ok(());
     }
+    let t = mptable::build(vcpus)?;
+    mem.write_slice(&t, GuestAddress(mptable::MPTABLE_START))
+        .map_err(|e| BootError::GuestWrite {
+            what: "the MP table",
+            detail: e.to_string(),
+        })
+}
 
+/// Load everything into `mem` (guest RAM as `layout` places it; kernel,
+/// initrd and boot data go below the 32-bit MMIO hole), step by step: the
+/// kernel checked, loaded, the command line, the initrd, the zero page, the
+/// MP table.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: RamLayout,
+    spec: &LinuxBootSpec,
+) -> Result<LinuxEntry, BootError> {
+    let mem_size = layout.low_size();
+    let mut kernel = inspect_kernel(spec, mem_size)?;
+    let mut params = boot_params::default();
+    let k = load_kernel(mem, spec, &mut kernel, &mut params)?;
+    let cmdline_len = write_cmdline(mem, spec, k.cmdline_max)?;
+    let initrd = match &spec.initrd {
+        Some(ipath) => Some(load_initrd(mem, mem_size, ipath, &k)?),
+        None => None,
+    };
+    write_zero_page(mem, layout, params, cmdline_len, initrd)?;
+    write_mptable(mem, spec.vcpus)?;
     Ok(LinuxEntry {
-        entry,
+        entry: k.entry,
         zero_page: ZERO_PAGE_START,
-        kernel_end,
+        kernel_end: k.end,
         initrd,
     })
 }

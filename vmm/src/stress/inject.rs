@@ -6,13 +6,14 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use guest_mem::{quiesce, Backing, FrameView, GuestMemError, QuiesceError, HPAGE_SIZE, PAGE_SIZE};
+use guest_mem::{
+    quiesce, Backing, FrameView, GuestMemError, PageOut, QuiesceError, HPAGE_SIZE, PAGE_SIZE,
+};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 
 use super::args::InjectBug;
 use super::events::{Draw, Event, EventKind, HostKind};
-use super::protect;
 use super::shared::{SharedError, SharedLog};
 use super::slot::{SlotError, Slots};
 use super::vcpu::StressVcpuShared;
@@ -54,19 +55,6 @@ pub enum InjectError {
     /// KVM statistics.
     #[error("reading KVM statistics: {0}")]
     Stats(#[from] StatsError),
-    /// mprotect / madvise / mincore.
-    #[error("{op} at host {addr:#x}: {source}")]
-    Os {
-        /// Operation.
-        op: &'static str,
-        /// Host address.
-        addr: u64,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// mprotect (the original protection is put back on failure).
-    #[error(transparent)]
-    Protect(#[from] super::protect::ProtectError),
     /// An event names a frame events may not act on.
     #[error("event {event}: the frame is outside the work frames {frames:?}")]
     FrameOutside {
@@ -206,14 +194,6 @@ impl std::fmt::Debug for Injector<'_> {
     }
 }
 
-fn os_err(op: &'static str, addr: u64) -> InjectError {
-    InjectError::Os {
-        op,
-        addr,
-        source: std::io::Error::last_os_error(),
-    }
-}
-
 /// The guest-physical frame of guest frame `f`: events name frames of the
 /// stress guest's virtual space, where RAM above the 32-bit MMIO hole
 /// continues RAM below it (`testguest::layout`).
@@ -296,12 +276,16 @@ impl Injector<'_> {
     }
 
     fn find(&self, start: u64, pred: impl Fn(&FrameView) -> bool) -> Option<u64> {
-        let states = self.states();
+        // Frame by frame: no copy of every frame's state per event.
+        let ram = self.m.ram();
         let w = &self.work_frames;
         let n = w.end - w.start;
         (0..n)
             .map(|i| w.start + (start - w.start + i) % n)
-            .find(|f| states.get(gframe(*f) as usize).is_some_and(&pred))
+            .find(|f| {
+                let g = gframe(*f) as usize;
+                g < ram.frames() && pred(&ram.frame_state(g))
+            })
     }
 
     /// Resolve a drawn event to the frame it acts on now.
@@ -392,7 +376,7 @@ impl Injector<'_> {
         }
         if self.bug != Some(InjectBug::SkipDiscard) {
             let mut ram = self.m.ram();
-            let ge = |op| move |source| InjectError::GuestMem { op, gpa, source };
+            let ge = |op| guest_mem_err(op, gpa);
             ram.discard(gpa, len, &self.m.control)
                 .map_err(ge("discard"))?;
             ram.refill(gpa, len, &self.m.control)
@@ -402,77 +386,28 @@ impl Injector<'_> {
     }
 
     fn wrprotect(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
-        let ram = self.m.ram();
-        let addr = ram.host_addr() + gpa;
+        let mut ram = self.m.ram();
         let gate = &self.vshared.gate;
         gate.close(gpa..gpa + HPAGE_SIZE);
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: [addr, addr + 2M) is one frame of guest RAM's host range
-        // (2M aligned, so hugetlb mappings accept it; `gpa` is a frame the
-        // run validated); only the protection changes, and it is restored
-        // below (or by `protect` itself on failure) before anything else
-        // touches the mapping (the RAM lock is held).
-        if let Err(e) = unsafe { protect::protect(addr, HPAGE_SIZE, libc::PROT_READ, rw) } {
-            gate.open();
-            return Err(e.into());
-        }
-        gate.wait_fault(WRPROTECT_HOLD);
-        // SAFETY: as above; this restores the original protection.
-        let restore =
-            unsafe { protect::protect(addr, HPAGE_SIZE, rw, rw) }.map_err(InjectError::from);
+        // The RAM lock is held: nothing else touches the frame's mapping
+        // until its protection is back.
+        let r = ram.write_protect_frame(frame_of(gpa), || gate.wait_fault(WRPROTECT_HOLD));
         x.faults = gate.episode_faults();
         gate.open();
-        restore.map(|()| Effect::Done)
-    }
-
-    fn resident(addr: u64) -> Result<u64, InjectError> {
-        let mut vec = vec![0u8; (HPAGE_SIZE / PAGE_SIZE) as usize];
-        // SAFETY: [addr, addr + 2M) is mapped guest RAM; `vec` has one byte
-        // per 4K page of it, as mincore requires.
-        let r = unsafe {
-            libc::mincore(
-                addr as *mut libc::c_void,
-                HPAGE_SIZE as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        if r != 0 {
-            return Err(os_err("mincore", addr));
-        }
-        Ok(vec.iter().filter(|b| **b & 1 != 0).count() as u64)
+        r.map(|_| Effect::Done)
+            .map_err(guest_mem_err("write-protect", gpa))
     }
 
     fn pageout(&self, gpa: u64, x: &mut Extra) -> Result<Effect, InjectError> {
-        let ram = self.m.ram();
-        let addr = ram.host_addr() + gpa;
-        x.resident_before = Self::resident(addr)?;
-        // SAFETY: MADV_PAGEOUT on one frame of our own mapping keeps its
-        // contents (shmem pages are written back or stay); it may unmap pages.
-        let r = unsafe {
-            libc::madvise(
-                addr as *mut libc::c_void,
-                HPAGE_SIZE as usize,
-                libc::MADV_PAGEOUT,
-            )
+        let mut ram = self.m.ram();
+        let frame = frame_of(gpa);
+        let ge = |op| guest_mem_err(op, gpa);
+        x.resident_before = ram.resident_pages(frame).map_err(ge("mincore"))?;
+        let e = match ram.page_out_frame(frame).map_err(ge("page-out"))? {
+            PageOut::Done => Effect::Done,
+            PageOut::Refused(why) => Effect::Refused(why),
         };
-        let e = if r != 0 {
-            let err = std::io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINVAL) => {
-                    Effect::Refused("EINVAL (hugetlb mappings cannot be paged out)".into())
-                }
-                _ => {
-                    return Err(InjectError::Os {
-                        op: "madvise(MADV_PAGEOUT)",
-                        addr,
-                        source: err,
-                    })
-                }
-            }
-        } else {
-            Effect::Done
-        };
-        x.resident_after = Self::resident(addr)?;
+        x.resident_after = ram.resident_pages(frame).map_err(ge("mincore"))?;
         Ok(e)
     }
 
@@ -577,9 +512,15 @@ impl Injector<'_> {
         r
     }
 
-    fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+    /// Wait until every vCPU completed a whole pass that started after
+    /// now: it checked every page of its slice since the last event.
+    pub fn wait_whole_pass(&self) -> Result<(), InjectError> {
         let start = self.log.all_counters(&self.m.mem)?;
-        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))?;
+        self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))
+    }
+
+    fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+        self.wait_whole_pass()?;
         let _paused = quiesce::pause(&self.m.control)?;
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
         let mut ram = self.m.ram();
@@ -596,7 +537,7 @@ impl Injector<'_> {
                 gpa: 0,
                 source,
             })?;
-        let levels = host_levels(&states, host_pmd.as_deref());
+        let levels = mirror::frame_levels(&states, host_pmd.as_deref());
         // Frames that may hold orphan SPTEs (`validate_direct_spte`): only
         // where the host maps small now (a huge frame was invalidated whole).
         let orphan_frames = self
@@ -613,7 +554,11 @@ impl Injector<'_> {
                 .map(|(f, _)| f as u64)
                 .collect::<Vec<u64>>()
         });
-        let prediction = predict(&ram, levels, self.m, dirty, orphan_frames);
+        let prediction = match self.m.mirror_context() {
+            None => Prediction::unavailable("no mirror context".into()),
+            Some(ctx) => mirror::predict_quiescent(ctx, &ram, levels, dirty, orphan_frames)
+                .unwrap_or_else(|e| Prediction::unavailable(format!("the mirror refused: {e}"))),
+        };
         let agrees = self.m.stats.is_none()
             || (prediction.comparable && prediction.agrees(kvm_pages_4k, kvm_pages_2m));
         Ok(QuiescePoint {
@@ -630,52 +575,19 @@ impl Injector<'_> {
     }
 }
 
+/// The guest-physical frame holding `gpa`.
+fn frame_of(gpa: u64) -> usize {
+    (gpa / HPAGE_SIZE) as usize
+}
+
+/// A guest-RAM error of `op` at `gpa` as the injector's.
+fn guest_mem_err(op: &'static str, gpa: u64) -> impl Fn(GuestMemError) -> InjectError {
+    move |source| InjectError::GuestMem { op, gpa, source }
+}
+
 fn refused(r: Result<(), GuestMemError>) -> Effect {
     match r {
         Ok(()) => Effect::Done,
         Err(e) => Effect::Refused(e.to_string()),
     }
-}
-
-/// The host level of every frame: a PMD where the host's page tables say
-/// so, else 4K where our books say the frame is populated.
-fn host_levels(states: &[FrameView], pmd: Option<&[bool]>) -> Vec<Option<thp::units::Level>> {
-    let mut levels = thp::ram_model::host_levels(states);
-    if let Some(pmd) = pmd {
-        for (l, huge) in levels.iter_mut().zip(pmd) {
-            *l = match (*huge, *l) {
-                (true, _) => Some(thp::units::Level::M2),
-                (false, Some(_)) => Some(thp::units::Level::K4),
-                (false, None) => None,
-            };
-        }
-    }
-    levels
-}
-
-/// The mirror's prediction with every page the guest touches touched (the
-/// guest made full passes over its slices since the last event).
-fn predict(
-    ram: &guest_mem::GuestRam,
-    levels: Vec<Option<thp::units::Level>>,
-    m: &Machine,
-    dirty: bool,
-    orphan_frames: u64,
-) -> Prediction {
-    let failed = |why: String| Prediction {
-        pages_4k: 0,
-        pages_2m: 0,
-        pages_4k_max: 0,
-        pages_4k_bound: Some(why),
-        max_pages_2m: 0,
-        comparable: false,
-        mmu: String::new(),
-        per_slot: Vec::new(),
-    };
-    let Some(ctx) = m.mirror_context() else {
-        return failed("no mirror context".into());
-    };
-    let extra = mirror::shadow_orphan_slack(ctx, orphan_frames);
-    mirror::predict_all_touched(ctx, ram.host_addr(), ram.memslots(), levels, dirty, extra)
-        .unwrap_or_else(|e| failed(format!("the mirror refused: {e}")))
 }

@@ -27,7 +27,7 @@ pub mod args;
 pub mod events;
 pub mod gate;
 pub mod inject;
-pub mod protect;
+pub mod priority;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use guest_mem::{Backing, HPAGE_SIZE};
 
+use crate::builder::RunError;
 use crate::exit_code;
 use crate::outcome::Outcome;
-use crate::run::RunError;
 use crate::testguest::guests::stress::SharedArea;
 
 pub use args::{InjectBug, StressConfig, EXIT_CODES};
@@ -168,56 +168,36 @@ fn params(a: &StressConfig) -> Result<(Params, Option<ReplayFile>), StressError>
     ))
 }
 
-/// Run `vmm stress`.
+/// Run `vmm stress`: check the options, build the VM, start the vCPUs, fire
+/// events until the end, stop the guest, report.
 pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     let (p, replay) = params(a)?;
     crate::output_path::check_all([
         ("--json", a.json.as_deref()),
         ("--replay-out", a.replay_out.as_deref()),
     ])?;
-    let built = setup::build(&a.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let setup::Built {
         mut vm,
         machine: m,
         image,
-    } = built;
+    } = setup::build(&a.kvm_dev, p.memory, p.vcpus, p.backing)?;
     let work_frames = image.reserved.end / HPAGE_SIZE..p.memory / HPAGE_SIZE;
     // Before any vCPU runs: a replayed event acts only where live ones do.
     if let (Some(f), Some(path)) = (&replay, &a.replay) {
         f.check_frames(path, &work_frames)?;
     }
-    let replay_events = replay.map(|f| f.events);
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
+    let (m2, s2) = (m.clone(), vshared.clone());
+    let body = move |i, fd| vcpu::run_vcpu(i, fd, m2.clone(), s2.clone());
+    let handles = crate::builder::spawn_vcpus(&mut vm, &m.control, STOP_TIMEOUT, body)
+        .map_err(StressError::Thread)?;
 
-    let vcpu_fds = std::mem::take(&mut vm.vcpus);
-    let mut handles = Vec::new();
-    for (i, fd) in vcpu_fds.into_iter().enumerate() {
-        let (m2, s2) = (m.clone(), vshared.clone());
-        match std::thread::Builder::new()
-            .name(format!("vcpu{i}"))
-            .spawn(move || vcpu::run_vcpu(i, fd, m2, s2))
-        {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                m.control.stop(STOP_TIMEOUT);
-                return Err(StressError::Thread(e));
-            }
-        }
-    }
-
-    let slots = {
-        let mut ram = m.ram();
-        // Populating guest RAM is no remap of a mapping KVM had.
-        ram.take_changed_frames();
-        ram.take_changed_pages();
-        ram.memslots().to_vec()
-    };
     let inj = Injector {
         m: &m,
         vm: &vm.fd,
-        slot: Slots::new(slots),
+        slot: Slots::new(start_slots(&m)),
         log: log.clone(),
         vshared: &vshared,
         backing: p.backing,
@@ -227,28 +207,67 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
         clean_small: std::sync::Mutex::new(std::collections::BTreeSet::new()),
     };
     inj.note_start();
-    let mut source = match replay_events {
-        Some(events) => Source::Replay { events, next: 0 },
-        None => {
-            let started = Instant::now();
-            let secs = match (a.seconds, a.ops) {
-                (Some(s), _) => Some(s),
-                (None, None) => Some(10.0),
-                (None, Some(_)) => None,
-            };
-            Source::Live {
-                gen: Generator::new(p.seed, p.mix.clone()),
-                // Bounded at parse time; a deadline past the clock's range is none.
-                deadline: secs.and_then(|s| started.checked_add(Duration::from_secs_f64(s))),
-                ops: a.ops,
-            }
-        }
-    };
-
-    let mut lp = Loop::default();
+    let source = event_source(a, &p, replay.map(|f| f.events));
+    // After the vCPU threads started: they keep their priority.
+    let raised = priority::raise_injector();
     let started = Instant::now();
-    let every = Duration::from_secs_f64(a.quiesce_every);
-    let mut next_q = started.checked_add(every).unwrap_or(started);
+    let mut lp = fire_events(&inj, source, Duration::from_secs_f64(a.quiesce_every));
+    let seconds = started.elapsed().as_secs_f64();
+    drop(raised);
+
+    // Stop the guest at the end of its pass, then the vCPU threads.
+    if let Err(e) = log.request_stop(&m.mem) {
+        lp.internal.get_or_insert(e.to_string());
+    }
+    let outcome = m.wait_outcome(FINISH_TIMEOUT);
+    stop_vcpus(&m, handles);
+    let mut end = judge(&mut lp, &log, &m, &vshared, outcome);
+    if end.exit == exit_code::TEST_FAILURE {
+        end.replay_file = write_replay(a, &p, &lp.events);
+    }
+    end.notes = notes(&p, &lp, &end, m.stats.is_none());
+    let rep = report(a, &p, lp, end, seconds, &vshared);
+    drop(inj);
+    drop(vm);
+    Ok(rep)
+}
+
+/// The memslots at the start (populating guest RAM is no remap of a
+/// mapping KVM had: the changes so far are dropped).
+fn start_slots(m: &crate::machine::Machine) -> Vec<guest_mem::RamSlot> {
+    let mut ram = m.ram();
+    ram.take_changed_frames();
+    ram.take_changed_pages();
+    ram.memslots().to_vec()
+}
+
+/// Where events come from: the replay file's, or the seeded generator's
+/// until `--seconds` (10 by default) or `--ops`.
+fn event_source(a: &StressConfig, p: &Params, replay: Option<Vec<Event>>) -> Source {
+    if let Some(events) = replay {
+        return Source::Replay { events, next: 0 };
+    }
+    let started = Instant::now();
+    let secs = match (a.seconds, a.ops) {
+        (Some(s), _) => Some(s),
+        (None, None) => Some(10.0),
+        (None, Some(_)) => None,
+    };
+    Source::Live {
+        gen: Generator::new(p.seed, p.mix.clone()),
+        // Bounded at parse time; a deadline past the clock's range is none.
+        deadline: secs.and_then(|s| started.checked_add(Duration::from_secs_f64(s))),
+        ops: a.ops,
+    }
+}
+
+/// Fire events from `source` (a quiescent point every `every`, and one to
+/// close every live run) until it ends or a step says stop.
+fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop {
+    let mut lp = Loop::default();
+    let mut next_q = Instant::now()
+        .checked_add(every)
+        .unwrap_or_else(Instant::now);
     let mut q_count = 0u64;
     loop {
         let ev = match &mut source {
@@ -257,7 +276,15 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
                     *next += 1;
                     e.clone()
                 }
-                None => break,
+                None => {
+                    // Like the closing quiescent point of a live run (not
+                    // recorded: the replay fires the file's events only):
+                    // the guest checks every page after the last event.
+                    if let Err(e) = inj.wait_whole_pass() {
+                        lp.internal = Some(e.to_string());
+                    }
+                    break;
+                }
             },
             Source::Live { gen, deadline, ops } => {
                 let over = deadline.is_some_and(|d| Instant::now() >= d)
@@ -266,7 +293,7 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
                     // A last quiescent point closes every live run.
                     q_count += 1;
                     let ev = quiesce_event(lp.seq, q_count);
-                    lp.step(&inj, ev);
+                    lp.step(inj, ev);
                     break;
                 }
                 if Instant::now() >= next_q {
@@ -284,20 +311,18 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
             }
         };
         let was_q = matches!(ev.kind, EventKind::Quiesce | EventKind::QuiesceDirty);
-        if !lp.step(&inj, ev) {
+        if !lp.step(inj, ev) {
             break;
         }
         if was_q {
             next_q = Instant::now().checked_add(every).unwrap_or(next_q);
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    lp
+}
 
-    // Stop the guest at the end of its pass, then the vCPU threads.
-    if let Err(e) = log.request_stop(&m.mem) {
-        lp.internal.get_or_insert(e.to_string());
-    }
-    let outcome = m.wait_outcome(FINISH_TIMEOUT);
+/// Stop the vCPU threads and join them.
+fn stop_vcpus(m: &crate::machine::Machine, handles: Vec<std::thread::JoinHandle<()>>) {
     if !m.control.stop(STOP_TIMEOUT) {
         log::error!("vCPU threads did not stop within {STOP_TIMEOUT:?}");
     } else {
@@ -307,7 +332,29 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
             }
         }
     }
+}
 
+/// How the run ended, judged.
+struct End {
+    violations: Vec<String>,
+    first_bad_gfn: Option<u64>,
+    outcome_text: String,
+    counters: Vec<shared::GuestCounters>,
+    exit: i32,
+    /// The replay file written, if any.
+    replay_file: Option<String>,
+    notes: Vec<String>,
+}
+
+/// Gather the violations (the loop's, the guest's, the vCPUs'), read how
+/// the guest ended and choose the exit code.
+fn judge(
+    lp: &mut Loop,
+    log: &SharedLog,
+    m: &crate::machine::Machine,
+    vshared: &StressVcpuShared,
+    outcome: Option<Outcome>,
+) -> End {
     let mut violations = lp.violations.clone();
     let guest = log.violations(&m.mem).unwrap_or_default();
     let first_bad_gfn = guest.first().map(|v| v.gfn);
@@ -333,7 +380,6 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
             violations.push(format!("the guest reported failure (status {s:#x})"));
         }
     }
-    let counters = log.all_counters(&m.mem).unwrap_or_default();
     let exit = if !violations.is_empty() {
         exit_code::TEST_FAILURE
     } else if lp.internal.is_some() {
@@ -341,39 +387,45 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     } else {
         exit_code::OK
     };
+    End {
+        violations,
+        first_bad_gfn,
+        outcome_text,
+        counters: log.all_counters(&m.mem).unwrap_or_default(),
+        exit,
+        replay_file: None,
+        notes: Vec::new(),
+    }
+}
 
-    let replay_file = if exit == exit_code::TEST_FAILURE {
-        let path = a
-            .replay_out
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("stress-replay-seed{}.json", p.seed)));
-        let f = ReplayFile {
-            version: REPLAY_VERSION,
-            seed: p.seed,
-            backing: p.backing.to_string(),
-            memory: p.memory,
-            vcpus: p.vcpus,
-            ops_mix: p.mix.clone(),
-            inject_bug: p.bug,
-            events: lp.events.clone(),
-        };
-        match f.save(&path) {
-            Ok(()) => Some(path.display().to_string()),
-            Err(e) => {
-                log::error!("{e}");
-                None
-            }
-        }
-    } else {
-        None
+/// Write the replay file of a failed run; its path, if written.
+fn write_replay(a: &StressConfig, p: &Params, events: &[Event]) -> Option<String> {
+    let path = a
+        .replay_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("stress-replay-seed{}.json", p.seed)));
+    let f = ReplayFile {
+        version: REPLAY_VERSION,
+        seed: p.seed,
+        backing: p.backing.to_string(),
+        memory: p.memory,
+        vcpus: p.vcpus,
+        ops_mix: p.mix.clone(),
+        inject_bug: p.bug,
+        events: events.to_vec(),
     };
+    match f.save(&path) {
+        Ok(()) => Some(path.display().to_string()),
+        Err(e) => {
+            log::error!("{e}");
+            None
+        }
+    }
+}
 
-    let kinds = lp.tally.finish();
-    let events = kinds
-        .iter()
-        .filter(|(k, _)| !k.starts_with("quiesce"))
-        .map(|(_, v)| v.fired)
-        .sum::<u64>();
+/// The report's notes: what page-out does, what does not apply, and for a
+/// failed run the seed, the last events and the first bad gfn.
+fn notes(p: &Params, lp: &Loop, end: &End, no_stats: bool) -> Vec<String> {
     let mut notes = vec![format!(
         "pageout: MADV_PAGEOUT unmaps shmem pages (KVM sees the invalidation); with no swap they stay \
          resident (the resident counts say how many left); {}",
@@ -386,13 +438,13 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     if p.backing == Backing::Small4k {
         notes.push("split and collapse do not apply to the 4k backing (no huge frames)".into());
     }
-    if m.stats.is_none() {
+    if no_stats {
         notes.push("KVM statistics unavailable: quiescent points compared nothing".into());
     }
     if let Some(i) = &lp.internal {
         notes.push(format!("internal error: {i}"));
     }
-    if exit == exit_code::TEST_FAILURE {
+    if end.exit == exit_code::TEST_FAILURE {
         let n = lp.events.len();
         let last: Vec<String> = lp.events[n.saturating_sub(LAST_EVENTS)..]
             .iter()
@@ -404,11 +456,29 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
             last.len(),
             last.join("\n    ")
         ));
-        if let Some(g) = first_bad_gfn {
+        if let Some(g) = end.first_bad_gfn {
             notes.push(format!("first bad gfn {g:#x} (gpa {:#x})", g << 12));
         }
     }
-    let rep = StressReport {
+    notes
+}
+
+/// The report of the run.
+fn report(
+    a: &StressConfig,
+    p: &Params,
+    lp: Loop,
+    end: End,
+    seconds: f64,
+    vshared: &StressVcpuShared,
+) -> StressReport {
+    let kinds = lp.tally.finish();
+    let events = kinds
+        .iter()
+        .filter(|(k, _)| !k.starts_with("quiesce"))
+        .map(|(_, v)| v.fired)
+        .sum::<u64>();
+    StressReport {
         seed: p.seed,
         backing: p.backing.to_string(),
         memory: p.memory,
@@ -428,22 +498,19 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
             0.0
         },
         kinds,
-        pages_verified: counters.iter().map(|c| c.pages).sum(),
-        passes: counters.iter().map(|c| c.passes).sum(),
-        guest_retries: counters.iter().map(|c| c.retries).sum(),
-        per_vcpu: counters,
+        pages_verified: end.counters.iter().map(|c| c.pages).sum(),
+        passes: end.counters.iter().map(|c| c.passes).sum(),
+        guest_retries: end.counters.iter().map(|c| c.retries).sum(),
+        per_vcpu: end.counters,
         wrprotect_faults: vshared.gate.faults(),
         quiescent_points: lp.points,
-        violations,
-        first_bad_gfn,
-        replay_file,
-        outcome: outcome_text,
-        exit_code: exit,
-        notes,
-    };
-    drop(inj);
-    drop(vm);
-    Ok(rep)
+        violations: end.violations,
+        first_bad_gfn: end.first_bad_gfn,
+        replay_file: end.replay_file,
+        outcome: end.outcome_text,
+        exit_code: end.exit,
+        notes: end.notes,
+    }
 }
 
 fn quiesce_event(seq: u64, n: u64) -> Event {

@@ -30,6 +30,9 @@ pub struct KindReport {
     pub p99_us: u64,
     /// Largest latency, microseconds.
     pub max_us: u64,
+    /// Time spent in events of this kind, microseconds (the sum of their
+    /// latencies: where the run's time went).
+    pub total_us: u64,
     /// Sums of the per-kind measurements.
     pub totals: Extra,
     /// `dirtylog`: events in which KVM's pages_2m fell while logging.
@@ -102,6 +105,7 @@ impl Tally {
             k.p50_us = pct(0.50);
             k.p99_us = pct(0.99);
             k.max_us = k.latencies.last().copied().unwrap_or(0);
+            k.total_us = k.latencies.iter().sum();
         }
         self.kinds
             .into_iter()
@@ -191,8 +195,8 @@ impl StressReport {
         );
         let _ = writeln!(
             s,
-            "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}  notes",
-            "kind", "fired", "done", "noop", "refused", "p50 us", "p99 us", "max us"
+            "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  notes",
+            "kind", "fired", "done", "noop", "refused", "p50 us", "p99 us", "max us", "total ms"
         );
         for (name, k) in &self.kinds {
             let note = match name.as_str() {
@@ -234,8 +238,17 @@ impl StressReport {
             };
             let _ = writeln!(
                 s,
-                "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9}  {}",
-                name, k.fired, k.done, k.noop, k.refused, k.p50_us, k.p99_us, k.max_us, note
+                "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+                name,
+                k.fired,
+                k.done,
+                k.noop,
+                k.refused,
+                k.p50_us,
+                k.p99_us,
+                k.max_us,
+                k.total_us / 1000,
+                note
             );
         }
         for q in &self.quiescent_points {
@@ -289,8 +302,8 @@ mod tests {
         let r = t.finish();
         let s = &r["slot"];
         assert_eq!(
-            (s.fired, s.done, s.p50_us, s.p99_us, s.max_us),
-            (100, 100, 50, 99, 100)
+            (s.fired, s.done, s.p50_us, s.p99_us, s.max_us, s.total_us),
+            (100, 100, 50, 99, 100, 5050)
         );
         assert_eq!(s.unmapped_after_delete, 100);
         let sp = &r["split"];
