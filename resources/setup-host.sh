@@ -109,6 +109,7 @@ if ((KERNEL)); then
     initrd_work="$(bash "$HERE/initramfs/build.sh" memwork | tail -n1)"
     initrd_workload="$(bash "$HERE/initramfs/build.sh" workload | tail -n1)"
     l1host="$(bash "$HERE/l1host/build.sh" | tail -n1)"
+    qemu="$(bash "$HERE/l1host/qemu.sh" | tail -n1)"
     env_file="$CACHE/test-env"
     {
         echo "VMM_TEST_KERNEL=$kernel"
@@ -117,6 +118,7 @@ if ((KERNEL)); then
         echo "VMM_TEST_INITRD_MEMWORK=$initrd_work"
         echo "VMM_TEST_INITRD_WORKLOAD=$initrd_workload"
         echo "VMM_TEST_L1HOST=$l1host"
+        echo "VMM_TEST_QEMU=$qemu"
     } >"$env_file.tmp"
     mv "$env_file.tmp" "$env_file"
     log "test guest images listed in $env_file"

@@ -251,7 +251,7 @@ pub enum GuestMemError {
 
     /// `mprotect` of a frame failed (the original protection put back).
     #[error(transparent)]
-    Protect(#[from] crate::host_actions::ProtectError),
+    Protect(#[from] ProtectError),
 
     /// `mincore` of a frame failed.
     #[error("mincore at host {addr:#x} failed: {source}")]
@@ -272,4 +272,20 @@ impl GuestMemError {
     pub(crate) fn last_os() -> io::Error {
         io::Error::last_os_error()
     }
+}
+
+/// `mprotect` failed.
+#[derive(Debug, thiserror::Error)]
+#[error("mprotect({prot}) of host {addr:#x}+{len:#x}: {source}{restore}")]
+pub struct ProtectError {
+    /// The protection asked for, as text.
+    pub prot: &'static str,
+    /// Host address.
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+    /// Cause.
+    pub source: std::io::Error,
+    /// What restoring the original protection did, as text.
+    pub restore: String,
 }

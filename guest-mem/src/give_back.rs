@@ -6,12 +6,11 @@
 //! [`GuestRam::split_deferred`] splits it (after a bounded delay, or at once
 //! on request). [`SplitPolicy::Eager`] splits at once, as `discard` does.
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::debug;
 pub use thp::give_back::SplitPolicy;
-use thp::give_back::{Coalesced, DueFrame, GiveBackQueue, QueueStats};
+use thp::give_back::{Coalesced, DueFrame, QueueStats};
 use thp::ram_model::DiscardStep;
 
 use crate::backing::Backing;
@@ -22,37 +21,6 @@ use crate::stats::DiscardReport;
 use crate::{pagemap, PAGES_PER_HPAGE};
 
 const PPH: u16 = PAGES_PER_HPAGE as u16;
-
-/// Per-`GuestRam` state of balloon give-backs.
-#[derive(Debug)]
-pub(crate) struct GiveBackState {
-    queue: GiveBackQueue,
-    epoch: Instant,
-    /// Frames given back whole whose huge page is not on the host until the
-    /// guest touches the frame again (books: huge, on their slot).
-    released: BTreeSet<usize>,
-}
-
-impl Default for GiveBackState {
-    fn default() -> Self {
-        Self {
-            queue: GiveBackQueue::new(),
-            epoch: Instant::now(),
-            released: BTreeSet::new(),
-        }
-    }
-}
-
-impl GiveBackState {
-    fn now(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
-    /// Whether `frame` was given back whole and not (known to be) touched since.
-    pub(crate) fn is_released(&self, frame: usize) -> bool {
-        self.released.contains(&frame)
-    }
-}
 
 /// What one give-back call did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

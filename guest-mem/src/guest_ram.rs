@@ -91,7 +91,7 @@ pub struct GuestRam {
     changed_pages: std::collections::BTreeMap<usize, Vec<u16>>,
     /// Balloon give-backs: pages coalesced per frame, the deferred-split
     /// queue, frames given back whole (see `give_back.rs`).
-    pub(crate) give_back: crate::give_back::GiveBackState,
+    pub(crate) give_back: crate::give_back_state::GiveBackState,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;

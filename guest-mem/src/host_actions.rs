@@ -16,7 +16,7 @@ use std::ffi::c_void;
 use rustix::io::Errno;
 use rustix::mm::{self, Advice, MprotectFlags};
 
-use crate::error::GuestMemError;
+use crate::error::{GuestMemError, ProtectError};
 use crate::guest_ram::GuestRam;
 use crate::{HPAGE_SIZE, PAGES_PER_HPAGE};
 
@@ -119,22 +119,6 @@ impl GuestRam {
         self.check_range(gpa, HPAGE_SIZE)?;
         Ok(self.host_addr() + gpa)
     }
-}
-
-/// `mprotect` failed.
-#[derive(Debug, thiserror::Error)]
-#[error("mprotect({prot}) of host {addr:#x}+{len:#x}: {source}{restore}")]
-pub struct ProtectError {
-    /// The protection asked for, as text.
-    pub prot: &'static str,
-    /// Host address.
-    pub addr: u64,
-    /// Length.
-    pub len: u64,
-    /// Cause.
-    pub source: std::io::Error,
-    /// What restoring the original protection did, as text.
-    pub restore: String,
 }
 
 fn prot_name(prot: MprotectFlags) -> &'static str {

@@ -11,6 +11,7 @@
 pub mod backing;
 pub mod error;
 mod give_back;
+mod give_back_state;
 pub mod guest_ram;
 pub mod host_actions;
 mod host_mem;
@@ -26,9 +27,10 @@ mod vma_probe;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::GuestMemError;
+pub use error::ProtectError;
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
 pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
-pub use host_actions::{PageOut, ProtectError};
+pub use host_actions::PageOut;
 pub use layout::{RamLayout, RamRegion, RamSlot, HIGH_RAM_START, MMIO_HOLE_START};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
 pub use stats::{DiscardReport, HostView, PoolStats};

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the emulated hardware-virtualization host ("L1"): a Debian cloud kernel with KVM
 # modules that QEMU runs in software (TCG) mode with `-cpu max` (AMD-V + NPT), so that
-# `vmm` runs on KVM's TDP MMU, the MMU every real user has (docs/HOSTS.md).
+# `vmm` runs on KVM's TDP MMU, the MMU every real user has (README.md, "Emulated AMD-V + NPT host").
 #
 #   bash resources/l1host/build.sh     # prints the image directory as the last stdout line
 #

@@ -46,26 +46,38 @@ pub fn parse_env_file(text: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// The value of test-env key `name`: the environment variable of that name, else its
+/// line in `<cache>/test-env`; with where it came from. `Err`: why there is none.
+fn lookup(name: &str) -> Result<(String, String), String> {
+    if let Ok(v) = std::env::var(name) {
+        if !v.is_empty() {
+            return Ok((v, format!("${name}")));
+        }
+    }
+    let env_file = cache_dir().join("test-env");
+    let text = fs::read_to_string(&env_file).map_err(|e| {
+        format!(
+            "{name} is not set and {} is unreadable ({e}); build the test guest \
+             with `sudo bash resources/setup-host.sh`",
+            env_file.display()
+        )
+    })?;
+    let v = parse_env_file(&text)
+        .remove(name)
+        .ok_or_else(|| format!("{name} is not set and not listed in {}", env_file.display()))?;
+    Ok((v, env_file.display().to_string()))
+}
+
+/// The value of test-env key `name`, if it has one (see [`image`] for the lookup).
+pub fn env_value(name: &str) -> Option<String> {
+    lookup(name).ok().map(|(v, _)| v)
+}
+
 /// The path of image `name` (one of [`KERNEL`], [`INITRD`], [`INITRD_SPIN`],
 /// [`INITRD_MEMWORK`], [`INITRD_WORKLOAD`], or the L1 host image directory), or why there is none.
 pub fn image(name: &str) -> Result<PathBuf, String> {
-    let (path, from) = match std::env::var(name) {
-        Ok(v) if !v.is_empty() => (PathBuf::from(v), format!("${name}")),
-        _ => {
-            let env_file = cache_dir().join("test-env");
-            let text = fs::read_to_string(&env_file).map_err(|e| {
-                format!(
-                    "{name} is not set and {} is unreadable ({e}); build the test guest \
-                     with `sudo bash resources/setup-host.sh`",
-                    env_file.display()
-                )
-            })?;
-            let v = parse_env_file(&text).remove(name).ok_or_else(|| {
-                format!("{name} is not set and not listed in {}", env_file.display())
-            })?;
-            (PathBuf::from(v), env_file.display().to_string())
-        }
-    };
+    let (v, from) = lookup(name)?;
+    let path = PathBuf::from(v);
     if path.is_file() || path.is_dir() {
         Ok(path)
     } else {

@@ -162,9 +162,9 @@ fn plan() -> Batch {
             ),
         );
     }
-    // `vmm bench tlb --guest linux`: the tlb matrix through the same path. (With
-    // `--timeout 120` here L1 froze during the first guest boot, 3 times of 3; with
-    // the default 300 s it passed every time: not yet understood.)
+    // `vmm bench tlb --guest linux`: the tlb matrix through the same path. (L1
+    // froze here and in `balloon-memwork` now and then under QEMU 7.2: a timer
+    // interrupt its nested SVM lost, see resources/l1host/qemu.sh; QEMU 10 runs L1.)
     b.command(
         TLB_LINUX,
         150,

@@ -17,6 +17,7 @@
 //! the transcript is readable as it grows (progress lines while the batch runs).
 
 pub mod cpio;
+pub mod monitor;
 pub mod protocol;
 
 use std::fmt::Write as _;
@@ -36,9 +37,12 @@ pub const DEFAULT_MEMORY_MIB: u32 = 3072;
 pub const DEFAULT_HUGEPAGES: u32 = 640;
 /// Time L1 gets to boot to its /init, on top of the commands' own limits.
 const BOOT_ALLOWANCE: Duration = Duration::from_secs(180);
-/// How long past a command's own limit L1 may stay silent before the driver
-/// gives up on it (L1 enforces the limit itself; silence past it means L1 is stuck).
-const COMMAND_GRACE: Duration = Duration::from_secs(45);
+/// How long past a command's own limit the driver waits for its end (L1 kills it at
+/// the limit; 20 s later L1's watchdog reports what still holds it, see `init`).
+const COMMAND_GRACE: Duration = Duration::from_secs(60);
+/// L1 sends a heartbeat every 30 s while a command runs; none for this long means
+/// L1 itself is frozen.
+const HEARTBEAT_LOST: Duration = Duration::from_secs(100);
 
 /// The L1 image: kernel and base initramfs.
 #[derive(Debug, Clone)]
@@ -184,6 +188,12 @@ pub struct BatchOutcome {
     pub wall: Duration,
     /// QEMU was killed at the deadline.
     pub timed_out: bool,
+    /// It was because L1 froze: no heartbeat from L1 while a command ran (not merely
+    /// a command that outlived its limit in a living L1).
+    pub frozen: bool,
+    /// When it was: QEMU's CPU use and the emulated CPU's registers just before
+    /// ([`monitor::probe`]).
+    pub qemu_probe: String,
 }
 
 impl BatchOutcome {
@@ -195,23 +205,41 @@ impl BatchOutcome {
     /// What went wrong, for a failure message: state, L1's last console lines,
     /// QEMU's messages.
     pub fn diagnosis(&self) -> String {
-        format!(
-            "L1 batch: booted {}, done {}, timed out {} after {:.0} s, running {:?}, errors {:?}, \
-             finished {:?}\n--- last L1 console lines:\n{}\n--- qemu:\n{}",
-            self.transcript.booted,
-            self.transcript.done,
+        let t = &self.transcript;
+        let mut d = format!(
+            "L1 batch: booted {}, done {}, frozen {}, timed out {} after {:.0} s, running {:?}, errors {:?}, \
+             finished {:?}, last heartbeat {:?}",
+            t.booted,
+            t.done,
+            self.frozen,
             self.timed_out,
             self.wall.as_secs_f64(),
-            self.transcript.running,
-            self.transcript.errors,
-            self.transcript
-                .results
+            t.running,
+            t.errors,
+            t.results
                 .iter()
                 .map(|r| format!("{}={}", r.id, r.rc))
                 .collect::<Vec<_>>(),
+            t.alive,
+        );
+        if !t.diag.is_empty() {
+            // The watchdog in L1 ran: L1 lived, the command outlived its KILL.
+            let _ = write!(
+                d,
+                "\n--- L1's watchdog (tasks, kernel stacks, kernel log):\n{}",
+                t.diag.join("\n")
+            );
+        }
+        if !self.qemu_probe.is_empty() {
+            let _ = write!(d, "\n--- QEMU when stopped:\n{}", self.qemu_probe);
+        }
+        let _ = write!(
+            d,
+            "\n--- last L1 console lines:\n{}\n--- qemu:\n{}",
             crate::vmm_bin::tail(&self.console, 40),
             crate::vmm_bin::tail(&self.qemu_log, 10)
-        )
+        );
+        d
     }
 }
 
@@ -233,10 +261,27 @@ pub enum L1Error {
     Ldd(PathBuf, String),
     /// QEMU could not be started.
     #[error("cannot start {0} (install qemu-system-x86, or run resources/setup-host.sh): {1}")]
-    Qemu(&'static str, std::io::Error),
+    Qemu(String, std::io::Error),
+    /// The QEMU the test env names is not there.
+    #[error("{0}")]
+    NoQemu(String),
 }
 
-const QEMU: &str = "qemu-system-x86_64";
+/// Test-env key of the QEMU that runs L1 (`resources/setup-host.sh` installs one
+/// whose nested SVM does not lose L1's timer interrupt, see `resources/l1host/qemu.sh`); default:
+/// `qemu-system-x86_64` from `$PATH`.
+pub const QEMU_KEY: &str = "VMM_TEST_QEMU";
+
+/// The QEMU to run L1 with: the one the test env names (it must exist), else the
+/// one on `$PATH`.
+fn qemu() -> Result<String, L1Error> {
+    match crate::images::env_value(QEMU_KEY) {
+        None => Ok("qemu-system-x86_64".to_string()),
+        Some(_) => crate::images::image(QEMU_KEY)
+            .map(|p| p.display().to_string())
+            .map_err(L1Error::NoQemu),
+    }
+}
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> L1Error + 'a {
     move |source| L1Error::Io {
@@ -354,10 +399,12 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
     let console = work.join("console.log");
     let results = work.join("results.log");
     let qemu_log = work.join("qemu.log");
+    let monitor_sock = work.join("monitor.sock");
     let log_file = fs::File::create(&qemu_log).map_err(io("QEMU log", &qemu_log))?;
     let log_err = log_file.try_clone().map_err(io("QEMU log", &qemu_log))?;
     let start = Instant::now();
-    let mut child = Process::new(QEMU)
+    let qemu = qemu()?;
+    let mut child = Process::new(&qemu)
         .args(["-accel", "tcg,thread=single", "-cpu", "max", "-smp", "1"])
         .args(["-m", &format!("{}M", batch.memory_mib)])
         .args([
@@ -365,7 +412,7 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
             "-display",
             "none",
             "-monitor",
-            "none",
+            &monitor::arg(&monitor_sock),
             "-no-reboot",
         ])
         .arg("-kernel")
@@ -381,13 +428,19 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
         .stdout(log_file)
         .stderr(log_err)
         .spawn()
-        .map_err(|e| L1Error::Qemu(QEMU, e))?;
+        .map_err(|e| L1Error::Qemu(qemu.clone(), e))?;
 
     let deadline = batch.deadline();
     let mut reported = 0;
     let mut timed_out = false;
+    // What QEMU said about L1 when the driver gave up on it.
+    let mut qemu_probe = String::new();
     // The command L1 runs now and when the driver saw it begin.
     let mut current: Option<(String, Instant)> = None;
+    // The running command's last heartbeat and when the driver read it.
+    let mut last_alive: Option<(String, u64)> = None;
+    let mut heard = Instant::now();
+    let mut stopped_frozen = false;
     loop {
         let exited = matches!(child.try_wait(), Ok(Some(_)));
         let text = fs::read_to_string(&results).unwrap_or_default();
@@ -408,6 +461,10 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
         if current.as_ref().map(|(id, _)| id) != t.running.as_ref() {
             current = t.running.clone().map(|id| (id, Instant::now()));
         }
+        if t.alive != last_alive {
+            last_alive = t.alive.clone();
+            heard = Instant::now();
+        }
         let stuck = current.as_ref().is_some_and(|(id, since)| {
             let limit = batch
                 .commands
@@ -416,15 +473,27 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
                 .map_or(Duration::ZERO, |c| c.limit);
             since.elapsed() > limit + COMMAND_GRACE
         });
-        if stuck {
+        // No heartbeat for a while, though L1 sends one every 30 s: L1 is frozen.
+        let frozen = current
+            .as_ref()
+            .is_some_and(|(_, since)| since.elapsed().min(heard.elapsed()) > HEARTBEAT_LOST);
+        if stuck || frozen {
             eprintln!(
-                "[l1host {:>4.0} s] L1 silent past the limit of {:?}: stopping QEMU",
+                "[l1host {:>4.0} s] {} {:?}: stopping QEMU",
                 start.elapsed().as_secs_f64(),
+                if frozen {
+                    "L1 frozen (no heartbeat) while running"
+                } else {
+                    "L1 did not end past the limit of"
+                },
                 t.running
             );
         }
+        stopped_frozen = frozen;
+        let stuck = stuck || frozen;
         if stuck || start.elapsed() > deadline {
             timed_out = true;
+            qemu_probe = monitor::probe(child.id(), &monitor_sock);
             let _ = child.kill();
             let _ = child.wait();
             break;
@@ -442,6 +511,8 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
         qemu_log: read(&qemu_log),
         wall: start.elapsed(),
         timed_out,
+        frozen: stopped_frozen,
+        qemu_probe,
     };
     if std::env::var_os("VMM_L1_KEEP").is_none() {
         let _ = fs::remove_dir_all(&work);

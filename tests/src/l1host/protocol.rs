@@ -29,6 +29,12 @@ pub struct Transcript {
     pub running: Option<String>,
     /// Everything was run.
     pub done: bool,
+    /// The last `ALIVE id secs` heartbeat of the running command (L1's own count of
+    /// seconds since it began).
+    pub alive: Option<(String, u64)>,
+    /// `DIAG` lines: what a command that outlived its KILL held (tasks, kernel stacks,
+    /// kernel log), written by L1's watchdog.
+    pub diag: Vec<String>,
 }
 
 impl Transcript {
@@ -104,6 +110,11 @@ pub fn parse(tag: &str, text: &str) -> Transcript {
                 });
             }
             "DONE" => t.done = true,
+            "ALIVE" => {
+                let (id, secs) = arg.split_once(' ').unwrap_or((arg, "0"));
+                t.alive = Some((id.to_string(), secs.trim().parse().unwrap_or(0)));
+            }
+            "DIAG" => t.diag.push(arg.to_string()),
             _ => {}
         }
     }
@@ -135,6 +146,18 @@ mod tests {
         // Output without a final newline: the marker follows on the same line.
         let t = parse("T1", "T1 BEGIN c\n{\"a\": 1}T1 END c rc=0 secs=1\n");
         assert_eq!(t.result("c").unwrap().output, "{\"a\": 1}");
+        // Heartbeats and a watchdog's diagnosis do not enter the command's output.
+        let t = parse(
+            "T1",
+            "T1 BEGIN d\nout\nT1 ALIVE d 30\nT1 ALIVE d 60\nT1 DIAG task 7 vmm state=D\n",
+        );
+        assert_eq!(t.alive, Some(("d".to_string(), 60)));
+        assert_eq!(t.diag, vec!["task 7 vmm state=D".to_string()]);
+        let t = parse(
+            "T1",
+            "T1 BEGIN d\nout\nT1 ALIVE d 30\nT1 END d rc=0 secs=31\n",
+        );
+        assert_eq!(t.result("d").unwrap().output, "out\n");
         // Another batch's tag is not ours.
         assert!(!parse("T2", text).booted);
     }

@@ -5,9 +5,34 @@ use std::path::PathBuf;
 
 use guest_mem::Backing;
 
-use super::workload::Spec;
 use crate::testguest::guests::tlb;
 use crate::testguest::GuestPageSize;
+
+/// What `vmm bench workload` runs, whoever asked (`vmm bench workload`, or
+/// `vmm bench tlb --guest linux`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spec {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Initramfs following the guest init protocol.
+    pub initrd: PathBuf,
+    /// The command (`sh -c` string).
+    pub run: String,
+    /// Host backings, in run order.
+    pub backings: Vec<Backing>,
+    /// The guest's THP mode, if set.
+    pub guest_thp: Option<GuestThp>,
+    /// Guest RAM bytes.
+    pub memory: u64,
+    /// Repeats.
+    pub repeat: u32,
+    /// Extra kernel command-line entries.
+    pub cmdline: Option<String>,
+    /// Seconds per run.
+    pub timeout: f64,
+    /// KVM device node.
+    pub kvm_dev: PathBuf,
+}
 
 /// Default timed accesses per run of `vmm bench tlb`.
 pub const DEFAULT_ACCESSES: u64 = 4_000_000;

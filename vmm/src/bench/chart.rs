@@ -5,8 +5,7 @@
 
 use plotters::prelude::*;
 
-use super::summary::{ConfigResult, Spread};
-use super::workload::BackingResult;
+use super::summary::{BackingResult, ConfigResult, Spread};
 
 const SERIES: [(&str, RGBColor); 4] = [
     ("native", RGBColor(120, 120, 120)),

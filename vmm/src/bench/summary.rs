@@ -1,11 +1,34 @@
 //! Per-configuration statistics, the results file and the text table.
 
+use std::collections::BTreeMap;
+
 use crate::stats::MappingStats;
 
 use super::args::Mode;
 use super::hostdesc::HostDesc;
 use super::plan::{size_name, Config};
 use super::tsc::TscFreq;
+
+/// The runs of one backing, summarized.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BackingResult {
+    /// Host backing.
+    pub backing: String,
+    /// Runs.
+    pub runs: usize,
+    /// CMD's wall seconds in the guest.
+    pub wall_seconds: Option<Spread>,
+    /// Every numeric `RESULT` key's spread over the runs.
+    pub result: BTreeMap<String, Spread>,
+    /// Median wall time over the `4k` backing's median (same invocation).
+    pub wall_ratio_to_4k: Option<f64>,
+    /// Median ns_per_access over the `4k` backing's (when CMD reports it).
+    pub ns_per_access_ratio_to_4k: Option<f64>,
+    /// Largest KVM pages_2m over every sample of every run.
+    pub kvm_pages_2m_peak: Option<u64>,
+    /// Largest KVM pages_4k over every sample of every run.
+    pub kvm_pages_4k_peak: Option<u64>,
+}
 
 /// Median and spread of the samples of one configuration.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

@@ -200,7 +200,7 @@ fn one_linux(
             "--guest linux needs --kernel and --initrd".into(),
         ));
     };
-    let spec = workload::Spec {
+    let spec = super::args::Spec {
         kernel: kernel.clone(),
         initrd: initrd.clone(),
         run: linux_command(p),

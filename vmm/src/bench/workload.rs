@@ -24,37 +24,11 @@ use crate::host::{HostInfo, HostKind};
 use crate::snapshot::HostMemory;
 use crate::stats::{self, KvmSample, MappingStats};
 
-use super::args::{GuestThp, WorkloadConfig};
+use super::args::{GuestThp, Spec, WorkloadConfig};
 use super::error::BenchError;
 use super::hostdesc::HostDesc;
 use super::protocol::{self, GuestOutput};
-use super::summary::Spread;
-
-/// What `vmm bench workload` runs, whoever asked (`vmm bench workload`, or
-/// `vmm bench tlb --guest linux`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Spec {
-    /// Guest kernel.
-    pub kernel: PathBuf,
-    /// Initramfs following the guest init protocol.
-    pub initrd: PathBuf,
-    /// The command (`sh -c` string).
-    pub run: String,
-    /// Host backings, in run order.
-    pub backings: Vec<Backing>,
-    /// The guest's THP mode, if set.
-    pub guest_thp: Option<GuestThp>,
-    /// Guest RAM bytes.
-    pub memory: u64,
-    /// Repeats.
-    pub repeat: u32,
-    /// Extra kernel command-line entries.
-    pub cmdline: Option<String>,
-    /// Seconds per run.
-    pub timeout: f64,
-    /// KVM device node.
-    pub kvm_dev: PathBuf,
-}
+use super::summary::{BackingResult, Spread};
 
 /// Why a Linux guest's user space cannot run benchmarks on this host, if it cannot.
 pub fn user_space_unavailable(info: &HostInfo) -> Option<String> {
@@ -96,27 +70,6 @@ pub struct WorkloadRun {
     pub host_memory_end: Option<HostMemory>,
     /// Wall seconds of the whole run on the host (boot, CMD, power-off).
     pub vmm_seconds: f64,
-}
-
-/// The runs of one backing, summarized.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BackingResult {
-    /// Host backing.
-    pub backing: String,
-    /// Runs.
-    pub runs: usize,
-    /// CMD's wall seconds in the guest.
-    pub wall_seconds: Option<Spread>,
-    /// Every numeric `RESULT` key's spread over the runs.
-    pub result: BTreeMap<String, Spread>,
-    /// Median wall time over the `4k` backing's median (same invocation).
-    pub wall_ratio_to_4k: Option<f64>,
-    /// Median ns_per_access over the `4k` backing's (when CMD reports it).
-    pub ns_per_access_ratio_to_4k: Option<f64>,
-    /// Largest KVM pages_2m over every sample of every run.
-    pub kvm_pages_2m_peak: Option<u64>,
-    /// Largest KVM pages_4k over every sample of every run.
-    pub kvm_pages_4k_peak: Option<u64>,
 }
 
 /// Everything `vmm bench workload` measured (the `--json` file).

@@ -6,10 +6,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use guest_mem::Backing;
 
 use super::KvmDevArg;
+use vmm::bench::args::Spec;
 use vmm::bench::args::{
     Bench, GuestChoice, GuestThp, Mode, TlbConfig, WorkloadConfig, DEFAULT_ACCESSES,
 };
-use vmm::bench::workload::Spec;
 use vmm::testguest::guests::tlb;
 use vmm::testguest::GuestPageSize;
 

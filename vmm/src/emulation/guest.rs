@@ -6,7 +6,8 @@ use kvm_bindings::{kvm_regs, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::decide::{bitness, Action, CpuState};
+use super::action::Action;
+use super::decide::{bitness, CpuState};
 use super::simd::{self, MemError, Memory, SimdError, SimdRegs};
 
 /// Why a decided action could not be carried out.

@@ -13,6 +13,7 @@
 //! - [`hint`]: hints for what stays unhandled;
 //! - [`counts`]: how many of each kind were handled (in the run report).
 
+pub mod action;
 pub mod counts;
 pub mod decide;
 pub mod guest;

@@ -3,7 +3,7 @@
 //! the processor does. All pure: they take the instruction length and the
 //! relevant vCPU state and return what to do.
 
-use super::decide::Action;
+use super::action::Action;
 
 /// #BP, breakpoint.
 pub const BP_VECTOR: u8 = 3;
