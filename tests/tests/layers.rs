@@ -198,7 +198,10 @@ fn the_cycle_check_sees_a_cycle() {
     .map(|(k, v)| (k.to_string(), v.into_iter().map(String::from).collect()))
     .collect();
     assert_eq!(cycles(&g), vec![vec!["a", "b", "c"]]);
-    let paths = named_paths("x::y", "use super::z::{A, b::C};\nuse crate::q;\nfoo(self::w::f)");
+    let paths = named_paths(
+        "x::y",
+        "use super::z::{A, b::C};\nuse crate::q;\nfoo(self::w::f)",
+    );
     assert_eq!(paths, vec!["q", "x::z::A", "x::z::b::C", "x::y::w::f"]);
 }
 
