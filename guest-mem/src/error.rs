@@ -245,6 +245,15 @@ pub enum GuestMemError {
     #[error(transparent)]
     Quiesce(#[from] QuiesceError),
 
+    /// A hugetlb split reached the host without the vCPU pause it needs (a
+    /// bug: every split goes through the paused path).
+    #[error("internal error: hugetlb split of frame {frame} (huge slot {huge_slot}) without a vCPU pause; refused")]
+    UnpausedSplit {
+        /// Guest frame.
+        frame: usize,
+        /// Its huge slot.
+        huge_slot: u32,
+    },
     /// The model refused the operation.
     #[error("the RAM model refused: {0}")]
     Model(#[from] thp::ram_model::ModelError),

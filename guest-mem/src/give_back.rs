@@ -104,7 +104,7 @@ impl GuestRam {
         let mut split_now = Vec::new();
         for (frame, lo, hi) in spans(first, n) {
             if !self.frame_is_huge(frame) {
-                self.discard_small(frame, lo, hi, &mut rep)?;
+                self.discard_small(frame, lo, hi, &mut rep, q)?;
                 continue;
             }
             match self
@@ -112,7 +112,7 @@ impl GuestRam {
                 .queue
                 .deferred_split_folio(frame, lo..hi, now)
             {
-                Coalesced::Whole(d) => self.release_whole(d, &mut rep)?,
+                Coalesced::Whole(d) => self.release_whole(d, &mut rep, q)?,
                 Coalesced::Queued { newly_queued, .. } => match policy {
                     SplitPolicy::Eager => split_now.extend(self.give_back.queue.take_frame(frame)),
                     SplitPolicy::Deferred { .. } => {
@@ -135,7 +135,7 @@ impl GuestRam {
         &mut self,
         gpa: u64,
         len: u64,
-        _q: &dyn Quiesce,
+        q: &dyn Quiesce,
     ) -> Result<GiveBackReport, GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         let now = self.give_back.now();
@@ -154,10 +154,10 @@ impl GuestRam {
                     None => None,
                 };
                 if let Some(d) = done {
-                    self.release_whole(d, &mut rep)?;
+                    self.release_whole(d, &mut rep, q)?;
                 }
             } else if whole {
-                self.discard_small(frame, lo, hi, &mut rep)?;
+                self.discard_small(frame, lo, hi, &mut rep, q)?;
             }
         }
         Ok(rep)
@@ -239,12 +239,13 @@ impl GuestRam {
         lo: u16,
         hi: u16,
         rep: &mut GiveBackReport,
+        q: &dyn Quiesce,
     ) -> Result<(), GuestMemError> {
         let pages: Vec<u16> = (lo..hi).collect();
         let step = self.model.discard_frame_pages(frame, &pages, false)?;
         self.note_discard(&step);
         let mut d = DiscardReport::default();
-        self.apply_discard_step(step, &mut d)?;
+        self.apply_discard_step(step, &mut d, q)?;
         rep.add_discard(&d);
         Ok(())
     }
@@ -257,15 +258,16 @@ impl GuestRam {
         &mut self,
         d: DueFrame,
         rep: &mut GiveBackReport,
+        q: &dyn Quiesce,
     ) -> Result<(), GuestMemError> {
         let frame = d.frame;
-        let all: Vec<u16> = (0..PPH).collect();
+        let all = crate::host_mem::all_pages();
         let step = self.model.discard_frame_pages(frame, &all, true)?;
         self.changed.insert(frame);
         let DiscardStep::WholeHuge { slot, .. } = step else {
             // Not huge after all (cannot happen: checked by the caller).
             let mut r = DiscardReport::default();
-            self.apply_discard_step(step, &mut r)?;
+            self.apply_discard_step(step, &mut r, q)?;
             rep.add_discard(&r);
             return Ok(());
         };
@@ -310,7 +312,7 @@ impl GuestRam {
             self.undoable(|ram| {
                 let step = ram.model.discard_frame_pages(d.frame, &d.pages, false)?;
                 ram.note_discard(&step);
-                ram.apply_discard_step_paused(step, &mut r, q)
+                ram.apply_discard_step(step, &mut r, q)
             })?;
             rep.add_discard(&r);
             rep.freed_after

@@ -423,15 +423,16 @@ impl GuestRam {
         }
         let mut rep = DiscardReport::default();
         for step in steps {
-            self.apply_discard_step_paused(step, &mut rep, q)?;
+            self.apply_discard_step(step, &mut rep, q)?;
         }
         Ok(rep)
     }
 
     /// Act on one frame's discard plan, pausing the vCPUs through `q` only
     /// for what must not race with them: the copy and remap of a hugetlb
-    /// split (see [`Self::split_hugetlb`]).
-    pub(crate) fn apply_discard_step_paused(
+    /// split (see [`Self::split_hugetlb`]). The only way a discard step
+    /// reaches the host: no hugetlb split runs without the pause.
+    pub(crate) fn apply_discard_step(
         &mut self,
         step: DiscardStep,
         rep: &mut DiscardReport,
@@ -448,7 +449,7 @@ impl GuestRam {
                 rep.pages_freed += dropped.len() as u64;
                 self.split_hugetlb(frame, huge_slot, &kept, q)
             }
-            step => self.apply_discard_step(step, rep),
+            step => self.apply_unpaused_step(step, rep),
         }
     }
 
@@ -471,10 +472,9 @@ impl GuestRam {
         }
     }
 
-    /// Act on one frame's discard plan (hugetlb splits expect the vCPUs
-    /// paused by the caller; [`Self::apply_discard_step_paused`] pauses
-    /// them itself, for less time).
-    pub(crate) fn apply_discard_step(
+    /// The discard steps that need no vCPU pause: every step but a hugetlb
+    /// split, which [`Self::apply_discard_step`] takes before it gets here.
+    fn apply_unpaused_step(
         &mut self,
         step: DiscardStep,
         rep: &mut DiscardReport,
@@ -493,13 +493,15 @@ impl GuestRam {
             DiscardStep::SplitHuge {
                 frame,
                 huge_slot,
-                kept,
+                kept: _,
                 dropped,
             } => {
                 rep.frames_split += 1;
                 rep.pages_freed += dropped.len() as u64;
                 if self.backing == Backing::Hugetlb {
-                    self.apply_split_hugetlb(frame, huge_slot, &kept)?;
+                    // Unreachable: apply_discard_step splits hugetlb frames
+                    // under the pause. Refuse rather than race the vCPUs.
+                    return Err(GuestMemError::UnpausedSplit { frame, huge_slot });
                 } else {
                     // The kernel splits the shmem THP it punches into; keep
                     // khugepaged from collapsing it behind the model's back.
@@ -658,20 +660,6 @@ impl GuestRam {
         if let Err(e) = self.host.small_free(&slots) {
             warn!("freeing the small slots of a failed split: {e}");
         }
-    }
-
-    /// Move the present pages `copied` (page, new small slot) of huge `frame`
-    /// to small pages; the pages not listed become zero pages.
-    fn apply_split_hugetlb(
-        &mut self,
-        frame: usize,
-        huge_slot: u32,
-        copied: &[(u16, u32)],
-    ) -> Result<(), GuestMemError> {
-        // The caller holds the vCPUs paused throughout (several frames).
-        self.host.split_prepare(copied)?;
-        self.host.split_switch(frame, huge_slot, copied)?;
-        self.host.split_finish(frame, huge_slot, copied)
     }
 
     /// Collapse `frame` back into one huge page (pages not present come back
@@ -922,5 +910,29 @@ mod tests {
             FrameView::Small { present: 512 }
         ));
         assert!(matches!(ram.frame_state(1), FrameView::Huge { .. }));
+    }
+
+    #[test]
+    fn a_hugetlb_split_without_the_pause_is_refused() {
+        let Some(mut ram) = ram() else { return };
+        let step = ram
+            .model
+            .discard_frame_pages(2, &[0, 1, 2], false)
+            .expect("plan");
+        assert!(matches!(step, DiscardStep::SplitHuge { frame: 2, .. }));
+        let before = ram.host.allocated_bytes().expect("allocated");
+        let mut rep = DiscardReport::default();
+        let e = ram.apply_unpaused_step(step, &mut rep).unwrap_err();
+        assert!(
+            matches!(e, GuestMemError::UnpausedSplit { frame: 2, .. }),
+            "{e}"
+        );
+        // Nothing reached the host: the huge page is still there, data intact.
+        assert_eq!(ram.host.allocated_bytes().expect("allocated"), before);
+        let w: u64 = ram
+            .memory()
+            .read_obj(GuestAddress(2 * HPAGE_SIZE + 5 * PAGE_SIZE))
+            .expect("read");
+        assert_eq!(w, 2 << 32 | 5 << 8 | 0x5a);
     }
 }

@@ -28,6 +28,7 @@ pub mod events;
 pub mod gate;
 pub mod inject;
 pub mod priority;
+pub mod progress;
 pub mod replay;
 pub mod report;
 pub mod setup;
@@ -49,6 +50,7 @@ use crate::testguest::guests::stress::SharedArea;
 pub use args::{InjectBug, StressConfig, EXIT_CODES};
 use events::{Event, EventKind, Generator, OpsMix};
 use inject::{Effect, Extra, Injector};
+use progress::Progress;
 use replay::{ReplayError, ReplayFile, REPLAY_VERSION};
 pub use report::StressReport;
 use report::Tally;
@@ -171,6 +173,14 @@ fn params(a: &StressConfig) -> Result<(Params, Option<ReplayFile>), StressError>
 /// Run `vmm stress`: check the options, build the VM, start the vCPUs, fire
 /// events until the end, stop the guest, report.
 pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
+    run_with_progress(a, &mut |_| {})
+}
+
+/// [`run`], telling `progress` how the run goes every [`progress::INTERVAL`].
+pub fn run_with_progress(
+    a: &StressConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<StressReport, StressError> {
     let (p, replay) = params(a)?;
     crate::output_path::check_all([
         ("--json", a.json.as_deref()),
@@ -211,7 +221,9 @@ pub fn run(a: &StressConfig) -> Result<StressReport, StressError> {
     // After the vCPU threads started: they keep their priority.
     let raised = priority::raise_injector();
     let started = Instant::now();
-    let mut lp = fire_events(&inj, source, Duration::from_secs_f64(a.quiesce_every));
+    let mut prog = Progress::new(a.ops, progress);
+    let every = Duration::from_secs_f64(a.quiesce_every);
+    let mut lp = fire_events(&inj, source, every, &mut prog);
     let seconds = started.elapsed().as_secs_f64();
     drop(raised);
 
@@ -263,7 +275,12 @@ fn event_source(a: &StressConfig, p: &Params, replay: Option<Vec<Event>>) -> Sou
 
 /// Fire events from `source` (a quiescent point every `every`, and one to
 /// close every live run) until it ends or a step says stop.
-fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop {
+fn fire_events(
+    inj: &Injector<'_>,
+    mut source: Source,
+    every: Duration,
+    prog: &mut Progress<'_>,
+) -> Loop {
     let mut lp = Loop::default();
     let mut next_q = Instant::now()
         .checked_add(every)
@@ -317,6 +334,7 @@ fn fire_events(inj: &Injector<'_>, mut source: Source, every: Duration) -> Loop 
         if was_q {
             next_q = Instant::now().checked_add(every).unwrap_or(next_q);
         }
+        prog.tick(lp.fired, lp.points.len(), lp.violations.len());
     }
     lp
 }
@@ -586,7 +604,7 @@ impl Loop {
 /// `vmm stress` for the binary: run, print the report, write `--json`;
 /// returns the process exit code.
 pub fn run_cli(a: &StressConfig) -> i32 {
-    match run(a) {
+    match run_with_progress(a, &mut |l| eprintln!("vmm stress: {l}")) {
         Ok(rep) => {
             crate::stdout::print(&rep.text());
             if let Some(f) = &rep.replay_file {
