@@ -214,6 +214,25 @@ pub fn read_meminfo() -> Result<HugeMeminfo, GuestMemError> {
     parse_meminfo(&text)
 }
 
+/// Base pages the host kernel has migrated since boot (`pgmigrate_success` of
+/// `/proc/vmstat`: compaction, khugepaged, NUMA balancing...). Each migration of
+/// a page of guest RAM is an mmu-notifier invalidation no VMM asked for. `None`
+/// when the kernel does not say.
+pub fn pages_migrated() -> Option<u64> {
+    parse_vmstat(
+        &std::fs::read_to_string("/proc/vmstat").ok()?,
+        "pgmigrate_success",
+    )
+}
+
+/// Counter `key` of `/proc/vmstat` text.
+pub fn parse_vmstat(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok())?
+    })
+}
+
 /// `MemAvailable` of meminfo text, in bytes.
 pub fn parse_mem_available(text: &str) -> Option<u64> {
     text.lines().find_map(|l| {
@@ -239,6 +258,18 @@ pub fn read_mem_available() -> Result<u64, GuestMemError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn vmstat_counter_is_read_by_name() {
+        let t = "pgmigrate_fail 7\npgmigrate_success 4313067\ncompact_stall 9\n";
+        assert_eq!(parse_vmstat(t, "pgmigrate_success"), Some(4313067));
+        assert_eq!(parse_vmstat(t, "pgmigrate"), None);
+        assert_eq!(
+            parse_vmstat("pgmigrate_success x\n", "pgmigrate_success"),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -126,6 +126,12 @@ pub struct QuiescePoint {
     /// small). The mirror is fed the host's truth, so KVM's logic is
     /// checked either way; a disagreement is a finding about guest-mem.
     pub books_vs_host: Option<Vec<u64>>,
+    /// Pages the host kernel migrated (`pgmigrate_success`) between the start
+    /// of the guest's last pass and the read of KVM's counters, if it says.
+    pub host_migrated: Option<u64>,
+    /// Times this point was taken again because KVM disagreed with the mirror
+    /// while the host migrated pages (an invalidation no event caused).
+    pub retakes: u32,
 }
 
 /// `quiescent point at event #N: KVM pages_4k … pages_2m …, mirror …`: what
@@ -152,9 +158,20 @@ impl std::fmt::Display for QuiescePoint {
             },
             self.prediction.pages_2m,
             self.prediction.describe(self.kvm_pages_4k, self.kvm_pages_2m)
-        )
+        )?;
+        if let Some(n) = self.host_migrated.filter(|&n| n > 0) {
+            write!(f, " [the host migrated {n} pages meanwhile]")?;
+        }
+        if self.retakes > 0 {
+            write!(f, " [taken {} times]", self.retakes + 1)?;
+        }
+        Ok(())
     }
 }
+
+/// How many times a quiescent point is taken again when the host migrated
+/// pages while KVM disagreed with the mirror.
+const MAX_RETAKES: u32 = 3;
 
 /// Fires events at one machine.
 pub struct Injector<'a> {
@@ -505,7 +522,20 @@ impl Injector<'_> {
         if dirty {
             self.slot.set_dirty_logging(self.vm, true)?;
         }
-        let r = self.quiesce_compare(seq, dirty);
+        let mut r = self.quiesce_compare(seq, dirty);
+        let mut retakes = 0;
+        // A host migration (compaction, khugepaged) of a page the guest had
+        // already touched in its pass drops KVM's entry for it: not the VMM's
+        // doing, nothing the mirror can know. Take the point again.
+        while let Ok(q) = &r {
+            if q.agrees || q.host_migrated.unwrap_or(0) == 0 || retakes >= MAX_RETAKES {
+                break;
+            }
+            log::info!("{q}: the host migrated pages meanwhile; taking the point again");
+            retakes += 1;
+            r = self.quiesce_compare(seq, dirty);
+        }
+        let r = r.map(|q| QuiescePoint { retakes, ..q });
         if dirty {
             self.slot.set_dirty_logging(self.vm, false)?;
         }
@@ -520,9 +550,13 @@ impl Injector<'_> {
     }
 
     fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
+        let migrated_before = guest_mem::smaps::pages_migrated();
         self.wait_whole_pass()?;
         let _paused = quiesce::pause(&self.m.control)?;
         let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
+        let host_migrated = migrated_before
+            .zip(guest_mem::smaps::pages_migrated())
+            .map(|(a, b)| b.saturating_sub(a));
         let mut ram = self.m.ram();
         ram.take_changed_frames();
         ram.take_changed_pages();
@@ -571,6 +605,8 @@ impl Injector<'_> {
             huge_frames,
             host_pmd_frames: host_pmd.map(|v| v.iter().filter(|b| **b).count() as u64),
             books_vs_host,
+            host_migrated,
+            retakes: 0,
         })
     }
 }

@@ -459,6 +459,16 @@ fn notes(p: &Params, lp: &Loop, end: &End, no_stats: bool) -> Vec<String> {
     if no_stats {
         notes.push("KVM statistics unavailable: quiescent points compared nothing".into());
     }
+    let retaken: Vec<&inject::QuiescePoint> = lp.points.iter().filter(|q| q.retakes > 0).collect();
+    if !retaken.is_empty() {
+        notes.push(format!(
+            "{} quiescent points taken again ({} times in all): KVM disagreed with the mirror while \
+             the host kernel migrated pages (/proc/vmstat pgmigrate_success), an invalidation no \
+             event caused; the point counts as its last take",
+            retaken.len(),
+            retaken.iter().map(|q| u64::from(q.retakes)).sum::<u64>()
+        ));
+    }
     if let Some(i) = &lp.internal {
         notes.push(format!("internal error: {i}"));
     }
