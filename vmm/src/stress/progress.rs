@@ -82,13 +82,14 @@ mod tests {
     #[test]
     fn tick_prints_only_when_due() {
         let mut lines = Vec::new();
-        let mut sink = |l: &str| lines.push(l.to_string());
-        let mut p = Progress::new(Some(10), &mut sink);
-        p.tick(1, 0, 0);
-        p.next = Instant::now();
-        p.tick(2, 1, 0);
-        p.tick(3, 1, 0);
-        drop(p);
+        {
+            let mut sink = |l: &str| lines.push(l.to_string());
+            let mut p = Progress::new(Some(10), &mut sink);
+            p.tick(1, 0, 0);
+            p.next = Instant::now();
+            p.tick(2, 1, 0);
+            p.tick(3, 1, 0);
+        }
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].contains("2 events"), "{lines:?}");
     }
