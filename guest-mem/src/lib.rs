@@ -26,8 +26,7 @@ pub mod stats;
 mod vma_probe;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
-pub use error::GuestMemError;
-pub use error::ProtectError;
+pub use error::{GuestMemError, ProtectError};
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
 pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};
 pub use host_actions::PageOut;

@@ -258,6 +258,7 @@ pub fn read_mem_available() -> Result<u64, GuestMemError> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn vmstat_counter_is_read_by_name() {
@@ -269,8 +270,6 @@ mod tests {
             None
         );
     }
-
-    use super::*;
 
     #[test]
     fn mem_available_in_bytes() {

@@ -465,7 +465,7 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
             last_alive = t.alive.clone();
             heard = Instant::now();
         }
-        let stuck = current.as_ref().is_some_and(|(id, since)| {
+        let overdue = current.as_ref().is_some_and(|(id, since)| {
             let limit = batch
                 .commands
                 .iter()
@@ -477,7 +477,7 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
         let frozen = current
             .as_ref()
             .is_some_and(|(_, since)| since.elapsed().min(heard.elapsed()) > HEARTBEAT_LOST);
-        if stuck || frozen {
+        if overdue || frozen {
             eprintln!(
                 "[l1host {:>4.0} s] {} {:?}: stopping QEMU",
                 start.elapsed().as_secs_f64(),
@@ -489,10 +489,9 @@ pub fn run(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1Err
                 t.running
             );
         }
-        stopped_frozen = frozen;
-        let stuck = stuck || frozen;
-        if stuck || start.elapsed() > deadline {
+        if overdue || frozen || start.elapsed() > deadline {
             timed_out = true;
+            stopped_frozen = frozen;
             qemu_probe = monitor::probe(child.id(), &monitor_sock);
             let _ = child.kill();
             let _ = child.wait();

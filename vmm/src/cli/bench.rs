@@ -6,9 +6,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use guest_mem::Backing;
 
 use super::KvmDevArg;
-use vmm::bench::args::Spec;
 use vmm::bench::args::{
-    Bench, GuestChoice, GuestThp, Mode, TlbConfig, WorkloadConfig, DEFAULT_ACCESSES,
+    Bench, GuestChoice, GuestThp, Mode, Spec, TlbConfig, WorkloadConfig, DEFAULT_ACCESSES,
 };
 use vmm::testguest::guests::tlb;
 use vmm::testguest::GuestPageSize;

@@ -6,7 +6,7 @@ use std::fmt;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Mnemonic};
 
-pub use super::action::Action;
+use super::action::Action;
 use super::hint;
 use super::rules;
 use super::simd;

@@ -7,6 +7,7 @@
 //! RIP, the bytes there and a hint.
 //!
 //! - [`decide`]: bytes + vCPU state → what to do (pure, unit-tested);
+//! - [`action`]: what is done in the emulator's place ([`Action`]);
 //! - [`rules`]: the architectural rule of each handled instruction;
 //! - [`simd`]: the SSE instructions the VMM executes (pure);
 //! - [`guest`]: reading the vCPU and carrying the decision out;
@@ -26,8 +27,9 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::host::HostInfo;
 
+pub use action::Action;
 pub use counts::{counts, QuirkCounts};
-pub use decide::{decide, Action, CpuState, Decision, Quirk, Unhandled};
+pub use decide::{decide, CpuState, Decision, Quirk, Unhandled};
 pub use guest::insn_bytes;
 
 /// `KVM_INTERNAL_ERROR_EMULATION`.
