@@ -11,6 +11,7 @@ use crate::backing::{self, Backing, HostPaths};
 use crate::error::GuestMemError;
 use crate::host_mem::HostMem;
 use crate::quiesce::{self, Quiesce};
+use crate::split_windows::{SplitWindow, SplitWindows};
 use crate::stats::{DiscardReport, HostView, PoolStats};
 use crate::{pagemap, smaps, HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};
 use thp::ram_model as model;
@@ -92,6 +93,8 @@ pub struct GuestRam {
     /// Balloon give-backs: pages coalesced per frame, the deferred-split
     /// queue, frames given back whole (see `give_back.rs`).
     pub(crate) give_back: crate::give_back_state::GiveBackState,
+    /// How long each split without a pause held back writes to its frame.
+    split_windows: Arc<SplitWindows>,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -235,7 +238,22 @@ impl GuestRam {
             changed: Default::default(),
             changed_pages: Default::default(),
             give_back: Default::default(),
+            split_windows: Arc::default(),
         })
+    }
+
+    /// Fault injection, to prove a checker catches a broken barrier (`vmm
+    /// stress --inject-bug no-write-hold`): from now on a hugetlb split
+    /// copies its frame with the vCPUs running but without write-protecting
+    /// it, so a write made during the copy is lost. Never set otherwise.
+    pub fn inject_split_without_write_hold(&mut self) {
+        self.host.copy_unheld = true;
+    }
+
+    /// Where each hugetlb split made without a pause records how long it
+    /// held back writes to its frame.
+    pub fn split_windows(&self) -> Arc<SplitWindows> {
+        self.split_windows.clone()
     }
 
     fn build_regions(
@@ -628,12 +646,16 @@ impl GuestRam {
     }
 
     /// Move the present pages `pages` (page, new small slot) of huge `frame`
-    /// to small pages, the others becoming zero pages. Allocating and
-    /// faulting in the small pages happens with the vCPUs running; only the
-    /// copy and the remap hold them back (paused through `q`); mapping the
-    /// small pages in and freeing the huge page follow the resume. When
-    /// the pause or the remap fails the frame keeps its huge page and the
-    /// prepared small slots are freed.
+    /// to small pages, the others becoming zero pages, with the vCPUs
+    /// running. Allocating and faulting in the small pages happens first;
+    /// then the frame is write-protected (only a writer of this frame
+    /// waits) and copied; then one `mmap` swaps the huge page for the
+    /// frame's block of small pages and the held writers go on there.
+    /// Where the host cannot write-protect the frame (or the pages are not
+    /// one block), the copy and the remap happen with every vCPU paused
+    /// through `q` instead. Mapping the small pages in and freeing the huge
+    /// page come last. When the pause or the remap fails the frame keeps
+    /// its huge page and the prepared small slots are freed.
     fn split_hugetlb(
         &mut self,
         frame: usize,
@@ -642,9 +664,23 @@ impl GuestRam {
         q: &dyn Quiesce,
     ) -> Result<(), GuestMemError> {
         self.host.split_prepare(pages)?;
-        let switched = match quiesce::pause(q) {
-            Ok(_guard) => self.host.split_switch(frame, huge_slot, pages),
-            Err(e) => Err(e.into()),
+        let windows = self.split_windows.clone();
+        let hold = windows.hold_on();
+        let switched = if let Some(hold) = hold.filter(|_| self.host.split_copy_held(frame, pages))
+        {
+            let r = self.host.split_switch(frame, huge_slot, pages, true);
+            self.host.split_release(frame, true, r.is_ok());
+            if r.is_ok() {
+                windows.record(SplitWindow {
+                    write_hold: hold.elapsed(),
+                });
+            }
+            r
+        } else {
+            match quiesce::pause(q) {
+                Ok(_guard) => self.host.split_switch(frame, huge_slot, pages, false),
+                Err(e) => Err(e.into()),
+            }
         };
         if let Err(e) = switched {
             self.free_prepared_small(pages);
@@ -879,12 +915,19 @@ mod tests {
         ram.split(1, &NoVcpus).expect("split");
         let before = state(&ram);
 
+        // Where the host cannot write-protect, a split pauses the vCPUs.
+        ram.host.use_write_hold(false);
         // Pausing fails after the small slots were prepared.
         assert!(ram.split(0, &NoPause).is_err());
         assert_eq!(state(&ram), before);
         // The host fails under the pause, after nothing / the copy.
         ram.host.fail_switch = true;
         assert!(ram.split(0, &NoVcpus).is_err());
+        assert_eq!(state(&ram), before);
+        // The host fails in the remap after the copy under the write-hold
+        // (no pause: `NoPause` is never asked).
+        ram.host.use_write_hold(true);
+        assert!(ram.split(0, &NoPause).is_err());
         ram.host.fail_switch = false;
         assert_eq!(state(&ram), before);
         assert_eq!(ram.frame_state(0), FrameView::Huge { slot: 0 });
@@ -902,7 +945,7 @@ mod tests {
 
         // And then both work, keeping every word.
         let words = before.2;
-        ram.split(0, &NoVcpus).expect("split");
+        ram.split(0, &NoPause).expect("split");
         ram.collapse(1, &NoVcpus).expect("collapse");
         assert_eq!(state(&ram).2, words);
         assert!(matches!(
@@ -934,5 +977,79 @@ mod tests {
             .read_obj(GuestAddress(2 * HPAGE_SIZE + 5 * PAGE_SIZE))
             .expect("read");
         assert_eq!(w, 2 << 32 | 5 << 8 | 0x5a);
+    }
+
+    /// Split frame 3 while another thread writes one word of it right
+    /// after the copy; returns (whether the write was still held back 20 ms
+    /// later, the word the guest reads after the split, the word written).
+    fn split_with_a_write_during_the_copy(ram: &mut GuestRam) -> (Option<bool>, u64, u64) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Barrier, Mutex};
+        let gpa = GuestAddress(3 * HPAGE_SIZE + 77 * PAGE_SIZE + 8);
+        let host = (ram.host_addr() + gpa.0) as usize;
+        let (go, done) = (Arc::new(Barrier::new(2)), Arc::new(AtomicBool::new(false)));
+        let held = Arc::new(Mutex::new(None));
+        let written = 0xfeed_f00d_u64;
+        let writer = {
+            let (go, done) = (go.clone(), done.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                // SAFETY: `host` is an aligned word of frame 3 of guest RAM,
+                // mapped until `ram` drops, which happens after this thread
+                // is joined.
+                unsafe { std::ptr::write_volatile(host as *mut u64, written) };
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let h = held.clone();
+        ram.host.after_copy = Some(crate::host_mem::TestHook(Box::new(move || {
+            go.wait();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            *h.lock().unwrap() = Some(!done.load(Ordering::SeqCst));
+        })));
+        ram.split(3, &NoPause).expect("split without a pause");
+        ram.host.after_copy = None;
+        writer.join().expect("writer");
+        let now: u64 = ram.memory().read_obj(gpa).expect("read");
+        let held = *held.lock().unwrap();
+        (held, now, written)
+    }
+
+    #[test]
+    fn a_write_during_the_split_copy_is_held_back_and_kept() {
+        let Some(mut ram) = ram() else { return };
+        if !ram.host.holds_writes() {
+            skip_policy::skip("the kernel has no userfaultfd write-protect on hugetlbfs");
+            return;
+        }
+        let (held, now, written) = split_with_a_write_during_the_copy(&mut ram);
+        assert_eq!(held, Some(true), "the write went through during the split");
+        assert_eq!(now, written, "the write made during the split was lost");
+        assert!(matches!(
+            ram.frame_state(3),
+            FrameView::Small { present: 512 }
+        ));
+        let w = ram.split_windows().take();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].write_hold >= std::time::Duration::from_millis(20),
+            "{w:?}"
+        );
+        // Every other word as written before.
+        let w: u64 = ram
+            .memory()
+            .read_obj(GuestAddress(3 * HPAGE_SIZE + 78 * PAGE_SIZE))
+            .expect("read");
+        assert_eq!(w, 3 << 32 | 78 << 8 | 0x5a);
+    }
+
+    #[test]
+    fn a_broken_write_hold_loses_the_write_and_the_check_sees_it() {
+        let Some(mut ram) = ram() else { return };
+        ram.inject_split_without_write_hold();
+        let (held, now, written) = split_with_a_write_during_the_copy(&mut ram);
+        assert_eq!(held, Some(false), "nothing held the write");
+        assert_ne!(now, written, "the broken barrier must lose the write");
+        assert_eq!(now, 0, "the word from before the copy (never written)");
     }
 }

@@ -17,6 +17,7 @@ use crate::backing::Backing;
 use crate::error::GuestMemError;
 use crate::mapping::{madvise_raw, HostRange, TempMap};
 use crate::memfd::{Memfd, MemfdKind};
+use crate::write_hold::WriteHold;
 use crate::{HPAGE_SIZE, PAGE_SIZE};
 
 /// The memfds and the host range, with per-frame primitives.
@@ -29,10 +30,30 @@ pub(crate) struct HostMem {
     pool: Option<Memfd>,
     data: Memfd,
     data_len: u64,
+    /// Write-protects a frame while a split copies it (`hugetlb`, where
+    /// the kernel can); `None`: the copy happens under the vCPU pause.
+    hold: Option<WriteHold>,
     /// Tests: the next split or collapse switch fails (a host failure
     /// under the pause).
     #[cfg(test)]
     pub(crate) fail_switch: bool,
+    /// Fault injection (a broken barrier): a split copies with the vCPUs
+    /// running but without write-protecting the frame.
+    pub(crate) copy_unheld: bool,
+    /// Tests: runs right after a split's copy under the write-hold.
+    #[cfg(test)]
+    pub(crate) after_copy: Option<TestHook>,
+}
+
+/// A test's code run inside an operation.
+#[cfg(test)]
+pub(crate) struct TestHook(pub Box<dyn Fn() + Send>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
 }
 
 /// Runs of consecutive `(page index, slot)` pairs: `(first page, first slot, count)`.
@@ -50,6 +71,33 @@ pub(crate) fn slot_runs(pages: &[(u16, u32)]) -> Vec<(u16, u32, u32)> {
         runs.push((p, s, 1));
     }
     runs
+}
+
+/// The small slot `base` when every `(page, slot)` pair is `(p, base + p)`:
+/// the frame's small pages lie in page order in the small memfd, and one
+/// mapping of `[base, base + 512)` replaces the frame's huge mapping at
+/// once (the model places a split's pages so, see
+/// `thp::pool::SmallPool::free_block`).
+pub(crate) fn block_base(pages: &[(u16, u32)]) -> Option<u32> {
+    let (p0, s0) = *pages.first()?;
+    let base = s0.checked_sub(u32::from(p0))?;
+    pages
+        .iter()
+        .all(|&(p, s)| s.checked_sub(u32::from(p)) == Some(base))
+        .then_some(base)
+}
+
+/// The pages of a frame not in `pages` (ascending).
+fn missing_pages(pages: &[(u16, u32)]) -> Vec<u16> {
+    let mut kept = vec![false; crate::PAGES_PER_HPAGE as usize];
+    for &(p, _) in pages {
+        if let Some(k) = kept.get_mut(usize::from(p)) {
+            *k = true;
+        }
+    }
+    (0..crate::PAGES_PER_HPAGE as u16)
+        .filter(|&p| !kept[usize::from(p)])
+        .collect()
 }
 
 /// Every page index of a 2M frame.
@@ -156,6 +204,17 @@ impl HostMem {
                 (None, data, size)
             }
         };
+        let hold = if backing == Backing::Hugetlb {
+            WriteHold::open()
+                .inspect_err(|why| {
+                    log::info!(
+                        "splits copy under the vCPU pause: no userfaultfd write-protect: {why}"
+                    )
+                })
+                .ok()
+        } else {
+            None
+        };
         Ok(Self {
             backing,
             window: None,
@@ -163,8 +222,12 @@ impl HostMem {
             pool,
             data,
             data_len,
+            hold,
             #[cfg(test)]
             fail_switch: false,
+            copy_unheld: false,
+            #[cfg(test)]
+            after_copy: None,
         })
     }
 
@@ -301,7 +364,9 @@ impl HostMem {
         let Some(max) = pages.iter().map(|p| p.1).max() else {
             return Ok(());
         };
-        self.ensure_data_len(u64::from(max) + 1)?;
+        // A block is mapped whole: the memfd must reach its end.
+        let end = block_base(pages).map_or(max + 1, |b| b + crate::PAGES_PER_HPAGE as u32);
+        self.ensure_data_len(u64::from(end))?;
         let w = self.window()?;
         let (base, len) = (w.ptr() as usize, w.len() as u64);
         for (s, n) in slot_only_runs(pages) {
@@ -318,19 +383,68 @@ impl HostMem {
         Ok(())
     }
 
-    /// Split, step 2 (vCPUs paused): copy `pages` of huge `frame` into their
-    /// prepared small slots (one copy per run of pages on consecutive slots),
-    /// then replace the frame's mapping: one `mmap` when a single run covers
-    /// the frame, else zero pages over the frame and one `mmap` per run.
-    /// Nothing is faulted in here. On error the frame maps `huge_slot` again
-    /// (still allocated and intact), so the host is as before the split.
+    /// Whether a split can hold back writes to its frame while it copies.
+    #[cfg(test)]
+    pub(crate) fn holds_writes(&self) -> bool {
+        self.hold.is_some()
+    }
+
+    /// Tests: split as on a host without userfaultfd write-protect (`false`)
+    /// or as this host can.
+    #[cfg(test)]
+    pub(crate) fn use_write_hold(&mut self, on: bool) {
+        self.hold = if on { WriteHold::open().ok() } else { None };
+    }
+
+    /// Split, step 2 (vCPUs running), for a frame whose pages go to one
+    /// block of small slots ([`block_base`]): write-protect `frame` (a write
+    /// to it now sleeps until [`Self::split_release`]; reads go on) and
+    /// copy `pages` into their prepared small slots. `false` when the
+    /// frame's pages are not one block or it could not be write-protected:
+    /// [`Self::split_switch`] then copies with the vCPUs paused.
+    pub(crate) fn split_copy_held(&mut self, frame: usize, pages: &[(u16, u32)]) -> bool {
+        if block_base(pages).is_none() {
+            return false;
+        }
+        let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
+        let held = self.copy_unheld
+            || match &self.hold {
+                Some(h) => h
+                    .hold(start, len)
+                    .inspect_err(|e| log::warn!("frame {frame}: copying under the pause: {e}"))
+                    .is_ok(),
+                None => false,
+            };
+        if held && self.copy_pages(frame, pages).is_err() {
+            self.split_release(frame, true, false);
+            return false;
+        }
+        #[cfg(test)]
+        if let Some(h) = self.after_copy.as_ref().filter(|_| held) {
+            (h.0)();
+        }
+        held
+    }
+
+    /// Split, step 3: copy `pages` of huge `frame` into their prepared small
+    /// slots unless [`Self::split_copy_held`] did (`copied`), then replace
+    /// the frame's mapping. A block ([`block_base`]) is one `mmap` of the
+    /// small memfd over the whole frame, which swaps the huge page for the
+    /// small pages in one step (no vCPU needs to be paused: every kept page
+    /// is right from then on), then zero pages over the pages not kept
+    /// (given back: their content is the guest's no more). Otherwise
+    /// (vCPUs paused): zero pages over the frame (hugetlb unmaps only 2M at
+    /// a time) and one `mmap` per run. Nothing is faulted in here. On error
+    /// the frame maps `huge_slot` again (still allocated and intact), so the
+    /// host is as before the split.
     pub(crate) fn split_switch(
         &mut self,
         frame: usize,
         huge_slot: u32,
         pages: &[(u16, u32)],
+        copied: bool,
     ) -> Result<(), GuestMemError> {
-        let r = self.split_switch_inner(frame, pages);
+        let r = self.split_switch_inner(frame, pages, copied);
         if r.is_err() {
             if let Err(e) = self.huge_map(frame, huge_slot) {
                 log::warn!("frame {frame}: restoring the huge mapping after a failed split: {e}");
@@ -343,27 +457,27 @@ impl HostMem {
         &mut self,
         frame: usize,
         pages: &[(u16, u32)],
+        copied: bool,
     ) -> Result<(), GuestMemError> {
         #[cfg(test)]
         if self.fail_switch {
             return Err(GuestMemError::VmMemory("injected host failure".into()));
         }
-        let runs = slot_runs(pages);
-        let copies: Vec<(u64, u64, u64)> = runs
-            .iter()
-            .map(|&(p, s, n)| {
-                let len = u64::from(n) * PAGE_SIZE;
-                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
-            })
-            .collect();
-        let src = self.range.ptr(frame_off(frame));
-        let w = self.window()?;
-        copy_out(src, w, &copies);
-        // A hugetlb mapping can only be replaced 2M at a time.
-        if !matches!(runs.as_slice(), [(0, _, n)] if *n as usize == crate::PAGES_PER_HPAGE as usize)
-        {
-            self.zero_map(frame, &all_pages())?;
+        if !copied {
+            self.copy_pages(frame, pages)?;
         }
+        if let Some(base) = block_base(pages) {
+            self.range.map_file(
+                frame_off(frame),
+                HPAGE_SIZE,
+                &self.data,
+                u64::from(base) * PAGE_SIZE,
+                "the frame's block of small-page slots",
+            )?;
+            return self.zero_map(frame, &missing_pages(pages));
+        }
+        let runs = slot_runs(pages);
+        self.zero_map(frame, &all_pages())?;
         for &(p, s, n) in &runs {
             self.range.map_file(
                 page_off(frame, p),
@@ -376,7 +490,39 @@ impl HostMem {
         Ok(())
     }
 
-    /// Split, step 3 (vCPUs running again): map the small pages in (they
+    /// Copy `pages` (page, small slot) of huge `frame` into their small
+    /// slots, one copy per run of pages on consecutive slots.
+    fn copy_pages(&mut self, frame: usize, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
+        let copies: Vec<(u64, u64, u64)> = slot_runs(pages)
+            .iter()
+            .map(|&(p, s, n)| {
+                let len = u64::from(n) * PAGE_SIZE;
+                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
+            })
+            .collect();
+        let src = self.range.ptr(frame_off(frame));
+        copy_out(src, self.window()?, &copies);
+        Ok(())
+    }
+
+    /// After step 3 (vCPUs running again), when step 2 held `frame`'s
+    /// writes: let the held writers go. After a switch (`switched`) they
+    /// fault again into the small pages; after a failed one the frame's
+    /// write-protect is lifted first, where it still maps the huge page.
+    pub(crate) fn split_release(&self, frame: usize, held: bool, switched: bool) {
+        let Some(h) = self.hold.as_ref().filter(|_| held) else {
+            return;
+        };
+        let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
+        if !switched {
+            h.release(start, len);
+        } else if let Err(e) = h.wake(start, len) {
+            log::warn!("frame {frame}: {e}");
+            h.release(start, len);
+        }
+    }
+
+    /// Split, step 4 (vCPUs running again): map the small pages in (they
     /// are in the page cache: no allocation, and a vCPU that gets there
     /// first only takes the same minor fault), keep the frame from forming
     /// shmem THPs, drop the window's PTEs, free the huge slot.
@@ -388,6 +534,15 @@ impl HostMem {
     ) -> Result<(), GuestMemError> {
         for (p, _, n) in slot_runs(pages) {
             self.populate(page_off(frame, p), u64::from(n) * PAGE_SIZE)?;
+        }
+        if let Some(base) = block_base(pages) {
+            // The block's slots of pages not kept were mapped for a moment:
+            // free in the books, so empty on the host too.
+            let spare: Vec<u32> = missing_pages(pages)
+                .into_iter()
+                .map(|p| base + u32::from(p))
+                .collect();
+            self.small_free(&spare)?;
         }
         if !pages.is_empty() {
             self.frame_hugepage_advice(frame, false)?;

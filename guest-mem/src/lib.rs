@@ -22,8 +22,10 @@ pub mod memfd;
 pub mod pagemap;
 pub mod quiesce;
 pub mod smaps;
+pub mod split_windows;
 pub mod stats;
 mod vma_probe;
+mod write_hold;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
 pub use error::{GuestMemError, ProtectError};
@@ -32,6 +34,7 @@ pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM
 pub use host_actions::PageOut;
 pub use layout::{RamLayout, RamRegion, RamSlot, HIGH_RAM_START, MMIO_HOLE_START};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
+pub use split_windows::{SplitWindow, SplitWindows};
 pub use stats::{DiscardReport, HostView, PoolStats};
 
 pub use thp::units::{HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};

@@ -63,6 +63,9 @@ enum PoolUndo {
     Free(u32),
     /// An injected failure was consumed.
     Failed,
+    /// The small pool grew by one free slot (`alloc_at` past the
+    /// high-water mark).
+    Grew,
 }
 
 impl HugePool {
@@ -93,6 +96,8 @@ impl HugePool {
                     self.used[slot as usize] = true;
                 }
                 PoolUndo::Failed => self.fail_next += 1,
+                // The huge pool never grows.
+                PoolUndo::Grew => {}
             }
         }
     }
@@ -206,12 +211,67 @@ impl SmallPool {
                     self.in_use += 1;
                 }
                 PoolUndo::Failed => self.fail_next += 1,
+                PoolUndo::Grew => {
+                    if let Some(last) = self.used.len().checked_sub(1) {
+                        self.free.remove(&(last as u32));
+                        self.used.pop();
+                    }
+                }
             }
         }
     }
 
     fn record(&mut self, op: PoolUndo) {
         self.undo.record(op);
+    }
+
+    /// The lowest slot `base` with `base..base + n` all free or not yet
+    /// created: where a split places a frame's pages at `base + page`, so
+    /// that one mapping of the small memfd covers the whole frame.
+    pub fn free_block(&self, n: usize) -> u32 {
+        let n = n as u32;
+        let end = self.used.len() as u32;
+        let mut run: Option<(u32, u32)> = None;
+        for &s in &self.free {
+            run = match run {
+                Some((start, len)) if start + len == s => Some((start, len + 1)),
+                _ => Some((s, 1)),
+            };
+            if let Some((start, len)) = run {
+                if len >= n {
+                    return start;
+                }
+            }
+        }
+        match run {
+            // A free run that reaches the high-water mark grows past it.
+            Some((start, len)) if start + len == end => start,
+            _ => end,
+        }
+    }
+
+    /// Takes `slot`: a free one, or one past the high-water mark (the pool
+    /// grows to it; the slots in between become free). `None` when `slot`
+    /// is taken, the limit is reached or an injected failure is due.
+    pub fn alloc_at(&mut self, slot: u32) -> Option<u32> {
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
+            return None;
+        }
+        if self.available() == 0 || self.is_used(slot) {
+            return None;
+        }
+        while self.used.len() <= slot as usize {
+            self.free.insert(self.used.len() as u32);
+            self.used.push(false);
+            self.record(PoolUndo::Grew);
+        }
+        self.free.remove(&slot);
+        self.used[slot as usize] = true;
+        self.in_use += 1;
+        self.record(PoolUndo::Alloc { slot, grew: false });
+        Some(slot)
     }
 
     /// Changes the limit (fault injection). Slots already in use stay.
@@ -344,6 +404,32 @@ mod tests {
         let again: Vec<u32> = (0..4).map(|_| p.alloc().unwrap()).collect();
         assert_eq!(again, vec![2, 3, 4, 5]);
         assert_eq!(p.alloc(), Some(8));
+        assert!(p.is_consistent());
+    }
+
+    #[test]
+    fn free_block_finds_the_lowest_run_of_n_and_alloc_at_grows_to_it() {
+        let mut p = SmallPool::new(None);
+        assert_eq!(p.free_block(512), 0, "an empty pool: from 0");
+        let a: Vec<u32> = (0..8).map(|_| p.alloc().unwrap()).collect();
+        assert_eq!(a, (0..8).collect::<Vec<_>>());
+        p.free(2).unwrap();
+        p.free(3).unwrap();
+        p.free(7).unwrap();
+        assert_eq!(p.free_block(2), 2, "slots 2 and 3");
+        assert_eq!(p.free_block(3), 7, "slot 7 reaches the end and grows");
+        // A block past the high-water mark: the pool grows to it, the slots
+        // between stay free.
+        p.undo.begin();
+        assert_eq!(p.alloc_at(7 + 4), Some(11));
+        assert_eq!(p.high_water(), 12);
+        assert!(!p.is_used(9) && p.is_used(11));
+        assert_eq!(p.alloc_at(11), None, "taken");
+        assert!(p.is_consistent());
+        // Rolled back: as before, high-water mark included.
+        p.rollback_undo();
+        assert_eq!(p.high_water(), 8);
+        assert_eq!(p.free_block(3), 7);
         assert!(p.is_consistent());
     }
 }

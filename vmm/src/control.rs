@@ -7,7 +7,9 @@
 use std::sync::{Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use guest_mem::{Quiesce, QuiesceError};
+use std::sync::Arc;
+
+use guest_mem::{Quiesce, QuiesceError, SplitWindows};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 /// How long a pause may wait for every vCPU to park.
@@ -50,6 +52,11 @@ pub struct VcpuControl {
     cv: Condvar,
     /// How long a pause waits (`None`: [`PAUSE_TIMEOUT`]).
     pause_timeout: Option<Duration>,
+    /// Guest RAM's split write-holds: a pause waits for the one on now
+    /// before it kicks (a kick would fail a guest write KVM is making
+    /// inside the kernel, asleep on the write-protect) and keeps new ones
+    /// off while in force.
+    holds: Option<Arc<SplitWindows>>,
 }
 
 impl VcpuControl {
@@ -62,7 +69,14 @@ impl VcpuControl {
             }),
             cv: Condvar::new(),
             pause_timeout: None,
+            holds: None,
         }
+    }
+
+    /// The same, pausing only between guest RAM's split write-holds.
+    pub fn with_split_holds(mut self, holds: Arc<SplitWindows>) -> VcpuControl {
+        self.holds = Some(holds);
+        self
     }
 
     /// The same with another pause timeout (tests).
@@ -178,6 +192,14 @@ impl Quiesce for VcpuControl {
     fn pause(&self) -> Result<(), QuiesceError> {
         let timeout = self.pause_timeout.unwrap_or(PAUSE_TIMEOUT);
         let deadline = Instant::now() + timeout;
+        if let Some(h) = &self.holds {
+            if !h.pause_begins(timeout) {
+                h.pause_ends();
+                return Err(QuiesceError {
+                    reason: format!("a split's write-hold stayed on for {timeout:?}"),
+                });
+            }
+        }
         let mut st = self.lock();
         st.pausers += 1;
         while st.parked < st.active {
@@ -187,6 +209,9 @@ impl Quiesce for VcpuControl {
                 // have taken this pause's count away.
                 st.pausers = st.pausers.saturating_sub(1);
                 self.cv.notify_all();
+                if let Some(h) = &self.holds {
+                    h.pause_ends();
+                }
                 return Err(QuiesceError {
                     reason: format!("only {parked} of {active} vCPUs parked within {timeout:?}"),
                 });
@@ -200,6 +225,10 @@ impl Quiesce for VcpuControl {
         let mut st = self.lock();
         st.pausers = st.pausers.saturating_sub(1);
         self.cv.notify_all();
+        drop(st);
+        if let Some(h) = &self.holds {
+            h.pause_ends();
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use guest_mem::GuestRam;
+use guest_mem::{GuestRam, SplitWindows};
 use vm_memory::GuestMemoryMmap;
 
 use crate::balloon_backend::BalloonDevice;
@@ -98,6 +98,8 @@ pub struct Machine {
     pub mem: GuestMemoryMmap,
     /// Guest RAM (discard / refill go through here).
     pub ram: Mutex<GuestRam>,
+    /// How long each split without a pause held back writes to its frame.
+    pub split_windows: Arc<SplitWindows>,
     /// The test device (test guests only).
     pub test_device: Option<TestDevice>,
     /// Host facts.
@@ -156,20 +158,22 @@ impl Machine {
     /// Assemble the shared state.
     pub fn new(p: MachineParts) -> Machine {
         let mem = p.ram.memory();
+        let split_windows = p.ram.split_windows();
         Machine {
-            control: VcpuControl::new(p.vcpus),
+            control: VcpuControl::new(p.vcpus).with_split_holds(split_windows.clone()),
             halt: HaltWatch::new(p.vcpus),
             serial: Mutex::new(p.serial),
             serial_flags: p.serial_flags,
             mem,
             ram: Mutex::new(p.ram),
+            split_windows: split_windows.clone(),
             test_device: p.test_device,
             host: p.host,
             kind: p.kind,
             stats: p.stats,
             reports: Mutex::new(Vec::new()),
             checkpoints: Mutex::new(Vec::new()),
-            unmap: UnmapRecorder::default(),
+            unmap: UnmapRecorder::with_split_windows(split_windows),
             balloon: OnceLock::new(),
             collapser: OnceLock::new(),
             mirror_ctx: OnceLock::new(),

@@ -1,12 +1,17 @@
 //! Measurements of guest-driven partial unmap: how long a guest's give-back
 //! request takes until the frame is mapped with 4K pages, how long the vCPUs
-//! stay paused per split and per collapse, and how fast frames collapse.
-//! [`TimedQuiesce`] wraps the vCPU control and times every pause window.
+//! stay paused per split and per collapse (a hugetlb split pauses none where
+//! the host can write-protect: then how long it held back writes to the
+//! frame, see `guest_mem::SplitWindows`),
+//! and how fast frames collapse. [`TimedQuiesce`] wraps the vCPU control
+//! and times every pause window.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use guest_mem::{Quiesce, QuiesceError};
+use std::sync::Arc;
+
+use guest_mem::{Quiesce, QuiesceError, SplitWindows};
 use serde::Serialize;
 
 /// Samples kept per series (older ones are dropped, the counts stay exact).
@@ -80,9 +85,13 @@ pub struct UnmapMetrics {
     /// From the guest's request (the I/O or MMIO exit) to the split frame being
     /// mapped with 4K pages on the host, one sample per give-back that split.
     pub split_latency: Series,
-    /// vCPU pause windows while a split copied and remapped pages (hugetlb;
-    /// `thp` splits in the kernel without a pause).
+    /// vCPU pause windows while a split copied and remapped pages (hugetlb
+    /// where the host cannot write-protect; `thp` splits pause too).
     pub split_pause: Series,
+    /// Per hugetlb split without a pause: how long writes to the frame were
+    /// held back (write-protected from before the copy to after the remap;
+    /// only a writer of that frame waits, reads go on).
+    pub split_write_hold: Series,
     /// Time per collapse (copy + remap, or `MADV_COLLAPSE`).
     pub collapse_time: Series,
     /// vCPU pause windows per collapse (hugetlb).
@@ -98,6 +107,7 @@ impl UnmapMetrics {
         UnmapMetrics {
             split_latency: self.split_latency.summary(),
             split_pause: self.split_pause.summary(),
+            split_write_hold: self.split_write_hold.summary(),
             collapse_time: self.collapse_time.summary(),
             collapse_pause: self.collapse_pause.summary(),
             ..self.clone()
@@ -121,9 +131,19 @@ pub struct GiveBack {
 pub struct UnmapRecorder {
     m: Mutex<UnmapMetrics>,
     collapse_secs: Mutex<f64>,
+    /// Where splits record their write-hold windows.
+    windows: Option<Arc<SplitWindows>>,
 }
 
 impl UnmapRecorder {
+    /// A recorder that also takes the splits' windows from `windows`.
+    pub fn with_split_windows(windows: Arc<SplitWindows>) -> UnmapRecorder {
+        UnmapRecorder {
+            windows: Some(windows),
+            ..UnmapRecorder::default()
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, UnmapMetrics> {
         self.m.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -141,6 +161,9 @@ impl UnmapRecorder {
             for p in pauses {
                 m.split_pause.push(*p);
             }
+        }
+        for w in self.windows.iter().flat_map(|w| w.take()) {
+            m.split_write_hold.push(w.write_hold);
         }
     }
 

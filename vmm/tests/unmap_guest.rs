@@ -135,14 +135,17 @@ fn check_split_and_collapse(backing: &str) {
     assert_eq!(num(&r, &["unmap", "frames_collapsed"]), K);
     assert_eq!(num(&r, &["unmap", "split_latency", "count"]), K);
     let split_pauses = num(&r, &["unmap", "split_pause", "count"]);
+    assert_eq!(split_pauses, 0, "a split pauses no vCPU: {:#}", r["unmap"]);
     match backing {
-        // hugetlb copies the kept pages with the vCPUs paused, once per split.
+        // hugetlb copies the kept pages with the vCPUs running, the frame
+        // write-protected, then swaps the mapping in one `mmap`: one
+        // write-hold window per split. A collapse still pauses.
         "hugetlb" => {
-            assert_eq!(split_pauses, K);
+            assert_eq!(num(&r, &["unmap", "split_write_hold", "count"]), K);
             assert_eq!(num(&r, &["unmap", "collapse_pause", "count"]), K);
         }
-        // thp: the kernel splits in place on the punch, no pause.
-        _ => assert_eq!(split_pauses, 0),
+        // thp: the kernel splits in place on the punch.
+        _ => assert_eq!(num(&r, &["unmap", "split_write_hold", "count"]), 0),
     }
     assert!(
         r["unmap"]["collapse_rate_frames_per_s"]

@@ -14,6 +14,16 @@ impl Primary {
         Ok(self.folios.insert(Folio::new(Backing::Small(slot), frame)))
     }
 
+    /// Allocates a small folio at `frame` on small slot `slot` (see
+    /// [`crate::pool::SmallPool::alloc_at`]).
+    pub(crate) fn alloc_small_at(&mut self, frame: usize, slot: u32) -> Result<FolioId, MmError> {
+        let slot = self.small.alloc_at(slot).ok_or(MmError::OutOfMemory {
+            needed: 1,
+            available: 0,
+        })?;
+        Ok(self.folios.insert(Folio::new(Backing::Small(slot), frame)))
+    }
+
     /// Allocates a huge folio at `frame` with refcount 0, `None` if the pool is empty.
     pub(crate) fn alloc_huge(&mut self, frame: usize) -> Option<FolioId> {
         let slot = self.huge.alloc()?;

@@ -152,9 +152,13 @@ impl Primary {
             });
         }
         let first = frame as u64 * PAGES_PER_HPAGE;
+        // Page `i` goes to small slot `base + i`: the frame's small pages
+        // then lie in the small memfd in page order, so the host replaces
+        // the huge mapping with one mapping of them (atomically, no pause).
+        let base = self.small.free_block(PAGES_PER_HPAGE_USIZE);
         let mut out = Vec::with_capacity(todo.len());
         for (i, p) in todo.iter().copied() {
-            let new = self.alloc_small(frame)?;
+            let new = self.alloc_small_at(frame, base + i as u32)?;
             let slot = match self.folio(new)?.backing {
                 Backing::Small(s) => s,
                 _ => 0,

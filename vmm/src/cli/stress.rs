@@ -49,7 +49,7 @@ pub struct StressArgs {
     /// `stress-replay-seed<SEED>.json` in the current directory).
     #[arg(long, value_name = "PATH")]
     pub replay_out: Option<PathBuf>,
-    /// Test only: a deliberate bug (skip-log, skip-discard).
+    /// Test only: a deliberate bug (skip-log, skip-discard, no-write-hold).
     #[arg(long, value_name = "BUG", hide = true)]
     pub inject_bug: Option<InjectBug>,
     /// KVM device node (hidden, for tests).

@@ -27,6 +27,10 @@ pub enum InjectBug {
     /// Write the shared log but skip the discard: the guest reads data from
     /// before the "discard" where zeros are due (a stale read).
     SkipDiscard,
+    /// hugetlb: split a frame by copying it with the vCPUs running but
+    /// without write-protecting it first: a guest write during the copy is
+    /// lost with the huge page (a lost write).
+    NoWriteHold,
 }
 
 impl FromStr for InjectBug {
@@ -35,7 +39,10 @@ impl FromStr for InjectBug {
         match s {
             "skip-log" => Ok(InjectBug::SkipLog),
             "skip-discard" => Ok(InjectBug::SkipDiscard),
-            _ => Err(format!("unknown bug {s:?}; valid: skip-log, skip-discard")),
+            "no-write-hold" => Ok(InjectBug::NoWriteHold),
+            _ => Err(format!(
+                "unknown bug {s:?}; valid: skip-log, skip-discard, no-write-hold"
+            )),
         }
     }
 }

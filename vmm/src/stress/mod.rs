@@ -191,6 +191,9 @@ pub fn run_with_progress(
         machine: m,
         image,
     } = setup::build(&a.kvm_dev, p.memory, p.vcpus, p.backing)?;
+    if p.bug == Some(InjectBug::NoWriteHold) {
+        m.ram().inject_split_without_write_hold();
+    }
     let work_frames = image.reserved.end / HPAGE_SIZE..p.memory / HPAGE_SIZE;
     // Before any vCPU runs: a replayed event acts only where live ones do.
     if let (Some(f), Some(path)) = (&replay, &a.replay) {
@@ -238,7 +241,7 @@ pub fn run_with_progress(
         end.replay_file = write_replay(a, &p, &lp.events);
     }
     end.notes = notes(&p, &lp, &end, m.stats.is_none());
-    let rep = report(a, &p, lp, end, seconds, &vshared);
+    let rep = report(a, &p, lp, end, seconds, &vshared, &m.split_windows);
     drop(inj);
     drop(vm);
     Ok(rep)
@@ -499,8 +502,14 @@ fn report(
     end: End,
     seconds: f64,
     vshared: &StressVcpuShared,
+    split_windows: &guest_mem::SplitWindows,
 ) -> StressReport {
     let kinds = lp.tally.finish();
+    let held: Vec<f64> = split_windows
+        .take()
+        .iter()
+        .map(|w| w.write_hold.as_secs_f64() * 1e6)
+        .collect();
     let events = kinds
         .iter()
         .filter(|(k, _)| !k.starts_with("quiesce"))
@@ -531,6 +540,8 @@ fn report(
         guest_retries: end.counters.iter().map(|c| c.retries).sum(),
         per_vcpu: end.counters,
         wrprotect_faults: vshared.gate.faults(),
+        unpaused_splits: held.len() as u64,
+        split_write_hold_median_us: crate::unmap_stats::median(&held),
         quiescent_points: lp.points,
         violations: end.violations,
         first_bad_gfn: end.first_bad_gfn,

@@ -149,6 +149,11 @@ pub struct StressReport {
     pub per_vcpu: Vec<GuestCounters>,
     /// vCPU write faults taken on write-protected frames (all waited out).
     pub wrprotect_faults: u64,
+    /// hugetlb splits made without a vCPU pause (only writers of the frame
+    /// waited, while it was copied and remapped).
+    pub unpaused_splits: u64,
+    /// Their median write-hold window, microseconds.
+    pub split_write_hold_median_us: Option<f64>,
     /// Quiescent points.
     pub quiescent_points: Vec<QuiescePoint>,
     /// Violations (stale reads, lost writes, guest-visible errors, KVM
@@ -203,6 +208,11 @@ impl StressReport {
                 "wrprotect" => format!(
                     "{} vCPU write faults waited out in {} episodes",
                     k.totals.faults, k.faulted
+                ),
+                "split" if self.unpaused_splits > 0 => format!(
+                    "{} splits without a vCPU pause (writes to the frame held median {:.0} us)",
+                    self.unpaused_splits,
+                    self.split_write_hold_median_us.unwrap_or(0.0)
                 ),
                 "dirtylog" => format!(
                     "pages_2m fell in {} of {}; {} dirty pages logged",

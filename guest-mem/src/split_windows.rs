@@ -1,0 +1,168 @@
+//! How long each hugetlb split held back writes to its frame: the one
+//! thing a split without a pause costs the guest (only a writer of that
+//! frame waits, see `write_hold.rs`). The VMM's reports take them.
+//!
+//! Also the gate a vCPU pause waits at while a write-hold is on: a writer
+//! asleep in the write-protect fault inside the kernel (KVM emulating a
+//! guest write to guest RAM, `copy_to_user`) must not be kicked by the
+//! pause's signal, which would fail that write instead of letting it sleep
+//! until the frame is remapped. Holds last a few hundred microseconds.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Windows kept until taken (later ones are dropped).
+const MAX_WINDOWS: usize = 100_000;
+
+/// One split made with the vCPUs running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitWindow {
+    /// Writes to the frame held back: from the write-protect, through the
+    /// copy, to the wake after the remap.
+    pub write_hold: Duration,
+}
+
+/// The windows of the splits made since the last [`SplitWindows::take`].
+#[derive(Debug, Default)]
+pub struct SplitWindows {
+    windows: Mutex<Vec<SplitWindow>>,
+    gate: Mutex<Gate>,
+    released: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    /// Write-holds on now.
+    holding: usize,
+    /// vCPU pauses in force (or waiting to kick): no new hold starts.
+    pausing: usize,
+}
+
+/// A write-hold that is on; it ends on drop.
+#[derive(Debug)]
+pub(crate) struct HoldOn<'a> {
+    windows: &'a SplitWindows,
+    since: Instant,
+}
+
+impl HoldOn<'_> {
+    /// How long the hold has been on.
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.since.elapsed()
+    }
+}
+
+impl Drop for HoldOn<'_> {
+    fn drop(&mut self) {
+        let mut g = self.windows.gate();
+        g.holding = g.holding.saturating_sub(1);
+        self.windows.released.notify_all();
+    }
+}
+
+impl SplitWindows {
+    fn lock(&self) -> MutexGuard<'_, Vec<SplitWindow>> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The windows since the last call.
+    pub fn take(&self) -> Vec<SplitWindow> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn gate(&self) -> MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A split is about to write-protect a frame: `None` while a vCPU pause
+    /// is in force or about to kick (the split then copies under a pause
+    /// of its own).
+    pub(crate) fn hold_on(&self) -> Option<HoldOn<'_>> {
+        let mut g = self.gate();
+        if g.pausing > 0 {
+            return None;
+        }
+        g.holding += 1;
+        Some(HoldOn {
+            windows: self,
+            since: Instant::now(),
+        })
+    }
+
+    /// A vCPU pause begins: no new write-hold starts until
+    /// [`Self::pause_ends`], and this waits (at most `max`) for the holds
+    /// on now to end. `false` when one still is after `max` (the pause is
+    /// counted all the same: call [`Self::pause_ends`]).
+    pub fn pause_begins(&self, max: Duration) -> bool {
+        let deadline = Instant::now() + max;
+        let mut g = self.gate();
+        g.pausing += 1;
+        while g.holding > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .released
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// A vCPU pause ended (or failed).
+    pub fn pause_ends(&self) {
+        let mut g = self.gate();
+        g.pausing = g.pausing.saturating_sub(1);
+    }
+
+    pub(crate) fn record(&self, w: SplitWindow) {
+        let mut v = self.lock();
+        if v.len() < MAX_WINDOWS {
+            v.push(w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_empties_and_the_cap_holds() {
+        let s = SplitWindows::default();
+        let w = SplitWindow {
+            write_hold: Duration::from_micros(7),
+        };
+        for _ in 0..MAX_WINDOWS + 3 {
+            s.record(w);
+        }
+        assert_eq!(s.take().len(), MAX_WINDOWS);
+        assert!(s.take().is_empty());
+    }
+
+    #[test]
+    fn a_pause_waits_for_the_hold_to_end_and_no_hold_starts_while_paused() {
+        let s = std::sync::Arc::new(SplitWindows::default());
+        assert!(s.pause_begins(Duration::ZERO));
+        assert!(s.hold_on().is_none(), "a hold started during a pause");
+        s.pause_ends();
+        let hold = s.hold_on().expect("no pause in force");
+        assert!(!s.pause_begins(Duration::from_millis(5)));
+        s.pause_ends();
+        let s2 = s.clone();
+        let waiter = std::thread::spawn(move || {
+            let t = Instant::now();
+            let ok = s2.pause_begins(Duration::from_secs(10));
+            s2.pause_ends();
+            (ok, t.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        drop(hold);
+        let (ok, waited) = waiter.join().unwrap();
+        assert!(ok);
+        assert!(waited >= Duration::from_millis(20), "{waited:?}");
+        assert!(s.hold_on().is_some());
+    }
+}
