@@ -223,6 +223,19 @@ pub enum GuestMemError {
         hint: &'static str,
     },
 
+    /// Writing pages into a memfd failed.
+    #[error("writing {len} bytes at offset {offset:#x} of the {what} failed: {source} (the host may be out of memory)")]
+    MemfdWrite {
+        /// Which memfd.
+        what: &'static str,
+        /// Byte offset in the file.
+        offset: u64,
+        /// Bytes still to write.
+        len: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+
     /// Reading a host accounting file failed.
     #[error("reading {path} failed: {source}")]
     HostRead {

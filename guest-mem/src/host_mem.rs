@@ -25,7 +25,6 @@ use crate::{HPAGE_SIZE, PAGE_SIZE};
 pub(crate) struct HostMem {
     backing: Backing,
     // Field order matters for Drop: mappings go before the files.
-    window: Option<TempMap>,
     range: HostRange,
     pool: Option<Memfd>,
     data: Memfd,
@@ -217,7 +216,6 @@ impl HostMem {
         };
         Ok(Self {
             backing,
-            window: None,
             range,
             pool,
             data,
@@ -337,29 +335,14 @@ impl HostMem {
             let len = need.max(self.data_len * 2);
             self.data.set_len(len)?;
             self.data_len = len;
-            self.window = None;
         }
         Ok(())
     }
 
-    fn window(&mut self) -> Result<&TempMap, GuestMemError> {
-        if self.window.is_none() {
-            let w = TempMap::new(&self.data, 0, self.data_len, "small-page copy window")?;
-            self.window = Some(w);
-        }
-        // Just set above when it was missing.
-        self.window.as_ref().ok_or(GuestMemError::Mmap {
-            what: "small-page copy window",
-            addr: 0,
-            len: self.data_len,
-            source: Errno::NOMEM.into(),
-        })
-    }
-
     /// Split, step 1 (vCPUs running): size the small memfd and allocate the
-    /// small slots of `pages` (`(page, slot)`), faulting them into the copy
-    /// window (`MADV_POPULATE_WRITE`, one call per run of slots), so that the
-    /// copy under the pause takes no page fault and allocates nothing.
+    /// small slots of `pages` (`(page, slot)`) with `fallocate` (one call
+    /// per run of slots; no page table touched, nothing zeroed that the copy
+    /// overwrites), so that the copy allocates nothing.
     pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let Some(max) = pages.iter().map(|p| p.1).max() else {
             return Ok(());
@@ -367,18 +350,16 @@ impl HostMem {
         // A block is mapped whole: the memfd must reach its end.
         let end = block_base(pages).map_or(max + 1, |b| b + crate::PAGES_PER_HPAGE as u32);
         self.ensure_data_len(u64::from(end))?;
-        let w = self.window()?;
-        let (base, len) = (w.ptr() as usize, w.len() as u64);
         for (s, n) in slot_only_runs(pages) {
-            let (off, l) = (u64::from(s) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
-            if off + l <= len {
-                madvise_raw(
-                    base + off as usize,
-                    l as usize,
-                    Advice::LinuxPopulateWrite,
-                    "MADV_POPULATE_WRITE (small slots)",
-                )?;
-            }
+            let (offset, len) = (u64::from(s) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
+            self.data
+                .allocate(offset, len)
+                .map_err(|source| GuestMemError::Fallocate {
+                    what: "shmem memfd, allocate small-page slots",
+                    offset,
+                    len,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -491,17 +472,21 @@ impl HostMem {
     }
 
     /// Copy `pages` (page, small slot) of huge `frame` into their small
-    /// slots, one copy per run of pages on consecutive slots.
-    fn copy_pages(&mut self, frame: usize, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
-        let copies: Vec<(u64, u64, u64)> = slot_runs(pages)
-            .iter()
-            .map(|&(p, s, n)| {
-                let len = u64::from(n) * PAGE_SIZE;
-                (u64::from(p) * PAGE_SIZE, u64::from(s) * PAGE_SIZE, len)
-            })
-            .collect();
+    /// slots: one `pwrite` into the small memfd per run of pages on
+    /// consecutive slots (nothing is mapped for it).
+    fn copy_pages(&self, frame: usize, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let src = self.range.ptr(frame_off(frame));
-        copy_out(src, self.window()?, &copies);
+        for (p, s, n) in slot_runs(pages) {
+            let (off, len) = (u64::from(p) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
+            if off + len > HPAGE_SIZE {
+                continue;
+            }
+            // SAFETY: [off, off + len) lies inside the frame (checked), which
+            // is mapped guest RAM until `self` drops; nothing writes it now
+            // (the frame is write-protected, or the vCPUs are paused).
+            let run = unsafe { std::slice::from_raw_parts(src.add(off as usize), len as usize) };
+            self.data.write_all_at(run, u64::from(s) * PAGE_SIZE)?;
+        }
         Ok(())
     }
 
@@ -524,16 +509,24 @@ impl HostMem {
 
     /// Split, step 4 (vCPUs running again): map the small pages in (they
     /// are in the page cache: no allocation, and a vCPU that gets there
-    /// first only takes the same minor fault), keep the frame from forming
-    /// shmem THPs, drop the window's PTEs, free the huge slot.
+    /// first only takes the same minor fault), punch the block's slots of
+    /// the pages not kept, keep the frame from forming shmem THPs, free the
+    /// huge slot.
     pub(crate) fn split_finish(
         &mut self,
         frame: usize,
         huge_slot: u32,
         pages: &[(u16, u32)],
     ) -> Result<(), GuestMemError> {
+        // Read faults map the page cache around each fault (fault-around):
+        // a few faults for the whole frame instead of one per page.
         for (p, _, n) in slot_runs(pages) {
-            self.populate(page_off(frame, p), u64::from(n) * PAGE_SIZE)?;
+            self.range.madvise(
+                page_off(frame, p),
+                u64::from(n) * PAGE_SIZE,
+                Advice::LinuxPopulateRead,
+                "MADV_POPULATE_READ (small pages)",
+            )?;
         }
         if let Some(base) = block_base(pages) {
             // The block's slots of pages not kept were mapped for a moment:
@@ -546,13 +539,6 @@ impl HostMem {
         }
         if !pages.is_empty() {
             self.frame_hugepage_advice(frame, false)?;
-            let w = self.window()?;
-            for (s, n) in slot_only_runs(pages) {
-                w.drop_ptes(
-                    (u64::from(s) * PAGE_SIZE) as usize,
-                    (u64::from(n) * PAGE_SIZE) as usize,
-                )?;
-            }
         }
         self.huge_free(huge_slot)
     }

@@ -90,6 +90,38 @@ impl Memfd {
         })
     }
 
+    /// Write all of `buf` at `offset` (`pwrite`, repeated after a short
+    /// write or `EINTR`). On shmem this allocates the pages it fills
+    /// without zeroing them first, and maps them nowhere.
+    pub fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> Result<(), GuestMemError> {
+        while !buf.is_empty() {
+            match rustix::io::pwrite(&self.fd, buf, offset) {
+                Ok(0) => {
+                    return Err(GuestMemError::MemfdWrite {
+                        what: self.what("pwrite"),
+                        offset,
+                        len: buf.len() as u64,
+                        source: std::io::Error::from(std::io::ErrorKind::WriteZero),
+                    })
+                }
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(GuestMemError::MemfdWrite {
+                        what: self.what("pwrite"),
+                        offset,
+                        len: buf.len() as u64,
+                        source: e.into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Allocate `[offset, offset + len)` (`fallocate` mode 0). For a hugetlb
     /// memfd this takes huge pages from the host pool; the raw `io::Error`
     /// is returned so the caller can tell ENOSPC (pool empty) apart.
