@@ -107,22 +107,28 @@ impl WriteHold {
                 source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
             });
         }
+        let r = self.write_protect(start, len, true);
+        if r.is_err() {
+            self.unregister(start, len);
+        }
+        r
+    }
+
+    /// `UFFDIO_WRITEPROTECT` on `[start, start + len)`: on, or off (which
+    /// wakes the sleepers).
+    fn write_protect(&self, start: u64, len: u64, on: bool) -> Result<(), WriteHoldError> {
         let mut wp = uffdio_writeprotect {
             range: uffdio_range { start, len },
-            mode: MODE_WP,
+            mode: if on { MODE_WP } else { 0 },
         };
-        let r = ioctl(
+        ioctl(
             &self.fd,
             UFFDIO_WRITEPROTECT,
             &mut wp,
             "UFFDIO_WRITEPROTECT",
             start,
             len,
-        );
-        if r.is_err() {
-            self.unregister(start, len);
-        }
-        r
+        )
     }
 
     /// Wake every writer sleeping on `[start, start + len)`: after the
@@ -137,18 +143,7 @@ impl WriteHold {
     /// unregister, and wake whatever is left. Best effort, each step logged
     /// on failure: after a replaced mapping the first two find nothing.
     pub(crate) fn release(&self, start: u64, len: u64) {
-        let mut wp = uffdio_writeprotect {
-            range: uffdio_range { start, len },
-            mode: 0,
-        };
-        if let Err(e) = ioctl(
-            &self.fd,
-            UFFDIO_WRITEPROTECT,
-            &mut wp,
-            "UFFDIO_WRITEPROTECT",
-            start,
-            len,
-        ) {
+        if let Err(e) = self.write_protect(start, len, false) {
             log::debug!("{e}");
         }
         self.unregister(start, len);
