@@ -4,10 +4,8 @@
 //! Kicks repeat until every vCPU is parked, so a signal that lands just
 //! before a vCPU enters `KVM_RUN` cannot be lost.
 
-use std::sync::{Condvar, Mutex, MutexGuard, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
-
-use std::sync::Arc;
 
 use guest_mem::{Quiesce, QuiesceError, SplitWindows};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
