@@ -669,7 +669,7 @@ impl GuestRam {
         let switched = if let Some(hold) = hold.filter(|_| self.host.split_copy_held(frame, pages))
         {
             let r = self.host.split_switch(frame, huge_slot, pages, true);
-            self.host.split_release(frame, true, r.is_ok());
+            self.host.split_release(frame, r.is_ok());
             if r.is_ok() {
                 windows.record(SplitWindow {
                     write_hold: hold.elapsed(),

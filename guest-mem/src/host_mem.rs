@@ -397,7 +397,7 @@ impl HostMem {
                 None => false,
             };
         if held && self.copy_pages(frame, pages).is_err() {
-            self.split_release(frame, true, false);
+            self.split_release(frame, false);
             return false;
         }
         #[cfg(test)]
@@ -490,12 +490,12 @@ impl HostMem {
         Ok(())
     }
 
-    /// After step 3 (vCPUs running again), when step 2 held `frame`'s
-    /// writes: let the held writers go. After a switch (`switched`) they
-    /// fault again into the small pages; after a failed one the frame's
-    /// write-protect is lifted first, where it still maps the huge page.
-    pub(crate) fn split_release(&self, frame: usize, held: bool, switched: bool) {
-        let Some(h) = self.hold.as_ref().filter(|_| held) else {
+    /// After step 3, when step 2 held `frame`'s writes: let the held
+    /// writers go. After a switch (`switched`) they fault again into the
+    /// small pages; after a failed one the frame's write-protect is lifted
+    /// first, where it still maps the huge page.
+    pub(crate) fn split_release(&self, frame: usize, switched: bool) {
+        let Some(h) = &self.hold else {
             return;
         };
         let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);

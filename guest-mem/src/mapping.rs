@@ -283,14 +283,6 @@ impl TempMap {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Drop the page-table entries of `[off, off + len)` (the file keeps its pages).
-    pub fn drop_ptes(&self, off: usize, len: usize) -> Result<(), GuestMemError> {
-        if off.checked_add(len).is_none_or(|e| e > self.len) {
-            return Ok(());
-        }
-        madvise_raw(self.addr + off, len, Advice::LinuxDontNeed, "MADV_DONTNEED")
-    }
 }
 
 impl Drop for TempMap {

@@ -94,21 +94,13 @@ impl SplitWindows {
     /// on now to end. `false` when one still is after `max` (the pause is
     /// counted all the same: call [`Self::pause_ends`]).
     pub fn pause_begins(&self, max: Duration) -> bool {
-        let deadline = Instant::now() + max;
         let mut g = self.gate();
         g.pausing += 1;
-        while g.holding > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            g = self
-                .released
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        let (_g, waited) = self
+            .released
+            .wait_timeout_while(g, max, |g| g.holding > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        !waited.timed_out()
     }
 
     /// A vCPU pause ended (or failed).

@@ -169,9 +169,9 @@ impl HugePool {
 #[derive(Debug, Clone, Default)]
 pub struct SmallPool {
     limit: Option<usize>,
-    /// Free slots, ordered: allocation takes the lowest, so the slots one
-    /// split asks for in a row come out ascending and, where a run is free,
-    /// contiguous (one mmap of the small memfd covers them).
+    /// Free slots, ordered: `alloc` takes the lowest, so slots asked for
+    /// in a row come out ascending and, where a run is free, contiguous; a
+    /// split takes a whole block (`free_block`, `alloc_at`).
     free: BTreeSet<u32>,
     used: Vec<bool>,
     in_use: usize,

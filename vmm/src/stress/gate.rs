@@ -66,20 +66,11 @@ impl WriteGate {
 
     /// Wait up to `max` for the first fault of the current episode.
     pub fn wait_fault(&self, max: Duration) -> bool {
-        let deadline = Instant::now() + max;
-        let mut st = self.lock();
-        while st.episode_faults == 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            st = self
-                .cv
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        true
+        let (_st, waited) = self
+            .cv
+            .wait_timeout_while(self.lock(), max, |st| st.episode_faults == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        !waited.timed_out()
     }
 
     /// Faults in all.
