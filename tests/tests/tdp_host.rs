@@ -221,9 +221,10 @@ fn boot(img: &Image, b: &Batch) -> Result<BatchOutcome, String> {
     );
     let out = l1host::run(img, &vmm, b).map_err(|e| e.to_string())?;
     eprintln!(
-        "L1 batch: {:.0} s wall, complete {}",
+        "L1 batch: {:.0} s wall, complete {}, {} boots again after a lost interrupt",
         out.wall.as_secs_f64(),
-        out.complete()
+        out.complete(),
+        out.lost_interrupts.len()
     );
     Ok(out)
 }
