@@ -39,8 +39,8 @@
 //!
 //! Not modelled: swap contents (`MADV_PAGEOUT` unmaps; the page comes back
 //! as a fresh folio; `max_ptes_swap` is carried but unused), the dirty
-//! bitmap itself, 1G host pages in the primary model (the KVM mirror handles
-//! a 1G host level), the huge zero page, NX huge page recovery (the worker
+//! bitmap itself, 1G host pages inside the primary model's address spaces (1G frames
+//! live one level up, in [`RamModel`]'s 1G layer, as hugetlb 1G pages are not THP), the huge zero page, NX huge page recovery (the worker
 //! that zaps NX-split tables), shadow pages keyed by guest address
 //! (unsync pages, one SPTE per guest mapping), prefetch through indirect
 //! shadow pages (guest accessed bits), mremap (a folio never moves frame),
@@ -64,5 +64,6 @@ pub mod ram_model;
 pub mod units;
 
 pub use ram_model::{
-    CollapsePlan, DiscardStep, FrameView, ModelError, PopulatePlan, RamModel, RefillStep, SplitPlan,
+    CollapsePlan, DiscardStep, FrameView, GigCollapsePlan, GigPopulatePlan, GigSource,
+    GigSplitPlan, ModelError, PopulatePlan, RamModel, RefillStep, SplitPlan, FRAMES_PER_GIG,
 };

@@ -201,6 +201,7 @@ fn run_ram(ops: &[RamOp], policy: ThpPolicy) -> Result<(), TestCaseError> {
                 FrameView::Unpopulated => prop_assert_eq!(n, 0),
                 FrameView::Huge { .. } => prop_assert_eq!(n, 512),
                 FrameView::Small { present } => prop_assert_eq!(n, present),
+                FrameView::Gig { .. } => prop_assert!(false, "frame {} is 1G with no 1G pool", f),
             }
         }
     }

@@ -430,6 +430,8 @@ pub struct FrameCounts {
     pub small: usize,
     /// Frames not populated.
     pub unpopulated: usize,
+    /// Frames that are part of a 1G page on the host.
+    pub gig: usize,
     /// Of `huge`: frames the balloon gave back whole, their huge page freed
     /// on the host until the guest touches them again (then a fresh huge
     /// page of the pool is faulted in).
@@ -463,6 +465,7 @@ impl FrameCounts {
                 guest_mem::FrameView::Huge { .. } => c.huge += 1,
                 guest_mem::FrameView::Small { .. } => c.small += 1,
                 guest_mem::FrameView::Unpopulated => c.unpopulated += 1,
+                guest_mem::FrameView::Gig { .. } => c.gig += 1,
             }
         }
         c

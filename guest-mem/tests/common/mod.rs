@@ -144,7 +144,7 @@ impl Shadow {
                 .count() as u32;
             let books = match st {
                 FrameView::Unpopulated => 0,
-                FrameView::Huge { .. } => PPH as u32,
+                FrameView::Huge { .. } | FrameView::Gig { .. } => PPH as u32,
                 FrameView::Small { present } => *present,
             };
             assert_eq!(

@@ -261,6 +261,8 @@ impl Injector<'_> {
                 None => false,
                 Some(FrameView::Unpopulated) => self.backing != Backing::Hugetlb,
                 Some(FrameView::Small { .. }) => true,
+                // No backing of `vmm stress` has 1G pages.
+                Some(FrameView::Gig { .. }) => false,
             };
             // Whatever the PDE says now: the guest may have touched the
             // frame already, small.

@@ -10,6 +10,10 @@ use crate::pool::{HugePool, SmallPool};
 use crate::primary::{CollapseRefusal, FaultOutcome, FrameMap, Mm, MmError, MmId, Primary, VmStat};
 use crate::units::{Level, PAGES_PER_HPAGE, PAGES_PER_HPAGE_USIZE};
 
+mod gig;
+use gig::GigLayer;
+pub use gig::{GigCollapsePlan, GigPopulatePlan, GigSource, GigSplitPlan, FRAMES_PER_GIG};
+
 /// What the model says about one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameView {
@@ -24,6 +28,14 @@ pub enum FrameView {
     Small {
         /// Present pages.
         present: u32,
+    },
+    /// Part `index` (0..512) of a 1G page: gig-pool slot `slot`, PUD-mapped
+    /// with the rest of its 1G frame ([`RamModel::populate_gig`]).
+    Gig {
+        /// Gig-pool slot.
+        slot: u32,
+        /// Which 2M of the 1G page this frame is.
+        index: u16,
     },
 }
 
@@ -41,6 +53,7 @@ impl FrameView {
     /// pure model, this is the right one for guest RAM on a real host.
     pub fn host_level(&self) -> Option<Level> {
         match self {
+            FrameView::Gig { .. } => Some(Level::G1),
             FrameView::Huge { .. } => Some(Level::M2),
             FrameView::Small { present } if *present > 0 => Some(Level::K4),
             FrameView::Small { .. } | FrameView::Unpopulated => None,
@@ -214,6 +227,30 @@ pub enum ModelError {
         /// The frame.
         frame: usize,
     },
+    /// The frame is part of a 1G frame: split that first ([`RamModel::split_gig`]).
+    #[error("frame {frame} is part of 1G frame {gig}: split the 1G frame first")]
+    InGig {
+        /// The frame.
+        frame: usize,
+        /// Its 1G frame.
+        gig: usize,
+    },
+    /// 1G frame index beyond guest RAM's whole 1G frames.
+    #[error("1G frame {gig} out of range (guest RAM has {gigs} whole 1G frames)")]
+    GigOutOfRange {
+        /// The 1G frame.
+        gig: usize,
+        /// Whole 1G frames of guest RAM.
+        gigs: usize,
+    },
+    /// No free 1G page for a collapse to 1G.
+    #[error("1G pool empty ({capacity} slots all used); cannot collapse 1G frame {gig}")]
+    GigPoolEmpty {
+        /// The 1G frame.
+        gig: usize,
+        /// Pool capacity.
+        capacity: usize,
+    },
     /// A primary-model error (a model bug if it ever shows).
     #[error("primary model: {0}")]
     Primary(#[from] MmError),
@@ -227,6 +264,11 @@ pub struct RamModel {
     frames: usize,
     /// Per frame: folios pinned by `pin(frame)`, one list per pin.
     pins: Vec<Vec<Vec<FolioId>>>,
+    /// The PUD level: 1G frames over the 2M model, and the 1G pool.
+    gig: GigLayer,
+    /// The 1G level as it was at [`Self::checkpoint`] (small: one entry per
+    /// 1G of guest RAM and per 1G page), restored by [`Self::rollback`].
+    gig_saved: Option<GigLayer>,
 }
 
 impl RamModel {
@@ -272,6 +314,8 @@ impl RamModel {
             mm,
             frames,
             pins: vec![Vec::new(); frames],
+            gig: GigLayer::new(frames, 0),
+            gig_saved: None,
         }
     }
 
@@ -322,6 +366,13 @@ impl RamModel {
             .expect("RamModel's address space always exists")
     }
 
+    fn check_not_gig(&self, frame: usize) -> Result<(), ModelError> {
+        match self.gig.of_frame(frame) {
+            Some(gig) => Err(ModelError::InGig { frame, gig }),
+            None => Ok(()),
+        }
+    }
+
     fn small_available(&self, needed: usize) -> Result<(), ModelError> {
         let available = self.primary.small_pool().available();
         if needed > available {
@@ -341,6 +392,9 @@ impl RamModel {
     pub fn frame(&self, frame: usize) -> FrameView {
         if frame >= self.frames {
             return FrameView::Unpopulated;
+        }
+        if let Some(v) = self.gig.view(frame) {
+            return v;
         }
         match self.mm().frame(frame) {
             FrameMap::None => FrameView::Unpopulated,
@@ -364,7 +418,7 @@ impl RamModel {
     /// `thp_fault_fallback`). No-op plan if anything is mapped already.
     pub fn populate(&mut self, frame: usize) -> Result<PopulatePlan, ModelError> {
         self.check_frame(frame)?;
-        if !matches!(self.mm().frame(frame), FrameMap::None) {
+        if !matches!(self.mm().frame(frame), FrameMap::None) || self.gig.of_frame(frame).is_some() {
             return Ok(PopulatePlan::AlreadyPopulated);
         }
         let huge_likely = self.primary.policy().fault_may_use_huge(true)
@@ -413,6 +467,9 @@ impl RamModel {
         self.check_pages(first_page, npages)?;
         let end = first_page + npages;
         let frames = frame_spans(first_page, end);
+        for &(f, ..) in &frames {
+            self.check_not_gig(f)?;
+        }
         let mut needed = 0usize;
         for &(f, lo, hi) in &frames {
             if let FrameMap::Pmd(_) = self.mm().frame(f) {
@@ -484,6 +541,7 @@ impl RamModel {
         keep_huge: bool,
     ) -> Result<DiscardStep, ModelError> {
         self.check_frame(frame)?;
+        self.check_not_gig(frame)?;
         if pages.windows(2).any(|w| w[0] >= w[1])
             || pages
                 .last()
@@ -566,6 +624,9 @@ impl RamModel {
         self.check_pages(first_page, npages)?;
         let end = first_page + npages;
         let frames = frame_spans(first_page, end);
+        for &(f, ..) in &frames {
+            self.check_not_gig(f)?;
+        }
         let mut needed = 0usize;
         for &(f, lo, hi) in &frames {
             let base = f as u64 * PAGES_PER_HPAGE;
@@ -601,6 +662,7 @@ impl RamModel {
     /// `Busy` while the frame is pinned (nothing changes).
     pub fn split(&mut self, frame: usize) -> Result<SplitPlan, ModelError> {
         self.check_frame(frame)?;
+        self.check_not_gig(frame)?;
         let FrameMap::Pmd(p) = self.mm().frame(frame).clone() else {
             return Ok(SplitPlan::NotHuge);
         };
@@ -624,6 +686,7 @@ impl RamModel {
     /// ([`Self::shmem`]) as `MADV_COLLAPSE` does (no `max_ptes_*` limits).
     pub fn collapse(&mut self, frame: usize) -> Result<CollapsePlan, ModelError> {
         self.check_frame(frame)?;
+        self.check_not_gig(frame)?;
         if let FrameMap::Pmd(_) = self.mm().frame(frame) {
             return Ok(CollapsePlan::AlreadyHuge);
         }
@@ -684,16 +747,21 @@ impl RamModel {
     /// the host cannot follow the plan. `pin` and `unpin` are not recorded.
     pub fn checkpoint(&mut self) {
         self.primary.begin_undo();
+        self.gig_saved = Some(self.gig.clone());
     }
 
     /// Keeps the changes since [`Self::checkpoint`] and closes the transaction.
     pub fn commit(&mut self) {
         self.primary.commit_undo();
+        self.gig_saved = None;
     }
 
     /// Undoes the changes since [`Self::checkpoint`] and closes the transaction.
     pub fn rollback(&mut self) {
         self.primary.rollback_undo();
+        if let Some(g) = self.gig_saved.take() {
+            self.gig = g;
+        }
     }
 
     /// Pins every page of a populated frame (like `pin_user_pages` over it):
@@ -701,6 +769,7 @@ impl RamModel {
     pub fn pin(&mut self, frame: usize) -> Result<(), ModelError> {
         debug_assert!(!self.primary.undo_open(), "pin inside a transaction");
         self.check_frame(frame)?;
+        self.check_not_gig(frame)?;
         let ids: Vec<FolioId> = match self.mm().frame(frame) {
             FrameMap::None => return Err(ModelError::NotPopulated { frame }),
             FrameMap::Pmd(p) => vec![p.folio],
@@ -782,6 +851,7 @@ impl RamModel {
     /// PMD-mapped, every mapped page backed by its own slot, pins recorded.
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
         invariants::check_primary(&self.primary)?;
+        self.check_gig_invariants()?;
         for (id, f) in self.primary.folios().iter() {
             if f.total_mapcount() != 1 {
                 return Err(InvariantViolation::new(format!(
