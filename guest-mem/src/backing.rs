@@ -18,12 +18,22 @@ pub enum Backing {
     Thp,
     /// One shmem memfd with `MADV_NOHUGEPAGE`: 4K pages only.
     Small4k,
+    /// [`Backing::Hugetlb`] with a pool of 1G pages above it: every whole,
+    /// 1G-aligned GiB of guest RAM on one `MFD_HUGE_1GB` page (while the host
+    /// has them), the rest on 2M frames and small pages as `hugetlb`.
+    Hugetlb1g,
 }
 
 impl Backing {
     /// Whether the backing has huge frames at all.
     pub fn has_huge_frames(self) -> bool {
         !matches!(self, Backing::Small4k)
+    }
+
+    /// Whether frames come from our own 2M hugetlb pool and small-page memfd
+    /// (`hugetlb` and `hugetlb-1g`).
+    pub fn is_hugetlb(self) -> bool {
+        matches!(self, Backing::Hugetlb | Backing::Hugetlb1g)
     }
 }
 
@@ -33,13 +43,14 @@ impl fmt::Display for Backing {
             Backing::Hugetlb => "hugetlb",
             Backing::Thp => "thp",
             Backing::Small4k => "4k",
+            Backing::Hugetlb1g => "hugetlb-1g",
         })
     }
 }
 
 /// An unknown backing name.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown backing {0:?}: use one of hugetlb, thp, 4k")]
+#[error("unknown backing {0:?}: use one of hugetlb, hugetlb-1g, thp, 4k")]
 pub struct ParseBackingError(pub String);
 
 impl FromStr for Backing {
@@ -49,6 +60,7 @@ impl FromStr for Backing {
             "hugetlb" => Ok(Backing::Hugetlb),
             "thp" => Ok(Backing::Thp),
             "4k" => Ok(Backing::Small4k),
+            "hugetlb-1g" => Ok(Backing::Hugetlb1g),
             other => Err(ParseBackingError(other.to_string())),
         }
     }
@@ -116,29 +128,48 @@ fn shmem_value_ok(path: &Path, v: &str) -> Result<(), GuestMemError> {
     }
 }
 
+/// The host's 1G hugetlb counters (sysfs `hugepages-1048576kB`).
+pub fn hugetlb_1g_counters(paths: &HostPaths) -> Result<HugeMeminfo, GuestMemError> {
+    let dir = paths.sys.join("kernel/mm/hugepages/hugepages-1048576kB");
+    if !dir.exists() {
+        return Err(GuestMemError::HugetlbUnavailable {
+            detail: format!(
+                "{} is missing (no 1G pages on this CPU or kernel)",
+                dir.display()
+            ),
+        });
+    }
+    sysfs_counters(&dir, 1 << 30)
+}
+
+/// The counters of one hugetlb size from its sysfs directory.
+fn sysfs_counters(dir: &Path, page_size: u64) -> Result<HugeMeminfo, GuestMemError> {
+    let read = |name: &str| -> Result<u64, GuestMemError> {
+        let p = dir.join(name);
+        let t = std::fs::read_to_string(&p).map_err(|source| GuestMemError::HostRead {
+            path: p.display().to_string(),
+            source,
+        })?;
+        t.trim().parse().map_err(|_| GuestMemError::HostParse {
+            path: p.display().to_string(),
+            detail: format!("not a number: {:?}", t.trim()),
+        })
+    };
+    Ok(HugeMeminfo {
+        total: read("nr_hugepages")?,
+        free: read("free_hugepages")?,
+        rsvd: read("resv_hugepages")?,
+        surp: read("surplus_hugepages")?,
+        page_size,
+    })
+}
+
 /// The host's 2M hugetlb counters: sysfs `hugepages-2048kB` when present
 /// (exact for 2M whatever the default size), else `/proc/meminfo`.
 pub fn hugetlb_2m_counters(paths: &HostPaths) -> Result<HugeMeminfo, GuestMemError> {
     let dir = paths.sys.join("kernel/mm/hugepages/hugepages-2048kB");
     if dir.exists() {
-        let read = |name: &str| -> Result<u64, GuestMemError> {
-            let p = dir.join(name);
-            let t = std::fs::read_to_string(&p).map_err(|source| GuestMemError::HostRead {
-                path: p.display().to_string(),
-                source,
-            })?;
-            t.trim().parse().map_err(|_| GuestMemError::HostParse {
-                path: p.display().to_string(),
-                detail: format!("not a number: {:?}", t.trim()),
-            })
-        };
-        return Ok(HugeMeminfo {
-            total: read("nr_hugepages")?,
-            free: read("free_hugepages")?,
-            rsvd: read("resv_hugepages")?,
-            surp: read("surplus_hugepages")?,
-            page_size: 2 << 20,
-        });
+        return sysfs_counters(&dir, 2 << 20);
     }
     let m = smaps::read_meminfo()?;
     if m.page_size != 2 << 20 {
@@ -159,13 +190,13 @@ mod tests {
 
     #[test]
     fn parse_and_display_round_trip() {
-        for s in ["hugetlb", "thp", "4k"] {
+        for s in ["hugetlb", "thp", "4k", "hugetlb-1g"] {
             assert_eq!(s.parse::<Backing>().unwrap().to_string(), s);
         }
         let e = "2m".parse::<Backing>().unwrap_err();
         assert_eq!(
             e.to_string(),
-            "unknown backing \"2m\": use one of hugetlb, thp, 4k"
+            "unknown backing \"2m\": use one of hugetlb, hugetlb-1g, thp, 4k"
         );
     }
 

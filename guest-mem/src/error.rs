@@ -22,6 +22,26 @@ pub enum GuestMemError {
         suggest_total: u64,
     },
 
+    /// Strict pool mode and the host's 1G pool cannot hold every whole GiB.
+    #[error(
+        "1G hugetlb pool too small: need {need} free 1G pages, have {have}: reserve with \
+         `echo {suggest_total} > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages` \
+         early, before memory fragments (strict pool mode; the default falls back to 2M \
+         frames for the GiBs that do not fit)"
+    )]
+    GigPoolTooSmall {
+        /// Free 1G pages the guest RAM needs.
+        need: u64,
+        /// Free (unreserved) 1G pages the host has now.
+        have: u64,
+        /// A value for `nr_hugepages` (1G) that would make `need` pages available.
+        suggest_total: u64,
+    },
+
+    /// A 1G operation on a backing without 1G pages (a bug of the caller).
+    #[error("this guest RAM has no 1G pool (only the hugetlb-1g backing has one)")]
+    NoGigPool,
+
     /// The host has no free 2M hugetlb pages at all (or no hugetlb support) and
     /// the hugetlb backing was asked for in strict mode.
     #[error(

@@ -102,6 +102,7 @@ impl GuestRam {
         let now = self.give_back.now();
         let mut rep = GiveBackReport::default();
         let mut split_now = Vec::new();
+        self.split_gigs_over(first, n, q)?;
         for (frame, lo, hi) in spans(first, n) {
             if !self.frame_is_huge(frame) {
                 self.discard_small(frame, lo, hi, &mut rep, q)?;
@@ -140,6 +141,7 @@ impl GuestRam {
         let (first, n) = self.check_range(gpa, len)?;
         let now = self.give_back.now();
         let mut rep = GiveBackReport::default();
+        self.split_gigs_over(first, n, q)?;
         for (frame, lo, hi) in spans(first, n) {
             let whole = lo == 0 && hi == PPH;
             if self.frame_is_huge(frame) {
@@ -273,7 +275,7 @@ impl GuestRam {
         };
         let again = self.model.frame(frame);
         match (self.backing, again) {
-            (Backing::Hugetlb, FrameView::Huge { slot: new }) => {
+            (Backing::Hugetlb | Backing::Hugetlb1g, FrameView::Huge { slot: new }) => {
                 // The punch unmaps the page from the frame (mmu notifier:
                 // KVM drops its 2M entry) and frees it; the mapping stays.
                 self.host.huge_free(slot)?;
@@ -281,7 +283,7 @@ impl GuestRam {
                     self.host.huge_map_lazy(frame, new)?;
                 }
             }
-            (Backing::Hugetlb, _) => {
+            (Backing::Hugetlb | Backing::Hugetlb1g, _) => {
                 self.host.zero_map(frame, &all)?;
                 self.host.huge_free(slot)?;
             }

@@ -13,7 +13,7 @@ use crate::host_mem::HostMem;
 use crate::quiesce::{self, Quiesce};
 use crate::split_windows::{SplitWindow, SplitWindows};
 use crate::stats::{DiscardReport, HostView, PoolStats};
-use crate::{pagemap, smaps, HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};
+use crate::{pagemap, smaps, FRAMES_PER_GIG, HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};
 use thp::ram_model as model;
 
 pub use model::FrameView;
@@ -134,6 +134,48 @@ fn fit_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemError> {
     Ok(have as usize)
 }
 
+/// The 1G frames whose 512 frames are all RAM (the MMIO hole's GiB and a
+/// partial last GiB are not).
+fn whole_gigs(layout: &RamLayout) -> Vec<usize> {
+    (0..layout.span_frames() / FRAMES_PER_GIG)
+        .filter(|g| (g * FRAMES_PER_GIG..(g + 1) * FRAMES_PER_GIG).all(|f| layout.frame_is_ram(f)))
+        .collect()
+}
+
+/// How many 1G pages to take (`hugetlb-1g`): one per whole GiB of RAM, or
+/// in the default mode what the host has free now (with a warning); none
+/// where the host has no 1G pages at all (with a warning), unless strict.
+fn fit_gig_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemError> {
+    if want == 0 {
+        return Ok(0);
+    }
+    let c = match backing::hugetlb_1g_counters(&cfg.host) {
+        Ok(c) => c,
+        Err(e) if !cfg.strict_pool => {
+            warn!("{e}; guest RAM uses 2M frames only");
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
+    let have = c.available();
+    if have >= want as u64 {
+        return Ok(want);
+    }
+    let e = GuestMemError::GigPoolTooSmall {
+        need: want as u64,
+        have,
+        suggest_total: c.total + (want as u64 - have),
+    };
+    if cfg.strict_pool {
+        return Err(e);
+    }
+    warn!(
+        "{e}; {} of {want} GiBs use 2M frames instead",
+        want as u64 - have
+    );
+    Ok(have as usize)
+}
+
 /// Every page is populated at start: what the hugetlb pool does not hold
 /// comes from ordinary memory, which must be available now.
 fn check_host_can_back(size: u64, pool_pages: usize) -> Result<(), GuestMemError> {
@@ -163,9 +205,24 @@ impl GuestRam {
         layout.memslots(0, cfg.memslot_size)?;
         let frames = layout.span_frames();
         let ram_frames = layout.ram_frames();
+        // hugetlb-1g: every whole GiB of RAM on a 1G page while the host has them.
+        let gig_capacity = if cfg.backing == Backing::Hugetlb1g {
+            fit_gig_pool(cfg, whole_gigs(&layout).len())?
+        } else {
+            0
+        };
+        let gig_frames = gig_capacity * FRAMES_PER_GIG;
         let (requested_pool, policy) = match cfg.backing {
             Backing::Hugetlb => (
                 cfg.hugetlb_pool_pages.unwrap_or(ram_frames).min(ram_frames),
+                cfg.policy,
+            ),
+            // The frames outside the 1G pages, and room for one 1G split
+            // (each of its 2M frames keeps a 2M page).
+            Backing::Hugetlb1g => (
+                cfg.hugetlb_pool_pages
+                    .unwrap_or(ram_frames - gig_frames + gig_frames.min(FRAMES_PER_GIG))
+                    .min(ram_frames),
                 cfg.policy,
             ),
             Backing::Thp => {
@@ -175,21 +232,52 @@ impl GuestRam {
             Backing::Small4k => (0, ThpPolicy::never()),
         };
         let mut capacity = match cfg.backing {
-            Backing::Hugetlb => fit_pool(cfg, requested_pool)?,
+            Backing::Hugetlb | Backing::Hugetlb1g => fit_pool(cfg, requested_pool)?,
             _ => requested_pool,
         };
-        // Only the hugetlb backing has a pool of its own; thp and 4k come
+        // Only the hugetlb backings have a pool of their own; thp and 4k come
         // from ordinary memory whole.
         let huge_pages = match cfg.backing {
-            Backing::Hugetlb => capacity,
+            Backing::Hugetlb | Backing::Hugetlb1g => capacity,
             _ => 0,
         };
-        check_host_can_back(cfg.size, huge_pages)?;
-        let host = HostMem::new(cfg.backing, layout.span(), capacity)?;
-        if cfg.backing == Backing::Hugetlb {
+        check_host_can_back(cfg.size, (huge_pages + gig_frames).min(ram_frames))?;
+        let host = HostMem::new(cfg.backing, layout.span(), capacity, gig_capacity)?;
+        let mut gig_capacity = gig_capacity;
+        for slot in 0..gig_capacity {
+            match host.gig_alloc(slot as u32) {
+                Ok(()) => {}
+                Err(GuestMemError::HostPoolExhausted { .. }) if !cfg.strict_pool => {
+                    warn!(
+                        "host 1G pool ran dry at {slot} of {gig_capacity} pages (taken \
+                         meanwhile by another process); the other GiBs use 2M frames"
+                    );
+                    gig_capacity = slot;
+                    break;
+                }
+                Err(GuestMemError::HostPoolExhausted { .. }) => {
+                    let c = backing::hugetlb_1g_counters(&cfg.host)?;
+                    return Err(GuestMemError::GigPoolTooSmall {
+                        need: gig_capacity as u64,
+                        have: slot as u64 + c.available(),
+                        suggest_total: c.total + (gig_capacity - slot) as u64,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if cfg.backing.is_hugetlb() {
             // Take the pool's pages from the host now, so that populating never
             // finds the host pool empty because of a race with another process.
-            for slot in 0..capacity {
+            // Not the room for 1G splits (hugetlb-1g): a split takes its pages
+            // when it runs (and fails cleanly, 1G page kept, if the host has
+            // none left then).
+            let populated = if cfg.backing == Backing::Hugetlb1g {
+                capacity.min(ram_frames - gig_frames)
+            } else {
+                capacity
+            };
+            for slot in 0..populated {
                 match host.huge_alloc(slot as u32) {
                     Ok(()) => {}
                     Err(GuestMemError::HostPoolExhausted { .. }) if !cfg.strict_pool => {
@@ -214,7 +302,7 @@ impl GuestRam {
         }
         let model = match cfg.backing {
             Backing::Thp => RamModel::shmem(frames, capacity, policy),
-            _ => RamModel::new(frames, capacity, policy),
+            _ => RamModel::new(frames, capacity, policy).with_gig_pool(gig_capacity),
         };
         let regions = Self::build_regions(&host, &layout)?;
         let slots = layout.memslots(host.range().base(), cfg.memslot_size)?;
@@ -341,7 +429,7 @@ impl GuestRam {
             .unwrap_or_default()
     }
 
-    fn check_frame(&self, frame: usize) -> Result<(), GuestMemError> {
+    pub(crate) fn check_frame(&self, frame: usize) -> Result<(), GuestMemError> {
         if frame >= self.frames {
             return Err(GuestMemError::FrameOutOfRange {
                 frame,
@@ -368,7 +456,7 @@ impl GuestRam {
         Ok((gpa / PAGE_SIZE, len / PAGE_SIZE))
     }
 
-    fn check_huge_backing(&self, op: &'static str) -> Result<(), GuestMemError> {
+    pub(crate) fn check_huge_backing(&self, op: &'static str) -> Result<(), GuestMemError> {
         if !self.backing.has_huge_frames() {
             return Err(GuestMemError::NoHugeFrames {
                 backing: self.backing,
@@ -388,9 +476,15 @@ impl GuestRam {
         self.apply_populate(frame, plan)
     }
 
-    /// Populate every frame of RAM.
+    /// Populate every frame of RAM: each whole GiB on a 1G page first while
+    /// the 1G pool has one (`hugetlb-1g`), then frame by frame.
     pub fn populate_all(&mut self) -> Result<(), GuestMemError> {
         let layout = self.layout;
+        if self.model.gig_pool().capacity() > 0 {
+            for g in whole_gigs(&layout) {
+                self.populate_gig(g)?;
+            }
+        }
         for f in layout.ram_frame_indices() {
             self.populate(f)?;
         }
@@ -400,11 +494,11 @@ impl GuestRam {
     fn apply_populate(&mut self, frame: usize, plan: PopulatePlan) -> Result<(), GuestMemError> {
         match (self.backing, plan) {
             (_, PopulatePlan::AlreadyPopulated) => Ok(()),
-            (Backing::Hugetlb, PopulatePlan::Huge { slot }) => {
+            (Backing::Hugetlb | Backing::Hugetlb1g, PopulatePlan::Huge { slot }) => {
                 self.host.huge_alloc(slot)?;
                 self.host.huge_map(frame, slot)
             }
-            (Backing::Hugetlb, PopulatePlan::Small { slots }) => {
+            (Backing::Hugetlb | Backing::Hugetlb1g, PopulatePlan::Small { slots }) => {
                 let pages: Vec<(u16, u32)> = slots
                     .iter()
                     .enumerate()
@@ -435,6 +529,7 @@ impl GuestRam {
     ) -> Result<DiscardReport, GuestMemError> {
         let (first, n) = self.check_range(gpa, len)?;
         self.settle_give_backs(first, n, q)?;
+        self.split_gigs_over(first, n, q)?;
         let steps = self.model.discard(first, n)?;
         for s in &steps {
             self.note_discard(s);
@@ -462,7 +557,7 @@ impl GuestRam {
                 huge_slot,
                 kept,
                 dropped,
-            } if self.backing == Backing::Hugetlb => {
+            } if self.backing.is_hugetlb() => {
                 rep.frames_split += 1;
                 rep.pages_freed += dropped.len() as u64;
                 self.split_hugetlb(frame, huge_slot, &kept, q)
@@ -501,7 +596,7 @@ impl GuestRam {
             DiscardStep::WholeHuge { frame, slot } => {
                 rep.huge_frames_freed += 1;
                 rep.pages_freed += PAGES_PER_HPAGE;
-                if self.backing == Backing::Hugetlb {
+                if self.backing.is_hugetlb() {
                     self.host.zero_map(frame, &crate::host_mem::all_pages())?;
                     self.host.huge_free(slot)?;
                 } else {
@@ -516,7 +611,7 @@ impl GuestRam {
             } => {
                 rep.frames_split += 1;
                 rep.pages_freed += dropped.len() as u64;
-                if self.backing == Backing::Hugetlb {
+                if self.backing.is_hugetlb() {
                     // Unreachable: apply_discard_step splits hugetlb frames
                     // under the pause. Refuse rather than race the vCPUs.
                     return Err(GuestMemError::UnpausedSplit { frame, huge_slot });
@@ -533,7 +628,7 @@ impl GuestRam {
             DiscardStep::Small { frame, freed } => {
                 rep.pages_freed += freed.len() as u64;
                 let pages: Vec<u16> = freed.iter().map(|p| p.0).collect();
-                if self.backing == Backing::Hugetlb {
+                if self.backing.is_hugetlb() {
                     self.host.zero_map(frame, &pages)?;
                     let slots: Vec<u32> = freed.iter().map(|p| p.1).collect();
                     self.host.small_free(&slots)?;
@@ -562,7 +657,7 @@ impl GuestRam {
                     .filter(|s| !s.filled.is_empty())
                     .map(|s| s.frame),
             );
-            let _guard = if ram.backing == Backing::Hugetlb {
+            let _guard = if ram.backing.is_hugetlb() {
                 Some(quiesce::pause(q)?)
             } else {
                 None
@@ -593,7 +688,7 @@ impl GuestRam {
             if filled.is_empty() {
                 continue;
             }
-            if self.backing == Backing::Hugetlb {
+            if self.backing.is_hugetlb() {
                 // Fresh slots are holes of the small memfd: they read zero.
                 self.host.small_map(frame, &filled, true)?;
             } else {
@@ -623,6 +718,8 @@ impl GuestRam {
         self.check_huge_backing("split")?;
         self.check_frame(frame)?;
         self.settle_give_backs(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
+        // A frame of a 1G page: 1G -> 2M first, then this frame 2M -> 4K.
+        self.split_gigs_over(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
         self.undoable(|ram| {
             let SplitPlan::Split {
                 frame,
@@ -633,7 +730,7 @@ impl GuestRam {
                 return Ok(());
             };
             ram.changed.insert(frame);
-            if ram.backing != Backing::Hugetlb {
+            if !ram.backing.is_hugetlb() {
                 let _guard = quiesce::pause(q)?;
                 return ram
                     .host
@@ -702,9 +799,21 @@ impl GuestRam {
     /// zero; no-op for a huge frame). For `hugetlb` the vCPUs are paused
     /// through `q` while the pages are copied; for `thp` the kernel collapses
     /// in place (`MADV_COLLAPSE`).
+    /// `hugetlb-1g`: once the frame is huge, its whole GiB climbs back to one
+    /// 1G page when all its 512 frames are huge and the 1G pool has a page
+    /// ([`Self::collapse_gig`]; a failure there leaves the 2M frames).
     pub fn collapse(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.check_huge_backing("collapse")?;
         self.check_frame(frame)?;
+        if self.gig_of(frame).is_some() {
+            return Ok(());
+        }
+        self.collapse_2m(frame, q)?;
+        self.climb_to_gig(frame, q);
+        Ok(())
+    }
+
+    fn collapse_2m(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.undoable(|ram| {
             let CollapsePlan::Collapse {
                 frame,
@@ -717,7 +826,7 @@ impl GuestRam {
                 return Ok(());
             };
             ram.changed.insert(frame);
-            if ram.backing != Backing::Hugetlb {
+            if !ram.backing.is_hugetlb() {
                 return ram.host.thp_collapse(frame);
             }
             // Taking the huge page (zeroed by the kernel: the `zero` pages
@@ -795,6 +904,9 @@ impl GuestRam {
             pool_memfd_bytes: pool_bytes,
             data_memfd_bytes: data_bytes,
             host: backing::hugetlb_2m_counters(&self.host_paths).ok(),
+            gig_capacity: self.model.gig_pool().capacity(),
+            gig_used: self.model.gig_pool().used_count(),
+            gig_memfd_bytes: self.host.gig_allocated_bytes().unwrap_or(0),
         }
     }
 

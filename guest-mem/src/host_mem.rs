@@ -18,7 +18,7 @@ use crate::error::GuestMemError;
 use crate::mapping::{madvise_raw, HostRange, TempMap};
 use crate::memfd::{Memfd, MemfdKind};
 use crate::write_hold::WriteHold;
-use crate::{HPAGE_SIZE, PAGE_SIZE};
+use crate::{GIG_SIZE, HPAGE_SIZE, PAGE_SIZE};
 
 /// The memfds and the host range, with per-frame primitives.
 #[derive(Debug)]
@@ -27,6 +27,8 @@ pub(crate) struct HostMem {
     // Field order matters for Drop: mappings go before the files.
     range: HostRange,
     pool: Option<Memfd>,
+    /// `hugetlb-1g`: the 1G-page memfd (slot `s` at `s * 1G`).
+    gig: Option<Memfd>,
     data: Memfd,
     data_len: u64,
     /// Write-protects a frame while a split copies it (`hugetlb`, where
@@ -169,14 +171,28 @@ fn page_off(frame: usize, page: u16) -> u64 {
 
 impl HostMem {
     /// Create the memfds and reserve the range. Nothing is populated yet.
+    /// `gig_slots`: 1G pages of the `hugetlb-1g` backing (the range is then
+    /// 1G aligned, so that guest-physical and host 1G boundaries agree).
     pub(crate) fn new(
         backing: Backing,
         size: u64,
         pool_slots: usize,
+        gig_slots: usize,
     ) -> Result<Self, GuestMemError> {
-        let range = HostRange::reserve(size)?;
+        let range = if backing == Backing::Hugetlb1g {
+            HostRange::reserve_aligned(size, GIG_SIZE)?
+        } else {
+            HostRange::reserve(size)?
+        };
+        let gig = if backing == Backing::Hugetlb1g {
+            let gig = Memfd::create("guest-ram-hugetlb-1g", MemfdKind::Hugetlb1G)?;
+            gig.set_len(gig_slots as u64 * GIG_SIZE)?;
+            Some(gig)
+        } else {
+            None
+        };
         let (pool, data, data_len) = match backing {
-            Backing::Hugetlb => {
+            Backing::Hugetlb | Backing::Hugetlb1g => {
                 let pool = Memfd::create("guest-ram-hugetlb-pool", MemfdKind::Hugetlb2M)?;
                 pool.set_len(pool_slots as u64 * HPAGE_SIZE)?;
                 let small = Memfd::create("guest-ram-small", MemfdKind::Shmem)?;
@@ -203,7 +219,7 @@ impl HostMem {
                 (None, data, size)
             }
         };
-        let hold = if backing == Backing::Hugetlb {
+        let hold = if backing.is_hugetlb() {
             WriteHold::open()
                 .inspect_err(|why| {
                     log::info!(
@@ -218,6 +234,7 @@ impl HostMem {
             backing,
             range,
             pool,
+            gig,
             data,
             data_len,
             hold,
@@ -255,6 +272,202 @@ impl HostMem {
     fn populate(&self, off: u64, len: u64) -> Result<(), GuestMemError> {
         self.range
             .madvise(off, len, Advice::LinuxPopulateWrite, "MADV_POPULATE_WRITE")
+    }
+
+    // ---- 1G primitives (`hugetlb-1g`) ----
+
+    fn gig(&self) -> Result<&Memfd, GuestMemError> {
+        self.gig.as_ref().ok_or(GuestMemError::NoGigPool)
+    }
+
+    /// Take 1G slot `slot` from the host's 1G pool (ENOSPC: the host ran out).
+    pub(crate) fn gig_alloc(&self, slot: u32) -> Result<(), GuestMemError> {
+        let off = u64::from(slot) * GIG_SIZE;
+        self.gig()?.allocate(off, GIG_SIZE).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                GuestMemError::HostPoolExhausted { slot, source }
+            } else {
+                GuestMemError::Fallocate {
+                    what: "1G hugetlb memfd, allocate",
+                    offset: off,
+                    len: GIG_SIZE,
+                    source,
+                }
+            }
+        })
+    }
+
+    /// Map the allocated 1G slot `slot` over 1G frame `gig` (frames
+    /// `gig * 512 ..`) and fault it in: one PUD.
+    pub(crate) fn gig_map(&self, gig: usize, slot: u32) -> Result<(), GuestMemError> {
+        let off = gig as u64 * GIG_SIZE;
+        self.range.map_file(
+            off,
+            GIG_SIZE,
+            self.gig()?,
+            u64::from(slot) * GIG_SIZE,
+            "1G hugetlb slot",
+        )?;
+        self.populate(off, GIG_SIZE)
+    }
+
+    /// Fault the whole of 1G frame `gig` in as it is mapped now.
+    pub(crate) fn gig_populate(&self, gig: usize) -> Result<(), GuestMemError> {
+        self.populate(gig as u64 * GIG_SIZE, GIG_SIZE)
+    }
+
+    /// Return 1G slot `slot` to the host.
+    pub(crate) fn gig_free(&self, slot: u32) -> Result<(), GuestMemError> {
+        self.gig()?.punch_hole(u64::from(slot) * GIG_SIZE, GIG_SIZE)
+    }
+
+    /// The host address and length of 1G frame `gig`.
+    fn gig_span(&self, gig: usize) -> (u64, u64) {
+        (self.range.ptr(gig as u64 * GIG_SIZE) as u64, GIG_SIZE)
+    }
+
+    /// Write-protect 1G frame `gig` with the userfaultfd (a writer of it
+    /// sleeps in its fault until [`Self::gig_release`]); `false` where the
+    /// host cannot, and then nothing is held.
+    pub(crate) fn gig_hold(&self, gig: usize) -> bool {
+        let (start, len) = self.gig_span(gig);
+        self.hold
+            .as_ref()
+            .is_some_and(|h| h.hold(start, len).is_ok())
+    }
+
+    /// Let the writers held by [`Self::gig_hold`] go: after the 1G page was
+    /// replaced (`switched`) they fault again into the new mapping; else the
+    /// write-protect is lifted first.
+    pub(crate) fn gig_release(&self, gig: usize, switched: bool) {
+        let (start, len) = self.gig_span(gig);
+        self.release_held(start, len, switched);
+    }
+
+    /// Copy the 1 GiB of 1G frame `gig` into the 2M pool's slots
+    /// `base .. base + 512` (allocated here), through a staging mapping.
+    pub(crate) fn gig_copy_to_block(&self, gig: usize, base: u32) -> Result<(), GuestMemError> {
+        let off = u64::from(base) * HPAGE_SIZE;
+        self.pool().allocate(off, GIG_SIZE).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                GuestMemError::HostPoolExhausted { slot: base, source }
+            } else {
+                GuestMemError::Fallocate {
+                    what: "hugetlb memfd, allocate",
+                    offset: off,
+                    len: GIG_SIZE,
+                    source,
+                }
+            }
+        })?;
+        let dst = TempMap::new(self.pool(), off, GIG_SIZE, "hugetlb staging map (1G split)")?;
+        // SAFETY: the source is 1G frame `gig` of guest RAM, mapped while
+        // `self` lives; the destination is the staging map just made, of
+        // the same length; they do not overlap (different files). Nothing
+        // writes the source now: it is write-protected or the vCPUs are paused.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.range.ptr(gig as u64 * GIG_SIZE),
+                dst.ptr(),
+                GIG_SIZE as usize,
+            )
+        };
+        Ok(())
+    }
+
+    /// One mapping of the 2M pool's slots `base .. base + 512` over 1G frame
+    /// `gig`: the 1G page is replaced whole at once (a hugetlb mapping splits
+    /// only at its page size, so never frame by frame), then faulted in.
+    pub(crate) fn gig_switch_to_block(&self, gig: usize, base: u32) -> Result<(), GuestMemError> {
+        let off = gig as u64 * GIG_SIZE;
+        self.range.map_file(
+            off,
+            GIG_SIZE,
+            self.pool(),
+            u64::from(base) * HPAGE_SIZE,
+            "hugetlb pool block (1G split)",
+        )
+    }
+
+    /// Copy frame `frame` (2M of a 1G page) into huge slot `slot`, allocated
+    /// here (the 1G split where the 2M slots are not one block).
+    pub(crate) fn copy_frame_to_huge(&self, frame: usize, slot: u32) -> Result<(), GuestMemError> {
+        self.huge_alloc(slot)?;
+        let dst = TempMap::new(
+            self.pool(),
+            u64::from(slot) * HPAGE_SIZE,
+            HPAGE_SIZE,
+            "hugetlb staging map (1G split)",
+        )?;
+        // SAFETY: as in `gig_copy_to_block`, for one 2M frame.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.range.ptr(frame_off(frame)),
+                dst.ptr(),
+                HPAGE_SIZE as usize,
+            )
+        };
+        Ok(())
+    }
+
+    /// Copy frame `frame`'s pages into small slots (page, slot), allocated
+    /// by the write.
+    pub(crate) fn copy_frame_to_small(
+        &mut self,
+        frame: usize,
+        pages: &[(u16, u32)],
+    ) -> Result<(), GuestMemError> {
+        self.split_prepare(pages)?;
+        self.copy_pages(frame, pages)
+    }
+
+    /// Replace 1G frame `gig`'s mapping with zero pages (before its frames
+    /// are mapped one by one, the vCPUs paused).
+    pub(crate) fn gig_unmap(&self, gig: usize) -> Result<(), GuestMemError> {
+        self.range.map_zero(gig as u64 * GIG_SIZE, GIG_SIZE)
+    }
+
+    /// A staging map of 1G slot `slot`, allocated here, to copy a collapse into.
+    pub(crate) fn gig_staging(&self, slot: u32) -> Result<TempMap, GuestMemError> {
+        self.gig_alloc(slot)?;
+        TempMap::new(
+            self.gig()?,
+            u64::from(slot) * GIG_SIZE,
+            GIG_SIZE,
+            "1G staging map",
+        )
+    }
+
+    /// Copy pages `pages` (page indices) of `frame` as mapped now into the
+    /// same place of a 1G staging map of the frame's 1G frame.
+    pub(crate) fn copy_into_gig(&self, staging: &TempMap, frame: usize, pages: &[u16]) {
+        let in_gig = frame_off(frame) % GIG_SIZE;
+        for (p, n) in page_runs(pages) {
+            let off = u64::from(p) * PAGE_SIZE;
+            let len = u64::from(n) * PAGE_SIZE;
+            if in_gig + off + len > staging.len() as u64 {
+                continue;
+            }
+            // SAFETY: the source run lies inside `frame` of guest RAM (page
+            // runs of a frame end by page 512), mapped while `self` lives; the
+            // destination is the same run inside the staging map (checked);
+            // different files, no overlap; the vCPUs are paused.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.range.ptr(frame_off(frame) + off),
+                    staging.ptr().add((in_gig + off) as usize),
+                    len as usize,
+                )
+            };
+        }
+    }
+
+    /// Bytes of the 1G memfd backed by memory now.
+    pub(crate) fn gig_allocated_bytes(&self) -> Result<u64, GuestMemError> {
+        match &self.gig {
+            Some(g) => g.allocated_bytes(),
+            None => Ok(0),
+        }
     }
 
     // ---- hugetlb primitives ----
@@ -495,14 +708,21 @@ impl HostMem {
     /// small pages; after a failed one the frame's write-protect is lifted
     /// first, where it still maps the huge page.
     pub(crate) fn split_release(&self, frame: usize, switched: bool) {
+        let start = self.range.ptr(frame_off(frame)) as u64;
+        self.release_held(start, HPAGE_SIZE, switched);
+    }
+
+    /// Let the writers held on `[start, start + len)` go: after a switch
+    /// they fault again into the new mapping (woken); else, or when the
+    /// wake fails, the write-protect is lifted.
+    fn release_held(&self, start: u64, len: u64, switched: bool) {
         let Some(h) = &self.hold else {
             return;
         };
-        let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
         if !switched {
             h.release(start, len);
         } else if let Err(e) = h.wake(start, len) {
-            log::warn!("frame {frame}: {e}");
+            log::warn!("host range {start:#x} (+{len:#x}): {e}");
             h.release(start, len);
         }
     }
@@ -865,7 +1085,7 @@ impl HostMem {
     /// `hugetlb` (whose unbacked pages are anonymous zero pages).
     pub(crate) fn read_no_populate(&self, off: u64, buf: &mut [u8]) -> Result<(), GuestMemError> {
         match self.backing {
-            Backing::Hugetlb => {
+            Backing::Hugetlb | Backing::Hugetlb1g => {
                 // SAFETY: the caller checked [off, off + len) lies inside guest
                 // RAM, all of which is mapped readable.
                 unsafe {

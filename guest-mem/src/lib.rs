@@ -1,7 +1,7 @@
 //! Guest RAM on memfd huge pages with split, collapse and discard on real memory.
 //!
 //! Backings: `hugetlb` (our own allocator over a hugetlb memfd pool plus a
-//! small-page memfd), `thp` (shmem THP, the kernel splits and collapses) and
+//! small-page memfd; `hugetlb-1g` adds a pool of 1G pages above it), `thp` (shmem THP, the kernel splits and collapses) and
 //! `4k`. Every decision comes from [`thp::ram_model::RamModel`]; this crate
 //! acts on its plans with memfd, mmap, fallocate and madvise, and reads back
 //! the host's own accounting.
@@ -10,6 +10,7 @@
 
 pub mod backing;
 pub mod error;
+mod gig_frames;
 mod give_back;
 mod give_back_state;
 pub mod guest_ram;
@@ -38,3 +39,7 @@ pub use split_windows::{SplitWindow, SplitWindows};
 pub use stats::{DiscardReport, HostView, PoolStats};
 
 pub use thp::units::{HPAGE_SIZE, PAGES_PER_HPAGE, PAGE_SIZE};
+pub use thp::FRAMES_PER_GIG;
+
+/// Size of a 1G page (`hugetlb-1g`).
+pub const GIG_SIZE: u64 = 1 << 30;

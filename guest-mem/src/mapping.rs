@@ -35,12 +35,17 @@ fn to_usize(v: u64, what: &'static str) -> Result<usize, GuestMemError> {
 }
 
 impl HostRange {
-    /// Reserve `size` bytes (a multiple of 2M) at a 2M-aligned address:
-    /// map `size + 2M` of `PROT_NONE` anonymous memory, keep the aligned part,
-    /// unmap the slack on both sides.
+    /// Reserve `size` bytes (a multiple of 2M) at a 2M-aligned address.
     pub fn reserve(size: u64) -> Result<Self, GuestMemError> {
+        Self::reserve_aligned(size, HPAGE_SIZE)
+    }
+
+    /// Reserve `size` bytes at an `align`-aligned address (`align` a power of
+    /// two, at least 2M: 1G for 1G pages): map `size + align` of `PROT_NONE`
+    /// anonymous memory, keep the aligned part, unmap the slack on both sides.
+    pub fn reserve_aligned(size: u64, align: u64) -> Result<Self, GuestMemError> {
         let size = to_usize(size, "guest RAM reservation")?;
-        let hp = HPAGE_SIZE as usize;
+        let hp = to_usize(align.max(HPAGE_SIZE), "guest RAM alignment")?;
         let len = size.checked_add(hp).ok_or_else(|| GuestMemError::Mmap {
             what: "guest RAM reservation",
             addr: 0,

@@ -12,6 +12,8 @@ use crate::error::GuestMemError;
 pub enum MemfdKind {
     /// `MFD_HUGETLB | MFD_HUGE_2MB`: a file of 2M hugetlb pages.
     Hugetlb2M,
+    /// `MFD_HUGETLB | MFD_HUGE_1GB`: a file of 1G hugetlb pages.
+    Hugetlb1G,
     /// An ordinary shmem memfd (4K pages, or shmem THP when madvised).
     Shmem,
 }
@@ -25,12 +27,14 @@ pub struct Memfd {
 }
 
 impl Memfd {
-    /// `memfd_create(name, MFD_CLOEXEC [| MFD_HUGETLB | MFD_HUGE_2MB])`.
+    /// `memfd_create(name, MFD_CLOEXEC [| MFD_HUGETLB | MFD_HUGE_2MB or _1GB])`.
     /// A name with an interior NUL is refused with `EINVAL`.
     pub fn create(name: &str, kind: MemfdKind) -> Result<Self, GuestMemError> {
         let mut flags = MemfdFlags::CLOEXEC;
-        if kind == MemfdKind::Hugetlb2M {
-            flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB;
+        match kind {
+            MemfdKind::Hugetlb2M => flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB,
+            MemfdKind::Hugetlb1G => flags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_1GB,
+            MemfdKind::Shmem => {}
         }
         let fd = fs::memfd_create(name, flags).map_err(|e| GuestMemError::Memfd {
             name: name.to_string(),
@@ -142,8 +146,10 @@ impl Memfd {
     fn what(&self, op: &'static str) -> &'static str {
         match (self.kind, op) {
             (MemfdKind::Hugetlb2M, "punch hole") => "hugetlb memfd, punch hole",
+            (MemfdKind::Hugetlb1G, "punch hole") => "1G hugetlb memfd, punch hole",
             (MemfdKind::Shmem, "punch hole") => "shmem memfd, punch hole",
             (MemfdKind::Hugetlb2M, _) => "hugetlb memfd",
+            (MemfdKind::Hugetlb1G, _) => "1G hugetlb memfd",
             (MemfdKind::Shmem, _) => "shmem memfd",
         }
     }

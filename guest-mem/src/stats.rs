@@ -22,6 +22,12 @@ pub struct PoolStats {
     pub data_memfd_bytes: u64,
     /// The host's 2M hugetlb counters (`HugePages_*`), when readable.
     pub host: Option<HugeMeminfo>,
+    /// `hugetlb-1g`: 1G pages of our 1G pool (0 for the other backings).
+    pub gig_capacity: usize,
+    /// Our books: 1G pages in use.
+    pub gig_used: usize,
+    /// Bytes of the 1G memfd backed by 1G pages now (host truth).
+    pub gig_memfd_bytes: u64,
 }
 
 /// What the host really maps for guest RAM.

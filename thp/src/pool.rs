@@ -66,6 +66,9 @@ enum PoolUndo {
     /// The small pool grew by one free slot (`alloc_at` past the
     /// high-water mark).
     Grew,
+    /// Huge `slot` was taken from position `pos` of the free list
+    /// ([`HugePool::alloc_at`]).
+    AllocAt { slot: u32, pos: usize },
 }
 
 impl HugePool {
@@ -94,6 +97,10 @@ impl HugePool {
                     let s = self.free.pop();
                     debug_assert_eq!(s, Some(slot));
                     self.used[slot as usize] = true;
+                }
+                PoolUndo::AllocAt { slot, pos } => {
+                    self.used[slot as usize] = false;
+                    self.free.insert(pos, slot);
                 }
                 PoolUndo::Failed => self.fail_next += 1,
                 // The huge pool never grows.
@@ -141,6 +148,35 @@ impl HugePool {
         let slot = self.free.pop()?;
         self.used[slot as usize] = true;
         self.record(PoolUndo::Alloc { slot, grew: false });
+        Some(slot)
+    }
+
+    /// The lowest slot `base` with `base..base + n` all free, if any: where
+    /// a 1G split places its 512 frames, so that one mapping of the pool
+    /// memfd replaces the whole 1G page at once.
+    pub fn free_block(&self, n: usize) -> Option<u32> {
+        let mut run = 0usize;
+        for (s, used) in self.used.iter().enumerate() {
+            run = if *used { 0 } else { run + 1 };
+            if run == n && n > 0 {
+                return Some((s + 1 - n) as u32);
+            }
+        }
+        None
+    }
+
+    /// Takes free slot `slot`; `None` when it is taken or an injected
+    /// failure is due.
+    pub fn alloc_at(&mut self, slot: u32) -> Option<u32> {
+        if self.fail_next > 0 {
+            self.fail_next -= 1;
+            self.record(PoolUndo::Failed);
+            return None;
+        }
+        let pos = self.free.iter().position(|s| *s == slot)?;
+        self.free.remove(pos);
+        self.used[slot as usize] = true;
+        self.record(PoolUndo::AllocAt { slot, pos });
         Some(slot)
     }
 
@@ -211,6 +247,8 @@ impl SmallPool {
                     self.in_use += 1;
                 }
                 PoolUndo::Failed => self.fail_next += 1,
+                // Only the huge pool takes a slot at a free-list position.
+                PoolUndo::AllocAt { .. } => {}
                 PoolUndo::Grew => {
                     if let Some(last) = self.used.len().checked_sub(1) {
                         self.free.remove(&(last as u32));
@@ -377,6 +415,29 @@ mod tests {
         assert_eq!(p.alloc(), None);
         assert_eq!(p.alloc(), Some(0));
         assert!(p.is_consistent());
+    }
+
+    #[test]
+    fn huge_free_block_and_alloc_at_and_their_exact_rollback() {
+        let mut p = HugePool::new(8);
+        assert_eq!(p.free_block(8), Some(0));
+        assert_eq!(p.alloc(), Some(0));
+        assert_eq!(p.alloc(), Some(1));
+        p.free(0).unwrap();
+        // Free: 0, 2..8; the lowest run of 4 starts at 2; no run of 7.
+        assert_eq!(p.free_block(4), Some(2));
+        assert_eq!(p.free_block(7), None);
+        p.inject_failures(1);
+        let before = format!("{p:?}");
+        p.undo.begin();
+        assert_eq!(p.alloc_at(4), None, "injected");
+        assert_eq!(p.alloc_at(3), Some(3));
+        assert_eq!(p.alloc_at(3), None, "taken");
+        assert_eq!(p.alloc_at(4), Some(4));
+        assert!(p.is_consistent());
+        p.rollback_undo();
+        // The free list's order too: the next plain alloc is as before.
+        assert_eq!(format!("{p:?}"), before);
     }
 
     #[test]

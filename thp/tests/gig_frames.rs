@@ -59,10 +59,11 @@ fn a_1g_frame_is_one_1g_page_and_the_host_maps_it_1g() {
         m.split(7).unwrap_err(),
         m.collapse(7).unwrap_err(),
         m.pin(7).unwrap_err(),
-        m.refill(page, 1).unwrap_err(),
     ] {
         assert_eq!(e, ModelError::InGig { frame: 7, gig: 0 });
     }
+    // Every page of it is present: a refill there has nothing to do.
+    assert!(m.refill(page, 1).unwrap().is_empty());
     ok(&m);
     // KVM's mirror sees a 1G host leaf behind every frame of it: a fault there
     // maps 1G (TDP, memslot 1G aligned in gpa and hva).
@@ -94,15 +95,18 @@ fn a_give_back_splits_1g_to_2m_and_only_its_2m_frame_to_4k_then_all_collapses_ba
         gig,
         gig_slot,
         frames,
+        block,
     } = m.split_gig(0).unwrap()
     else {
         panic!("not split")
     };
     assert_eq!((gig, gig_slot, frames.len()), (0, 0, FRAMES_PER_GIG));
+    // One block of the 2M pool, frame i on slot i: one mapping replaces the 1G page.
+    assert_eq!(block, Some(0));
     assert!(frames
         .iter()
         .enumerate()
-        .all(|(i, (f, p))| *f == i && matches!(p, PopulatePlan::Huge { .. })));
+        .all(|(i, (f, p))| *f == i && *p == PopulatePlan::Huge { slot: i as u32 }));
     assert_eq!(m.gig(0), None);
     assert_eq!(m.gig_pool().free_count(), 1, "the 1G page is free again");
     assert_eq!(m.huge_pool().used_count(), FRAMES_PER_GIG);
@@ -163,9 +167,10 @@ fn a_split_with_a_short_2m_pool_falls_back_to_small_pages_or_changes_nothing() {
     // 100 2M pages: 100 frames get one, 412 get small pages.
     let mut m = model(100, 1);
     m.populate_gig(0).unwrap();
-    let GigSplitPlan::Split { frames, .. } = m.split_gig(0).unwrap() else {
+    let GigSplitPlan::Split { frames, block, .. } = m.split_gig(0).unwrap() else {
         panic!("not split")
     };
+    assert_eq!(block, None, "no block of 512 free 2M pages");
     let huge = frames
         .iter()
         .filter(|(_, p)| matches!(p, PopulatePlan::Huge { .. }))

@@ -35,6 +35,27 @@ pub fn hugetlb_available(need: u64) -> bool {
     }
 }
 
+/// Whether the host has `need` free 1G hugetlb pages; prints the reason (and
+/// the command that reserves them) when it has not.
+pub fn gig_pages_available(need: u64) -> bool {
+    match guest_mem::backing::hugetlb_1g_counters(&Default::default()) {
+        Ok(c) if c.available() >= need => true,
+        Ok(c) => {
+            skip(&format!(
+                "need {need} free 1G hugetlb pages, host has {} (reserve early: echo {} > \
+                 /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages)",
+                c.available(),
+                c.total + need
+            ));
+            false
+        }
+        Err(e) => {
+            skip(&format!("no 1G hugetlb pages on this host: {e}"));
+            false
+        }
+    }
+}
+
 /// Whether shmem THP is usable; prints the reason when it is not.
 pub fn shmem_thp_available() -> bool {
     match guest_mem::backing::check_shmem_thp(&Default::default()) {
@@ -176,10 +197,15 @@ pub fn verify_host(ram: &GuestRam, must_be_pmd: &[bool]) {
         .sum();
     let pmd = hv.pmd_mapped.clone();
     match ram.backing() {
-        Backing::Hugetlb => {
+        Backing::Hugetlb | Backing::Hugetlb1g => {
+            // Frames of 1G pages (hugetlb-1g): hugetlb memory of the 1G memfd.
+            let gig = states
+                .iter()
+                .filter(|s| matches!(s, FrameView::Gig { .. }))
+                .count() as u64;
             assert_eq!(
                 hv.smaps.hugetlb(),
-                huge * HPAGE_SIZE,
+                (huge + gig) * HPAGE_SIZE,
                 "smaps hugetlb vs books {states:?}"
             );
             assert_eq!(
@@ -193,6 +219,11 @@ pub fn verify_host(ram: &GuestRam, must_be_pmd: &[bool]) {
                 "pool memfd blocks vs books"
             );
             assert_eq!(
+                ps.gig_memfd_bytes,
+                gig * HPAGE_SIZE,
+                "1G memfd blocks vs books"
+            );
+            assert_eq!(
                 ps.data_memfd_bytes,
                 small_present * PAGE_SIZE,
                 "small memfd blocks vs books"
@@ -202,8 +233,8 @@ pub fn verify_host(ram: &GuestRam, must_be_pmd: &[bool]) {
                 for (f, s) in states.iter().enumerate() {
                     assert_eq!(
                         v[f],
-                        matches!(s, FrameView::Huge { .. }),
-                        "frame {f} {s:?} pmd {}",
+                        matches!(s, FrameView::Huge { .. } | FrameView::Gig { .. }),
+                        "frame {f} {s:?} huge-mapped {}",
                         v[f]
                     );
                 }

@@ -94,6 +94,28 @@ impl Primary {
         }
     }
 
+    /// A huge fault of the none `frame` of `mm` on huge slot `slot` (a 1G
+    /// split placing its frames on a block of the pool): as [`Self::fault`]
+    /// maps a fresh huge folio, counted in `thp_fault_alloc`. On error
+    /// (frame mapped, slot taken, injected failure) nothing changed.
+    pub fn fault_huge_at(&mut self, mm: MmId, frame: usize, slot: u32) -> Result<FolioId, MmError> {
+        let page = frame as u64 * PAGES_PER_HPAGE;
+        self.check_range(mm, page, PAGES_PER_HPAGE)?;
+        if !matches!(self.mm(mm)?.frames[frame], FrameMap::None) {
+            return Err(MmError::AlreadyMapped { page });
+        }
+        let id = self
+            .alloc_huge_at(frame, slot)
+            .ok_or(MmError::OutOfMemory {
+                needed: 1,
+                available: 0,
+            })?;
+        self.install_pmd(mm, frame, id, true)?;
+        self.deferred_split_folio(id, false);
+        self.stat.thp_fault_alloc += 1;
+        Ok(id)
+    }
+
     fn alloc_huge_for_fault(&mut self, frame: usize, madvised: bool) -> Option<FolioId> {
         if let Some(id) = self.alloc_huge(frame) {
             return Some(id);

@@ -213,6 +213,12 @@ pub enum MmError {
         /// VMA size in pages.
         pages: u64,
     },
+    /// Something is mapped in the frame of the page already.
+    #[error("page {page}'s frame is mapped already")]
+    AlreadyMapped {
+        /// The page.
+        page: u64,
+    },
     /// Nothing is mapped at the page.
     #[error("page {page} is not mapped")]
     NotMapped {

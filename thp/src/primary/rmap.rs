@@ -30,6 +30,13 @@ impl Primary {
         Some(self.folios.insert(Folio::new(Backing::Huge(slot), frame)))
     }
 
+    /// Allocates a huge folio at `frame` on huge slot `slot` (see
+    /// [`crate::pool::HugePool::alloc_at`]), `None` if that slot is taken.
+    pub(crate) fn alloc_huge_at(&mut self, frame: usize, slot: u32) -> Option<FolioId> {
+        let slot = self.huge.alloc_at(slot)?;
+        Some(self.folios.insert(Folio::new(Backing::Huge(slot), frame)))
+    }
+
     /// Drops one reference; frees the folio when none is left.
     pub(crate) fn put_ref(&mut self, id: FolioId) -> Result<(), MmError> {
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;

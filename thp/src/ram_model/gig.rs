@@ -86,6 +86,10 @@ pub enum GigSplitPlan {
         gig_slot: u32,
         /// Where each of its 512 frames goes (never `AlreadyPopulated`).
         frames: Vec<(usize, PopulatePlan)>,
+        /// `Some(base)` when frame `i` of the 1G frame got 2M slot `base + i`,
+        /// every one: one mapping of the 2M pool from slot `base` replaces
+        /// the whole 1G page at once.
+        block: Option<u32>,
     },
 }
 
@@ -219,8 +223,26 @@ impl RamModel {
     fn split_gig_frames(&mut self, gig: usize, gig_slot: u32) -> Result<GigSplitPlan, ModelError> {
         self.gig.gigs[gig] = None;
         let mut frames = Vec::with_capacity(FRAMES_PER_GIG);
-        for f in Self::gig_frames(gig) {
-            frames.push((f, self.populate(f)?));
+        let base = self
+            .primary
+            .policy()
+            .fault_may_use_huge(true)
+            .then(|| self.primary.huge_pool().free_block(FRAMES_PER_GIG))
+            .flatten();
+        let mut block = base;
+        for (i, f) in Self::gig_frames(gig).enumerate() {
+            let at = base.map(|b| (b + i as u32, f));
+            let plan = match at.map(|(slot, f)| self.primary.fault_huge_at(self.mm, f, slot)) {
+                Some(Ok(_)) => PopulatePlan::Huge {
+                    slot: at.map_or(0, |a| a.0),
+                },
+                // An injected failure: this frame, and the rest, as a fault would.
+                Some(Err(_)) | None => {
+                    block = None;
+                    self.populate(f)?
+                }
+            };
+            frames.push((f, plan));
         }
         self.gig
             .pool
@@ -230,6 +252,7 @@ impl RamModel {
             gig,
             gig_slot,
             frames,
+            block,
         })
     }
 

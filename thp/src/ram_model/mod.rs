@@ -623,10 +623,11 @@ impl RamModel {
     pub fn refill(&mut self, first_page: u64, npages: u64) -> Result<Vec<RefillStep>, ModelError> {
         self.check_pages(first_page, npages)?;
         let end = first_page + npages;
-        let frames = frame_spans(first_page, end);
-        for &(f, ..) in &frames {
-            self.check_not_gig(f)?;
-        }
+        // Every page of a 1G frame is present: nothing to refill there.
+        let frames: Vec<_> = frame_spans(first_page, end)
+            .into_iter()
+            .filter(|&(f, ..)| self.gig.of_frame(f).is_none())
+            .collect();
         let mut needed = 0usize;
         for &(f, lo, hi) in &frames {
             let base = f as u64 * PAGES_PER_HPAGE;
