@@ -14,7 +14,7 @@ use crate::control::VcpuControl;
 use crate::devices::serial::{SerialDevice, SerialFlags};
 use crate::halt::HaltWatch;
 use crate::host::HostInfo;
-use crate::mirror::{self, LiveMirror, MirrorContext, Prediction};
+use crate::mirror::{self, LiveMirror, MirrorContext, PhaseTouches, Prediction};
 use crate::outcome::Outcome;
 use crate::ram_handle::RamHandle;
 use crate::stats::{KvmStats, MappingStats};
@@ -307,18 +307,29 @@ impl Machine {
                 let changed = ram.take_changed_frames();
                 let pages = ram.take_changed_pages();
                 let single = g.work.len() <= 1;
-                let (work, vcpu, comparable) = match at {
-                    MirrorPoint::Checkpoint { vcpu, phase } => (
-                        g.work_touched_before(Some(phase)),
-                        (!single).then_some(vcpu),
-                        single,
-                    ),
-                    MirrorPoint::End => (g.work_touched_before(None), None, true),
-                    MirrorPoint::Snapshot => (false, None, false),
+                let phase = match at {
+                    MirrorPoint::Checkpoint { vcpu, phase } => PhaseTouches {
+                        work: g.work_touched_before(Some(phase)),
+                        stack: g.stack_touched_before(Some(phase)),
+                        vcpu: (!single).then_some(vcpu),
+                        comparable: single,
+                    },
+                    MirrorPoint::End => PhaseTouches {
+                        work: g.work_touched_before(None),
+                        stack: g.stack_touched_before(None),
+                        vcpu: None,
+                        comparable: true,
+                    },
+                    MirrorPoint::Snapshot => PhaseTouches {
+                        work: false,
+                        stack: true,
+                        vcpu: None,
+                        comparable: false,
+                    },
                 };
                 l.invalidate_frames(&changed)
                     .and_then(|()| l.invalidate_pages(&pages))
-                    .and_then(|()| l.observe(ctx, &states, work, vcpu, comparable))
+                    .and_then(|()| l.observe(ctx, &states, phase))
             }
         };
         match r {
@@ -439,6 +450,17 @@ pub struct FrameCounts {
 }
 
 impl FrameCounts {
+    /// `huge/small` for the reports, led by the 1G pages when there are any
+    /// (`2x1G+500/12`: two 1G pages, 500 2M frames, 12 small frames).
+    pub fn huge_small(&self) -> String {
+        let gigs = self.gig / guest_mem::FRAMES_PER_GIG;
+        if gigs > 0 {
+            format!("{gigs}x1G+{}/{}", self.huge, self.small)
+        } else {
+            format!("{}/{}", self.huge, self.small)
+        }
+    }
+
     /// Count the RAM frames of `states` (indexed by frame; the 32-bit MMIO
     /// hole's frames are not RAM and not counted).
     pub fn of(states: &[guest_mem::FrameView], layout: guest_mem::RamLayout) -> FrameCounts {

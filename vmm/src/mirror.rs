@@ -236,6 +236,29 @@ const READ: Access = Access::READ;
 const WRITE: Access = Access::WRITE;
 const EXEC: Access = Access::EXEC;
 
+/// What the guest touched in one phase, as far as the mirror replays it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTouches {
+    /// Every work page (of `vcpu`).
+    pub work: bool,
+    /// Its user stack pages.
+    pub stack: bool,
+    /// Only this vCPU's work (`None`: all).
+    pub vcpu: Option<usize>,
+    /// Whether KVM's counters can be compared with the prediction now.
+    pub comparable: bool,
+}
+
+impl PhaseTouches {
+    /// Everything: work of every vCPU, stacks; comparable.
+    pub const ALL: PhaseTouches = PhaseTouches {
+        work: true,
+        stack: true,
+        vcpu: None,
+        comparable: true,
+    };
+}
+
 /// The reserved-region accesses of a test guest.
 struct Reserved {
     /// Faults in order.
@@ -246,7 +269,8 @@ struct Reserved {
     slack: Option<(u64, String)>,
 }
 
-fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches) -> Reserved {
+fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reserved {
+    let stacks = g.stacks.iter().filter(|_| stack);
     let mut t = Vec::new();
     match ctx.mmu.kind {
         MmuKind::Tdp => {
@@ -278,7 +302,7 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches) -> Reserved {
         MmuKind::Shadow => {
             // CPL3 only (CPL0 is emulated); through the bootstrap 2M map.
             t.extend(pages(&g.code).map(|p| touch(p, Level::M2, EXEC)));
-            for r in &g.data {
+            for r in g.data.iter().chain(stacks) {
                 t.extend(pages(r).map(|p| touch(p, Level::M2, WRITE)));
             }
             if let Some(r) = &g.built_tables {
@@ -297,7 +321,7 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches) -> Reserved {
                 // SPTE for each of their pages (the mirror keys leaves by gfn).
                 GuestPageSize::Size4K => {
                     let mut second: Vec<u64> = pages(&g.code)
-                        .chain(g.data.iter().flat_map(pages))
+                        .chain(g.data.iter().chain(&g.stacks).flat_map(pages))
                         .collect();
                     second.sort_unstable();
                     second.dedup();
@@ -408,23 +432,28 @@ impl LiveMirror {
         Ok(())
     }
 
-    /// The guest's accesses of one phase: its reserved-region accesses, and
-    /// (if `work`) every work page of `vcpus` (all vCPUs when `None`), over
-    /// the host as `states` says now; then the prediction.
+    /// The guest's accesses of one phase: its reserved-region accesses (its
+    /// stack pages if `phase.stack`), and (if `phase.work`) every work page of
+    /// `phase.vcpu` (all vCPUs when `None`), over the host as `states` says
+    /// now; then the prediction.
     pub fn observe(
         &mut self,
         ctx: &MirrorContext,
         states: &[guest_mem::FrameView],
-        work: bool,
-        vcpu: Option<usize>,
-        comparable: bool,
+        phase: PhaseTouches,
     ) -> Result<Prediction, MirrorError> {
+        let PhaseTouches {
+            work,
+            stack,
+            vcpu,
+            comparable,
+        } = phase;
         let levels = host_levels(states);
         let host = LevelMap::new(self.host_addr, levels.clone());
         let mut extra = 0;
         let mut slack = (0, None);
         if let Some(g) = &ctx.guest {
-            let r = reserved_touches(ctx, g);
+            let r = reserved_touches(ctx, g, stack);
             extra = r.extra_exact;
             if let Some((n, why)) = r.slack {
                 slack = (n, Some(why));
@@ -528,7 +557,7 @@ pub fn predict_all_touched(
     for gfn in shadowed(ctx, g, &mmu) {
         mmu.account_shadowed(gfn)?;
     }
-    let r = reserved_touches(ctx, g);
+    let r = reserved_touches(ctx, g, true);
     let level = ctx.work_level(g);
     let all: Vec<Touch> = r
         .touches
@@ -665,7 +694,7 @@ mod tests {
             GuestPageSize::Size2M,
         );
         let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 256 << 20)).unwrap();
-        let p = l.observe(&c, &huge(128), true, None, true).unwrap();
+        let p = l.observe(&c, &huge(128), PhaseTouches::ALL).unwrap();
         assert_eq!((p.pages_4k, p.pages_2m, p.pages_4k_max), (16, 127, 16));
         assert_eq!(p.verdict(16, 127), Verdict::Match);
         assert!(matches!(p.verdict(16, 128), Verdict::Mismatch(_)));
@@ -676,7 +705,7 @@ mod tests {
             GuestPageSize::Size2M,
         );
         let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 256 << 20)).unwrap();
-        let p = l.observe(&c, &huge(128), true, None, true).unwrap();
+        let p = l.observe(&c, &huge(128), PhaseTouches::ALL).unwrap();
         assert_eq!((p.pages_4k, p.pages_2m), (0, 128));
     }
 
@@ -688,15 +717,24 @@ mod tests {
             let c = ctx(mmu, TestGuestName::Unmap, 64, GuestPageSize::Size2M);
             let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 64 << 20)).unwrap();
             let mut states = huge(32);
-            let p1 = l.observe(&c, &states, true, None, true).unwrap();
+            let p1 = l.observe(&c, &states, PhaseTouches::ALL).unwrap();
             for s in &mut states[1..9] {
                 *s = guest_mem::FrameView::Small { present: 511 };
             }
             l.invalidate_frames(&(1..9).collect::<Vec<_>>()).unwrap();
-            let p2 = l.observe(&c, &states, false, None, true).unwrap();
+            let p2 = l
+                .observe(
+                    &c,
+                    &states,
+                    PhaseTouches {
+                        work: false,
+                        ..PhaseTouches::ALL
+                    },
+                )
+                .unwrap();
             assert_eq!(p1.pages_2m - p2.pages_2m, 8, "{mmu:?}");
             assert_eq!(p2.pages_4k, p1.pages_4k, "{mmu:?}");
-            let p3 = l.observe(&c, &states, true, None, true).unwrap();
+            let p3 = l.observe(&c, &states, PhaseTouches::ALL).unwrap();
             assert_eq!(p3.pages_4k - p2.pages_4k, 8 * 512, "{mmu:?}");
         }
     }

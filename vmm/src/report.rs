@@ -251,7 +251,7 @@ fn slots_text(slots: &[SlotReport]) -> String {
             x.id,
             format!("[{:#x}, {:#x})", x.gpa, x.gpa + x.size),
             x.size >> 20,
-            format!("{}/{}", x.frames.huge, x.frames.small),
+            x.frames.huge_small(),
             opt(x.mirror_pages_2m),
             opt(x.mirror_pages_4k)
         ));
@@ -263,9 +263,13 @@ fn slots_text(slots: &[SlotReport]) -> String {
 pub fn stats_text(r: &RunReport) -> String {
     let mut s = String::new();
     s.push_str(&format!(
-        "KVM stats ({} backing, {} MiB, frames: {} huge, {} small, {} unpopulated):\n",
+        "KVM stats ({} backing, {} MiB, frames: {}{} huge, {} small, {} unpopulated):\n",
         r.backing,
         r.memory >> 20,
+        match r.frames.gig {
+            0 => String::new(),
+            g => format!("{g} in {} 1G pages, ", g / guest_mem::FRAMES_PER_GIG),
+        },
         r.frames.huge,
         r.frames.small,
         r.frames.unpopulated
@@ -376,7 +380,7 @@ fn checkpoints_text(cps: &[Checkpoint]) -> String {
             opt(c.mirror_pages_2m),
             opt(c.kvm.pages_4k),
             m4,
-            format!("{}/{}", c.frames.huge, c.frames.small),
+            c.frames.huge_small(),
             c.collapsed_after,
             verdict
         ));
