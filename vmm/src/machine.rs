@@ -54,6 +54,8 @@ pub struct Checkpoint {
     pub mirror_pages_4k: Option<u64>,
     /// The mirror's predicted 2M mappings then.
     pub mirror_pages_2m: Option<u64>,
+    /// The mirror's predicted 1G mappings then.
+    pub mirror_pages_1g: Option<u64>,
     /// The whole prediction then.
     pub mirror: Option<Prediction>,
     /// Whether KVM agreed with it (exactly, or within the printed bound).
@@ -362,24 +364,26 @@ impl Machine {
             let p = self.predict(&mut ram, MirrorPoint::Checkpoint { vcpu, phase });
             (kvm, FrameCounts::of(&ram.frame_states(), ram.layout()), p)
         });
-        let agrees = match (&predicted, kvm.pages_4k, kvm.pages_2m) {
-            (Some(p), Some(k4), Some(k2)) => p.agrees(k4, k2),
+        let agrees = match (&predicted, kvm.counts()) {
+            (Some(p), Some(k)) => p.agrees(k),
             _ => true,
         };
-        if let (Some(p), Some(k4), Some(k2)) = (&predicted, kvm.pages_4k, kvm.pages_2m) {
-            let line = p.describe(k4, k2);
+        if let (Some(p), Some(k)) = (&predicted, kvm.counts()) {
+            let line = format!(
+                "checkpoint {phase} (vCPU {vcpu}): KVM {}/{}/{}, mirror {}/{}/{} \
+                 (pages_4k/2m/1g): {}",
+                k.pages_4k,
+                k.pages_2m,
+                k.pages_1g,
+                p.pages_4k,
+                p.pages_2m,
+                p.pages_1g,
+                p.describe(k)
+            );
             if agrees {
-                log::info!(
-                    "checkpoint {phase} (vCPU {vcpu}): KVM {k4}/{k2}, mirror {}/{}: {line}",
-                    p.pages_4k,
-                    p.pages_2m
-                );
+                log::info!("{line}");
             } else {
-                log::error!(
-                    "checkpoint {phase} (vCPU {vcpu}): KVM {k4}/{k2}, mirror {}/{}: {line}",
-                    p.pages_4k,
-                    p.pages_2m
-                );
+                log::error!("{line}");
             }
         }
         let collapsed_after = match self.collapser.get() {
@@ -392,6 +396,7 @@ impl Machine {
             kvm,
             mirror_pages_4k: predicted.as_ref().map(|p| p.pages_4k),
             mirror_pages_2m: predicted.as_ref().map(|p| p.pages_2m),
+            mirror_pages_1g: predicted.as_ref().map(|p| p.pages_1g),
             mirror: predicted,
             mirror_agrees: agrees,
             frames,

@@ -38,6 +38,8 @@ pub struct Prediction {
     pub pages_4k: u64,
     /// Predicted 2M mappings (always exact for a comparable prediction).
     pub pages_2m: u64,
+    /// Predicted 1G mappings (always exact for a comparable prediction).
+    pub pages_1g: u64,
     /// Upper end of KVM's `pages_4k`; equal to `pages_4k` when exact.
     pub pages_4k_max: u64,
     /// Why `pages_4k` is a range, when it is.
@@ -110,6 +112,7 @@ impl Prediction {
         Prediction {
             pages_4k: 0,
             pages_2m: 0,
+            pages_1g: 0,
             pages_4k_max: 0,
             pages_4k_bound: Some(why),
             max_pages_2m: 0,
@@ -120,7 +123,12 @@ impl Prediction {
     }
 
     /// Compare KVM's counters with the prediction.
-    pub fn verdict(&self, pages_4k: u64, pages_2m: u64) -> Verdict {
+    pub fn verdict(&self, kvm: KvmCounts) -> Verdict {
+        let KvmCounts {
+            pages_4k,
+            pages_2m,
+            pages_1g,
+        } = kvm;
         if !self.comparable {
             return Verdict::Informative((pages_2m > self.max_pages_2m).then(|| {
                 format!(
@@ -131,6 +139,9 @@ impl Prediction {
             }));
         }
         let mut bad = Vec::new();
+        if pages_1g != self.pages_1g {
+            bad.push(format!("pages_1g {pages_1g} != {}", self.pages_1g));
+        }
         if pages_2m != self.pages_2m {
             bad.push(format!("pages_2m {pages_2m} != {}", self.pages_2m));
         }
@@ -153,16 +164,16 @@ impl Prediction {
 
     /// Whether KVM's counters pass ([`Verdict::Match`], or informative with
     /// no violated check).
-    pub fn agrees(&self, pages_4k: u64, pages_2m: u64) -> bool {
+    pub fn agrees(&self, kvm: KvmCounts) -> bool {
         matches!(
-            self.verdict(pages_4k, pages_2m),
+            self.verdict(kvm),
             Verdict::Match | Verdict::Informative(None)
         )
     }
 
     /// One line for the report: the verdict and, for a range, its reason.
-    pub fn describe(&self, pages_4k: u64, pages_2m: u64) -> String {
-        let v = match self.verdict(pages_4k, pages_2m) {
+    pub fn describe(&self, kvm: KvmCounts) -> String {
+        let v = match self.verdict(kvm) {
             Verdict::Match if self.pages_4k_max == self.pages_4k => "match (exact)".to_string(),
             Verdict::Match => "match (pages_2m exact, pages_4k within the bound)".to_string(),
             Verdict::Mismatch(why) => format!("MISMATCH: {why}"),
@@ -181,6 +192,17 @@ impl Prediction {
             None => format!("{v}; {}", self.mmu),
         }
     }
+}
+
+/// KVM's mapping counters, to compare with a [`Prediction`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvmCounts {
+    /// `pages_4k`.
+    pub pages_4k: u64,
+    /// `pages_2m`.
+    pub pages_2m: u64,
+    /// `pages_1g`.
+    pub pages_1g: u64,
 }
 
 /// What the mirror needs of a run besides guest RAM.
@@ -477,6 +499,7 @@ impl LiveMirror {
         Ok(Prediction {
             pages_4k: self.mmu.pages_4k() + extra,
             pages_2m: self.mmu.pages_2m(),
+            pages_1g: self.mmu.pages_1g(),
             pages_4k_max: self.mmu.pages_4k() + extra + slack.0,
             pages_4k_bound: slack.1,
             max_pages_2m: max_2m(&self.mmu, &levels),
@@ -546,6 +569,7 @@ pub fn predict_all_touched(
         return Ok(Prediction {
             pages_4k: mmu.pages_4k(),
             pages_2m: mmu.pages_2m(),
+            pages_1g: mmu.pages_1g(),
             pages_4k_max: mmu.pages_4k(),
             pages_4k_bound: None,
             max_pages_2m: max_2m(&mmu, &levels),
@@ -614,6 +638,7 @@ pub fn predict_all_touched(
     Ok(Prediction {
         pages_4k: model - below,
         pages_2m: mmu.pages_2m(),
+        pages_1g: mmu.pages_1g(),
         pages_4k_max: model + above,
         pages_4k_bound: (!why.is_empty()).then(|| why.join("; ")),
         max_pages_2m: max_2m(&mmu, &levels),
@@ -658,6 +683,15 @@ pub fn shadow_orphan_slack(ctx: &MirrorContext, orphan_frames: u64) -> Option<(u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// KVM's counters with no 1G mapping.
+    fn kvm(pages_4k: u64, pages_2m: u64) -> KvmCounts {
+        KvmCounts {
+            pages_4k,
+            pages_2m,
+            pages_1g: 0,
+        }
+    }
     use crate::testguest::{build, TestGuestName, TestGuestParams};
 
     const BASE: u64 = 0x7f00_0000_0000;
@@ -696,8 +730,8 @@ mod tests {
         let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 256 << 20)).unwrap();
         let p = l.observe(&c, &huge(128), PhaseTouches::ALL).unwrap();
         assert_eq!((p.pages_4k, p.pages_2m, p.pages_4k_max), (16, 127, 16));
-        assert_eq!(p.verdict(16, 127), Verdict::Match);
-        assert!(matches!(p.verdict(16, 128), Verdict::Mismatch(_)));
+        assert_eq!(p.verdict(kvm(16, 127)), Verdict::Match);
+        assert!(matches!(p.verdict(kvm(16, 128)), Verdict::Mismatch(_)));
         let c = ctx(
             MmuParams::tdp(),
             TestGuestName::Hello,
@@ -764,9 +798,9 @@ mod tests {
         let p = predict(MmuParams::shadow(), false);
         assert_eq!(p.pages_2m, 117);
         assert_eq!((p.pages_4k, p.pages_4k_max), (11 * 512, 11 * 512));
-        assert_eq!(p.verdict(11 * 512, 117), Verdict::Match);
+        assert_eq!(p.verdict(kvm(11 * 512, 117)), Verdict::Match);
         for (k4, m2) in [(11 * 512 - 1, 117), (11 * 512, 118)] {
-            assert!(matches!(p.verdict(k4, m2), Verdict::Mismatch(_)));
+            assert!(matches!(p.verdict(kvm(k4, m2)), Verdict::Mismatch(_)));
         }
     }
 
@@ -789,9 +823,9 @@ mod tests {
         .unwrap();
         assert!(!p.comparable);
         assert_eq!(p.max_pages_2m, 3);
-        assert_eq!(p.verdict(100, 3), Verdict::Informative(None));
-        assert!(matches!(p.verdict(0, 4), Verdict::Informative(Some(_))));
-        assert!(!p.agrees(0, 4));
+        assert_eq!(p.verdict(kvm(100, 3)), Verdict::Informative(None));
+        assert!(matches!(p.verdict(kvm(0, 4)), Verdict::Informative(Some(_))));
+        assert!(!p.agrees(kvm(0, 4)));
     }
 
     #[test]

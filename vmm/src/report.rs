@@ -174,12 +174,12 @@ pub fn collect(
 /// The first disagreement between KVM and a comparable prediction, at a
 /// checkpoint or at the end.
 fn mirror_mismatch(m: &Machine, kvm: &MappingStats, end: &Option<Prediction>) -> Option<String> {
-    let check = |p: &Prediction, k: &MappingStats| match (k.pages_4k, k.pages_2m) {
-        (Some(k4), Some(k2)) => match p.verdict(k4, k2) {
+    let check = |p: &Prediction, k: &MappingStats| match k.counts() {
+        Some(k) => match p.verdict(k) {
             Verdict::Mismatch(w) | Verdict::Informative(Some(w)) => Some(w),
             Verdict::Match | Verdict::Informative(None) => None,
         },
-        _ => None,
+        None => None,
     };
     for c in m.checkpoints() {
         if let Some(w) = c.mirror.as_ref().and_then(|p| check(p, &c.kvm)) {
@@ -278,10 +278,9 @@ pub fn stats_text(r: &RunReport) -> String {
         "  {:<10} {:>10} {:>16}\n",
         "", "KVM", "mirror predicts"
     ));
-    let (p4, p2) = r
-        .mirror
-        .as_ref()
-        .map_or((None, None), |p| (Some(p.pages_4k), Some(p.pages_2m)));
+    let (p4, p2, p1) = r.mirror.as_ref().map_or((None, None, None), |p| {
+        (Some(p.pages_4k), Some(p.pages_2m), Some(p.pages_1g))
+    });
     s.push_str(&format!(
         "  {:<10} {:>10} {:>16}\n",
         "pages_4k",
@@ -298,12 +297,12 @@ pub fn stats_text(r: &RunReport) -> String {
         "  {:<10} {:>10} {:>16}\n",
         "pages_1g",
         opt(r.kvm.pages_1g),
-        opt(Some(0))
+        opt(p1)
     ));
     if let Some(p) = &r.mirror {
-        let line = match (r.kvm.pages_4k, r.kvm.pages_2m) {
-            (Some(k4), Some(k2)) => p.describe(k4, k2),
-            _ => "KVM has no pages_4k / pages_2m statistics".to_string(),
+        let line = match r.kvm.counts() {
+            Some(k) => p.describe(k),
+            None => "KVM has no pages_4k / pages_2m statistics".to_string(),
         };
         s.push_str(&format!("  mirror: {line}\n"));
     }
@@ -345,9 +344,11 @@ fn checkpoints_text(cps: &[Checkpoint]) -> String {
         "  checkpoints (KVM vs mirror; frames huge/small on the host; collapsed right after):\n",
     );
     s.push_str(&format!(
-        "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>12} {:>11} {:>9}  {}\n",
+        "    {:>5} {:>4} {:>7} {:>9} {:>10} {:>10} {:>10} {:>12} {:>13} {:>9}  {}\n",
         "phase",
         "vcpu",
+        "KVM 1g",
+        "mirror 1g",
         "KVM 2m",
         "mirror 2m",
         "KVM 4k",
@@ -363,8 +364,8 @@ fn checkpoints_text(cps: &[Checkpoint]) -> String {
             }
             _ => opt(c.mirror_pages_4k),
         };
-        let verdict = match (&c.mirror, c.kvm.pages_4k, c.kvm.pages_2m) {
-            (Some(p), Some(k4), Some(k2)) => match p.verdict(k4, k2) {
+        let verdict = match (&c.mirror, c.kvm.counts()) {
+            (Some(p), Some(k)) => match p.verdict(k) {
                 Verdict::Match => "match".to_string(),
                 Verdict::Mismatch(w) => format!("MISMATCH: {w}"),
                 Verdict::Informative(None) => "informative".to_string(),
@@ -373,9 +374,11 @@ fn checkpoints_text(cps: &[Checkpoint]) -> String {
             _ => "n/a".to_string(),
         };
         s.push_str(&format!(
-            "    {:>5} {:>4} {:>10} {:>10} {:>10} {:>12} {:>11} {:>9}  {}\n",
+            "    {:>5} {:>4} {:>7} {:>9} {:>10} {:>10} {:>10} {:>12} {:>13} {:>9}  {}\n",
             c.phase,
             c.vcpu,
+            opt(c.kvm.pages_1g),
+            opt(c.mirror_pages_1g),
             opt(c.kvm.pages_2m),
             opt(c.mirror_pages_2m),
             opt(c.kvm.pages_4k),

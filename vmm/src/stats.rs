@@ -161,6 +161,18 @@ pub struct MappingStats {
     pub pages_1g: Option<u64>,
 }
 
+impl MappingStats {
+    /// The counters to compare with the mirror, when KVM has `pages_4k` and
+    /// `pages_2m` (a kernel without `pages_1g` maps nothing at 1G: 0).
+    pub fn counts(&self) -> Option<crate::mirror::KvmCounts> {
+        Some(crate::mirror::KvmCounts {
+            pages_4k: self.pages_4k?,
+            pages_2m: self.pages_2m?,
+            pages_1g: self.pages_1g.unwrap_or(0),
+        })
+    }
+}
+
 /// KVM's mapping counters at one moment of a run ([`crate::run::run`] samples
 /// them while the guest runs, every [`crate::run::KVM_SAMPLE_INTERVAL`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

@@ -18,7 +18,7 @@ use super::shared::{SharedError, SharedLog};
 use super::slot::{SlotError, Slots};
 use super::vcpu::StressVcpuShared;
 use crate::machine::Machine;
-use crate::mirror::{self, Prediction};
+use crate::mirror::{self, Prediction, KvmCounts};
 use crate::stats::StatsError;
 
 /// How long a write-protect waits for the first vCPU write to fault.
@@ -113,6 +113,8 @@ pub struct QuiescePoint {
     pub kvm_pages_4k: u64,
     /// KVM's pages_2m.
     pub kvm_pages_2m: u64,
+    /// KVM's pages_1g.
+    pub kvm_pages_1g: u64,
     /// The mirror's prediction.
     pub prediction: Prediction,
     /// Whether they agree (pages_2m exactly, pages_4k exactly or within
@@ -157,7 +159,11 @@ impl std::fmt::Display for QuiescePoint {
                 String::new()
             },
             self.prediction.pages_2m,
-            self.prediction.describe(self.kvm_pages_4k, self.kvm_pages_2m)
+            self.prediction.describe(KvmCounts {
+                pages_4k: self.kvm_pages_4k,
+                pages_2m: self.kvm_pages_2m,
+                pages_1g: self.kvm_pages_1g,
+            })
         )?;
         if let Some(n) = self.host_migrated.filter(|&n| n > 0) {
             write!(f, " [the host migrated {n} pages meanwhile]")?;
@@ -431,16 +437,13 @@ impl Injector<'_> {
     }
 
     fn pages_2m(&self) -> Result<u64, InjectError> {
-        Ok(self.mapping()?.1)
+        Ok(self.mapping()?.pages_2m)
     }
 
-    fn mapping(&self) -> Result<(u64, u64), InjectError> {
+    fn mapping(&self) -> Result<KvmCounts, InjectError> {
         match &self.m.stats {
-            Some(s) => {
-                let m = s.mapping()?;
-                Ok((m.pages_4k.unwrap_or(0), m.pages_2m.unwrap_or(0)))
-            }
-            None => Ok((0, 0)),
+            Some(s) => Ok(s.mapping()?.counts().unwrap_or_default()),
+            None => Ok(KvmCounts::default()),
         }
     }
 
@@ -486,8 +489,8 @@ impl Injector<'_> {
         self.candidates().retain(|f| !self.guest_pde_dirty(*f));
         let after = self.mapping();
         self.slot.create(self.vm, &slot)?;
-        let (p4, p2) = after?;
-        x.mapped_after_delete = p4 + p2;
+        let k = after?;
+        x.mapped_after_delete = k.pages_4k + k.pages_2m + k.pages_1g;
         Ok(Effect::Done)
     }
 
@@ -555,7 +558,7 @@ impl Injector<'_> {
         let migrated_before = guest_mem::smaps::pages_migrated();
         self.wait_whole_pass()?;
         let _paused = quiesce::pause(&self.m.control)?;
-        let (kvm_pages_4k, kvm_pages_2m) = self.mapping()?;
+        let kvm = self.mapping()?;
         let host_migrated = migrated_before
             .zip(guest_mem::smaps::pages_migrated())
             .map(|(a, b)| b.saturating_sub(a));
@@ -596,12 +599,13 @@ impl Injector<'_> {
                 .unwrap_or_else(|e| Prediction::unavailable(format!("the mirror refused: {e}"))),
         };
         let agrees = self.m.stats.is_none()
-            || (prediction.comparable && prediction.agrees(kvm_pages_4k, kvm_pages_2m));
+            || (prediction.comparable && prediction.agrees(kvm));
         Ok(QuiescePoint {
             seq,
             dirty_logging: dirty,
-            kvm_pages_4k,
-            kvm_pages_2m,
+            kvm_pages_4k: kvm.pages_4k,
+            kvm_pages_2m: kvm.pages_2m,
+            kvm_pages_1g: kvm.pages_1g,
             prediction,
             agrees,
             huge_frames,
