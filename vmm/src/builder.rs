@@ -24,6 +24,7 @@ use crate::balloon_backend::{BalloonDevice, IrqfdLine, BALLOON_SLOT};
 use crate::boot::linux::{self, BootError, LinuxBootSpec};
 use crate::boot::long_mode::{self, LongModeError};
 use crate::control::VcpuControl;
+use crate::cpuid;
 use crate::devices::console::{self, Console};
 use crate::devices::serial::{self, SerialFlags, SerialOut};
 use crate::devices::virtio_balloon::BalloonError;
@@ -203,6 +204,13 @@ pub struct BuiltVm {
 /// devices and the [`Machine`].
 pub fn build_vm(c: VmConfig) -> Result<BuiltVm, RunError> {
     let kvm = vm::open_kvm(&c.kvm_dev)?;
+    if let GuestConfig::Test(img) = &c.guest {
+        // The CPUID every vCPU gets (`Vm::new`), checked before guest RAM
+        // is allocated: a test guest the CPU cannot run fails here.
+        let base = cpuid::supported(&kvm).map_err(VmError::from)?;
+        img.params
+            .check_cpuid(&cpuid::for_vcpu(&base, 0, c.vcpus))?;
+    }
     let ram = guest_ram(&c)?;
     let layout = ram.layout();
     // SAFETY: GuestRam keeps its host range mapped (frames are only remapped

@@ -36,6 +36,20 @@ pub fn offer_tsc_deadline(c: &mut CpuId) {
     }
 }
 
+/// Extended leaf with the long-mode feature bits.
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+/// 1 GiB pages (`pdpe1gb`) in leaf 0x8000_0001 EDX.
+const EDX_PDPE1GB: u32 = 1 << 26;
+
+/// Whether `c` offers 1 GiB pages (leaf 0x8000_0001 EDX bit 26,
+/// `pdpe1gb`): KVM passes the host's bit through in its supported CPUID,
+/// and a guest may set PS in a PDPTE only with it.
+pub fn has_pdpe1gb(c: &CpuId) -> bool {
+    c.as_slice()
+        .iter()
+        .any(|e| e.function == LEAF_EXT_FEATURES && e.edx & EDX_PDPE1GB != 0)
+}
+
 /// Hypervisor-present bit in leaf 1 ECX.
 const ECX_HYPERVISOR: u32 = 1 << 31;
 
@@ -90,6 +104,23 @@ mod tests {
         assert_eq!(l1.ebx & 0xffff, 0x0800);
         assert_ne!(l1.ecx & ECX_HYPERVISOR, 0);
         assert_eq!(c.as_slice()[1].edx, 3);
+    }
+
+    #[test]
+    fn pdpe1gb_is_leaf_0x80000001_edx_bit_26() {
+        let leaf = |function, edx| kvm_cpuid_entry2 {
+            function,
+            edx,
+            ..Default::default()
+        };
+        let with = CpuId::from_entries(&[leaf(1, 1 << 26), leaf(0x8000_0001, 1 << 26)]).unwrap();
+        assert!(has_pdpe1gb(&with));
+        // The per-vCPU copy keeps it.
+        assert!(has_pdpe1gb(&for_vcpu(&with, 1, 2)));
+        let without =
+            CpuId::from_entries(&[leaf(1, 1 << 26), leaf(0x8000_0001, !(1 << 26))]).unwrap();
+        assert!(!has_pdpe1gb(&without));
+        assert!(!has_pdpe1gb(&CpuId::from_entries(&[leaf(1, !0)]).unwrap()));
     }
 
     #[test]

@@ -231,14 +231,28 @@ impl MirrorContext {
         )
     }
 
-    /// The fault's own level cap for a work access: on the shadow MMU the
-    /// guest's page size, on the TDP MMU none.
-    fn work_level(&self, g: &GuestTouches) -> Level {
+    /// The fault's own level cap for a work access to `gfn`: on the shadow
+    /// MMU the guest's page size there, on the TDP MMU none.
+    fn work_level(&self, g: &GuestTouches, gfn: u64) -> Level {
         match (self.mmu.kind, g.guest_pages) {
             (MmuKind::Shadow, GuestPageSize::Size4K) => Level::K4,
             (MmuKind::Shadow, GuestPageSize::Size2M) => Level::M2,
+            (MmuKind::Shadow, GuestPageSize::Size1G) => boot_level(g, gfn),
             (MmuKind::Tdp, _) => Level::G1,
         }
+    }
+}
+
+/// The guest's page size at `gfn` in its bootstrap tables (the shadow MMU's
+/// cap for CPL3 accesses before the switch to 4K tables, and for all of
+/// them with `guest_pages = 2m` or `1g`): [`Level::G1`] in a whole GiB of
+/// RAM with `guest_pages = 1g`, else [`Level::M2`]. (Where KVM itself maps
+/// 2M at most, a 1G cap maps as 2M: `kvm_mmu_max_mapping_level`.)
+fn boot_level(g: &GuestTouches, gfn: u64) -> Level {
+    if g.gig_page_at(gfn * PAGE) {
+        Level::G1
+    } else {
+        Level::M2
     }
 }
 
@@ -322,21 +336,23 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
             }
         }
         MmuKind::Shadow => {
-            // CPL3 only (CPL0 is emulated); through the bootstrap 2M map.
-            t.extend(pages(&g.code).map(|p| touch(p, Level::M2, EXEC)));
+            // CPL3 only (CPL0 is emulated); through the bootstrap map (2M
+            // pages, 1G ones in whole GiBs with `guest_pages = 1g`).
+            let at = |p: u64, access| touch(p, boot_level(g, p), access);
+            t.extend(pages(&g.code).map(|p| at(p, EXEC)));
             for r in g.data.iter().chain(stacks) {
-                t.extend(pages(r).map(|p| touch(p, Level::M2, WRITE)));
+                t.extend(pages(r).map(|p| at(p, WRITE)));
             }
             if let Some(r) = &g.built_tables {
-                t.extend(pages(r).map(|p| touch(p, Level::M2, WRITE)));
+                t.extend(pages(r).map(|p| at(p, WRITE)));
             }
             // The sweep runs after the switch to the final tables: one SPTE
             // per page it alone reaches (so not in `extra_exact`).
             for r in &g.swept {
-                t.extend(pages(r).map(|p| touch(p, Level::M2, READ)));
+                t.extend(pages(r).map(|p| at(p, READ)));
             }
             let extra_exact = match g.guest_pages {
-                GuestPageSize::Size2M => 0,
+                GuestPageSize::Size2M | GuestPageSize::Size1G => 0,
                 // After the switch to the 4K tables, code, data and stacks
                 // are mapped again through indirect shadow pages (no
                 // prefetch: the guest's PTEs have no accessed bit): one more
@@ -481,14 +497,13 @@ impl LiveMirror {
                 slack = (n, Some(why));
             }
             let t = r.touches;
-            let level = ctx.work_level(g);
             let work_pages = g
                 .work
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| work && vcpu.is_none_or(|v| v == *i))
                 .flat_map(|(_, rs)| rs.iter().flat_map(pages))
-                .map(|p| touch(p, level, WRITE));
+                .map(|p| touch(p, ctx.work_level(g, p), WRITE));
             for x in t.into_iter().chain(work_pages) {
                 if self.mmu.slot_for_gfn(x.gfn).is_some() {
                     self.mmu
@@ -582,7 +597,6 @@ pub fn predict_all_touched(
         mmu.account_shadowed(gfn)?;
     }
     let r = reserved_touches(ctx, g, true);
-    let level = ctx.work_level(g);
     let all: Vec<Touch> = r
         .touches
         .iter()
@@ -592,7 +606,7 @@ pub fn predict_all_touched(
                 .iter()
                 .flatten()
                 .flat_map(pages)
-                .map(|p| touch(p, level, WRITE)),
+                .map(|p| touch(p, ctx.work_level(g, p), WRITE)),
         )
         .filter(|x| mmu.slot_for_gfn(x.gfn).is_some())
         .collect();
@@ -743,6 +757,43 @@ mod tests {
         assert_eq!((p.pages_4k, p.pages_2m), (0, 128));
     }
 
+    /// 1G guest pages on the shadow MMU: the fault's cap is 1G in whole
+    /// GiBs and 2M in a partial one; over a host that maps 2M at most KVM
+    /// maps as with 2M guest pages (`kvm_mmu_max_mapping_level`), GiB 0's
+    /// page tables keeping frame 0 at 4K.
+    #[test]
+    fn one_gig_guest_pages_on_shadow_over_2m_host_frames_map_as_2m() {
+        let c = ctx(
+            MmuParams::shadow(),
+            TestGuestName::Hello,
+            1536,
+            GuestPageSize::Size1G,
+        );
+        let g = c.guest.as_ref().unwrap();
+        assert_eq!(g.gig_pages, vec![0..1 << 30]);
+        assert_eq!(c.work_level(g, 0x200), Level::G1);
+        assert_eq!(c.work_level(g, (1 << 30) / PAGE), Level::M2);
+        let tdp = MirrorContext {
+            mmu: MmuParams::tdp(),
+            ..c.clone()
+        };
+        assert_eq!(tdp.work_level(g, (1 << 30) / PAGE), Level::G1);
+        for mib in [1536, 2048] {
+            let predict = |pages| {
+                let c = ctx(MmuParams::shadow(), TestGuestName::Hello, mib, pages);
+                let slots = ram_slots(BASE, mib << 20);
+                let mut l = LiveMirror::new(&c, BASE, &slots).unwrap();
+                let p = l
+                    .observe(&c, &huge(mib as usize / 2), PhaseTouches::ALL)
+                    .unwrap();
+                (p.pages_4k, p.pages_2m, l.mmu.pages_1g())
+            };
+            let two = predict(GuestPageSize::Size2M);
+            assert_eq!(predict(GuestPageSize::Size1G), two, "{mib} MiB");
+            assert_eq!(two, (16, mib / 2 - 1, 0));
+        }
+    }
+
     /// `unmap` checkpoint 2: the K split frames were invalidated and not
     /// touched since: no 4K leaves there (the TDP host's KVM: 0).
     #[test]
@@ -824,7 +875,10 @@ mod tests {
         assert!(!p.comparable);
         assert_eq!(p.max_pages_2m, 3);
         assert_eq!(p.verdict(kvm(100, 3)), Verdict::Informative(None));
-        assert!(matches!(p.verdict(kvm(0, 4)), Verdict::Informative(Some(_))));
+        assert!(matches!(
+            p.verdict(kvm(0, 4)),
+            Verdict::Informative(Some(_))
+        ));
         assert!(!p.agrees(kvm(0, 4)));
     }
 

@@ -27,7 +27,11 @@ pub fn why_not(c: &Config, room: HostRoom) -> Option<String> {
     let guest = || plan::guest_memory(c.working_set, c.guest_pages).unwrap_or(u64::MAX);
     let (huge_pages, bytes) = match (c.backing, c.guest_pages) {
         (Some(Backing::Hugetlb), _) => (guest().div_ceil(HPAGE_SIZE), 0),
-        (None, GuestPageSize::Size2M) => (c.working_set.div_ceil(HPAGE_SIZE), 0),
+        // 1g: the native table takes 1G hugetlb pages if the host has them,
+        // else 2M ones (counted here, the pool the host reports).
+        (None, GuestPageSize::Size2M | GuestPageSize::Size1G) => {
+            (c.working_set.div_ceil(HPAGE_SIZE), 0)
+        }
         (Some(_), _) => (0, guest()),
         (None, GuestPageSize::Size4K) => (0, c.working_set),
     };

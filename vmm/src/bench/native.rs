@@ -1,7 +1,8 @@
 //! The `tlb` loop in a host thread on host memory whose page size matches
 //! the guest's: 4K = anonymous memory with `MADV_NOHUGEPAGE`; 2M =
 //! `MAP_HUGETLB` (2 MiB hugetlb pages), or, if the pool cannot supply them,
-//! anonymous memory with `MADV_HUGEPAGE` (THP). Set-up follows the guest
+//! anonymous memory with `MADV_HUGEPAGE` (THP); 1G = `MAP_HUGETLB` of 1 GiB
+//! pages, or, without a 1G pool, as 2M. Set-up follows the guest
 //! step for step ([`crate::testguest::guests::tlb`]); the timed loops are the
 //! same instructions as the guest's, in inline assembly.
 
@@ -12,6 +13,7 @@ use super::error::BenchError;
 use super::tsc::rdtsc;
 
 const HPAGE: usize = 2 << 20;
+const GPAGE: usize = 1 << 30;
 
 /// What backs the native table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -21,6 +23,8 @@ pub enum NativeBacking {
     Anon4k,
     /// MAP_HUGETLB 2M pages.
     Hugetlb,
+    /// MAP_HUGETLB 1G pages.
+    Hugetlb1g,
     /// Anonymous memory with MADV_HUGEPAGE.
     Thp,
 }
@@ -31,6 +35,7 @@ impl NativeBacking {
         match self {
             NativeBacking::Anon4k => "4k",
             NativeBacking::Hugetlb => "hugetlb",
+            NativeBacking::Hugetlb1g => "hugetlb1g",
             NativeBacking::Thp => "thp",
         }
     }
@@ -68,8 +73,24 @@ fn mmap_anon(len: usize, extra: libc::c_int) -> *mut libc::c_void {
 
 impl HostTable {
     fn new(ws: usize, pages: GuestPageSize) -> Result<HostTable, BenchError> {
+        if pages == GuestPageSize::Size1G {
+            let len = ws.div_ceil(GPAGE) * GPAGE;
+            let m = mmap_anon(len, libc::MAP_HUGETLB | (30 << libc::MAP_HUGE_SHIFT));
+            if m != libc::MAP_FAILED {
+                return Ok(HostTable {
+                    map: m,
+                    map_len: len,
+                    base: m.cast(),
+                    backing: NativeBacking::Hugetlb1g,
+                });
+            }
+            log::info!(
+                "native: MAP_HUGETLB of {len} bytes of 1G pages failed ({}), using 2M pages",
+                std::io::Error::last_os_error()
+            );
+        }
         let len = ws.div_ceil(HPAGE) * HPAGE;
-        if pages == GuestPageSize::Size2M {
+        if pages != GuestPageSize::Size4K {
             let m = mmap_anon(len, libc::MAP_HUGETLB | (21 << libc::MAP_HUGE_SHIFT));
             if m != libc::MAP_FAILED {
                 return Ok(HostTable {
@@ -95,7 +116,9 @@ impl HostTable {
         let base = unsafe { m.cast::<u8>().add(off) };
         let (advice, backing) = match pages {
             GuestPageSize::Size4K => (libc::MADV_NOHUGEPAGE, NativeBacking::Anon4k),
-            GuestPageSize::Size2M => (libc::MADV_HUGEPAGE, NativeBacking::Thp),
+            GuestPageSize::Size2M | GuestPageSize::Size1G => {
+                (libc::MADV_HUGEPAGE, NativeBacking::Thp)
+            }
         };
         let t = HostTable {
             map: m,

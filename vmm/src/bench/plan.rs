@@ -123,7 +123,8 @@ pub fn hugetlb_pages_needed(cfgs: &[Config]) -> u64 {
             Some(Backing::Hugetlb) => guest_memory(c.working_set, c.guest_pages)
                 .map(|m| m / HPAGE_SIZE)
                 .unwrap_or(0),
-            None if c.guest_pages == GuestPageSize::Size2M => c.working_set.div_ceil(HPAGE_SIZE),
+            // 1g native falls back to 2M hugetlb pages without a 1G pool.
+            None if c.guest_pages != GuestPageSize::Size4K => c.working_set.div_ceil(HPAGE_SIZE),
             _ => 0,
         })
         .max()

@@ -58,6 +58,13 @@ fn check(a: &TlbConfig) -> Result<(), BenchError> {
             "--backing and --guest-pages need at least one value".into(),
         ));
     }
+    if a.guest == GuestChoice::Linux && a.guest_pages.contains(&GuestPageSize::Size1G) {
+        return Err(BenchError::Usage(
+            "--guest-pages 1g needs --guest test: a Linux guest maps its program with THP, 2M \
+             pages at most"
+                .into(),
+        ));
+    }
     Ok(())
 }
 
@@ -207,7 +214,8 @@ fn one_linux(
         backings: vec![b],
         guest_thp: Some(match c.guest_pages {
             GuestPageSize::Size4K => GuestThp::Never,
-            GuestPageSize::Size2M => GuestThp::Always,
+            // 1g is refused for Linux guests before any run (`check`).
+            GuestPageSize::Size2M | GuestPageSize::Size1G => GuestThp::Always,
         }),
         memory: linux_guest_memory(p.ws),
         repeat: 1,

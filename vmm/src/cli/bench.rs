@@ -97,14 +97,16 @@ pub struct TlbArgs {
     /// Host backings of guest RAM (comma-separated: 4k, thp, hugetlb).
     #[arg(long, value_name = "B,...", value_delimiter = ',', default_value = "4k,thp,hugetlb", value_parser = parse_backing)]
     pub backing: Vec<Backing>,
-    /// Guest page sizes (comma-separated: 4k, 2m).
+    /// Guest page sizes (comma-separated: 4k, 2m, 1g; 1g with --guest test
+    /// on a CPU with pdpe1gb).
     #[arg(long, value_name = "P,...", value_delimiter = ',', default_value = "4k,2m", value_parser = parse_guest_pages)]
     pub guest_pages: Vec<GuestPageSize>,
     /// Repeats of every configuration (interleaved: the repeat loop is outermost).
     #[arg(long, value_name = "R", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub repeat: u32,
     /// Also run the loop in a host thread on host memory of the same page size
-    /// (4K: anonymous + MADV_NOHUGEPAGE; 2M: MAP_HUGETLB, else MADV_HUGEPAGE).
+    /// (4K: anonymous + MADV_NOHUGEPAGE; 2M: MAP_HUGETLB, else MADV_HUGEPAGE;
+    /// 1G: MAP_HUGETLB of 1G pages, else as 2M).
     #[arg(long)]
     pub native: bool,
     /// Write the results as JSON to this file.

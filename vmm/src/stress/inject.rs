@@ -18,7 +18,7 @@ use super::shared::{SharedError, SharedLog};
 use super::slot::{SlotError, Slots};
 use super::vcpu::StressVcpuShared;
 use crate::machine::Machine;
-use crate::mirror::{self, Prediction, KvmCounts};
+use crate::mirror::{self, KvmCounts, Prediction};
 use crate::stats::StatsError;
 
 /// How long a write-protect waits for the first vCPU write to fault.
@@ -598,8 +598,7 @@ impl Injector<'_> {
             Some(ctx) => mirror::predict_quiescent(ctx, &ram, levels, dirty, orphan_frames)
                 .unwrap_or_else(|e| Prediction::unavailable(format!("the mirror refused: {e}"))),
         };
-        let agrees = self.m.stats.is_none()
-            || (prediction.comparable && prediction.agrees(kvm));
+        let agrees = self.m.stats.is_none() || (prediction.comparable && prediction.agrees(kvm));
         Ok(QuiescePoint {
             seq,
             dirty_logging: dirty,

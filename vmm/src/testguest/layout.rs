@@ -16,11 +16,19 @@
 //! | `0x1_4000..0x2_0000` | code ([`CODE_ADDR`]) |
 //! | `0x2_0000..0x4_0000` | CPL0 stacks, 4 KiB per vCPU ([`KSTACK_ADDR`]) |
 //! | `0x4_0000..0x8_0000` | CPL3 stacks, 8 KiB per vCPU ([`USTACK_ADDR`]) |
-//! | `0x10_0000..boot_tables_end` | bootstrap page tables, 2M pages (PML4, PDPT, one PD per GiB of RAM, at least 4: `0x10_6000` up to 4 GiB) |
+//! | `0x10_0000..boot_tables_end` | bootstrap page tables: PML4, PDPT, then the PDs: with `guest_pages = 4k` or `2m`, 2M pages, one PD per GiB of RAM, at least 4 (`0x10_6000` up to 4 GiB); with `1g`, a 1G page in the PDPT for every whole GiB of RAM and one PD of 2M pages only for a partial last GiB (`0x10_2000` or `0x10_3000`) |
 //! | `boot_tables_end..` | 4K-page tables when `guest_pages = 4k` (PML4, PDPT, the PDs, `ram/512` bytes of PTs) |
 //!
 //! The image the VMM loads covers `[IMAGE_ADDR, boot_tables_end)`
-//! (zeros included); the 4K tables are zeroed and filled by the guest.
+//! (zeros included); the guest fills the bootstrap tables (and zeroes and
+//! fills the 4K tables) with the stores [`Layout::table_fills`] lists.
+//! With `guest_pages = 2m` or `1g` the bootstrap tables are the final ones.
+//!
+//! | `guest_pages` | leaves of the bootstrap tables | leaves of the final tables |
+//! |---|---|---|
+//! | `4k` | 2M | 4K |
+//! | `2m` | 2M | (bootstrap) |
+//! | `1g` | 1G per whole, 1G-aligned GiB of RAM (its PDPTE, PS set); 2M in a partial last GiB | (bootstrap) |
 //!
 //! # RAM above the 32-bit MMIO hole
 //!
@@ -28,7 +36,10 @@
 //! (`guest_mem::RamLayout`). The guest's page tables map it where its
 //! virtual address space continues: virtual `[0, 3 GiB)` is guest-physical
 //! `[0, 3 GiB)`, virtual `[3 GiB, ram_size)` is guest-physical `[4 GiB,
-//! 4 GiB + ram_size - 3 GiB)` ([`Layout::gpa_of`]). So the workloads see
+//! 4 GiB + ram_size - 3 GiB)` ([`Layout::gpa_of`]). The hole starts on a
+//! GiB boundary, so every virtual GiB is one guest-physical GiB, 1G
+//! aligned: with `guest_pages = 1g` each whole one is a 1G page, on either
+//! side of the hole, and only the last GiB of RAM can be partial. So the workloads see
 //! RAM as one range and their slices never meet the hole; the device
 //! commands that name memory (DISCARD, REFILL) translate to guest-physical
 //! in the guest ([`super::builder::GuestBuilder::discard`]), and the VMM
@@ -104,13 +115,22 @@ pub const USTACK_SHIFT: u32 = 13;
 pub const BOOT_PML4: u64 = 0x10_0000;
 /// Bootstrap PDPT.
 pub const BOOT_PDPT: u64 = 0x10_1000;
-/// Bootstrap page directories (one per GiB of RAM, at least 4).
+/// Bootstrap page directories (one per GiB of RAM, at least 4; with
+/// `guest_pages = 1g` one for a partial last GiB, if any).
 pub const BOOT_PD: u64 = 0x10_2000;
 /// End of the bootstrap tables and of the loaded image for RAM up to 4 GiB
 /// ([`Layout::boot_tables_end`] in general).
 pub const BOOT_TABLES_END: u64 = 0x10_6000;
-/// 1 GiB: what one page directory maps.
-const GIB: u64 = 1 << 30;
+/// 1 GiB: what one page directory (or one 1G page) maps.
+pub const GIB: u64 = 1 << 30;
+/// Page-table entry flags of the test guests' tables: present, writable,
+/// user (a table, or a 4K page).
+pub const PTE_URW: u64 = 0x7;
+/// Present, writable, user, PS (bit 7): a 2M page in a PDE, a 1G page in a
+/// PDPTE.
+pub const PTE_URW_HUGE: u64 = 0x87;
+/// Bytes one entry maps at each level below the PML4: PDPT, PD, PT.
+const LEVEL_BYTES: [u64; 3] = [GIB, HPAGE, PAGE];
 
 /// GDT selectors of the guest's own GDT (kernel ones match `boot::long_mode`).
 pub const KCODE_SEL: u16 = 0x10;
@@ -140,8 +160,87 @@ pub struct Layout {
     pub final_cr3: u64,
     /// End of the page tables the guest builds.
     pub tables_end: u64,
-    /// Page directories per table set (one per GiB of RAM, at least 4).
+    /// Page directories per table set (one per GiB of RAM, at least 4;
+    /// with `guest_pages = 1g`, bootstrap PDs: 1 for a partial last GiB, else 0).
     pub pds: u64,
+}
+
+/// One run of page-table entries the guest stores: `count` qwords from
+/// `dst`, the first `value`, each next one `step` more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableFill {
+    /// Gpa of the first entry.
+    pub dst: u64,
+    /// The first entry.
+    pub value: u64,
+    /// Added to the value from one entry to the next.
+    pub step: u64,
+    /// Entries.
+    pub count: u64,
+}
+
+/// Where a set of page tables lives: one PML4 and one PDPT, then the PDs
+/// and the PTs, each kind in consecutive pages from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSet {
+    /// The PML4 (the CR3 of the set).
+    pub pml4: u64,
+    /// The PDPT.
+    pub pdpt: u64,
+    /// The first PD.
+    pub pd: u64,
+    /// The first PT.
+    pub pt: u64,
+}
+
+/// Appends the entries that map `len` bytes of RAM from guest-physical
+/// `gpa` at `level` (0 PDPT, 1 PD, 2 PT) from the entry at `dst` on (the
+/// first maps a virtual address aligned to the level): a leaf for each whole
+/// entry's worth when the level's size is at most `largest`; the rest
+/// through tables of the next level taken in order from `next`.
+fn fill_level(
+    v: &mut Vec<TableFill>,
+    next: &mut [u64; 3],
+    level: usize,
+    dst: u64,
+    gpa: u64,
+    len: u64,
+    largest: u64,
+) {
+    let size = LEVEL_BYTES[level];
+    let leaves = if size <= largest { len / size } else { 0 };
+    if leaves > 0 {
+        let flags = if size == PAGE { PTE_URW } else { PTE_URW_HUGE };
+        v.push(TableFill {
+            dst,
+            value: gpa | flags,
+            step: size,
+            count: leaves,
+        });
+    }
+    let rest = len - leaves * size;
+    if rest == 0 {
+        return;
+    }
+    // Never at the PT level: RAM is whole 4K pages.
+    let tables = rest.div_ceil(size);
+    let first = next[level + 1];
+    next[level + 1] += tables * PAGE;
+    v.push(TableFill {
+        dst: dst + 8 * leaves,
+        value: first | PTE_URW,
+        step: PAGE,
+        count: tables,
+    });
+    fill_level(
+        v,
+        next,
+        level + 1,
+        first,
+        gpa + leaves * size,
+        rest,
+        largest,
+    );
 }
 
 impl Layout {
@@ -168,10 +267,13 @@ impl Layout {
                 max: MAX_VCPUS,
             });
         }
-        let pds = ram_size.div_ceil(GIB).max(4);
+        let pds = match guest_pages {
+            GuestPageSize::Size1G => u64::from(!ram_size.is_multiple_of(GIB)),
+            GuestPageSize::Size4K | GuestPageSize::Size2M => ram_size.div_ceil(GIB).max(4),
+        };
         let boot_end = BOOT_PD + pds * PAGE;
         let tables_end = match guest_pages {
-            GuestPageSize::Size2M => boot_end,
+            GuestPageSize::Size2M | GuestPageSize::Size1G => boot_end,
             GuestPageSize::Size4K => boot_end + (2 + pds) * PAGE + ram_size / 512,
         };
         let reserved_end = (tables_end + extra).div_ceil(HPAGE) * HPAGE;
@@ -196,7 +298,7 @@ impl Layout {
             })
             .collect();
         let final_cr3 = match guest_pages {
-            GuestPageSize::Size2M => BOOT_PML4,
+            GuestPageSize::Size2M | GuestPageSize::Size1G => BOOT_PML4,
             GuestPageSize::Size4K => boot_end,
         };
         Ok(Layout {
@@ -214,6 +316,78 @@ impl Layout {
     /// End of the bootstrap tables and of the loaded image.
     pub fn boot_tables_end(&self) -> u64 {
         BOOT_PD + self.pds * PAGE
+    }
+
+    /// The bootstrap tables ([`BOOT_PML4`] on; no PTs).
+    pub fn boot_tables(&self) -> TableSet {
+        TableSet {
+            pml4: BOOT_PML4,
+            pdpt: BOOT_PDPT,
+            pd: BOOT_PD,
+            pt: self.boot_tables_end(),
+        }
+    }
+
+    /// The 4K-page tables (`guest_pages = 4k`).
+    pub fn tables_4k(&self) -> TableSet {
+        TableSet {
+            pml4: self.pt4k_pml4(),
+            pdpt: self.pt4k_pdpt(),
+            pd: self.pt4k_pd(),
+            pt: self.pt4k_pt(),
+        }
+    }
+
+    /// Largest page of the bootstrap tables: 1G with `guest_pages = 1g`,
+    /// else 2M.
+    pub fn boot_largest(&self) -> u64 {
+        self.guest_pages.bytes().max(HPAGE)
+    }
+
+    /// The page-table stores that make `set` map every byte of RAM
+    /// ([`Self::mapped_runs`]: virtual `[0, ram_size)`, the part from 3 GiB
+    /// at guest-physical 4 GiB) with pages of `largest` bytes (4K, 2M or
+    /// 1G) wherever a whole aligned one is RAM, and the next size down
+    /// elsewhere; user accessible, writable. Tables are taken in order
+    /// (virtual GiB `i` of a 2M map has PD `i`); the one function behind
+    /// the bootstrap tables (`largest` = [`Self::boot_largest`]) and the
+    /// 4K tables (4K). Entries it does not list stay zero (not present).
+    pub fn table_fills(&self, set: TableSet, largest: u64) -> Vec<TableFill> {
+        debug_assert!(LEVEL_BYTES.contains(&largest));
+        let mut v = Vec::from([TableFill {
+            dst: set.pml4,
+            value: set.pdpt | PTE_URW,
+            step: 0,
+            count: 1,
+        }]);
+        // The next free table of each level (the PDPT is the only one of its
+        // level: never taken from here).
+        let mut next = [set.pdpt, set.pd, set.pt];
+        for (va, gpa, len) in self.mapped_runs() {
+            fill_level(
+                &mut v,
+                &mut next,
+                0,
+                set.pdpt + 8 * (va / GIB),
+                gpa,
+                len,
+                largest,
+            );
+        }
+        v
+    }
+
+    /// Guest-physical ranges the final page tables map with 1G pages
+    /// (empty unless `guest_pages = 1g`).
+    pub fn gig_pages(&self) -> Vec<Range<u64>> {
+        if self.guest_pages != GuestPageSize::Size1G {
+            return Vec::new();
+        }
+        self.mapped_runs()
+            .into_iter()
+            .filter(|(_, _, len)| *len >= GIB)
+            .map(|(_, gpa, len)| gpa..gpa + len / GIB * GIB)
+            .collect()
     }
 
     /// 4K-page PML4 (`guest_pages = 4k`).
@@ -312,9 +486,177 @@ const _: () = {
     assert!(USTACK_ADDR + ((MAX_VCPUS as u64) << USTACK_SHIFT) <= BOOT_PML4);
 };
 
+/// The qwords `fills` store (gpa to value), as the guest leaves them.
+#[cfg(test)]
+pub(crate) fn apply_fills(fills: &[TableFill]) -> std::collections::BTreeMap<u64, u64> {
+    let mut mem = std::collections::BTreeMap::new();
+    for f in fills {
+        for i in 0..f.count {
+            let old = mem.insert(f.dst + 8 * i, f.value + i * f.step);
+            assert!(old.is_none(), "entry {:#x} stored twice", f.dst + 8 * i);
+        }
+    }
+    mem
+}
+
+/// Walks the 4-level tables at `cr3` in `mem` (absent qwords are zero) as
+/// the CPU does: the guest-physical address `va` maps to and the page size,
+/// `None` where an entry is not present. Every present entry must be user
+/// accessible and writable, PS only in a PDPTE or PDE, a leaf aligned.
+#[cfg(test)]
+pub(crate) fn walk(
+    mem: &std::collections::BTreeMap<u64, u64>,
+    cr3: u64,
+    va: u64,
+) -> Option<(u64, u64)> {
+    const ADDR: u64 = 0x000f_ffff_ffff_f000;
+    let mut table = cr3;
+    for shift in [39u32, 30, 21, 12] {
+        let e = mem
+            .get(&(table + 8 * ((va >> shift) & 511)))
+            .copied()
+            .unwrap_or(0);
+        if e & 1 == 0 {
+            return None;
+        }
+        assert_eq!(e & PTE_URW, PTE_URW, "entry {e:#x} for va {va:#x}");
+        if shift == 12 || e & 0x80 != 0 {
+            assert!(shift == 12 || shift == 21 || shift == 30, "PS in a PML4E");
+            let size = 1u64 << shift;
+            let base = e & ADDR;
+            assert_eq!(base % size, 0, "misaligned leaf {e:#x}");
+            return Some((base + va % size, size));
+        }
+        table = e & ADDR;
+    }
+    unreachable!()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bootstrap tables of `l` as the guest leaves them.
+    fn boot_mem(l: &Layout) -> std::collections::BTreeMap<u64, u64> {
+        let fills = l.table_fills(l.boot_tables(), l.boot_largest());
+        let mem = apply_fills(&fills);
+        let (lo, hi) = (*mem.keys().next().unwrap(), *mem.keys().last().unwrap());
+        assert!(lo >= BOOT_PML4 && hi < l.boot_tables_end(), "{l:?}");
+        mem
+    }
+
+    #[test]
+    fn one_gig_pages_map_exactly_the_whole_gibs() {
+        for mib in [64u64, 1024, 1536, 2048, 3072, 3584, 4096, 5122, 8192] {
+            let ram = mib << 20;
+            let l = Layout::new(ram, 2, GuestPageSize::Size1G).unwrap();
+            assert_eq!(l.final_cr3, BOOT_PML4);
+            assert_eq!(l.tables_end, l.boot_tables_end());
+            assert_eq!(l.pds, u64::from(ram % GIB != 0), "{mib} MiB");
+            let mem = boot_mem(&l);
+            let mut gig = Vec::new();
+            for va in (0..ram).step_by(HPAGE as usize) {
+                for off in [0, PAGE, HPAGE - 8] {
+                    let (gpa, size) = walk(&mem, l.final_cr3, va + off).unwrap();
+                    assert_eq!(gpa, Layout::gpa_of(va + off), "{mib} MiB va {va:#x}");
+                    let whole = (va / GIB + 1) * GIB <= ram;
+                    assert_eq!(
+                        size,
+                        if whole { GIB } else { HPAGE },
+                        "{mib} MiB va {va:#x}"
+                    );
+                }
+                if va % GIB == 0 && (va / GIB + 1) * GIB <= ram {
+                    gig.push(Layout::gpa_of(va)..Layout::gpa_of(va) + GIB);
+                }
+            }
+            assert_eq!(walk(&mem, l.final_cr3, ram), None);
+            // The same ranges the mirror is told of, merged per run.
+            let merged: u64 = l.gig_pages().iter().map(|r| r.end - r.start).sum();
+            assert_eq!(merged, gig.len() as u64 * GIB);
+            for g in &gig {
+                assert!(l.gig_pages().iter().any(|r| r.contains(&g.start)));
+            }
+        }
+    }
+
+    #[test]
+    fn one_gig_tables_read_back() {
+        // 1.5 GiB: PDPT[0] a 1G page at 0, PDPT[1] the one PD, 256 2M pages.
+        let l = Layout::new(1536 << 20, 1, GuestPageSize::Size1G).unwrap();
+        let m = boot_mem(&l);
+        let q = |a: u64| m.get(&a).copied().unwrap_or(0);
+        assert_eq!(q(BOOT_PML4), BOOT_PDPT | 0x7);
+        assert_eq!(q(BOOT_PDPT), 0x87);
+        assert_eq!(q(BOOT_PDPT + 8), BOOT_PD | 0x7);
+        assert_eq!(q(BOOT_PDPT + 16), 0);
+        assert_eq!(q(BOOT_PD), GIB | 0x87);
+        assert_eq!(q(BOOT_PD + 8 * 255), (GIB + 255 * HPAGE) | 0x87);
+        assert_eq!(q(BOOT_PD + 8 * 256), 0);
+        assert_eq!(l.boot_tables_end(), BOOT_PD + PAGE);
+        assert_eq!(l.gig_pages(), vec![0..GIB]);
+        // 5 GiB + 2 MiB: 1G pages at 0, 1, 2 GiB and, past the hole, at 4
+        // and 5 GiB; the last 2 MiB (guest-physical 6 GiB) in the PD.
+        let l = Layout::new((5 << 30) + HPAGE, 1, GuestPageSize::Size1G).unwrap();
+        let m = boot_mem(&l);
+        let q = |a: u64| m.get(&a).copied().unwrap_or(0);
+        let pdpt: Vec<u64> = (0..7).map(|i| q(BOOT_PDPT + 8 * i)).collect();
+        assert_eq!(
+            pdpt,
+            vec![
+                0x87,
+                GIB | 0x87,
+                (2 * GIB) | 0x87,
+                (4 * GIB) | 0x87,
+                (5 * GIB) | 0x87,
+                BOOT_PD | 0x7,
+                0
+            ]
+        );
+        assert_eq!(q(BOOT_PD), (6 * GIB) | 0x87);
+        assert_eq!(q(BOOT_PD + 8), 0);
+        assert_eq!(l.gig_pages(), vec![0..3 * GIB, 4 * GIB..6 * GIB]);
+        // Whole GiBs only: no PD at all.
+        let l = Layout::new(2 << 30, 1, GuestPageSize::Size1G).unwrap();
+        assert_eq!((l.pds, l.boot_tables_end()), (0, BOOT_PD));
+        assert_eq!(boot_mem(&l).len(), 3);
+    }
+
+    #[test]
+    fn two_meg_and_4k_tables_are_unchanged() {
+        for mib in [64u64, 1536, 3072, 5120] {
+            let ram = mib << 20;
+            for pages in [GuestPageSize::Size2M, GuestPageSize::Size4K] {
+                let l = Layout::new(ram, 1, pages).unwrap();
+                assert!(l.gig_pages().is_empty());
+                let mem = boot_mem(&l);
+                // Virtual GiB i has PD i; 2M pages everywhere.
+                for i in 0..ram.div_ceil(GIB) {
+                    assert_eq!(mem[&(BOOT_PDPT + 8 * i)], (BOOT_PD + i * PAGE) | 0x7);
+                }
+                for va in (0..ram).step_by(HPAGE as usize) {
+                    assert_eq!(
+                        walk(&mem, BOOT_PML4, va + 8),
+                        Some((Layout::gpa_of(va) + 8, HPAGE))
+                    );
+                }
+                assert_eq!(walk(&mem, BOOT_PML4, ram), None);
+            }
+            let l = Layout::new(ram, 1, GuestPageSize::Size4K).unwrap();
+            let fills = l.table_fills(l.tables_4k(), PAGE);
+            let mem = apply_fills(&fills);
+            let (lo, hi) = (*mem.keys().next().unwrap(), *mem.keys().last().unwrap());
+            assert!(lo >= l.pt4k_pml4() && hi < l.tables_end);
+            assert_eq!(l.final_cr3, l.pt4k_pml4());
+            for va in (0..ram).step_by(PAGE as usize * 97) {
+                assert_eq!(
+                    walk(&mem, l.final_cr3, va),
+                    Some((Layout::gpa_of(va), PAGE))
+                );
+            }
+            assert_eq!(walk(&mem, l.final_cr3, ram), None);
+        }
+    }
 
     #[test]
     fn boot_structures_stay_below_the_image() {

@@ -12,8 +12,9 @@
 //! 2. CPL0 (emulated on paravirtual hosts, so kept to a few hundred
 //!    instructions plus one store per 2 MiB of RAM): every vCPU loads the
 //!    guest's GDT, IDT and its own TSS; vCPU 0 builds identity page tables over
-//!    all RAM with 2M pages (user accessible) while the others wait on a
-//!    flag; all switch CR3 and `iretq` to CPL3 with IOPL=3.
+//!    all RAM with 2M pages (user accessible; with `guest_pages = 1g`, a 1G
+//!    page for every whole GiB of RAM) while the others wait on a flag; all
+//!    switch CR3 and `iretq` to CPL3 with IOPL=3.
 //! 3. CPL3 (native): with `guest_pages = 4k`, vCPU 0 builds 4K-page tables
 //!    over all RAM; every vCPU then loads its final CR3 through the CR3
 //!    service (a `mov cr3, rax` at CPL3 at a known site, whose #GP the stub
@@ -41,7 +42,7 @@ use std::fmt;
 use std::ops::Range;
 use std::str::FromStr;
 
-use kvm_bindings::kvm_regs;
+use kvm_bindings::{kvm_regs, CpuId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 pub use device::{ReportKey, TestDevice, TestDeviceAction};
@@ -59,8 +60,14 @@ pub enum TestGuestError {
         valid: String,
     },
     /// Unknown guest page size.
-    #[error("unknown guest page size {0:?}; valid: 4k, 2m")]
+    #[error("unknown guest page size {0:?}; valid: 4k, 2m, 1g")]
     UnknownPageSize(String),
+    /// `guest_pages = 1g` on a guest CPU without 1G pages.
+    #[error(
+        "guest pages 1g need 1 GiB pages, but the guest CPU lacks pdpe1gb (CPUID 0x80000001 EDX \
+         bit 26 is clear in the CPUID KVM offers); use --guest-pages 2m"
+    )]
+    No1GPages,
     /// Bad RAM size.
     #[error("test guest RAM size {ram_size:#x} must be a multiple of 2 MiB in [{min:#x}, {max:#x}] (reserved region plus one 2 MiB frame per vCPU)")]
     RamSize {
@@ -198,6 +205,20 @@ pub enum GuestPageSize {
     Size4K,
     /// 2 MiB pages.
     Size2M,
+    /// 1 GiB pages for every whole GiB of RAM, 2 MiB pages for the rest
+    /// (the guest CPU needs `pdpe1gb`).
+    Size1G,
+}
+
+impl GuestPageSize {
+    /// The largest page the guest's final page tables use, in bytes.
+    pub fn bytes(self) -> u64 {
+        match self {
+            GuestPageSize::Size4K => layout::PAGE,
+            GuestPageSize::Size2M => layout::HPAGE,
+            GuestPageSize::Size1G => layout::GIB,
+        }
+    }
 }
 
 impl fmt::Display for GuestPageSize {
@@ -205,6 +226,7 @@ impl fmt::Display for GuestPageSize {
         f.write_str(match self {
             GuestPageSize::Size4K => "4k",
             GuestPageSize::Size2M => "2m",
+            GuestPageSize::Size1G => "1g",
         })
     }
 }
@@ -215,6 +237,7 @@ impl FromStr for GuestPageSize {
         match s.to_ascii_lowercase().as_str() {
             "4k" | "4096" => Ok(GuestPageSize::Size4K),
             "2m" | "2097152" => Ok(GuestPageSize::Size2M),
+            "1g" | "1073741824" => Ok(GuestPageSize::Size1G),
             _ => Err(TestGuestError::UnknownPageSize(s.to_owned())),
         }
     }
@@ -248,6 +271,17 @@ impl TestGuestParams {
             generations: 2,
             args: BTreeMap::new(),
         }
+    }
+
+    /// Checks that the guest CPU (`cpuid`, what the VMM gives the vCPUs)
+    /// has what the guest's page tables use: 1G pages for
+    /// `guest_pages = 1g` (else the guest's first walk through a 1G leaf
+    /// faults with a reserved bit set).
+    pub fn check_cpuid(&self, cpuid: &CpuId) -> Result<(), TestGuestError> {
+        if self.guest_pages == GuestPageSize::Size1G && !crate::cpuid::has_pdpe1gb(cpuid) {
+            return Err(TestGuestError::No1GPages);
+        }
+        Ok(())
     }
 }
 
@@ -358,13 +392,59 @@ mod tests {
             "2M".parse::<GuestPageSize>().unwrap(),
             GuestPageSize::Size2M
         );
-        assert!("1g".parse::<GuestPageSize>().is_err());
     }
 
     #[test]
-    fn every_guest_builds_in_both_page_sizes() {
+    fn page_sizes_parse_and_print() {
+        let all = [
+            GuestPageSize::Size4K,
+            GuestPageSize::Size2M,
+            GuestPageSize::Size1G,
+        ];
+        for p in all {
+            assert_eq!(p.to_string().parse::<GuestPageSize>().unwrap(), p);
+            assert_eq!(p.bytes().to_string().parse::<GuestPageSize>().unwrap(), p);
+        }
+        assert_eq!(GuestPageSize::Size1G.to_string(), "1g");
+        assert_eq!(
+            "1G".parse::<GuestPageSize>().unwrap(),
+            GuestPageSize::Size1G
+        );
+        for bad in ["512g", "1gb", "", "2097153"] {
+            let e = bad.parse::<GuestPageSize>().unwrap_err().to_string();
+            assert!(e.contains("valid: 4k, 2m, 1g"), "{e}");
+        }
+    }
+
+    #[test]
+    fn one_gig_pages_need_pdpe1gb() {
+        use kvm_bindings::kvm_cpuid_entry2;
+        let cpuid = |edx| {
+            CpuId::from_entries(&[kvm_cpuid_entry2 {
+                function: 0x8000_0001,
+                edx,
+                ..Default::default()
+            }])
+            .unwrap()
+        };
+        let mut p = TestGuestParams::new(TestGuestName::Hello, 64 << 20);
+        p.guest_pages = GuestPageSize::Size1G;
+        assert!(p.check_cpuid(&cpuid(1 << 26)).is_ok());
+        let e = p.check_cpuid(&cpuid(0)).unwrap_err();
+        assert!(matches!(e, TestGuestError::No1GPages));
+        assert!(e.to_string().contains("lacks pdpe1gb"), "{e}");
+        p.guest_pages = GuestPageSize::Size2M;
+        assert!(p.check_cpuid(&cpuid(0)).is_ok());
+    }
+
+    #[test]
+    fn every_guest_builds_in_every_page_size() {
         for name in TestGuestName::ALL {
-            for pages in [GuestPageSize::Size4K, GuestPageSize::Size2M] {
+            for pages in [
+                GuestPageSize::Size4K,
+                GuestPageSize::Size2M,
+                GuestPageSize::Size1G,
+            ] {
                 let mut p = TestGuestParams::new(name, 64 << 20);
                 p.vcpus = 2;
                 p.guest_pages = pages;
@@ -375,10 +455,20 @@ mod tests {
                     img.load_addr + img.bytes.len() as u64,
                     img.layout.boot_tables_end()
                 );
-                assert_eq!(img.layout.boot_tables_end(), layout::BOOT_TABLES_END);
-                assert!(img.reserved.end >= layout::BOOT_TABLES_END);
+                // 1g: no whole GiB in 64 MiB, so one PD of 2M pages.
+                let end = match pages {
+                    GuestPageSize::Size1G => layout::BOOT_PD + layout::PAGE,
+                    _ => layout::BOOT_TABLES_END,
+                };
+                assert_eq!(img.layout.boot_tables_end(), end);
+                assert!(img.reserved.end >= end);
             }
         }
+        // And over 1G pages on both sides of the MMIO hole.
+        let mut p = TestGuestParams::new(TestGuestName::Verify, (5 << 30) + (2 << 20));
+        p.guest_pages = GuestPageSize::Size1G;
+        let img = build(&p).unwrap();
+        assert_eq!(img.layout.final_cr3, layout::BOOT_PML4);
     }
 
     #[test]

@@ -20,10 +20,6 @@ use super::{GuestPageSize, TestGuestError};
 /// that #GP at CPL3 (paravirtual hosts ignore RFLAGS.IOPL for CPL3; on
 /// VT-x/AMD-V IOPL=3 lets them run directly) are performed by the stub.
 const VEC_GP: usize = 13;
-/// Present, writable, user.
-const PTE_URW: i32 = 0x7;
-/// Present, writable, user, 2M page.
-const PDE_URW_2M: i32 = 0x87;
 /// RFLAGS for CPL3: IOPL=3, reserved bit 1; IF=0 (no interrupts are used).
 const USER_RFLAGS: i32 = 0x3002;
 
@@ -41,25 +37,22 @@ struct Labels {
     stubs: Vec<CodeLabel>,
 }
 
-/// Fills consecutive page-table entries at `dst` (advanced by 8 each) that
-/// map every page of `step` bytes of RAM with `flags`: one run below the
-/// 32-bit MMIO hole, one above it when RAM goes there (the guest's virtual
-/// space continues past 3 GiB with guest-physical 4 GiB). Clobbers rax, ecx.
-fn emit_map_runs(
-    a: &mut CodeAssembler,
-    dst: AsmRegister64,
-    layout: &Layout,
-    flags: u64,
-    step: u64,
-) -> Result<(), TestGuestError> {
-    for (_, gpa, len) in layout.mapped_runs() {
+/// Emits the page-table stores `fills` ([`Layout::table_fills`]): a single
+/// entry as one store, a run as a loop. Clobbers rax, rbx, ecx.
+fn emit_fills(a: &mut CodeAssembler, fills: &[TableFill]) -> Result<(), TestGuestError> {
+    for f in fills {
+        a.mov(rax, f.value)?;
+        if f.count == 1 {
+            a.mov(qword_ptr(f.dst), rax)?;
+            continue;
+        }
         let mut fill = a.create_label();
-        a.mov(rax, gpa | flags)?;
-        a.mov(ecx, (len / step) as u32)?;
+        a.mov(ebx, f.dst as u32)?;
+        a.mov(ecx, f.count as u32)?;
         a.set_label(&mut fill)?;
-        a.mov(qword_ptr(dst), rax)?;
-        a.add(rax, imm(step))?;
-        a.add(dst, 8)?;
+        a.mov(qword_ptr(rbx), rax)?;
+        a.add(rax, imm(f.step))?;
+        a.add(rbx, 8)?;
         a.dec(ecx)?;
         a.jnz(fill)?;
     }
@@ -92,17 +85,12 @@ fn emit_entry(
     a.ltr(ax)?;
     a.test(edi, edi)?;
     a.jnz(ap_wait)?;
-    // vCPU 0: bootstrap tables, 2M user pages over all RAM (virtual space
-    // continues past the MMIO hole with the RAM above it).
-    a.mov(qword_ptr(BOOT_PML4), imm(BOOT_PDPT) | PTE_URW)?;
-    for i in 0..layout.pds {
-        a.mov(
-            qword_ptr(BOOT_PDPT + 8 * i),
-            imm(BOOT_PD + i * PAGE) | PTE_URW,
-        )?;
-    }
-    a.mov(ebx, BOOT_PD as u32)?;
-    emit_map_runs(a, rbx, layout, PDE_URW_2M as u64, HPAGE)?;
+    // vCPU 0: bootstrap tables, 2M (or 1G) user pages over all RAM (virtual
+    // space continues past the MMIO hole with the RAM above it).
+    emit_fills(
+        a,
+        &layout.table_fills(layout.boot_tables(), layout.boot_largest()),
+    )?;
     a.mov(eax, BOOT_PML4 as u32)?;
     a.mov(cr3, rax)?;
     a.mov(qword_ptr(BOOT_READY_ADDR), 1)?;
@@ -130,33 +118,13 @@ fn emit_entry(
 /// CPL3: vCPU 0 zeroes and fills the 4K-page tables (natively).
 fn emit_build_4k(a: &mut CodeAssembler, layout: &Layout) -> Result<CodeLabel, TestGuestError> {
     let mut f = a.create_label();
-    let mut l1 = a.create_label();
     a.set_label(&mut f)?;
-    let (pml4, pdpt, pd, pt) = (
-        layout.pt4k_pml4(),
-        layout.pt4k_pdpt(),
-        layout.pt4k_pd(),
-        layout.pt4k_pt(),
-    );
-    a.mov(edi, pml4 as u32)?;
-    a.mov(ecx, ((layout.tables_end - pml4) / 8) as u32)?;
+    let set = layout.tables_4k();
+    a.mov(edi, set.pml4 as u32)?;
+    a.mov(ecx, ((layout.tables_end - set.pml4) / 8) as u32)?;
     a.xor(eax, eax)?;
     a.rep().stosq()?;
-    a.mov(qword_ptr(pml4), imm(pdpt) | PTE_URW)?;
-    for i in 0..layout.ram_size.div_ceil(1 << 30) {
-        a.mov(qword_ptr(pdpt + 8 * i), imm(pd + i * PAGE) | PTE_URW)?;
-    }
-    a.mov(edi, pd as u32)?;
-    a.mov(eax, (pt as u32) | PTE_URW as u32)?;
-    a.mov(ecx, (layout.ram_size / HPAGE) as u32)?;
-    a.set_label(&mut l1)?;
-    a.mov(qword_ptr(rdi), rax)?;
-    a.add(rax, imm(PAGE))?;
-    a.add(rdi, 8)?;
-    a.dec(ecx)?;
-    a.jnz(l1)?;
-    a.mov(edi, pt as u32)?;
-    emit_map_runs(a, rdi, layout, PTE_URW as u64, PAGE)?;
+    emit_fills(a, &layout.table_fills(set, PAGE))?;
     a.ret()?;
     Ok(f)
 }
@@ -171,7 +139,7 @@ fn emit_user(
     let layout = b.layout.clone();
     let build_4k = match layout.guest_pages {
         GuestPageSize::Size4K => Some(emit_build_4k(&mut b.a, &layout)?),
-        GuestPageSize::Size2M => None,
+        GuestPageSize::Size2M | GuestPageSize::Size1G => None,
     };
     let a = &mut b.a;
     a.set_label(user_entry)?;
@@ -194,7 +162,7 @@ fn emit_user(
         a.set_label(&mut switch)?;
         a.nop()?;
     }
-    // CR3 service (a TLB flush only, with 2M pages).
+    // CR3 service (a TLB flush only, with 2M or 1G pages).
     a.mov(eax, layout.final_cr3 as u32)?;
     a.set_label(&mut sites.cr3)?;
     a.mov(cr3, rax)?;
@@ -402,6 +370,107 @@ pub(super) fn assemble(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `code` (the instructions [`emit_fills`] emits, then `ret`) on a
+    /// tiny interpreter; returns the qwords it stored.
+    fn run_stores(code: &[u8], ip: u64) -> std::collections::BTreeMap<u64, u64> {
+        use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+        let insns: Vec<Instruction> = Decoder::with_ip(64, code, ip, DecoderOptions::NONE)
+            .into_iter()
+            .collect();
+        let mut regs = std::collections::HashMap::<Register, u64>::new();
+        let mut mem = std::collections::BTreeMap::new();
+        let mut zf = false;
+        let mut pc = 0;
+        loop {
+            let i = &insns[pc];
+            pc += 1;
+            // The registers emit_fills uses: (64-bit register, 32-bit form).
+            let full = |r: Register| match r {
+                Register::EAX => (Register::RAX, true),
+                Register::EBX => (Register::RBX, true),
+                Register::ECX => (Register::RCX, true),
+                Register::RAX | Register::RBX | Register::RCX => (r, false),
+                other => panic!("unexpected register {other:?}"),
+            };
+            let r0 = i.op0_register();
+            let narrow = r0 != Register::None && full(r0).1;
+            let set = |regs: &mut std::collections::HashMap<Register, u64>, v: u64| {
+                regs.insert(full(r0).0, if narrow { v & 0xffff_ffff } else { v });
+            };
+            let get = |regs: &std::collections::HashMap<Register, u64>, r: Register| {
+                regs.get(&full(r).0).copied().unwrap_or(0)
+            };
+            match (i.mnemonic(), i.op0_kind()) {
+                (Mnemonic::Mov, OpKind::Register) => set(&mut regs, i.immediate(1)),
+                (Mnemonic::Mov, OpKind::Memory) => {
+                    let base = i.memory_base();
+                    let addr = match base {
+                        Register::None | Register::RIP => i.memory_displacement64(),
+                        b => get(&regs, b).wrapping_add(i.memory_displacement64()),
+                    };
+                    mem.insert(addr, get(&regs, i.op1_register()));
+                }
+                (Mnemonic::Add, OpKind::Register) => {
+                    let v = get(&regs, r0).wrapping_add(i.immediate(1));
+                    set(&mut regs, v);
+                }
+                (Mnemonic::Dec, OpKind::Register) => {
+                    let v = get(&regs, r0).wrapping_sub(1) & 0xffff_ffff;
+                    assert!(narrow);
+                    zf = v == 0;
+                    set(&mut regs, v);
+                }
+                (Mnemonic::Jne, _) => {
+                    if !zf {
+                        pc = insns
+                            .iter()
+                            .position(|x| x.ip() == i.near_branch_target())
+                            .unwrap();
+                    }
+                }
+                (Mnemonic::Ret, _) => return mem,
+                other => panic!("unexpected instruction {i:?} ({other:?})"),
+            }
+        }
+    }
+
+    /// The code vCPU 0 runs stores exactly the fills: the table bytes
+    /// it leaves are those the layout tests walk.
+    #[test]
+    fn emitted_table_code_stores_the_fills() {
+        for (mib, pages) in [
+            (1536u64, GuestPageSize::Size1G),
+            (2048, GuestPageSize::Size1G),
+            (5122, GuestPageSize::Size1G),
+            (64, GuestPageSize::Size2M),
+            (5120, GuestPageSize::Size2M),
+            (1536, GuestPageSize::Size4K),
+        ] {
+            let l = Layout::new(mib << 20, 1, pages).unwrap();
+            let mut sets = vec![(l.boot_tables(), l.boot_largest())];
+            if pages == GuestPageSize::Size4K {
+                sets.push((l.tables_4k(), PAGE));
+            }
+            for (set, largest) in sets {
+                let fills = l.table_fills(set, largest);
+                let mut a = CodeAssembler::new(64).unwrap();
+                emit_fills(&mut a, &fills).unwrap();
+                a.ret().unwrap();
+                let code = a.assemble(CODE_ADDR).unwrap();
+                let mem = run_stores(&code, CODE_ADDR);
+                assert_eq!(mem, apply_fills(&fills), "{mib} MiB {pages}");
+                // 1G pages where the layout says, read back from the stores.
+                if pages == GuestPageSize::Size1G {
+                    let gigs = (0..l.ram_size)
+                        .step_by(GIB as usize)
+                        .filter(|va| walk(&mem, BOOT_PML4, *va).unwrap().1 == GIB)
+                        .count() as u64;
+                    assert_eq!(gigs, l.ram_size / GIB);
+                }
+            }
+        }
+    }
 
     #[test]
     fn error_code_vectors() {

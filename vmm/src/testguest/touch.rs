@@ -38,6 +38,10 @@ pub struct GuestTouches {
     /// The 4K page tables vCPU 0 writes at CPL3 through the bootstrap 2M map
     /// (`guest_pages = 4k` only).
     pub built_tables: Option<Range<u64>>,
+    /// Guest-physical ranges the guest's tables (bootstrap and final) map
+    /// with 1G pages (`guest_pages = 1g`: every whole GiB of RAM); 2M pages
+    /// elsewhere.
+    pub gig_pages: Vec<Range<u64>>,
     /// Guest-physical ranges of the work pages each vCPU touches in a phase
     /// that touches work (per vCPU; a slice that runs past the 32-bit MMIO
     /// hole in the guest's virtual space is two ranges).
@@ -66,7 +70,7 @@ impl GuestTouches {
                 page_tables.push(r.clone());
                 Some(r)
             }
-            GuestPageSize::Size2M => None,
+            GuestPageSize::Size2M | GuestPageSize::Size1G => None,
         };
         // GDT page (sync words, slice table), IDT, TSS, command blocks and
         // strings: everything between the image start and the code.
@@ -91,6 +95,7 @@ impl GuestTouches {
             data,
             stacks,
             built_tables,
+            gig_pages: l.gig_pages(),
             work: work_ranges(img, l),
             name: img.name,
             reserved: img.reserved.clone(),
@@ -113,6 +118,12 @@ impl GuestTouches {
             TestGuestName::Unmap => !matches!(phase, Some(2) | Some(4)),
             _ => true,
         }
+    }
+
+    /// Whether the bootstrap tables (the final ones too unless
+    /// `guest_pages = 4k`) map `gpa` with a 1G page (else 2M).
+    pub fn gig_page_at(&self, gpa: u64) -> bool {
+        self.gig_pages.iter().any(|r| r.contains(&gpa))
     }
 
     /// Whether the guest touched every page of [`Self::work`] since the
