@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Prepare a host to run vmm and its tests. Run as root; idempotent, non-interactive.
 #
-#   bash resources/setup-host.sh [--no-kernel] [--hugepages N]   (as root; else it re-runs itself with sudo)
+#   bash resources/setup-host.sh [--no-kernel] [--hugepages N] [--gigpages N]   (as root; else it re-runs itself with sudo)
 #
 # What it does:
 #   1. installs the Debian packages needed (only the missing ones);
 #   2. host memory settings vmm needs (vmm itself never changes them):
+#        .../hugepages-1048576kB/nr_hugepages                1G pages (--backing hugetlb-1g) raised to
+#                                                          at least N (default 1, or $VMM_TEST_GIGPAGES),
+#                                                          first, before memory fragments; never lowered
 #        /proc/sys/vm/nr_hugepages                         raised to at least N (default 2048,
 #                                                          or $VMM_TEST_HUGEPAGES), never lowered
 #        /sys/kernel/mm/transparent_hugepage/shmem_enabled `advise` when it is `never`/`deny`
@@ -20,6 +23,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${VMM_CACHE_DIR:-/var/cache/vmm-test}"
 HUGEPAGES="${VMM_TEST_HUGEPAGES:-2048}"
+GIGPAGES="${VMM_TEST_GIGPAGES:-1}"
 KERNEL=1
 
 log() { echo "[setup-host] $*" >&2; }
@@ -35,6 +39,10 @@ while (($#)); do
         HUGEPAGES="${2:?--hugepages needs a number}"
         shift
         ;;
+    --gigpages)
+        GIGPAGES="${2:?--gigpages needs a number}"
+        shift
+        ;;
     -h | --help)
         sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
         exit 0
@@ -44,12 +52,13 @@ while (($#)); do
     shift
 done
 [[ $HUGEPAGES =~ ^[0-9]+$ ]] || die "--hugepages wants a number, got '$HUGEPAGES'"
+[[ $GIGPAGES =~ ^[0-9]+$ ]] || die "--gigpages wants a number, got '$GIGPAGES'"
 if [[ $(id -u) != 0 ]]; then
     # It installs packages and writes /proc/sys/vm/nr_hugepages: root only.
     command -v sudo >/dev/null 2>&1 ||
         die "run as root: it installs packages and sets /proc/sys/vm/nr_hugepages (no sudo here)"
     log "not root: re-running with sudo"
-    again=(--hugepages "$HUGEPAGES")
+    again=(--hugepages "$HUGEPAGES" --gigpages "$GIGPAGES")
     ((KERNEL)) || again+=(--no-kernel)
     exec sudo env VMM_CACHE_DIR="$CACHE" bash "${BASH_SOURCE[0]}" "${again[@]}"
 fi
@@ -75,6 +84,23 @@ fi
 
 # 2. Host memory settings.
 [[ -e /dev/kvm ]] || log "warning: /dev/kvm is missing: load kvm_intel/kvm_amd (or run on a host with KVM); vmm cannot run guests"
+# 1G pages first: they need 1 GiB of contiguous memory, which the 2M pool (and
+# time) fragment.
+gig=/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages
+if [[ -w $gig ]]; then
+    cur="$(cat "$gig")"
+    if ((cur < GIGPAGES)); then
+        log "reserving $GIGPAGES hugetlb 1G pages (was $cur)"
+        echo 1 >/proc/sys/vm/compact_memory 2>/dev/null || true
+        echo "$GIGPAGES" >"$gig" || true
+        got="$(cat "$gig")"
+        ((got >= GIGPAGES)) || log "warning: only $got of $GIGPAGES 1G pages could be reserved (memory fragmented: reserve them at boot with hugepagesz=1G hugepages=N); --backing hugetlb-1g falls back to 2M frames, its tests skip"
+    else
+        log "1G nr_hugepages=$cur (>= $GIGPAGES)"
+    fi
+elif ((GIGPAGES > 0)); then
+    log "warning: $gig missing (no 1G pages on this CPU or kernel); --backing hugetlb-1g uses 2M frames"
+fi
 nr=/proc/sys/vm/nr_hugepages
 cur="$(cat "$nr")"
 if ((cur < HUGEPAGES)); then

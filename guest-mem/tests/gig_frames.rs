@@ -13,6 +13,13 @@ use guest_mem::{
 
 const PAGES: usize = FRAMES_PER_GIG * common::PPH;
 
+/// The tests share the host's one 1G page: one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn ram() -> Option<GuestRam> {
     // One 1G page, and 512 2M pages for its split.
     if !common::gig_pages_available(1) || !common::hugetlb_available(FRAMES_PER_GIG as u64) {
@@ -30,6 +37,7 @@ fn count(ram: &GuestRam, pred: impl Fn(&FrameView) -> bool) -> usize {
 
 #[test]
 fn a_4k_give_back_splits_1g_to_2m_and_one_frame_to_4k_and_collapse_climbs_back() {
+    let _one = one_at_a_time();
     let Some(mut ram) = ram() else {
         return;
     };
@@ -73,6 +81,7 @@ fn a_4k_give_back_splits_1g_to_2m_and_one_frame_to_4k_and_collapse_climbs_back()
 
 #[test]
 fn with_no_block_of_2m_pages_the_1g_split_runs_paused_onto_small_pages_and_keeps_every_byte() {
+    let _one = one_at_a_time();
     if !common::gig_pages_available(1) || !common::hugetlb_available(100) {
         return;
     }

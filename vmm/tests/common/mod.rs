@@ -127,21 +127,38 @@ pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
         "thp" => guest_mem::backing::check_shmem_thp(&guest_mem::HostPaths::default())
             .err()
             .map(|e| e.to_string()),
+        // One 1G page, and the 2M pages a split of it takes.
+        "hugetlb-1g" => {
+            let gig = guest_mem::backing::hugetlb_1g_counters(&guest_mem::HostPaths::default())
+                .map_or(0, |c| c.available());
+            let free = hugetlb_free();
+            (gig < 1 || free < hugetlb_pages).then(|| {
+                format!(
+                    "hugetlb-1g: {gig} free 1G pages (need 1: bash resources/setup-host.sh \
+                     --gigpages 1), {free} free 2M pages (need {hugetlb_pages})"
+                )
+            })
+        }
         _ => None,
     }
 }
 
-/// Asserts that KVM's (pages_4k, pages_2m) equal the mirror's at every
-/// checkpoint of a `vmm run --stats-json` report.
+/// Asserts that KVM's (pages_4k, pages_2m, pages_1g) equal the mirror's at
+/// every checkpoint of a `vmm run --stats-json` report.
 pub fn assert_checkpoints_match_mirror(r: &Value) {
     for c in r["checkpoints"]
         .as_array()
         .expect("checkpoints in the report")
     {
+        let kvm = |k: &str| num(c, &["kvm", k]);
         assert_eq!(
-            (num(c, &["kvm", "pages_4k"]), num(c, &["kvm", "pages_2m"])),
-            (num(c, &["mirror_pages_4k"]), num(c, &["mirror_pages_2m"])),
-            "phase {}: KVM vs mirror (pages_4k, pages_2m): {r:#}",
+            (kvm("pages_4k"), kvm("pages_2m"), kvm("pages_1g")),
+            (
+                num(c, &["mirror_pages_4k"]),
+                num(c, &["mirror_pages_2m"]),
+                num(c, &["mirror_pages_1g"])
+            ),
+            "phase {}: KVM vs mirror (pages_4k, pages_2m, pages_1g): {r:#}",
             c["phase"]
         );
     }
