@@ -2,7 +2,9 @@
 //! thp: in-kernel), the hugetlb split's write-hold (or pause) and the
 //! collapse's pause, at several guest RAM sizes (the cost must not grow with
 //! RAM: only the frames under test are populated, a hugetlb pool of just
-//! their size), and of a 4K discard, on real memory.
+//! their size), and of a 4K discard, on real memory. `hugetlb-1g`: the split
+//! of a 1G page into 2M frames and the collapse back (1 GiB of RAM), with the
+//! split's write-hold and the collapse's pause.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use std::cell::Cell;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use guest_mem::quiesce::{Quiesce, QuiesceError};
-use guest_mem::{Backing, GuestRam, GuestRamConfig, NoVcpus, HPAGE_SIZE, PAGE_SIZE};
+use guest_mem::{Backing, GuestRam, GuestRamConfig, NoVcpus, GIG_SIZE, HPAGE_SIZE, PAGE_SIZE};
 
 /// Adds up the time between each pause and its resume: how long the
 /// vCPUs would stand still.
@@ -126,6 +128,90 @@ fn split_collapse(c: &mut Criterion, backing: Backing, size: u64, name: &str) {
     g.finish();
 }
 
+/// 1 GiB of guest RAM on one 1G page: split 1G -> 2M and collapse back.
+fn split_collapse_1g(c: &mut Criterion) {
+    let cfg = GuestRamConfig::new(GIG_SIZE, Backing::Hugetlb1g);
+    let mut r = match GuestRam::new(&cfg).and_then(|mut r| r.populate_all().map(|()| r)) {
+        Ok(r) if r.gig_of(0).is_some() => r,
+        Ok(_) => {
+            eprintln!(
+                "skip hugetlb-1g: no free 1G page (bash resources/setup-host.sh --gigpages 1)"
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skip hugetlb-1g: {e}");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("hugetlb-1g/1G");
+    // Each sample is one 1 GiB copy: ten of them.
+    g.sample_size(10);
+    g.bench_function("split_1g", |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                let s = Instant::now();
+                r.split_gig(0, &NoVcpus).unwrap();
+                t += s.elapsed();
+                r.collapse_gig(0, &NoVcpus).unwrap();
+            }
+            t
+        })
+    });
+    g.bench_function("collapse_1g", |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                r.split_gig(0, &NoVcpus).unwrap();
+                let s = Instant::now();
+                r.collapse_gig(0, &NoVcpus).unwrap();
+                t += s.elapsed();
+            }
+            t
+        })
+    });
+    g.bench_function("split_1g_write_hold_or_pause", |b| {
+        b.iter_custom(|iters| {
+            let q = PauseClock::default();
+            let windows = r.split_windows();
+            windows.take();
+            for _ in 0..iters {
+                r.split_gig(0, &q).unwrap();
+                r.collapse_gig(0, &NoVcpus).unwrap();
+            }
+            let held: Duration = windows
+                .take()
+                .iter()
+                .filter(|w| !w.collapse)
+                .map(|w| w.write_hold)
+                .sum();
+            held + q.total.get()
+        })
+    });
+    // Every frame on a 2M page after the split: the collapse holds writes
+    // to the GiB instead of pausing (where the host can write-protect).
+    g.bench_function("collapse_1g_write_hold_or_pause", |b| {
+        b.iter_custom(|iters| {
+            let q = PauseClock::default();
+            let windows = r.split_windows();
+            let mut held = Duration::ZERO;
+            for _ in 0..iters {
+                r.split_gig(0, &NoVcpus).unwrap();
+                windows.take();
+                r.collapse_gig(0, &q).unwrap();
+                held += windows
+                    .take()
+                    .iter()
+                    .map(|w| w.write_hold)
+                    .sum::<Duration>();
+            }
+            held + q.total.get()
+        })
+    });
+    g.finish();
+}
+
 fn discard_4k(c: &mut Criterion, backing: Backing) {
     let Some(mut r) = ram(backing) else { return };
     let pages = FRAMES as u64 * 512;
@@ -153,6 +239,7 @@ fn benches(c: &mut Criterion) {
     }
     discard_4k(c, Backing::Small4k);
     discard_4k(c, Backing::Hugetlb);
+    split_collapse_1g(c);
 }
 
 criterion_group! {

@@ -12,8 +12,11 @@
 //! be remapped 2M at a time while it runs), and the held writers fault again
 //! into the 2M pages. Where the host cannot write-protect, or the pool has no
 //! free block of 512, the copy and the remap (the GiB zero-mapped, then each
-//! frame mapped) happen under the vCPU pause instead. A collapse copies under
-//! the pause (its sources mix 2M pages, small pages and zero pages).
+//! frame mapped) happen under the vCPU pause instead. A collapse whose 512
+//! frames are all on 2M pages (the climb back after a split) is held the same
+//! way and swapped in by one `mmap` of the 1G page; one with small or empty
+//! frames copies under the pause (anonymous zero pages cannot always be
+//! write-protected).
 
 use crate::error::GuestMemError;
 use crate::guest_ram::GuestRam;
@@ -123,22 +126,33 @@ impl GuestRam {
             let first = gig * FRAMES_PER_GIG;
             ram.changed.extend(first..first + FRAMES_PER_GIG);
             let windows = ram.split_windows();
-            let held = block.and_then(|base| {
+            // The block's 2M pages are taken and zeroed before any write is held.
+            let staging = match block {
+                Some(base) => match ram.host.gig_block_staging(base) {
+                    Ok(t) => Some((base, t)),
+                    Err(e) => {
+                        ram.free_split_targets(&frames);
+                        return Err(e);
+                    }
+                },
+                None => None,
+            };
+            let held = staging.and_then(|(base, t)| {
                 windows
                     .hold_on()
                     .filter(|_| ram.host.gig_hold(gig))
-                    .map(|h| (base, h))
+                    .map(|h| (base, t, h))
             });
             let r = match held {
-                Some((base, hold)) => {
-                    let r = ram
-                        .host
-                        .gig_copy_to_block(gig, base)
-                        .and_then(|()| ram.host.gig_switch_to_block(gig, base));
+                Some((base, staging, hold)) => {
+                    ram.host.gig_copy_out(gig, &staging);
+                    drop(staging);
+                    let r = ram.host.gig_switch_to_block(gig, base);
                     ram.host.gig_release(gig, r.is_ok());
                     if r.is_ok() {
                         windows.record(SplitWindow {
                             write_hold: hold.elapsed(),
+                            collapse: false,
                         });
                     }
                     r
@@ -207,8 +221,10 @@ impl GuestRam {
 
     /// Collapse the 512 frames of 1G frame `gig` into one fresh 1G page
     /// (pages not present come back zero; no-op when one backs it already).
-    /// The vCPUs are paused through `q` for the copy and the one `mmap` that
-    /// puts the 1G page over the GiB; what backed the frames is freed after.
+    /// When every frame is on a 2M page and the host can write-protect, the
+    /// guest runs (writes to the GiB held for the copy); else the vCPUs are
+    /// paused through `q` for the copy and the one `mmap` that puts the 1G
+    /// page over the GiB. What backed the frames is freed after.
     pub fn collapse_gig(&mut self, gig: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
         self.check_gig(gig)?;
         self.undoable(|ram| {
@@ -224,19 +240,42 @@ impl GuestRam {
             let first = gig * FRAMES_PER_GIG;
             ram.changed.extend(first..first + FRAMES_PER_GIG);
             let staging = ram.host.gig_staging(gig_slot)?;
-            let r = match quiesce::pause(q) {
-                Ok(_guard) => {
-                    for (i, src) in sources.iter().enumerate() {
-                        let pages = match src {
-                            GigSource::Huge { .. } => all_pages(),
-                            GigSource::Small { pages } => pages.iter().map(|p| p.0).collect(),
-                            GigSource::Unpopulated => continue,
-                        };
-                        ram.host.copy_into_gig(&staging, first + i, &pages);
-                    }
-                    ram.host.gig_map(gig, gig_slot)
+            // Every frame on a 2M page (a climb back after a split): write-hold
+            // the GiB and copy with the guest running, as a split does. Small
+            // or empty frames (anonymous zero pages, which the kernel here may
+            // not write-protect): under the pause.
+            let all_huge = sources.iter().all(|s| matches!(s, GigSource::Huge { .. }));
+            let windows = ram.split_windows();
+            let hold = all_huge
+                .then(|| windows.hold_on())
+                .flatten()
+                .filter(|_| ram.host.gig_hold(gig));
+            let r = if let Some(hold) = hold {
+                ram.host.gig_copy_out(gig, &staging);
+                let r = ram.host.gig_map(gig, gig_slot);
+                ram.host.gig_release(gig, r.is_ok());
+                if r.is_ok() {
+                    windows.record(SplitWindow {
+                        write_hold: hold.elapsed(),
+                        collapse: true,
+                    });
                 }
-                Err(e) => Err(e.into()),
+                r
+            } else {
+                match quiesce::pause(q) {
+                    Ok(_guard) => {
+                        for (i, src) in sources.iter().enumerate() {
+                            let pages = match src {
+                                GigSource::Huge { .. } => all_pages(),
+                                GigSource::Small { pages } => pages.iter().map(|p| p.0).collect(),
+                                GigSource::Unpopulated => continue,
+                            };
+                            ram.host.copy_into_gig(&staging, first + i, &pages);
+                        }
+                        ram.host.gig_map(gig, gig_slot)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             };
             drop(staging);
             if let Err(e) = r {

@@ -770,6 +770,7 @@ impl GuestRam {
             if r.is_ok() {
                 windows.record(SplitWindow {
                     write_hold: hold.elapsed(),
+                    collapse: false,
                 });
             }
             r

@@ -344,9 +344,10 @@ impl HostMem {
         self.release_held(start, len, switched);
     }
 
-    /// Copy the 1 GiB of 1G frame `gig` into the 2M pool's slots
-    /// `base .. base + 512` (allocated here), through a staging mapping.
-    pub(crate) fn gig_copy_to_block(&self, gig: usize, base: u32) -> Result<(), GuestMemError> {
+    /// Take the 2M pool's slots `base .. base + 512` from the host and map
+    /// them for staging, faulted in (the kernel zeroes them here, before any
+    /// write is held): where a 1G split copies its GiB to.
+    pub(crate) fn gig_block_staging(&self, base: u32) -> Result<TempMap, GuestMemError> {
         let off = u64::from(base) * HPAGE_SIZE;
         self.pool().allocate(off, GIG_SIZE).map_err(|source| {
             if source.raw_os_error() == Some(libc::ENOSPC) {
@@ -360,19 +361,21 @@ impl HostMem {
                 }
             }
         })?;
-        let dst = TempMap::new(self.pool(), off, GIG_SIZE, "hugetlb staging map (1G split)")?;
+        let t = TempMap::new(self.pool(), off, GIG_SIZE, "hugetlb staging map (1G split)")?;
+        t.populate()?;
+        Ok(t)
+    }
+
+    /// Copy the 1 GiB of 1G frame `gig` into a staging map of as much.
+    pub(crate) fn gig_copy_out(&self, gig: usize, dst: &TempMap) {
+        let len = GIG_SIZE.min(dst.len() as u64) as usize;
         // SAFETY: the source is 1G frame `gig` of guest RAM, mapped while
-        // `self` lives; the destination is the staging map just made, of
-        // the same length; they do not overlap (different files). Nothing
-        // writes the source now: it is write-protected or the vCPUs are paused.
+        // `self` lives; the destination is a staging map of at least `len`
+        // bytes; different files, no overlap. Nothing writes the source now:
+        // it is write-protected, or the vCPUs are paused.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.range.ptr(gig as u64 * GIG_SIZE),
-                dst.ptr(),
-                GIG_SIZE as usize,
-            )
+            std::ptr::copy_nonoverlapping(self.range.ptr(gig as u64 * GIG_SIZE), dst.ptr(), len)
         };
-        Ok(())
     }
 
     /// One mapping of the 2M pool's slots `base .. base + 512` over 1G frame
@@ -427,15 +430,18 @@ impl HostMem {
         self.range.map_zero(gig as u64 * GIG_SIZE, GIG_SIZE)
     }
 
-    /// A staging map of 1G slot `slot`, allocated here, to copy a collapse into.
+    /// A staging map of 1G slot `slot`, allocated here and faulted in, to
+    /// copy a collapse into.
     pub(crate) fn gig_staging(&self, slot: u32) -> Result<TempMap, GuestMemError> {
         self.gig_alloc(slot)?;
-        TempMap::new(
+        let t = TempMap::new(
             self.gig()?,
             u64::from(slot) * GIG_SIZE,
             GIG_SIZE,
             "1G staging map",
-        )
+        )?;
+        t.populate()?;
+        Ok(t)
     }
 
     /// Copy pages `pages` (page indices) of `frame` as mapped now into the

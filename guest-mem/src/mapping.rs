@@ -279,6 +279,17 @@ impl TempMap {
         self.addr as *mut u8
     }
 
+    /// Fault every page of the mapping in, writable (`MADV_POPULATE_WRITE`),
+    /// so that a copy into it later takes no fault.
+    pub fn populate(&self) -> Result<(), GuestMemError> {
+        madvise_raw(
+            self.addr,
+            self.len,
+            Advice::LinuxPopulateWrite,
+            "MADV_POPULATE_WRITE (staging map)",
+        )
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len

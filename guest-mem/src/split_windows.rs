@@ -1,12 +1,15 @@
 //! How long each hugetlb split held back writes to its frame: the one
 //! thing a split without a pause costs the guest (only a writer of that
-//! frame waits, see `write_hold.rs`). The VMM's reports take them.
+//! frame waits, see `write_hold.rs`); also a 1G collapse's hold (the climb
+//! back of a GiB whose frames are all on 2M pages). The VMM's reports take
+//! them.
 //!
 //! Also the gate a vCPU pause waits at while a write-hold is on: a writer
 //! asleep in the write-protect fault inside the kernel (KVM emulating a
 //! guest write to guest RAM, `copy_to_user`) must not be kicked by the
 //! pause's signal, which would fail that write instead of letting it sleep
-//! until the frame is remapped. Holds last a few hundred microseconds.
+//! until the frame is remapped. Holds last a few hundred microseconds
+//! (a 2M split), or the copy of 1 GiB (a 1G split or collapse, ~0.1 s).
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -14,12 +17,14 @@ use std::time::{Duration, Instant};
 /// Windows kept until taken (later ones are dropped).
 const MAX_WINDOWS: usize = 100_000;
 
-/// One split made with the vCPUs running.
+/// One split (or 1G collapse) made with the vCPUs running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitWindow {
     /// Writes to the frame held back: from the write-protect, through the
     /// copy, to the wake after the remap.
     pub write_hold: Duration,
+    /// A 1G collapse's hold, not a split's.
+    pub collapse: bool,
 }
 
 /// The windows of the splits made since the last [`SplitWindows::take`].
@@ -126,6 +131,7 @@ mod tests {
         let s = SplitWindows::default();
         let w = SplitWindow {
             write_hold: Duration::from_micros(7),
+            collapse: false,
         };
         for _ in 0..MAX_WINDOWS + 3 {
             s.record(w);

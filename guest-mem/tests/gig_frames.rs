@@ -6,7 +6,10 @@
 
 mod common;
 
+use std::cell::Cell;
+
 use common::Shadow;
+use guest_mem::quiesce::{Quiesce, QuiesceError};
 use guest_mem::{
     Backing, FrameView, GuestRam, GuestRamConfig, NoVcpus, FRAMES_PER_GIG, GIG_SIZE, PAGE_SIZE,
 };
@@ -31,6 +34,18 @@ fn ram() -> Option<GuestRam> {
     Some(ram)
 }
 
+/// Counts the vCPU pauses asked for (there are no vCPUs).
+#[derive(Default)]
+struct Pauses(Cell<u32>);
+
+impl Quiesce for Pauses {
+    fn pause(&self) -> Result<(), QuiesceError> {
+        self.0.set(self.0.get() + 1);
+        Ok(())
+    }
+    fn resume(&self) {}
+}
+
 fn count(ram: &GuestRam, pred: impl Fn(&FrameView) -> bool) -> usize {
     ram.frame_states().iter().filter(|s| pred(s)).count()
 }
@@ -52,7 +67,13 @@ fn a_4k_give_back_splits_1g_to_2m_and_one_frame_to_4k_and_collapse_climbs_back()
 
     // The guest gives back one page of frame 5.
     let page = 5 * common::PPH as u64 + 9;
-    let rep = ram.discard(page * PAGE_SIZE, PAGE_SIZE, &NoVcpus).unwrap();
+    let pauses = Pauses::default();
+    let rep = ram.discard(page * PAGE_SIZE, PAGE_SIZE, &pauses).unwrap();
+    assert_eq!(
+        pauses.0.get(),
+        0,
+        "no vCPU paused for the 1G or the 2M split"
+    );
     assert_eq!(rep.frames_split, 1, "{rep:?}");
     // The 1G split ran with the guest running, writes to the GiB held (the
     // 2M split of frame 5 after it too): two write-hold windows.
@@ -66,7 +87,10 @@ fn a_4k_give_back_splits_1g_to_2m_and_one_frame_to_4k_and_collapse_climbs_back()
     shadow.verify_bytes(&ram);
 
     // Collapse of that frame: 4K -> 2M, and the GiB, all huge now, -> 1G.
-    ram.collapse(5, &NoVcpus).unwrap();
+    ram.collapse(5, &pauses).unwrap();
+    // The 2M collapse pauses; the climb to 1G, every frame on a 2M page then,
+    // copies with writes to the GiB held instead.
+    assert_eq!(pauses.0.get(), 1);
     shadow.made_present(page..page + 1);
     assert_eq!(count(&ram, gig), FRAMES_PER_GIG);
     assert_eq!(ram.pool_stats().gig_memfd_bytes, GIG_SIZE);
@@ -103,6 +127,16 @@ fn with_no_block_of_2m_pages_the_1g_split_runs_paused_onto_small_pages_and_keeps
         FRAMES_PER_GIG - 100,
         "{:?}",
         &states[..4]
+    );
+    common::verify_host(&ram, &[]);
+    shadow.verify_bytes(&ram);
+    // And back: small frames among the sources, so under the pause.
+    let pauses = Pauses::default();
+    ram.collapse_gig(0, &pauses).unwrap();
+    assert_eq!(pauses.0.get(), 1);
+    assert_eq!(
+        count(&ram, |s| matches!(s, FrameView::Gig { .. })),
+        FRAMES_PER_GIG
     );
     common::verify_host(&ram, &[]);
     shadow.verify_bytes(&ram);

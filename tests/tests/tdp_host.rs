@@ -234,16 +234,21 @@ fn boot(img: &Image, b: &Batch) -> Result<BatchOutcome, String> {
 const ABOVE_4G_MEMORY: &str = "4608M";
 const ABOVE_4G: &str = "unmap-above-4g";
 
-/// A second, larger L1 (6 GiB, 2400 huge pages) for a guest with RAM above
-/// 4 GiB, booted only for that test (about 2 minutes of wall time).
+/// 1 GiB of guest RAM on one 1G page (`hugetlb-1g`).
+const ON_1G: &str = "unmap-1g";
+
+/// A second, larger L1 (7 GiB, 2400 2M pages, one 1G page) for a guest with
+/// RAM above 4 GiB and one on a 1G page, booted only for those tests (about 3
+/// minutes of wall time).
 fn batch_above_4g() -> Result<&'static BatchOutcome, String> {
     static BATCH: OnceLock<Result<BatchOutcome, String>> = OnceLock::new();
     BATCH
         .get_or_init(|| {
             let img = Image::locate()?;
             let mut b = Batch {
-                memory_mib: 6144,
+                memory_mib: 7168,
                 hugepages: 2400,
+                gigpages: 1,
                 ..Batch::default()
             };
             b.command(
@@ -256,6 +261,15 @@ fn batch_above_4g() -> Result<&'static BatchOutcome, String> {
                         "run --test-guest unmap --backing hugetlb --memory {ABOVE_4G_MEMORY} \
                          --guest-arg stride=256 --stats"
                     ),
+                ),
+            );
+            b.command(
+                ON_1G,
+                300,
+                Mode::Capture,
+                with_report(
+                    ON_1G,
+                    "run --test-guest unmap --backing hugetlb-1g --memory 1G --stats",
                 ),
             );
             boot(&img, &b)
@@ -340,22 +354,31 @@ fn kvm_equals_mirror(out: &BatchOutcome, id: &str) -> Value {
     assert_eq!(r.rc, 0, "{id}:\n{}", tail(&r.output, 40));
     let rep = report(&r.output);
     assert_eq!(rep["host"]["kind"], "HardwareVirt", "{}", rep["host"]);
+    let kvm = |v: &Value| {
+        (
+            num(v, &["kvm", "pages_1g"]),
+            num(v, &["kvm", "pages_2m"]),
+            num(v, &["kvm", "pages_4k"]),
+        )
+    };
     assert_eq!(
+        kvm(&rep),
         (
-            num(&rep, &["kvm", "pages_2m"]),
-            num(&rep, &["kvm", "pages_4k"])
-        ),
-        (
+            num(&rep, &["mirror", "pages_1g"]),
             num(&rep, &["mirror", "pages_2m"]),
             num(&rep, &["mirror", "pages_4k"])
         ),
-        "{id} at the end: KVM (2m, 4k) vs mirror"
+        "{id} at the end: KVM (1g, 2m, 4k) vs mirror"
     );
     for c in rep["checkpoints"].as_array().into_iter().flatten() {
         assert_eq!(
-            (num(c, &["kvm", "pages_2m"]), num(c, &["kvm", "pages_4k"])),
-            (num(c, &["mirror_pages_2m"]), num(c, &["mirror_pages_4k"])),
-            "{id} checkpoint {}: KVM (2m, 4k) vs mirror",
+            kvm(c),
+            (
+                num(c, &["mirror_pages_1g"]),
+                num(c, &["mirror_pages_2m"]),
+                num(c, &["mirror_pages_4k"])
+            ),
+            "{id} checkpoint {}: KVM (1g, 2m, 4k) vs mirror",
             c["phase"]
         );
     }
@@ -439,6 +462,39 @@ fn unmap_above_4g_hugetlb_on_tdp() {
         (num(slot1, &["pages_4k"]), num(slot1, &["pages_2m"])),
         (2 * 512, 768 - 2),
         "{c3:#}"
+    );
+}
+
+/// `unmap` in 1 GiB of guest RAM on one 1G page: the TDP MMU maps it with
+/// one 1G leaf; the give-back splits it 1G -> 2M and only the 8 frames to
+/// 4K; the collapse climbs back to one 1G leaf. KVM equals the mirror (1g,
+/// 2m, 4k) at every checkpoint.
+#[test]
+fn unmap_on_a_1g_page_maps_1g_splits_to_2m_and_4k_and_climbs_back_on_tdp() {
+    let out = match batch_above_4g() {
+        Ok(b) => b,
+        Err(why) => skip!("the emulated AMD-V host cannot run here: {why}"),
+    };
+    let rep = kvm_equals_mirror(out, ON_1G);
+    assert_eq!(num(&rep, &["report_totals", "mismatches"]), 0);
+    assert_eq!(num(&rep, &["report_totals", "nonzero_discarded"]), 0);
+    let c = |p: u64| {
+        rep["checkpoints"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["phase"].as_u64() == Some(p)))
+            .unwrap_or_else(|| panic!("no checkpoint {p}: {rep:#}"))
+    };
+    let (c1, c2, c5) = (c(1), c(2), c(5));
+    assert_eq!(num(c1, &["frames", "gig"]), 512, "{c1:#}");
+    assert_eq!(num(c1, &["kvm", "pages_1g"]), 1, "one 1G leaf: {c1:#}");
+    assert_eq!(num(c2, &["frames", "gig"]), 0, "{c2:#}");
+    assert_eq!(num(c2, &["frames", "small"]), 8, "{c2:#}");
+    assert_eq!(num(c2, &["kvm", "pages_1g"]), 0, "{c2:#}");
+    assert_eq!(num(c5, &["frames", "gig"]), 512, "{c5:#}");
+    assert_eq!(
+        num(c5, &["kvm", "pages_1g"]),
+        1,
+        "back to one 1G leaf: {c5:#}"
     );
 }
 

@@ -163,7 +163,9 @@ impl UnmapRecorder {
             }
         }
         for w in self.windows.iter().flat_map(|w| w.take()) {
-            m.split_write_hold.push(w.write_hold);
+            if !w.collapse {
+                m.split_write_hold.push(w.write_hold);
+            }
         }
     }
 

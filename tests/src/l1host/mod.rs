@@ -111,6 +111,9 @@ pub struct Batch {
     pub memory_mib: u32,
     /// 2M hugetlb pages L1 reserves.
     pub hugepages: u32,
+    /// 1G hugetlb pages L1 reserves at boot (kernel command line
+    /// `hugepagesz=1G hugepages=N`: before its memory fragments).
+    pub gigpages: u32,
 }
 
 impl Default for Batch {
@@ -120,6 +123,7 @@ impl Default for Batch {
             files: Vec::new(),
             memory_mib: DEFAULT_MEMORY_MIB,
             hugepages: DEFAULT_HUGEPAGES,
+            gigpages: 0,
         }
     }
 }
@@ -185,6 +189,15 @@ impl Batch {
         }
         s
     }
+}
+
+/// L1's kernel command line for `batch`.
+fn kernel_command_line(batch: &Batch) -> String {
+    let mut c = String::from("console=ttyS0 panic=-1 rdinit=/init quiet");
+    if batch.gigpages > 0 {
+        let _ = write!(c, " hugepagesz=1G hugepages={}", batch.gigpages);
+    }
+    c
 }
 
 /// Quote `s` for a POSIX shell.
@@ -520,7 +533,7 @@ fn boot_once(img: &Image, vmm: &Path, batch: &Batch) -> Result<BatchOutcome, L1E
         .arg(&img.kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 rdinit=/init quiet"])
+        .args(["-append", &kernel_command_line(batch)])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .arg("-serial")
@@ -636,6 +649,9 @@ mod tests {
         assert!(s.contains(r"run_cmd a 10 capture 'echo '\''x'\'' && /bin/vmm run'"));
         assert!(s.contains("run_cmd b 1 console 'true'"));
         assert!(b.deadline() > Duration::from_secs(200));
+        assert!(!kernel_command_line(&b).contains("hugepagesz"));
+        b.gigpages = 2;
+        assert!(kernel_command_line(&b).ends_with(" hugepagesz=1G hugepages=2"));
     }
 
     fn outcome(text: &str, frozen: bool) -> BatchOutcome {
