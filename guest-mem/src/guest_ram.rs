@@ -115,20 +115,42 @@ fn fit_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemError> {
         return Ok(0);
     }
     let c = backing::hugetlb_2m_counters(&cfg.host)?;
+    fit(
+        cfg,
+        want,
+        &c,
+        "small pages for",
+        "frames",
+        |need, have, suggest_total| GuestMemError::PoolTooSmall {
+            need,
+            have,
+            suggest_total,
+        },
+    )
+}
+
+/// `want` pages of a host pool whose counters are `c`: all of them, or in the
+/// default mode what is free now, with a warning that the rest (`unit`s)
+/// falls back to `fallback`; `too_small(need, have, suggest_total)` is the
+/// error of strict mode.
+fn fit(
+    cfg: &GuestRamConfig,
+    want: usize,
+    c: &crate::smaps::HugeMeminfo,
+    fallback: &str,
+    unit: &str,
+    too_small: impl Fn(u64, u64, u64) -> GuestMemError,
+) -> Result<usize, GuestMemError> {
     let have = c.available();
     if have >= want as u64 {
         return Ok(want);
     }
-    let e = GuestMemError::PoolTooSmall {
-        need: want as u64,
-        have,
-        suggest_total: c.total + (want as u64 - have),
-    };
+    let e = too_small(want as u64, have, c.total + (want as u64 - have));
     if cfg.strict_pool {
         return Err(e);
     }
     warn!(
-        "{e}; falling back to small pages for {} of {want} frames",
+        "{e}; falling back to {fallback} {} of {want} {unit}",
         want as u64 - have
     );
     Ok(have as usize)
@@ -157,23 +179,56 @@ fn fit_gig_pool(cfg: &GuestRamConfig, want: usize) -> Result<usize, GuestMemErro
         }
         Err(e) => return Err(e),
     };
-    let have = c.available();
-    if have >= want as u64 {
-        return Ok(want);
+    fit(
+        cfg,
+        want,
+        &c,
+        "2M frames for",
+        "GiBs",
+        |need, have, suggest_total| GuestMemError::GigPoolTooSmall {
+            need,
+            have,
+            suggest_total,
+        },
+    )
+}
+
+/// Take slots `0..count` of a pool from the host now, one by one (`alloc`),
+/// so that no other process can take them later; `need` pages are what the
+/// guest RAM wanted. When the host runs dry: in the default mode a warning
+/// (naming `what`) and the count taken; in strict mode the error
+/// `too_small(need, have, suggest_total)` from the host's counters now.
+fn take_from_host(
+    cfg: &GuestRamConfig,
+    count: usize,
+    need: usize,
+    what: &str,
+    alloc: impl Fn(u32) -> Result<(), GuestMemError>,
+    counters: impl Fn() -> Result<crate::smaps::HugeMeminfo, GuestMemError>,
+    too_small: impl Fn(u64, u64, u64) -> GuestMemError,
+) -> Result<usize, GuestMemError> {
+    for slot in 0..count {
+        match alloc(slot as u32) {
+            Ok(()) => {}
+            Err(GuestMemError::HostPoolExhausted { .. }) if !cfg.strict_pool => {
+                warn!(
+                    "host ran dry at {slot} of {count} pages (taken meanwhile by another \
+                     process): {what}"
+                );
+                return Ok(slot);
+            }
+            Err(GuestMemError::HostPoolExhausted { .. }) => {
+                let c = counters()?;
+                return Err(too_small(
+                    need as u64,
+                    slot as u64 + c.available(),
+                    c.total + need.saturating_sub(slot) as u64,
+                ));
+            }
+            Err(e) => return Err(e),
+        }
     }
-    let e = GuestMemError::GigPoolTooSmall {
-        need: want as u64,
-        have,
-        suggest_total: c.total + (want as u64 - have),
-    };
-    if cfg.strict_pool {
-        return Err(e);
-    }
-    warn!(
-        "{e}; {} of {want} GiBs use 2M frames instead",
-        want as u64 - have
-    );
-    Ok(have as usize)
+    Ok(count)
 }
 
 /// Every page is populated at start: what the hugetlb pool does not hold
@@ -243,29 +298,19 @@ impl GuestRam {
         };
         check_host_can_back(cfg.size, (huge_pages + gig_frames).min(ram_frames))?;
         let host = HostMem::new(cfg.backing, layout.span(), capacity, gig_capacity)?;
-        let mut gig_capacity = gig_capacity;
-        for slot in 0..gig_capacity {
-            match host.gig_alloc(slot as u32) {
-                Ok(()) => {}
-                Err(GuestMemError::HostPoolExhausted { .. }) if !cfg.strict_pool => {
-                    warn!(
-                        "host 1G pool ran dry at {slot} of {gig_capacity} pages (taken \
-                         meanwhile by another process); the other GiBs use 2M frames"
-                    );
-                    gig_capacity = slot;
-                    break;
-                }
-                Err(GuestMemError::HostPoolExhausted { .. }) => {
-                    let c = backing::hugetlb_1g_counters(&cfg.host)?;
-                    return Err(GuestMemError::GigPoolTooSmall {
-                        need: gig_capacity as u64,
-                        have: slot as u64 + c.available(),
-                        suggest_total: c.total + (gig_capacity - slot) as u64,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let gig_capacity = take_from_host(
+            cfg,
+            gig_capacity,
+            gig_capacity,
+            "1G pool; the other GiBs use 2M frames",
+            |slot| host.gig_alloc(slot),
+            || backing::hugetlb_1g_counters(&cfg.host),
+            |need, have, suggest_total| GuestMemError::GigPoolTooSmall {
+                need,
+                have,
+                suggest_total,
+            },
+        )?;
         if cfg.backing.is_hugetlb() {
             // Take the pool's pages from the host now, so that populating never
             // finds the host pool empty because of a race with another process.
@@ -277,27 +322,21 @@ impl GuestRam {
             } else {
                 capacity
             };
-            for slot in 0..populated {
-                match host.huge_alloc(slot as u32) {
-                    Ok(()) => {}
-                    Err(GuestMemError::HostPoolExhausted { .. }) if !cfg.strict_pool => {
-                        warn!(
-                            "host hugetlb pool ran dry at {slot} of {capacity} pages (taken \
-                             meanwhile by another process); the other frames fall back to small pages"
-                        );
-                        capacity = slot;
-                        break;
-                    }
-                    Err(GuestMemError::HostPoolExhausted { .. }) => {
-                        let c = backing::hugetlb_2m_counters(&cfg.host)?;
-                        return Err(GuestMemError::PoolTooSmall {
-                            need: requested_pool as u64,
-                            have: slot as u64 + c.available(),
-                            suggest_total: c.total + (requested_pool - slot) as u64,
-                        });
-                    }
-                    Err(e) => return Err(e),
-                }
+            let taken = take_from_host(
+                cfg,
+                populated,
+                requested_pool,
+                "hugetlb pool; the other frames fall back to small pages",
+                |slot| host.huge_alloc(slot),
+                || backing::hugetlb_2m_counters(&cfg.host),
+                |need, have, suggest_total| GuestMemError::PoolTooSmall {
+                    need,
+                    have,
+                    suggest_total,
+                },
+            )?;
+            if taken < populated {
+                capacity = taken;
             }
         }
         let model = match cfg.backing {

@@ -161,6 +161,29 @@ fn copy_out(frame: *const u8, dst: &TempMap, runs: &[(u64, u64, u64)]) {
     }
 }
 
+/// Take `[off, off + len)` of hugetlb memfd `fd` from the host's pool, for
+/// slot `slot` (ENOSPC, the host ran out: `HostPoolExhausted`).
+fn take_huge(
+    fd: &Memfd,
+    slot: u32,
+    off: u64,
+    len: u64,
+    what: &'static str,
+) -> Result<(), GuestMemError> {
+    fd.allocate(off, len).map_err(|source| {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            GuestMemError::HostPoolExhausted { slot, source }
+        } else {
+            GuestMemError::Fallocate {
+                what,
+                offset: off,
+                len,
+                source,
+            }
+        }
+    })
+}
+
 fn frame_off(frame: usize) -> u64 {
     frame as u64 * HPAGE_SIZE
 }
@@ -283,18 +306,13 @@ impl HostMem {
     /// Take 1G slot `slot` from the host's 1G pool (ENOSPC: the host ran out).
     pub(crate) fn gig_alloc(&self, slot: u32) -> Result<(), GuestMemError> {
         let off = u64::from(slot) * GIG_SIZE;
-        self.gig()?.allocate(off, GIG_SIZE).map_err(|source| {
-            if source.raw_os_error() == Some(libc::ENOSPC) {
-                GuestMemError::HostPoolExhausted { slot, source }
-            } else {
-                GuestMemError::Fallocate {
-                    what: "1G hugetlb memfd, allocate",
-                    offset: off,
-                    len: GIG_SIZE,
-                    source,
-                }
-            }
-        })
+        take_huge(
+            self.gig()?,
+            slot,
+            off,
+            GIG_SIZE,
+            "1G hugetlb memfd, allocate",
+        )
     }
 
     /// Map the allocated 1G slot `slot` over 1G frame `gig` (frames
@@ -349,18 +367,7 @@ impl HostMem {
     /// write is held): where a 1G split copies its GiB to.
     pub(crate) fn gig_block_staging(&self, base: u32) -> Result<TempMap, GuestMemError> {
         let off = u64::from(base) * HPAGE_SIZE;
-        self.pool().allocate(off, GIG_SIZE).map_err(|source| {
-            if source.raw_os_error() == Some(libc::ENOSPC) {
-                GuestMemError::HostPoolExhausted { slot: base, source }
-            } else {
-                GuestMemError::Fallocate {
-                    what: "hugetlb memfd, allocate",
-                    offset: off,
-                    len: GIG_SIZE,
-                    source,
-                }
-            }
-        })?;
+        take_huge(self.pool(), base, off, GIG_SIZE, "hugetlb memfd, allocate")?;
         let t = TempMap::new(self.pool(), off, GIG_SIZE, "hugetlb staging map (1G split)")?;
         t.populate()?;
         Ok(t)
@@ -480,20 +487,14 @@ impl HostMem {
 
     /// Take huge slot `slot` from the host pool (ENOSPC: the host ran out).
     pub(crate) fn huge_alloc(&self, slot: u32) -> Result<(), GuestMemError> {
-        self.pool()
-            .allocate(u64::from(slot) * HPAGE_SIZE, HPAGE_SIZE)
-            .map_err(|source| {
-                if source.raw_os_error() == Some(libc::ENOSPC) {
-                    GuestMemError::HostPoolExhausted { slot, source }
-                } else {
-                    GuestMemError::Fallocate {
-                        what: "hugetlb memfd, allocate",
-                        offset: u64::from(slot) * HPAGE_SIZE,
-                        len: HPAGE_SIZE,
-                        source,
-                    }
-                }
-            })
+        let off = u64::from(slot) * HPAGE_SIZE;
+        take_huge(
+            self.pool(),
+            slot,
+            off,
+            HPAGE_SIZE,
+            "hugetlb memfd, allocate",
+        )
     }
 
     /// Map the allocated huge slot over `frame` and fault it in (one PMD).

@@ -12,8 +12,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::num;
 use serde_json::Value;
 
@@ -34,9 +32,9 @@ fn unmap_on_a_1g_page_splits_1g_to_2m_and_k_frames_to_4k_and_climbs_back() {
         common::skip(&why);
         return;
     }
-    let json = std::env::temp_dir().join(format!("vmm-gig-{}.json", std::process::id()));
-    let o = Command::new(common::vmm_bin())
-        .args([
+    let (r, stdout) = common::run_with_report(
+        "unmap-1g",
+        &[
             "run",
             "--test-guest",
             "unmap",
@@ -49,19 +47,7 @@ fn unmap_on_a_1g_page_splits_1g_to_2m_and_k_frames_to_4k_and_climbs_back() {
             "--timeout",
             "120",
             "--stats",
-            "--stats-json",
-        ])
-        .arg(&json)
-        .output()
-        .expect("running vmm");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let r = common::read_json_or_null(&json);
-    let _ = std::fs::remove_file(&json);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        ],
     );
     assert_eq!(num(&r, &["report_totals", "mismatches"]), 0, "{r:#}");
     assert_eq!(num(&r, &["report_totals", "nonzero_discarded"]), 0);

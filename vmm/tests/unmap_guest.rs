@@ -33,34 +33,23 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn run_unmap(backing: &str) -> Value {
-    let json = tmp(&format!("{backing}.json"));
-    let o = Command::new(common::vmm_bin())
-        .args([
+    let memory = format!("{MIB}M");
+    let (report, stdout) = common::run_with_report(
+        &format!("unmap-{backing}"),
+        &[
             "run",
             "--test-guest",
             "unmap",
             "--backing",
             backing,
             "--memory",
-            &format!("{MIB}M"),
+            &memory,
             "--serial",
             "/dev/null",
             "--timeout",
             "120",
             "--stats",
-            "--stats-json",
-        ])
-        .arg(&json)
-        .output()
-        .expect("running vmm");
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    let report = common::read_json_or_null(&json);
-    let _ = std::fs::remove_file(&json);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
+        ],
     );
     assert!(
         stdout.contains("checkpoints"),

@@ -30,6 +30,28 @@ pub fn vmm(args: &[&str]) -> Output {
         .expect("running vmm")
 }
 
+/// Run `vmm args... --stats-json <tmp>/<name>.json`, which must exit 0
+/// (else the panic shows its output); its JSON report and its stdout.
+pub fn run_with_report(name: &str, args: &[&str]) -> (Value, String) {
+    let json = std::env::temp_dir().join(format!("vmm-{}-{name}.json", std::process::id()));
+    let o = Command::new(vmm_bin())
+        .args(args)
+        .arg("--stats-json")
+        .arg(&json)
+        .output()
+        .expect("running vmm");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let report = read_json_or_null(&json);
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "vmm {args:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (report, stdout)
+}
+
 /// Start `vmm args...` with `RUST_LOG=error`, stdout and stderr piped.
 pub fn spawn_vmm(args: &[&str]) -> std::process::Child {
     Command::new(vmm_bin())
