@@ -101,6 +101,7 @@ impl GuestRam {
                 let first = gig * FRAMES_PER_GIG;
                 ram.changed.extend(first..first + FRAMES_PER_GIG);
                 ram.host.gig_map(gig, slot)?;
+                ram.host.gig_populate(gig)?;
             }
             Ok(())
         })
@@ -166,8 +167,12 @@ impl GuestRam {
                 ram.free_split_targets(&frames);
                 return Err(e);
             }
-            ram.host.gig_populate(gig)?;
-            ram.host.gig_free(gig_slot)
+            ram.host.gig_populate_after_switch(gig);
+            // As after a collapse: the split stands.
+            if let Err(e) = ram.host.gig_free(gig_slot) {
+                log::warn!("1G frame {gig}: freeing its 1G page: {e}");
+            }
+            Ok(())
         })
     }
 
@@ -196,8 +201,9 @@ impl GuestRam {
             PopulatePlan::AlreadyPopulated => Ok(()),
         });
         if let Err(e) = mapped {
-            if let Err(back) = self.host.gig_map(gig, gig_slot) {
-                log::error!("1G frame {gig}: mapping its 1G page back failed: {back}");
+            match self.host.gig_map(gig, gig_slot) {
+                Ok(()) => self.host.gig_populate_after_switch(gig),
+                Err(back) => log::error!("1G frame {gig}: mapping its 1G page back failed: {back}"),
             }
             return Err(e);
         }
@@ -284,14 +290,20 @@ impl GuestRam {
                 }
                 return Err(e);
             }
+            ram.host.gig_populate_after_switch(gig);
+            // The 1G page is in: the books must say so whatever follows, so a
+            // page that cannot be punched is logged (the memfd keeps it).
             for step in freed {
-                match step {
-                    DiscardStep::WholeHuge { slot, .. } => ram.host.huge_free(slot)?,
+                let r = match step {
+                    DiscardStep::WholeHuge { slot, .. } => ram.host.huge_free(slot),
                     DiscardStep::Small { freed, .. } => {
                         let slots: Vec<u32> = freed.iter().map(|p| p.1).collect();
-                        ram.host.small_free(&slots)?
+                        ram.host.small_free(&slots)
                     }
-                    DiscardStep::SplitHuge { .. } => {}
+                    DiscardStep::SplitHuge { .. } => Ok(()),
+                };
+                if let Err(e) = r {
+                    log::warn!("1G frame {gig}: freeing what backed its frames: {e}");
                 }
             }
             Ok(())

@@ -316,22 +316,29 @@ impl HostMem {
     }
 
     /// Map the allocated 1G slot `slot` over 1G frame `gig` (frames
-    /// `gig * 512 ..`) and fault it in: one PUD.
+    /// `gig * 512 ..`), in one `mmap` (fault it in with [`Self::gig_populate`]).
     pub(crate) fn gig_map(&self, gig: usize, slot: u32) -> Result<(), GuestMemError> {
-        let off = gig as u64 * GIG_SIZE;
         self.range.map_file(
-            off,
+            gig as u64 * GIG_SIZE,
             GIG_SIZE,
             self.gig()?,
             u64::from(slot) * GIG_SIZE,
             "1G hugetlb slot",
-        )?;
-        self.populate(off, GIG_SIZE)
+        )
     }
 
     /// Fault the whole of 1G frame `gig` in as it is mapped now.
     pub(crate) fn gig_populate(&self, gig: usize) -> Result<(), GuestMemError> {
         self.populate(gig as u64 * GIG_SIZE, GIG_SIZE)
+    }
+
+    /// After a switch of 1G frame `gig` (nothing left to undo): fault it in,
+    /// as a speed-up only; the guest's own touches fault in what this could
+    /// not, so a failure is logged and the operation stands.
+    pub(crate) fn gig_populate_after_switch(&self, gig: usize) {
+        if let Err(e) = self.gig_populate(gig) {
+            log::warn!("1G frame {gig}: faulting it in after the switch: {e}");
+        }
     }
 
     /// Return 1G slot `slot` to the host.

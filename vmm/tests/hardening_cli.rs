@@ -171,6 +171,12 @@ fn huge_numbers_are_refused_at_parse_time() {
 }
 
 #[test]
+fn stress_on_1g_frames_is_refused_with_what_to_use() {
+    let o = vmm(&["stress", "--backing", "hugetlb-1g", "--seconds", "1"]);
+    assert_bad_input(&o, &["hugetlb-1g", "use hugetlb, thp or 4k"]);
+}
+
+#[test]
 fn output_paths_are_checked_before_the_run() {
     let d = dir("outputs");
     let missing = d.join("no-such-dir").join("out.json");
