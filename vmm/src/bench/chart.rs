@@ -199,6 +199,7 @@ mod tests {
             ns_per_access: Spread::of(&[med]),
             slowdown_vs_native: None,
             slowdown_best_vs_native: None,
+            kvm_pages_1g: None,
             kvm_pages_2m: None,
             kvm_pages_4k: None,
             kvm_runs: vec![],

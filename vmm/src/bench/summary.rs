@@ -117,6 +117,8 @@ pub struct ConfigResult {
     pub slowdown_vs_native: Option<f64>,
     /// Best (min) / best of native: less sensitive to a noisy host.
     pub slowdown_best_vs_native: Option<f64>,
+    /// KVM `pages_1g` at the end of the last run (`--guest linux`: its peak).
+    pub kvm_pages_1g: Option<u64>,
     /// KVM `pages_2m` at the end of the last run (`--guest linux`: its peak).
     pub kvm_pages_2m: Option<u64>,
     /// KVM `pages_4k` at the end of the last run.
@@ -192,6 +194,7 @@ pub fn results(all: &[Samples]) -> Vec<ConfigResult> {
                 ns_per_access: spread,
                 slowdown_vs_native: slowdown,
                 slowdown_best_vs_native: slowdown_best,
+                kvm_pages_1g: last.and_then(|k| k.pages_1g),
                 kvm_pages_2m: last.and_then(|k| k.pages_2m),
                 kvm_pages_4k: last.and_then(|k| k.pages_4k),
                 kvm_runs: s.kvm.clone(),
@@ -209,10 +212,10 @@ fn opt_u(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
-/// The nine cells of one row of [`table`] / [`markdown_table`]: working
+/// The ten cells of one row of [`table`] / [`markdown_table`]: working
 /// set, guest pages, backing, median ns/access, `min<dash>max`, the two
-/// ratios against native and KVM's pages_2m / pages_4k.
-fn row_cells(c: &ConfigResult, dash: &str) -> [String; 9] {
+/// ratios against native and KVM's pages_1g / pages_2m / pages_4k.
+fn row_cells(c: &ConfigResult, dash: &str) -> [String; 10] {
     let backing = match &c.native_backing {
         Some(n) => format!("native ({n})"),
         None => c.backing.clone(),
@@ -234,6 +237,7 @@ fn row_cells(c: &ConfigResult, dash: &str) -> [String; 9] {
         range,
         ratio(c.slowdown_vs_native),
         ratio(c.slowdown_best_vs_native),
+        opt_u(c.kvm_pages_1g),
         opt_u(c.kvm_pages_2m),
         opt_u(c.kvm_pages_4k),
     ]
@@ -249,12 +253,15 @@ pub fn table(r: &[ConfigResult]) -> String {
         "min-max",
         "vs native",
         "best vs",
+        "pages_1g",
         "pages_2m",
         "pages_4k",
     ]
     .map(String::from);
-    let line = |[ws, gp, b, med, range, vs, best, p2, p4]: [String; 9]| {
-        format!("{ws:<8} {gp:<6} {b:<16} {med:>10} {range:>17} {vs:>9} {best:>9} {p2:>9} {p4:>9}\n")
+    let line = |[ws, gp, b, med, range, vs, best, p1, p2, p4]: [String; 10]| {
+        format!(
+            "{ws:<8} {gp:<6} {b:<16} {med:>10} {range:>17} {vs:>9} {best:>9} {p1:>8} {p2:>9} {p4:>9}\n"
+        )
     };
     let mut s = line(head);
     for c in r {
@@ -266,7 +273,7 @@ pub fn table(r: &[ConfigResult]) -> String {
 /// The same table in Markdown.
 pub fn markdown_table(r: &[ConfigResult]) -> String {
     let mut s = String::from(
-        "| working set | guest pages | backing | ns/access (median) | min–max | vs native (median) | vs native (best) | pages_2m | pages_4k |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| working set | guest pages | backing | ns/access (median) | min–max | vs native (median) | vs native (best) | pages_1g | pages_2m | pages_4k |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in r {
         s.push_str(&format!("| {} |\n", row_cells(c, "–").join(" | ")));
@@ -318,17 +325,17 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
             lines[0],
-            "ws       gpages backing           ns/access           min-max vs native   best vs  pages_2m  pages_4k"
+            "ws       gpages backing           ns/access           min-max vs native   best vs pages_1g  pages_2m  pages_4k"
         );
         assert_eq!(
             lines[3],
-            "64M      2m     hugetlb               12.00       11.00-13.00     1.20x     1.10x        32         3"
+            "64M      2m     hugetlb               12.00       11.00-13.00     1.20x     1.10x        0        32         3"
         );
         assert!(lines[1].starts_with("64M      2m     native  "), "{t}");
         let md: Vec<String> = markdown_table(&r).lines().map(String::from).collect();
         assert_eq!(
             md[4],
-            "| 64M | 2m | hugetlb | 12.00 | 11.00–13.00 | 1.20x | 1.10x | 32 | 3 |"
+            "| 64M | 2m | hugetlb | 12.00 | 11.00–13.00 | 1.20x | 1.10x | 0 | 32 | 3 |"
         );
         assert_eq!(md.len(), 2 + r.len());
     }
