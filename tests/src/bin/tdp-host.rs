@@ -37,6 +37,9 @@ struct Args {
     /// 2M hugetlb pages L1 reserves for its guests.
     #[arg(long, default_value_t = l1host::DEFAULT_HUGEPAGES)]
     l1_hugepages: u32,
+    /// 1G hugetlb pages L1 reserves at boot (for `--backing hugetlb-1g`).
+    #[arg(long, default_value_t = 0)]
+    l1_gigpages: u32,
     /// Take the arguments after `--` as one shell command line run in L1 (where
     /// `vmm` is `/bin/vmm`), instead of `vmm` arguments.
     #[arg(long)]
@@ -75,6 +78,7 @@ fn main() {
     let mut batch = Batch {
         memory_mib: args.l1_memory,
         hugepages: args.l1_hugepages,
+        gigpages: args.l1_gigpages,
         ..Batch::default()
     };
     for a in &args.vmm_args {
