@@ -20,6 +20,7 @@
 
 use crate::error::GuestMemError;
 use crate::guest_ram::GuestRam;
+use crate::host_mem::{all_pages, in_page_order};
 use crate::quiesce::{self, Quiesce};
 use crate::split_windows::SplitWindow;
 use crate::FRAMES_PER_GIG;
@@ -27,20 +28,6 @@ use thp::ram_model::{
     DiscardStep, FrameView, GigCollapsePlan, GigPopulatePlan, GigSource, GigSplitPlan,
 };
 use thp::PopulatePlan;
-
-/// All page indices of a frame.
-fn all_pages() -> Vec<u16> {
-    (0..crate::PAGES_PER_HPAGE as u16).collect()
-}
-
-/// `(page, slot)` pairs of small slots in page order.
-fn in_page_order(slots: &[u32]) -> Vec<(u16, u32)> {
-    slots
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (i as u16, *s))
-        .collect()
-}
 
 impl GuestRam {
     fn check_gig(&self, gig: usize) -> Result<(), GuestMemError> {

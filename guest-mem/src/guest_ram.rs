@@ -538,11 +538,7 @@ impl GuestRam {
                 self.host.huge_map(frame, slot)
             }
             (Backing::Hugetlb | Backing::Hugetlb1g, PopulatePlan::Small { slots }) => {
-                let pages: Vec<(u16, u32)> = slots
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (i as u16, *s))
-                    .collect();
+                let pages = crate::host_mem::in_page_order(&slots);
                 self.host.small_map(frame, &pages, true)
             }
             (Backing::Thp, PopulatePlan::Huge { .. }) => {

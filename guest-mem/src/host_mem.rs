@@ -106,6 +106,15 @@ pub(crate) fn all_pages() -> Vec<u16> {
     (0..crate::PAGES_PER_HPAGE as u16).collect()
 }
 
+/// `(page, slot)` pairs of a frame's small slots given in page order.
+pub(crate) fn in_page_order(slots: &[u32]) -> Vec<(u16, u32)> {
+    slots
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (i as u16, *s))
+        .collect()
+}
+
 /// Runs of consecutive slots of `(page index, slot)` pairs, whatever their
 /// pages: `(first slot, count)`.
 fn slot_only_runs(pages: &[(u16, u32)]) -> Vec<(u32, u32)> {
@@ -380,21 +389,24 @@ impl HostMem {
         Ok(t)
     }
 
-    /// Copy the 1 GiB of 1G frame `gig` into a staging map of as much.
+    /// Copy the 1 GiB of 1G frame `gig` into a staging map of as much
+    /// (nothing writes it now: it is write-protected, or the vCPUs are paused).
     pub(crate) fn gig_copy_out(&self, gig: usize, dst: &TempMap) {
-        let len = GIG_SIZE.min(dst.len() as u64) as usize;
-        // SAFETY: the source is 1G frame `gig` of guest RAM, mapped while
-        // `self` lives; the destination is a staging map of at least `len`
-        // bytes; different files, no overlap. Nothing writes the source now:
-        // it is write-protected, or the vCPUs are paused.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.range.ptr(gig as u64 * GIG_SIZE), dst.ptr(), len)
-        };
+        for i in 0..crate::FRAMES_PER_GIG {
+            let frame = gig * crate::FRAMES_PER_GIG + i;
+            let at = i as u64 * HPAGE_SIZE;
+            copy_out(
+                self.range.ptr(frame_off(frame)),
+                dst,
+                &[(0, at, HPAGE_SIZE)],
+            );
+        }
     }
 
     /// One mapping of the 2M pool's slots `base .. base + 512` over 1G frame
     /// `gig`: the 1G page is replaced whole at once (a hugetlb mapping splits
-    /// only at its page size, so never frame by frame), then faulted in.
+    /// only at its page size, so never frame by frame); faulting it in is
+    /// the caller's ([`Self::gig_populate_after_switch`]).
     pub(crate) fn gig_switch_to_block(&self, gig: usize, base: u32) -> Result<(), GuestMemError> {
         let off = gig as u64 * GIG_SIZE;
         self.range.map_file(
@@ -416,14 +428,11 @@ impl HostMem {
             HPAGE_SIZE,
             "hugetlb staging map (1G split)",
         )?;
-        // SAFETY: as in `gig_copy_to_block`, for one 2M frame.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.range.ptr(frame_off(frame)),
-                dst.ptr(),
-                HPAGE_SIZE as usize,
-            )
-        };
+        copy_out(
+            self.range.ptr(frame_off(frame)),
+            &dst,
+            &[(0, 0, HPAGE_SIZE)],
+        );
         Ok(())
     }
 
@@ -462,24 +471,14 @@ impl HostMem {
     /// same place of a 1G staging map of the frame's 1G frame.
     pub(crate) fn copy_into_gig(&self, staging: &TempMap, frame: usize, pages: &[u16]) {
         let in_gig = frame_off(frame) % GIG_SIZE;
-        for (p, n) in page_runs(pages) {
-            let off = u64::from(p) * PAGE_SIZE;
-            let len = u64::from(n) * PAGE_SIZE;
-            if in_gig + off + len > staging.len() as u64 {
-                continue;
-            }
-            // SAFETY: the source run lies inside `frame` of guest RAM (page
-            // runs of a frame end by page 512), mapped while `self` lives; the
-            // destination is the same run inside the staging map (checked);
-            // different files, no overlap; the vCPUs are paused.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.range.ptr(frame_off(frame) + off),
-                    staging.ptr().add((in_gig + off) as usize),
-                    len as usize,
-                )
-            };
-        }
+        let runs: Vec<(u64, u64, u64)> = page_runs(pages)
+            .into_iter()
+            .map(|(p, n)| {
+                let off = u64::from(p) * PAGE_SIZE;
+                (off, in_gig + off, u64::from(n) * PAGE_SIZE)
+            })
+            .collect();
+        copy_out(self.range.ptr(frame_off(frame)), staging, &runs);
     }
 
     /// Bytes of the 1G memfd backed by memory now.
