@@ -141,6 +141,7 @@ impl GuestRam {
                         windows.record(SplitWindow {
                             write_hold: hold.elapsed(),
                             collapse: false,
+                            prepared: false,
                         });
                     }
                     r
@@ -251,6 +252,7 @@ impl GuestRam {
                     windows.record(SplitWindow {
                         write_hold: hold.elapsed(),
                         collapse: true,
+                        prepared: false,
                     });
                 }
                 r

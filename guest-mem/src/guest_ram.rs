@@ -795,7 +795,7 @@ impl GuestRam {
         pages: &[(u16, u32)],
         q: &dyn Quiesce,
     ) -> Result<(), GuestMemError> {
-        self.host.split_prepare(pages)?;
+        let prepared = self.host.split_prepare(pages)?;
         let windows = self.split_windows.clone();
         let hold = windows.hold_on();
         let switched = if let Some(hold) = hold.filter(|_| self.host.split_copy_held(frame, pages))
@@ -806,6 +806,7 @@ impl GuestRam {
                 windows.record(SplitWindow {
                     write_hold: hold.elapsed(),
                     collapse: false,
+                    prepared,
                 });
             }
             r
@@ -825,8 +826,7 @@ impl GuestRam {
     /// After a split that did not happen: punch the small slots it
     /// prepared, so the small memfd holds what the rolled-back books say.
     fn free_prepared_small(&mut self, pages: &[(u16, u32)]) {
-        let slots: Vec<u32> = pages.iter().map(|p| p.1).collect();
-        if let Err(e) = self.host.small_free(&slots) {
+        if let Err(e) = self.host.split_unprepare(pages) {
             warn!("freeing the small slots of a failed split: {e}");
         }
     }
@@ -943,6 +943,7 @@ impl GuestRam {
             gig_capacity: self.model.gig_pool().capacity(),
             gig_used: self.model.gig_pool().used_count(),
             gig_memfd_bytes: self.host.gig_allocated_bytes().unwrap_or(0),
+            split_reserve_bytes: self.host.warm_split_blocks() as u64 * HPAGE_SIZE,
         }
     }
 

@@ -9,6 +9,8 @@
 //! * `thp` / `4k`: `data` is the RAM memfd mapped once over the whole range,
 //!   file offset = guest-physical address. Unpopulated pages are holes.
 
+use std::collections::BTreeMap;
+
 use rustix::fs::{self, SeekFrom};
 use rustix::io::{retry_on_intr, Errno};
 use rustix::mm::Advice;
@@ -31,6 +33,13 @@ pub(crate) struct HostMem {
     gig: Option<Memfd>,
     data: Memfd,
     data_len: u64,
+    /// Split blocks (their base slots; set aside in the model) whose 512
+    /// small slots are allocated in `data` ahead of the split that takes
+    /// them, each with a mapping of its pages, faulted in
+    /// (`crate::split_reserve`).
+    warm: BTreeMap<u32, TempMap>,
+    /// The warm block the split in progress copies into (base, mapping).
+    staging: Option<(u32, TempMap)>,
     /// Write-protects a frame while a split copies it (`hugetlb`, where
     /// the kernel can); `None`: the copy happens under the vCPU pause.
     hold: Option<WriteHold>,
@@ -269,6 +278,8 @@ impl HostMem {
             gig,
             data,
             data_len,
+            warm: BTreeMap::new(),
+            staging: None,
             hold,
             #[cfg(test)]
             fail_switch: false,
@@ -444,7 +455,9 @@ impl HostMem {
         pages: &[(u16, u32)],
     ) -> Result<(), GuestMemError> {
         self.split_prepare(pages)?;
-        self.copy_pages(frame, pages)
+        self.copy_pages(frame, pages)?;
+        self.staging = None;
+        Ok(())
     }
 
     /// Replace 1G frame `gig`'s mapping with zero pages (before its frames
@@ -569,10 +582,23 @@ impl HostMem {
     /// small slots of `pages` (`(page, slot)`) with `fallocate` (one call
     /// per run of slots; no page table touched, nothing zeroed that the copy
     /// overwrites), so that the copy allocates nothing.
-    pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
+    /// A block allocated ahead (warm, `crate::split_reserve`) needs no
+    /// `fallocate`: its pages exist and are mapped for the copy already
+    /// ([`Self::copy_pages`] copies into that mapping, no `pwrite`); its
+    /// slots this split does not fill are punched by [`Self::split_finish`]
+    /// as for any block.
+    /// `true` when the pages were allocated ahead.
+    pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<bool, GuestMemError> {
+        self.staging = None;
         let Some(max) = pages.iter().map(|p| p.1).max() else {
-            return Ok(());
+            return Ok(false);
         };
+        if let Some(base) = block_base(pages) {
+            if let Some(map) = self.warm.remove(&base) {
+                self.staging = Some((base, map));
+                return Ok(true);
+            }
+        }
         // A block is mapped whole: the memfd must reach its end.
         let end = block_base(pages).map_or(max + 1, |b| b + crate::PAGES_PER_HPAGE as u32);
         self.ensure_data_len(u64::from(end))?;
@@ -587,7 +613,25 @@ impl HostMem {
                     source,
                 })?;
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// A handle on the small memfd, grown to hold the split block at
+    /// `base`, to allocate the block's pages without the RAM lock.
+    pub(crate) fn split_block_file(&mut self, base: u32) -> Result<Memfd, GuestMemError> {
+        self.ensure_data_len(u64::from(base) + crate::PAGES_PER_HPAGE)?;
+        self.data.try_clone()
+    }
+
+    /// The split block at `base` is allocated and `map` maps its pages:
+    /// the next split onto it skips its `fallocate` and copies through `map`.
+    pub(crate) fn mark_split_block_warm(&mut self, base: u32, map: TempMap) {
+        self.warm.insert(base, map);
+    }
+
+    /// Split blocks allocated ahead now.
+    pub(crate) fn warm_split_blocks(&self) -> usize {
+        self.warm.len()
     }
 
     /// Whether a split can hold back writes to its frame while it copies.
@@ -702,6 +746,22 @@ impl HostMem {
     /// consecutive slots (nothing is mapped for it).
     fn copy_pages(&self, frame: usize, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let src = self.range.ptr(frame_off(frame));
+        if let Some((_, map)) = self
+            .staging
+            .as_ref()
+            .filter(|(b, _)| block_base(pages) == Some(*b))
+        {
+            // A warm block: page p sits at p * 4K of its mapping.
+            let runs: Vec<(u64, u64, u64)> = slot_runs(pages)
+                .into_iter()
+                .map(|(p, _, n)| {
+                    let off = u64::from(p) * PAGE_SIZE;
+                    (off, off, u64::from(n) * PAGE_SIZE)
+                })
+                .collect();
+            copy_out(src, map, &runs);
+            return Ok(());
+        }
         for (p, s, n) in slot_runs(pages) {
             let (off, len) = (u64::from(p) * PAGE_SIZE, u64::from(n) * PAGE_SIZE);
             if off + len > HPAGE_SIZE {
@@ -773,7 +833,25 @@ impl HostMem {
         if !pages.is_empty() {
             self.frame_hugepage_advice(frame, false)?;
         }
+        self.staging = None;
         self.huge_free(huge_slot)
+    }
+
+    /// After a split that did not happen: punch the small slots it
+    /// prepared (a block's: all 512, a warm block was allocated whole), so
+    /// the small memfd holds what the rolled-back books say.
+    pub(crate) fn split_unprepare(&mut self, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
+        self.staging = None;
+        match block_base(pages) {
+            Some(base) => self.data.punch_hole(
+                u64::from(base) * PAGE_SIZE,
+                crate::PAGES_PER_HPAGE * PAGE_SIZE,
+            ),
+            None => {
+                let slots: Vec<u32> = pages.iter().map(|p| p.1).collect();
+                self.small_free(&slots)
+            }
+        }
     }
 
     /// Collapse, step 1 (vCPUs running): take huge slot `slot` from the host

@@ -47,6 +47,20 @@ impl Memfd {
         })
     }
 
+    /// A second handle on the same file (`dup`): for work on the file
+    /// (`fallocate`) away from the owner's lock.
+    pub fn try_clone(&self) -> Result<Self, GuestMemError> {
+        let fd = self.fd.try_clone().map_err(|source| GuestMemError::Memfd {
+            name: self.name.clone(),
+            source,
+        })?;
+        Ok(Self {
+            fd,
+            name: self.name.clone(),
+            kind: self.kind,
+        })
+    }
+
     /// Name given at creation.
     pub fn name(&self) -> &str {
         &self.name

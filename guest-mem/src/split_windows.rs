@@ -25,6 +25,9 @@ pub struct SplitWindow {
     pub write_hold: Duration,
     /// A 1G collapse's hold, not a split's.
     pub collapse: bool,
+    /// The split's small pages were allocated ahead (the split reserve):
+    /// it allocated nothing on its path.
+    pub prepared: bool,
 }
 
 /// The windows of the splits made since the last [`SplitWindows::take`].
@@ -132,6 +135,7 @@ mod tests {
         let w = SplitWindow {
             write_hold: Duration::from_micros(7),
             collapse: false,
+            prepared: false,
         };
         for _ in 0..MAX_WINDOWS + 3 {
             s.record(w);

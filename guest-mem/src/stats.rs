@@ -20,6 +20,9 @@ pub struct PoolStats {
     pub pool_memfd_bytes: u64,
     /// Bytes of the small-page / RAM memfd backed by memory now (host truth).
     pub data_memfd_bytes: u64,
+    /// Of `data_memfd_bytes`: split blocks allocated ahead (the split
+    /// reserve, `hugetlb` backings), backing no guest page yet.
+    pub split_reserve_bytes: u64,
     /// The host's 2M hugetlb counters (`HugePages_*`), when readable.
     pub host: Option<HugeMeminfo>,
     /// `hugetlb-1g`: 1G pages of our 1G pool (0 for the other backings).

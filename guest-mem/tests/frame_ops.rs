@@ -11,7 +11,10 @@ use rand::{Rng, SeedableRng};
 
 const FRAMES: usize = 16;
 
-fn run(backing: Backing, seed: u64, steps: usize) {
+/// `reserve`: keep up to that many split blocks allocated ahead (topped up
+/// at random steps, `GuestRam::prepare_split_blocks`), so that splits land
+/// on warm blocks, cold ones and plain runs in turn.
+fn run(backing: Backing, seed: u64, steps: usize, reserve: usize) {
     let cfg = GuestRamConfig::new(FRAMES as u64 * guest_mem::HPAGE_SIZE, backing);
     let mut ram = GuestRam::new(&cfg).unwrap();
     ram.populate_all().unwrap();
@@ -26,13 +29,20 @@ fn run(backing: Backing, seed: u64, steps: usize) {
 
     let mut rng = StdRng::seed_from_u64(seed);
     let (mut splits, mut collapses, mut discards, mut refills) = (0, 0, 0, 0);
+    let mut warm_splits = 0;
     for step in 0..steps {
         let gen = step as u32 + 2;
+        if reserve > 0 && rng.gen_bool(0.3) {
+            ram.prepare_split_blocks(rng.gen_range(1..=reserve))
+                .unwrap();
+        }
         match rng.gen_range(0..4) {
             0 if backing != Backing::Small4k => {
                 let f = rng.gen_range(0..FRAMES);
                 let was = ram.frame_states()[f];
+                let warm = ram.warm_split_blocks();
                 ram.split(f, &NoVcpus).unwrap();
+                warm_splits += usize::from(ram.warm_split_blocks() < warm);
                 must_pmd[f] = false;
                 if let FrameView::Huge { .. } = was {
                     assert_eq!(ram.frame_states()[f], FrameView::Small { present: 512 });
@@ -113,13 +123,17 @@ fn run(backing: Backing, seed: u64, steps: usize) {
         sh.verify_bytes(&ram);
     }
     eprintln!(
-        "{backing} seed {seed}: {splits} splits, {collapses} collapses, {discards} discards, {refills} refills; final {:?}",
+        "{backing} seed {seed}: {splits} splits ({warm_splits} onto warm blocks), {collapses} collapses, {discards} discards, {refills} refills; final {:?}",
         ram.host_view().unwrap().smaps
     );
     if backing != Backing::Small4k {
         assert!(
             splits + collapses > 0,
             "the random walk did no split or collapse"
+        );
+        assert!(
+            reserve == 0 || warm_splits > 0,
+            "no split landed on a block allocated ahead"
         );
     }
 }
@@ -130,7 +144,17 @@ fn random_ops_hugetlb() {
         return;
     }
     for seed in [1, 2] {
-        run(Backing::Hugetlb, seed, 60);
+        run(Backing::Hugetlb, seed, 60, 0);
+    }
+}
+
+#[test]
+fn random_ops_hugetlb_with_a_split_reserve() {
+    if !common::hugetlb_available(FRAMES as u64) {
+        return;
+    }
+    for seed in [6, 7] {
+        run(Backing::Hugetlb, seed, 60, 2);
     }
 }
 
@@ -140,11 +164,11 @@ fn random_ops_thp() {
         return;
     }
     for seed in [3, 4] {
-        run(Backing::Thp, seed, 60);
+        run(Backing::Thp, seed, 60, 0);
     }
 }
 
 #[test]
 fn random_ops_4k() {
-    run(Backing::Small4k, 5, 40);
+    run(Backing::Small4k, 5, 40, 0);
 }

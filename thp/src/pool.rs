@@ -5,6 +5,11 @@
 
 use std::collections::BTreeSet;
 
+use crate::units::PAGES_PER_HPAGE;
+
+/// Slots in one split block: a 2M frame's 4K pages.
+const BLOCK: u32 = PAGES_PER_HPAGE as u32;
+
 /// A slot freed twice or out of range.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
@@ -69,6 +74,9 @@ enum PoolUndo {
     /// Huge `slot` was taken from position `pos` of the free list
     /// ([`HugePool::alloc_at`]).
     AllocAt { slot: u32, pos: usize },
+    /// The prepared block at `base` was taken by an allocation inside it
+    /// (small pool, [`SmallPool::alloc_at`]).
+    Unprepared(u32),
 }
 
 impl HugePool {
@@ -103,8 +111,8 @@ impl HugePool {
                     self.free.insert(pos, slot);
                 }
                 PoolUndo::Failed => self.fail_next += 1,
-                // The huge pool never grows.
-                PoolUndo::Grew => {}
+                // The huge pool never grows and sets no block aside.
+                PoolUndo::Grew | PoolUndo::Unprepared(_) => {}
             }
         }
     }
@@ -212,6 +220,12 @@ pub struct SmallPool {
     used: Vec<bool>,
     in_use: usize,
     fail_next: u32,
+    /// Bases of blocks of 512 free slots set aside for splits
+    /// ([`Self::prepare_block`]): below the high-water mark, disjoint;
+    /// [`Self::alloc`] takes no slot of them, [`Self::free_block`] hands
+    /// out the lowest. The host allocates their pages ahead, so a split
+    /// onto one allocates nothing.
+    prepared: BTreeSet<u32>,
     /// While a transaction is open: how to undo each change.
     pub(crate) undo: UndoLog,
 }
@@ -249,6 +263,9 @@ impl SmallPool {
                 PoolUndo::Failed => self.fail_next += 1,
                 // Only the huge pool takes a slot at a free-list position.
                 PoolUndo::AllocAt { .. } => {}
+                PoolUndo::Unprepared(base) => {
+                    self.prepared.insert(base);
+                }
                 PoolUndo::Grew => {
                     if let Some(last) = self.used.len().checked_sub(1) {
                         self.free.remove(&(last as u32));
@@ -265,12 +282,24 @@ impl SmallPool {
 
     /// The lowest slot `base` with `base..base + n` all free or not yet
     /// created: where a split places a frame's pages at `base + page`, so
-    /// that one mapping of the small memfd covers the whole frame.
+    /// that one mapping of the small memfd covers the whole frame. A split
+    /// (`n` = 512) gets the lowest prepared block when there is one; no
+    /// other run overlaps a prepared block.
     pub fn free_block(&self, n: usize) -> u32 {
-        let n = n as u32;
+        if n == BLOCK as usize {
+            if let Some(&base) = self.prepared.first() {
+                return base;
+            }
+        }
+        self.lowest_run(n as u32)
+    }
+
+    /// The lowest run of `n` free slots outside the prepared blocks, or
+    /// where the pool would grow to hold one.
+    fn lowest_run(&self, n: u32) -> u32 {
         let end = self.used.len() as u32;
         let mut run: Option<(u32, u32)> = None;
-        for &s in &self.free {
+        for &s in self.free.iter().filter(|&&s| !self.in_prepared(s)) {
             run = match run {
                 Some((start, len)) if start + len == s => Some((start, len + 1)),
                 _ => Some((s, 1)),
@@ -288,6 +317,54 @@ impl SmallPool {
         }
     }
 
+    /// The prepared block holding `slot`, if any.
+    fn prepared_block_of(&self, slot: u32) -> Option<u32> {
+        self.prepared
+            .range(..=slot)
+            .next_back()
+            .copied()
+            .filter(|&b| slot < b + BLOCK)
+    }
+
+    fn in_prepared(&self, slot: u32) -> bool {
+        self.prepared_block_of(slot).is_some()
+    }
+
+    /// Sets aside the lowest run of 512 free slots for a split (growing
+    /// the pool to hold it) and returns its base: [`Self::alloc`] leaves
+    /// it alone and the next split ([`Self::free_block`]) gets it. Not part
+    /// of a transaction: call it between operations.
+    pub fn prepare_block(&mut self) -> u32 {
+        let base = self.lowest_run(BLOCK);
+        while (self.used.len() as u32) < base + BLOCK {
+            self.free.insert(self.used.len() as u32);
+            self.used.push(false);
+        }
+        self.prepared.insert(base);
+        base
+    }
+
+    /// Whether the block at `base` is still set aside (no slot of it taken).
+    pub fn is_prepared(&self, base: u32) -> bool {
+        self.prepared.contains(&base)
+    }
+
+    /// Number of blocks set aside.
+    pub fn prepared_count(&self) -> usize {
+        self.prepared.len()
+    }
+
+    /// The bases of the blocks set aside, ascending.
+    pub fn prepared_blocks(&self) -> impl Iterator<Item = u32> + '_ {
+        self.prepared.iter().copied()
+    }
+
+    /// Gives the block at `base` back to ordinary allocation (the host
+    /// could not allocate its pages). `false` when it was not set aside.
+    pub fn release_block(&mut self, base: u32) -> bool {
+        self.prepared.remove(&base)
+    }
+
     /// Takes `slot`: a free one, or one past the high-water mark (the pool
     /// grows to it; the slots in between become free). `None` when `slot`
     /// is taken, the limit is reached or an injected failure is due.
@@ -299,6 +376,10 @@ impl SmallPool {
         }
         if self.available() == 0 || self.is_used(slot) {
             return None;
+        }
+        if let Some(base) = self.prepared_block_of(slot) {
+            self.prepared.remove(&base);
+            self.record(PoolUndo::Unprepared(base));
         }
         while self.used.len() <= slot as usize {
             self.free.insert(self.used.len() as u32);
@@ -358,8 +439,14 @@ impl SmallPool {
         if self.available() == 0 {
             return None;
         }
-        let (slot, grew) = match self.free.pop_first() {
-            Some(s) => (s, false),
+        // The lowest free slot outside the prepared blocks; they lie below
+        // the high-water mark, so a new slot is never inside one.
+        let lowest = self.free.iter().copied().find(|&s| !self.in_prepared(s));
+        let (slot, grew) = match lowest {
+            Some(s) => {
+                self.free.remove(&s);
+                (s, false)
+            }
             None => {
                 self.used.push(false);
                 ((self.used.len() - 1) as u32, true)
@@ -391,9 +478,16 @@ impl SmallPool {
     /// Checks that free list, used map and counter agree.
     pub fn is_consistent(&self) -> bool {
         let used = self.used.iter().filter(|u| **u).count();
+        let mut last_end = 0;
+        let prepared_ok = self.prepared.iter().all(|&b| {
+            let ok = b >= last_end && (b..b + BLOCK).all(|s| self.free.contains(&s));
+            last_end = b + BLOCK;
+            ok
+        });
         used == self.in_use
             && used + self.free.len() == self.used.len()
             && self.free.iter().all(|s| !self.used[*s as usize])
+            && prepared_ok
     }
 }
 
@@ -491,6 +585,40 @@ mod tests {
         p.rollback_undo();
         assert_eq!(p.high_water(), 8);
         assert_eq!(p.free_block(3), 7);
+        assert!(p.is_consistent());
+    }
+
+    #[test]
+    fn prepared_blocks_are_left_alone_by_alloc_and_handed_to_the_next_split() {
+        let mut p = SmallPool::new(None);
+        let a: Vec<u32> = (0..8).map(|_| p.alloc().unwrap()).collect();
+        p.free(a[3]).unwrap();
+        // Free: 3; the lowest run of 512 starts at the high-water mark 8.
+        assert_eq!(p.prepare_block(), 8);
+        assert_eq!(p.high_water(), 8 + 512, "grown to hold the block");
+        assert_eq!(p.prepare_block(), 520);
+        assert_eq!(p.prepared_count(), 2);
+        assert!(p.is_consistent());
+        // Plain allocations take slot 3, then grow past both blocks.
+        assert_eq!(p.alloc(), Some(3));
+        assert_eq!(p.alloc(), Some(1032));
+        // A split gets the lowest block; a run search skips the blocks.
+        assert_eq!(p.free_block(512), 8);
+        assert_eq!(p.free_block(2), 1033);
+        // Taking a slot of a block unprepares it, exactly undone on rollback.
+        let before = format!("{p:?}");
+        p.undo.begin();
+        assert_eq!(p.alloc_at(8 + 5), Some(13));
+        assert!(!p.is_prepared(8) && p.is_prepared(520));
+        assert_eq!(p.free_block(512), 520);
+        assert!(p.is_consistent());
+        p.rollback_undo();
+        assert_eq!(format!("{p:?}"), before);
+        assert!(p.release_block(520));
+        assert!(!p.release_block(520));
+        assert_eq!(p.prepared_blocks().collect::<Vec<_>>(), vec![8]);
+        // Released slots are ordinary free slots again.
+        assert_eq!(p.free_block(500), 520);
         assert!(p.is_consistent());
     }
 }

@@ -80,6 +80,9 @@ pub struct RunConfig {
     pub collapse_pages_to_scan: u32,
     /// Most pages of a frame that may be missing for a collapse.
     pub collapse_max_ptes_none: u32,
+    /// Split blocks (2 MiB of small pages each) kept allocated ahead on
+    /// `hugetlb` backings (0 = none: a split allocates its pages itself).
+    pub split_reserve: u32,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -114,6 +117,7 @@ impl Default for RunConfig {
             collapse_interval_ms: 10_000,
             collapse_pages_to_scan: 4096,
             collapse_max_ptes_none: 0,
+            split_reserve: 4,
             kvm_dev: "/dev/kvm".into(),
         }
     }

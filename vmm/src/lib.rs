@@ -33,6 +33,7 @@ pub mod report;
 pub mod run;
 pub mod signals;
 pub mod snapshot;
+pub mod split_reserve;
 pub mod stats;
 pub mod stdout;
 pub mod stress;

@@ -407,13 +407,14 @@ fn unmap_text(r: &RunReport) -> String {
         ));
         s.push_str(&format!(
             "  split latency (request to 4K-mapped) median {}, vCPU pause per split median {} ({} pauses), \
-             writes to the frame held median {} ({} splits without a pause), \
+             writes to the frame held median {} ({} splits without a pause, {} onto pages allocated ahead), \
              collapse median {}, collapse rate {}\n",
             us(u.split_latency.median_us),
             us(u.split_pause.median_us),
             u.split_pause.count,
             us(u.split_write_hold.median_us),
             u.split_write_hold.count,
+            u.splits_onto_reserve,
             us(u.collapse_time.median_us),
             u.collapse_rate_frames_per_s
                 .map_or_else(|| "n/a".to_string(), |r| format!("{r:.0} frames/s"))

@@ -25,6 +25,7 @@ use crate::outcome::Outcome;
 use crate::output_path;
 use crate::report::{self, RunReport};
 use crate::snapshot::HostMemory;
+use crate::split_reserve::SplitReserve;
 use crate::stats::KvmSample;
 use crate::testguest::{self, TestGuestName, TestGuestParams};
 
@@ -233,6 +234,7 @@ struct Services {
     api: Option<ApiServer>,
     collapser: Option<(Arc<Collapser>, Option<JoinHandle<()>>)>,
     splitter: Option<(Arc<DeferredSplitter>, JoinHandle<()>)>,
+    reserve: Option<(Arc<SplitReserve>, JoinHandle<()>)>,
 }
 
 impl Services {
@@ -259,6 +261,15 @@ impl Services {
                 .map_err(os("spawning the collapser thread"))?;
             Some((c, h))
         };
+        let reserve = if args.split_reserve > 0 && args.backing.is_hugetlb() {
+            let r = SplitReserve::new(args.split_reserve as usize);
+            let h = r
+                .start(machine)
+                .map_err(os("spawning the split-reserve thread"))?;
+            Some((r, h))
+        } else {
+            None
+        };
         let api = match &args.api_socket {
             Some(p) => Some(ApiServer::start(p, Arc::downgrade(machine))?),
             None => None,
@@ -267,6 +278,7 @@ impl Services {
             api,
             collapser,
             splitter,
+            reserve,
         })
     }
 
@@ -283,6 +295,12 @@ impl Services {
             s.stop();
             if h.join().is_err() {
                 log::error!("the deferred-split thread panicked");
+            }
+        }
+        if let Some((r, h)) = self.reserve {
+            r.stop();
+            if h.join().is_err() {
+                log::error!("the split-reserve thread panicked");
             }
         }
     }

@@ -92,6 +92,9 @@ pub struct UnmapMetrics {
     /// held back (write-protected from before the copy to after the remap;
     /// only a writer of that frame waits, reads go on).
     pub split_write_hold: Series,
+    /// Of those splits: how many found their small pages allocated ahead
+    /// (the split reserve) and allocated nothing on their path.
+    pub splits_onto_reserve: u64,
     /// Time per collapse (copy + remap, or `MADV_COLLAPSE`).
     pub collapse_time: Series,
     /// vCPU pause windows per collapse (hugetlb).
@@ -165,6 +168,7 @@ impl UnmapRecorder {
         for w in self.windows.iter().flat_map(|w| w.take()) {
             if !w.collapse {
                 m.split_write_hold.push(w.write_hold);
+                m.splits_onto_reserve += u64::from(w.prepared);
             }
         }
     }

@@ -32,12 +32,14 @@ fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("vmm-unmap-{}-{name}", std::process::id()))
 }
 
-fn run_unmap(backing: &str) -> Value {
+fn run_unmap(backing: &str, reserve: &str) -> Value {
     let memory = format!("{MIB}M");
     let (report, stdout) = common::run_with_report(
-        &format!("unmap-{backing}"),
+        &format!("unmap-{backing}-reserve{reserve}"),
         &[
             "run",
+            "--split-reserve",
+            reserve,
             "--test-guest",
             "unmap",
             "--backing",
@@ -65,12 +67,13 @@ fn phase(r: &Value, p: u64) -> &Value {
         .unwrap_or_else(|| panic!("no checkpoint {p} in {r:#}"))
 }
 
-fn check_split_and_collapse(backing: &str) {
+/// `reserve`: `--split-reserve` (blocks allocated ahead for splits).
+fn check_split_and_collapse(backing: &str, reserve: u64) {
     if let Some(why) = skip_reason(backing) {
         common::skip(&why);
         return;
     }
-    let r = run_unmap(backing);
+    let r = run_unmap(backing, &reserve.to_string());
     // The guest verified every kept byte and every given-back page.
     assert_eq!(num(&r, &["report_totals", "mismatches"]), 0, "{r:#}");
     assert_eq!(num(&r, &["report_totals", "nonzero_discarded"]), 0);
@@ -132,6 +135,15 @@ fn check_split_and_collapse(backing: &str) {
         "hugetlb" => {
             assert_eq!(num(&r, &["unmap", "split_write_hold", "count"]), K);
             assert_eq!(num(&r, &["unmap", "collapse_pause", "count"]), K);
+            // The reserve is allocated before the vCPUs start: at least the
+            // first `reserve` splits find their pages there (the thread
+            // tops it up meanwhile); none without one.
+            let onto = num(&r, &["unmap", "splits_onto_reserve"]);
+            assert!(
+                onto >= reserve.min(K) && onto <= K && (reserve > 0 || onto == 0),
+                "{onto} splits onto the reserve of {reserve}: {:#}",
+                r["unmap"]
+            );
         }
         // thp: the kernel splits in place on the punch.
         _ => assert_eq!(num(&r, &["unmap", "split_write_hold", "count"]), 0),
@@ -146,12 +158,17 @@ fn check_split_and_collapse(backing: &str) {
 
 #[test]
 fn unmap_k8_hugetlb_splits_exactly_k_frames_and_collapses_them() {
-    check_split_and_collapse("hugetlb");
+    check_split_and_collapse("hugetlb", 4);
+}
+
+#[test]
+fn unmap_k8_hugetlb_without_a_split_reserve_is_as_exact() {
+    check_split_and_collapse("hugetlb", 0);
 }
 
 #[test]
 fn unmap_k8_thp_splits_exactly_k_frames_and_collapses_them() {
-    check_split_and_collapse("thp");
+    check_split_and_collapse("thp", 4);
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> (Option<i32>, String, String) {

@@ -11,6 +11,7 @@ use crate::primary::{CollapseRefusal, FaultOutcome, FrameMap, Mm, MmError, MmId,
 use crate::units::{Level, PAGES_PER_HPAGE, PAGES_PER_HPAGE_USIZE};
 
 mod gig;
+mod split_blocks;
 use gig::GigLayer;
 pub use gig::{GigCollapsePlan, GigPopulatePlan, GigSource, GigSplitPlan, FRAMES_PER_GIG};
 

@@ -147,9 +147,22 @@ pub struct RunArgs {
     /// kernel's 511 would refill every page the guest gave back).
     #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=511))]
     pub collapse_max_ptes_none: u32,
+    /// The split reserve.
+    #[command(flatten)]
+    pub reserve: SplitReserveArg,
     /// The hidden `--kvm-dev`.
     #[command(flatten)]
     pub kvm: KvmDevArg,
+}
+
+/// `--split-reserve BLOCKS` of the subcommands that split frames.
+#[derive(Debug, Clone, Args)]
+pub struct SplitReserveArg {
+    /// Blocks of small pages (2 MiB each) kept allocated ahead for splits
+    /// on hugetlb backings, by a background thread, so a split does not
+    /// allocate on its path (0 = none).
+    #[arg(long, value_name = "BLOCKS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub split_reserve: u32,
 }
 
 /// The hidden `--kvm-dev PATH` option (env `VMM_KVM_DEV`) of the
@@ -198,6 +211,7 @@ impl From<RunArgs> for RunConfig {
             collapse_interval_ms: a.collapse_interval_ms,
             collapse_pages_to_scan: a.collapse_pages_to_scan,
             collapse_max_ptes_none: a.collapse_max_ptes_none,
+            split_reserve: a.reserve.split_reserve,
             kvm_dev: a.kvm.kvm_dev,
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use guest_mem::Backing;
 
-use super::{parse_backing, parse_secs, parse_size, KvmDevArg};
+use super::{parse_backing, parse_secs, parse_size, KvmDevArg, SplitReserveArg};
 use vmm::stress::events::{OpsMix, DEFAULT_MIX};
 use vmm::stress::{InjectBug, StressConfig, EXIT_CODES};
 
@@ -52,6 +52,9 @@ pub struct StressArgs {
     /// Test only: a deliberate bug (skip-log, skip-discard, no-write-hold).
     #[arg(long, value_name = "BUG", hide = true)]
     pub inject_bug: Option<InjectBug>,
+    /// The split reserve.
+    #[command(flatten)]
+    pub reserve: SplitReserveArg,
     /// KVM device node (hidden, for tests).
     #[command(flatten)]
     pub kvm: KvmDevArg,
@@ -76,6 +79,7 @@ impl From<StressArgs> for StressConfig {
             replay: a.replay,
             replay_out: a.replay_out,
             inject_bug: a.inject_bug,
+            split_reserve: a.reserve.split_reserve,
             kvm_dev: a.kvm.kvm_dev,
         }
     }

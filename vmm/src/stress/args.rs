@@ -78,6 +78,8 @@ pub struct StressConfig {
     pub replay_out: Option<PathBuf>,
     /// Test only: a deliberate bug (skip-log, skip-discard).
     pub inject_bug: Option<InjectBug>,
+    /// Split blocks kept allocated ahead (`hugetlb` backings; 0 = none).
+    pub split_reserve: u32,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }

@@ -45,6 +45,7 @@ use guest_mem::{Backing, HPAGE_SIZE};
 use crate::builder::RunError;
 use crate::exit_code;
 use crate::outcome::Outcome;
+use crate::split_reserve::SplitReserve;
 use crate::testguest::guests::stress::SharedArea;
 
 pub use args::{InjectBug, StressConfig, EXIT_CODES};
@@ -209,6 +210,13 @@ pub fn run_with_progress(
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
+    let reserve = (a.split_reserve > 0 && p.backing.is_hugetlb())
+        .then(|| {
+            let r = SplitReserve::new(a.split_reserve as usize);
+            r.start(&m).map(|h| (r, h))
+        })
+        .transpose()
+        .map_err(StressError::Thread)?;
     let (m2, s2) = (m.clone(), vshared.clone());
     let body = move |i, fd| vcpu::run_vcpu(i, fd, m2.clone(), s2.clone());
     let handles = crate::builder::spawn_vcpus(&mut vm, &m.control, STOP_TIMEOUT, body)
@@ -242,6 +250,12 @@ pub fn run_with_progress(
         lp.internal.get_or_insert(e.to_string());
     }
     let outcome = m.wait_outcome(FINISH_TIMEOUT);
+    if let Some((r, h)) = reserve {
+        r.stop();
+        if h.join().is_err() {
+            log::error!("the split-reserve thread panicked");
+        }
+    }
     stop_vcpus(&m, handles);
     let mut end = judge(&mut lp, &log, &m, &vshared, outcome);
     if end.exit == exit_code::TEST_FAILURE {
@@ -512,8 +526,8 @@ fn report(
     split_windows: &guest_mem::SplitWindows,
 ) -> StressReport {
     let kinds = lp.tally.finish();
-    let held: Vec<f64> = split_windows
-        .take()
+    let windows: Vec<_> = split_windows.take();
+    let held: Vec<f64> = windows
         .iter()
         .map(|w| w.write_hold.as_secs_f64() * 1e6)
         .collect();
@@ -548,6 +562,7 @@ fn report(
         per_vcpu: end.counters,
         wrprotect_faults: vshared.gate.faults(),
         unpaused_splits: held.len() as u64,
+        splits_onto_reserve: windows.iter().filter(|w| w.prepared).count() as u64,
         split_write_hold_median_us: crate::unmap_stats::median(&held),
         quiescent_points: lp.points,
         violations: end.violations,

@@ -152,6 +152,8 @@ pub struct StressReport {
     /// hugetlb splits made without a vCPU pause (only writers of the frame
     /// waited, while it was copied and remapped).
     pub unpaused_splits: u64,
+    /// Of those: splits onto small pages allocated ahead (`--split-reserve`).
+    pub splits_onto_reserve: u64,
     /// Their median write-hold window, microseconds.
     pub split_write_hold_median_us: Option<f64>,
     /// Quiescent points.
@@ -210,9 +212,11 @@ impl StressReport {
                     k.totals.faults, k.faulted
                 ),
                 "split" if self.unpaused_splits > 0 => format!(
-                    "{} splits without a vCPU pause (writes to the frame held median {:.0} us)",
+                    "{} splits without a vCPU pause (writes to the frame held median {:.0} us), \
+                     {} onto pages allocated ahead",
                     self.unpaused_splits,
-                    self.split_write_hold_median_us.unwrap_or(0.0)
+                    self.split_write_hold_median_us.unwrap_or(0.0),
+                    self.splits_onto_reserve
                 ),
                 "dirtylog" => format!(
                     "pages_2m fell in {} of {}; {} dirty pages logged",

@@ -1,0 +1,109 @@
+//! The split-reserve worker (`hugetlb` backings): a thread that keeps a few
+//! blocks of small pages allocated ahead for splits
+//! (`guest_mem::GuestRam::split_block_to_prepare`), so a split (a guest
+//! give-back, a `vmm ctl split`, a stress event) does not allocate 511 shmem
+//! pages on its path. Each block is allocated without the RAM lock (see
+//! `guest-mem`'s `split_reserve` for why that is safe); the lock is held
+//! only to set the block aside and to mark it ready.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::ram_handle::RamHandle;
+
+/// How often the worker looks for blocks a split took.
+const POLL: Duration = Duration::from_millis(2);
+/// How long it waits after the host refused to allocate a block.
+const BACK_OFF: Duration = Duration::from_secs(1);
+
+/// The worker of one machine.
+#[derive(Debug)]
+pub struct SplitReserve {
+    blocks: usize,
+    stop: Mutex<bool>,
+    cv: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl SplitReserve {
+    /// A worker keeping `blocks` blocks (2 MiB of host memory each) ready.
+    pub fn new(blocks: usize) -> Arc<SplitReserve> {
+        Arc::new(SplitReserve {
+            blocks,
+            stop: Mutex::new(false),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Tops the reserve up once: sets aside and allocates blocks until
+    /// `blocks` are ready. Returns how many it allocated, or the host's
+    /// refusal (logged by the caller).
+    pub fn top_up(&self, m: &dyn RamHandle) -> Result<usize, guest_mem::GuestMemError> {
+        let mut n = 0;
+        loop {
+            let Some(prep) = m.ram().split_block_to_prepare(self.blocks)? else {
+                return Ok(n);
+            };
+            let r = prep.allocate();
+            if m.ram().split_block_allocated(prep, r)? {
+                n += 1;
+            }
+        }
+    }
+
+    /// Tops the reserve up on the caller's thread (before any vCPU runs,
+    /// the first splits find it ready), then starts the thread; it ends on
+    /// [`Self::stop`] or when the machine is gone.
+    pub fn start(
+        self: &Arc<Self>,
+        m: &Arc<impl RamHandle + 'static>,
+    ) -> std::io::Result<JoinHandle<()>> {
+        if let Err(e) = self.top_up(m.as_ref()) {
+            log::warn!("split reserve: {e}; splits allocate their pages themselves for now");
+        }
+        let me = Arc::clone(self);
+        let weak = Arc::downgrade(m);
+        std::thread::Builder::new()
+            .name("split-reserve".into())
+            .spawn(move || me.run(weak))
+    }
+
+    fn run(&self, m: Weak<impl RamHandle>) {
+        let mut wait = Duration::ZERO;
+        loop {
+            {
+                let st = lock(&self.stop);
+                let (st, _) = self
+                    .cv
+                    .wait_timeout_while(st, wait, |s| !*s)
+                    .unwrap_or_else(|p| p.into_inner());
+                if *st {
+                    return;
+                }
+            }
+            let Some(machine) = m.upgrade() else {
+                return;
+            };
+            if machine.vcpus().stopping() {
+                return;
+            }
+            wait = match self.top_up(machine.as_ref()) {
+                Ok(_) => POLL,
+                Err(e) => {
+                    log::warn!("split reserve: {e}; trying again in {BACK_OFF:?}");
+                    BACK_OFF
+                }
+            };
+        }
+    }
+
+    /// Ask the thread to end.
+    pub fn stop(&self) {
+        *lock(&self.stop) = true;
+        self.cv.notify_all();
+    }
+}
