@@ -22,6 +22,9 @@ use crate::memfd::{Memfd, MemfdKind};
 use crate::write_hold::WriteHold;
 use crate::{GIG_SIZE, HPAGE_SIZE, PAGE_SIZE};
 
+/// Staging mappings of finished splits kept for unmapping elsewhere.
+const MAX_USED_STAGING: usize = 16;
+
 /// The memfds and the host range, with per-frame primitives.
 #[derive(Debug)]
 pub(crate) struct HostMem {
@@ -40,6 +43,10 @@ pub(crate) struct HostMem {
     warm: BTreeMap<u32, TempMap>,
     /// The warm block the split in progress copies into (base, mapping).
     staging: Option<(u32, TempMap)>,
+    /// Staging mappings of finished splits, unmapped off the split's path
+    /// by whoever takes them ([`Self::take_used_staging`]; at most
+    /// `MAX_USED_STAGING` wait, older ones are unmapped in place).
+    used_staging: Vec<TempMap>,
     /// Write-protects a frame while a split copies it (`hugetlb`, where
     /// the kernel can); `None`: the copy happens under the vCPU pause.
     hold: Option<WriteHold>,
@@ -280,6 +287,7 @@ impl HostMem {
             data_len,
             warm: BTreeMap::new(),
             staging: None,
+            used_staging: Vec::new(),
             hold,
             #[cfg(test)]
             fail_switch: false,
@@ -833,8 +841,19 @@ impl HostMem {
         if !pages.is_empty() {
             self.frame_hugepage_advice(frame, false)?;
         }
-        self.staging = None;
+        if let Some((_, map)) = self.staging.take() {
+            if self.used_staging.len() >= MAX_USED_STAGING {
+                self.used_staging.clear();
+            }
+            self.used_staging.push(map);
+        }
         self.huge_free(huge_slot)
+    }
+
+    /// The staging mappings of finished splits, to unmap (drop) away from
+    /// the split's path and the RAM lock.
+    pub(crate) fn take_used_staging(&mut self) -> Vec<TempMap> {
+        std::mem::take(&mut self.used_staging)
     }
 
     /// After a split that did not happen: punch the small slots it

@@ -290,6 +290,26 @@ impl TempMap {
         )
     }
 
+    /// [`Self::populate`] `chunk` bytes at a time: the process's mmap lock
+    /// is taken for each chunk alone, so an `mmap` of another thread (a
+    /// split's remap, under a write-hold) waits for one chunk at most
+    /// instead of the whole mapping.
+    pub fn populate_in_chunks(&self, chunk: usize) -> Result<(), GuestMemError> {
+        let chunk = chunk.max(1);
+        let mut off = 0;
+        while off < self.len {
+            let n = chunk.min(self.len - off);
+            madvise_raw(
+                self.addr + off,
+                n,
+                Advice::LinuxPopulateWrite,
+                "MADV_POPULATE_WRITE (staging map)",
+            )?;
+            off += n;
+        }
+        Ok(())
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len

@@ -43,6 +43,9 @@ impl SplitReserve {
     /// `blocks` are ready. Returns how many it allocated, or the host's
     /// refusal (logged by the caller).
     pub fn top_up(&self, m: &dyn RamHandle) -> Result<usize, guest_mem::GuestMemError> {
+        // Unmapped here, not under the RAM lock nor on a split's path.
+        let used = m.ram().take_used_split_maps();
+        drop(used);
         let mut n = 0;
         loop {
             let Some(prep) = m.ram().split_block_to_prepare(self.blocks)? else {
