@@ -995,7 +995,7 @@ impl Drop for GuestRam {
 /// The tests' one skip policy (`VMM_TEST_NO_SKIP` turns a skip into a failure).
 #[cfg(test)]
 #[path = "../../tests/src/skip.rs"]
-mod skip_policy;
+pub(crate) mod skip_policy;
 
 #[cfg(test)]
 mod tests {
@@ -1172,12 +1172,25 @@ mod tests {
 
     #[test]
     fn a_write_during_the_split_copy_is_held_back_and_kept() {
+        held_write_is_kept(0);
+    }
+
+    /// The same onto a block of the split reserve: the copy goes through
+    /// the block's mapping instead of `pwrite`, under the same hold.
+    #[test]
+    fn a_write_during_a_split_onto_the_reserve_is_held_back_and_kept() {
+        held_write_is_kept(1);
+    }
+
+    fn held_write_is_kept(reserve: usize) {
         let Some(mut ram) = ram() else { return };
         if !ram.host.holds_writes() {
             skip_policy::skip("the kernel has no userfaultfd write-protect on hugetlbfs");
             return;
         }
+        assert_eq!(ram.prepare_split_blocks(reserve).expect("reserve"), reserve);
         let (held, now, written) = split_with_a_write_during_the_copy(&mut ram);
+        assert_eq!(ram.warm_split_blocks(), 0, "the split took the reserve");
         assert_eq!(held, Some(true), "the write went through during the split");
         assert_eq!(now, written, "the write made during the split was lost");
         assert!(matches!(
@@ -1190,6 +1203,7 @@ mod tests {
             w[0].write_hold >= std::time::Duration::from_millis(20),
             "{w:?}"
         );
+        assert_eq!(w[0].prepared, reserve > 0, "{w:?}");
         // Every other word as written before.
         let w: u64 = ram
             .memory()
@@ -1200,8 +1214,18 @@ mod tests {
 
     #[test]
     fn a_broken_write_hold_loses_the_write_and_the_check_sees_it() {
+        broken_hold_loses_the_write(0);
+    }
+
+    #[test]
+    fn a_broken_write_hold_onto_the_reserve_loses_the_write_too() {
+        broken_hold_loses_the_write(1);
+    }
+
+    fn broken_hold_loses_the_write(reserve: usize) {
         let Some(mut ram) = ram() else { return };
         ram.inject_split_without_write_hold();
+        assert_eq!(ram.prepare_split_blocks(reserve).expect("reserve"), reserve);
         let (held, now, written) = split_with_a_write_during_the_copy(&mut ram);
         assert_eq!(held, Some(false), "nothing held the write");
         assert_ne!(now, written, "the broken barrier must lose the write");

@@ -20,6 +20,7 @@ pub mod kpageflags;
 pub mod layout;
 pub mod mapping;
 pub mod memfd;
+pub mod page_moves;
 pub mod pagemap;
 pub mod quiesce;
 pub mod smaps;

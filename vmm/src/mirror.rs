@@ -171,6 +171,22 @@ impl Prediction {
         )
     }
 
+    /// Whether KVM's counters fall short of this prediction by no more than
+    /// host-made invalidations explain: the host kernel moved `pages` guest
+    /// pages (in `frames` 2M frames) after the guest may have last touched
+    /// them (migration: an mmu-notifier invalidation no VMM operation
+    /// caused, see `guest_mem::page_moves`). Each move takes at most one
+    /// KVM mapping away (a 4K one, or its frame's 2M one) and adds none; the
+    /// 1G count and every excess stay violations.
+    pub fn short_by_host_moves(&self, kvm: KvmCounts, pages: u64, frames: u64) -> bool {
+        self.comparable
+            && kvm.pages_1g == self.pages_1g
+            && kvm.pages_2m <= self.pages_2m
+            && self.pages_2m - kvm.pages_2m <= frames
+            && kvm.pages_4k <= self.pages_4k_max
+            && self.pages_4k.saturating_sub(kvm.pages_4k) <= pages
+    }
+
     /// One line for the report: the verdict and, for a range, its reason.
     pub fn describe(&self, kvm: KvmCounts) -> String {
         let v = match self.verdict(kvm) {
@@ -709,6 +725,42 @@ mod tests {
     use crate::testguest::{build, TestGuestName, TestGuestParams};
 
     const BASE: u64 = 0x7f00_0000_0000;
+
+    #[test]
+    fn host_moves_explain_only_a_shortfall_they_can_cause() {
+        let mut p = Prediction::unavailable(String::new());
+        p.comparable = true;
+        (p.pages_4k, p.pages_4k_max, p.pages_2m) = (60416, 60416, 10);
+        // The thp soak's point: 13 4K mappings short, 40 pages moved.
+        assert!(p.short_by_host_moves(kvm(60403, 10), 40, 3));
+        assert!(
+            !p.short_by_host_moves(kvm(60403, 10), 12, 3),
+            "more short than moved"
+        );
+        assert!(
+            !p.short_by_host_moves(kvm(60417, 10), 40, 3),
+            "an excess is never explained"
+        );
+        assert!(
+            !p.short_by_host_moves(kvm(60416, 11), 40, 3),
+            "nor an extra 2M"
+        );
+        assert!(
+            p.short_by_host_moves(kvm(60416, 8), 2, 2),
+            "two frames moved, two 2M gone"
+        );
+        assert!(!p.short_by_host_moves(kvm(60416, 8), 2, 1));
+        assert!(!p.short_by_host_moves(
+            KvmCounts {
+                pages_1g: 1,
+                ..kvm(60416, 10)
+            },
+            9,
+            9
+        ));
+        p.comparable = false;
+        assert!(!p.short_by_host_moves(kvm(60403, 10), 40, 3));
+    }
 
     fn ram_slots(base: u64, size: u64) -> Vec<RamSlot> {
         guest_mem::RamLayout::new(size)

@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use guest_mem::page_moves::{Moved, PageFrames};
 use guest_mem::{
     quiesce, Backing, FrameView, GuestMemError, PageOut, QuiesceError, HPAGE_SIZE, PAGE_SIZE,
 };
@@ -102,6 +103,24 @@ pub struct Extra {
     pub resident_after: u64,
 }
 
+/// [`Moved`], as the JSON report has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MovedPages {
+    /// 4K pages.
+    pub pages: u64,
+    /// 2M frames holding them.
+    pub frames: u64,
+}
+
+impl From<Moved> for MovedPages {
+    fn from(m: Moved) -> Self {
+        MovedPages {
+            pages: m.pages,
+            frames: m.frames,
+        }
+    }
+}
+
 /// A quiescent point's comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QuiescePoint {
@@ -134,6 +153,13 @@ pub struct QuiescePoint {
     /// Times this point was taken again because KVM disagreed with the mirror
     /// while the host migrated pages (an invalidation no event caused).
     pub retakes: u32,
+    /// Guest pages (and their 2M frames) the host kernel moved to other
+    /// host pages between the start of the guest's last pass and the read
+    /// of KVM's counters (`guest_mem::page_moves`), when the host says.
+    pub guest_pages_moved: Option<MovedPages>,
+    /// KVM disagreed, and by no more than those moves explain
+    /// (`Prediction::short_by_host_moves`): not a violation.
+    pub explained_by_host_moves: bool,
 }
 
 /// `quiescent point at event #N: KVM pages_4k … pages_2m …, mirror …`: what
@@ -167,6 +193,16 @@ impl std::fmt::Display for QuiescePoint {
         )?;
         if let Some(n) = self.host_migrated.filter(|&n| n > 0) {
             write!(f, " [the host migrated {n} pages meanwhile]")?;
+        }
+        if let Some(m) = self.guest_pages_moved.filter(|m| m.pages > 0) {
+            write!(
+                f,
+                " [{} guest pages in {} frames moved to other host pages]",
+                m.pages, m.frames
+            )?;
+        }
+        if self.explained_by_host_moves {
+            write!(f, " [short by no more than the host's moves explain]")?;
         }
         if self.retakes > 0 {
             write!(f, " [taken {} times]", self.retakes + 1)?;
@@ -533,14 +569,33 @@ impl Injector<'_> {
         // already touched in its pass drops KVM's entry for it: not the VMM's
         // doing, nothing the mirror can know. Take the point again.
         while let Ok(q) = &r {
-            if q.agrees || q.host_migrated.unwrap_or(0) == 0 || retakes >= MAX_RETAKES {
+            let host_moved = q.host_migrated.unwrap_or(0) > 0
+                || q.guest_pages_moved.is_some_and(|m| m.pages > 0);
+            if q.agrees || !host_moved || retakes >= MAX_RETAKES {
                 break;
             }
             log::info!("{q}: the host migrated pages meanwhile; taking the point again");
             retakes += 1;
             r = self.quiesce_compare(seq, dirty);
         }
-        let r = r.map(|q| QuiescePoint { retakes, ..q });
+        // Still short after the retakes (the host kept migrating): not a
+        // violation when this guest's own moved pages explain the shortfall.
+        let r = r.map(|q| {
+            let explained = !q.agrees
+                && q.guest_pages_moved.is_some_and(|m| {
+                    let kvm = KvmCounts {
+                        pages_4k: q.kvm_pages_4k,
+                        pages_2m: q.kvm_pages_2m,
+                        pages_1g: q.kvm_pages_1g,
+                    };
+                    q.prediction.short_by_host_moves(kvm, m.pages, m.frames)
+                });
+            QuiescePoint {
+                retakes,
+                explained_by_host_moves: explained,
+                ..q
+            }
+        });
         if dirty {
             self.slot.set_dirty_logging(self.vm, false)?;
         }
@@ -554,14 +609,33 @@ impl Injector<'_> {
         self.wait_until(|c| c.iter().zip(&start).all(|(a, b)| a.passes >= b.passes + 2))
     }
 
+    /// The host pages behind guest RAM now, when the host says.
+    fn page_frames(&self) -> Option<PageFrames> {
+        let (start, pages) = {
+            let ram = self.m.ram();
+            (
+                ram.host_addr(),
+                ram.frames() * HPAGE_SIZE as usize / PAGE_SIZE as usize,
+            )
+        };
+        PageFrames::read(start, pages)
+            .inspect_err(|e| log::debug!("reading the guest's host pages: {e}"))
+            .ok()
+            .flatten()
+    }
+
     fn quiesce_compare(&self, seq: u64, dirty: bool) -> Result<QuiescePoint, InjectError> {
         let migrated_before = guest_mem::smaps::pages_migrated();
+        let frames_before = self.page_frames();
         self.wait_whole_pass()?;
         let _paused = quiesce::pause(&self.m.control)?;
         let kvm = self.mapping()?;
         let host_migrated = migrated_before
             .zip(guest_mem::smaps::pages_migrated())
             .map(|(a, b)| b.saturating_sub(a));
+        let guest_pages_moved = frames_before
+            .zip(self.page_frames())
+            .map(|(a, b)| a.moved_to(&b).into());
         let mut ram = self.m.ram();
         ram.take_changed_frames();
         ram.take_changed_pages();
@@ -612,6 +686,8 @@ impl Injector<'_> {
             books_vs_host,
             host_migrated,
             retakes: 0,
+            guest_pages_moved,
+            explained_by_host_moves: false,
         })
     }
 }

@@ -266,7 +266,11 @@ impl StressReport {
             );
         }
         for q in &self.quiescent_points {
-            let verdict = if q.agrees { "agree" } else { "DISAGREE" };
+            let verdict = match (q.agrees, q.explained_by_host_moves) {
+                (true, _) => "agree",
+                (false, true) => "explained by the host's page moves",
+                (false, false) => "DISAGREE",
+            };
             let _ = writeln!(s, "{q}: {verdict}");
             if let Some(d) = q.books_vs_host.as_ref().filter(|d| !d.is_empty()) {
                 let _ = writeln!(
