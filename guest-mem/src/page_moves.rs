@@ -124,7 +124,9 @@ mod tests {
         let start = (v.as_ptr() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
         match PageFrames::read(start, 2) {
             Ok(Some(p)) => assert!(p.0.iter().all(|&f| f != 0), "{p:?}"),
-            Ok(None) => crate::guest_ram::skip_policy::skip("no CAP_SYS_ADMIN: pagemap hides frame numbers"),
+            Ok(None) => {
+                crate::guest_ram::skip_policy::skip("no CAP_SYS_ADMIN: pagemap hides frame numbers")
+            }
             Err(e) => panic!("{e}"),
         }
     }

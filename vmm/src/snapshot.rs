@@ -27,6 +27,8 @@ pub struct PoolReport {
     pub pool_memfd_bytes: u64,
     /// Bytes of the small-page / RAM memfd backed now.
     pub data_memfd_bytes: u64,
+    /// Of those: split blocks allocated ahead (`--split-reserve`).
+    pub split_reserve_bytes: u64,
     /// The host's free 2M hugetlb pages (`HugePages_Free`).
     pub host_hugepages_free: Option<u64>,
 }
@@ -92,6 +94,7 @@ pub fn pool_report(ram: &guest_mem::GuestRam) -> PoolReport {
         free: p.free,
         pool_memfd_bytes: p.pool_memfd_bytes,
         data_memfd_bytes: p.data_memfd_bytes,
+        split_reserve_bytes: p.split_reserve_bytes,
         host_hugepages_free: p.host.map(|h| h.free),
     }
 }
