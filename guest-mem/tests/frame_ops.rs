@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::{verify_host, Shadow, PPH};
-use guest_mem::{Backing, FrameView, GuestMemError, GuestRam, GuestRamConfig, NoVcpus, PAGE_SIZE};
+use common::{verify_host, PPH};
+use guest_mem::{Backing, FrameView, GuestMemError, NoVcpus, PAGE_SIZE};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -15,13 +15,8 @@ const FRAMES: usize = 16;
 /// at random steps, `GuestRam::prepare_split_blocks`), so that splits land
 /// on warm blocks, cold ones and plain runs in turn.
 fn run(backing: Backing, seed: u64, steps: usize, reserve: usize) {
-    let cfg = GuestRamConfig::new(FRAMES as u64 * guest_mem::HPAGE_SIZE, backing);
-    let mut ram = GuestRam::new(&cfg).unwrap();
-    ram.populate_all().unwrap();
+    let (mut ram, mut sh) = common::patterned_ram(FRAMES, backing);
     let pages = (FRAMES * PPH) as u64;
-    let mut sh = Shadow::new(pages as usize);
-    sh.made_present(0..pages);
-    sh.write(&ram, 0..pages, 1);
     let mut must_pmd = vec![false; FRAMES];
     verify_host(&ram, &must_pmd);
     sh.verify_books(&ram);

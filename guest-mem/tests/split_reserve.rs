@@ -15,14 +15,7 @@ fn ram_with_pattern() -> Option<(GuestRam, Shadow)> {
     if !common::hugetlb_available(FRAMES as u64) {
         return None;
     }
-    let cfg = GuestRamConfig::new(FRAMES as u64 * HPAGE_SIZE, Backing::Hugetlb);
-    let mut ram = GuestRam::new(&cfg).unwrap();
-    ram.populate_all().unwrap();
-    let pages = (FRAMES * PPH) as u64;
-    let mut sh = Shadow::new(pages as usize);
-    sh.made_present(0..pages);
-    sh.write(&ram, 0..pages, 1);
-    Some((ram, sh))
+    Some(common::patterned_ram(FRAMES, Backing::Hugetlb))
 }
 
 fn check(ram: &GuestRam, sh: &Shadow) {

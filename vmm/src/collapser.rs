@@ -9,7 +9,7 @@
 //! present again, e.g. after a balloon deflate): the kernel's 511 would
 //! re-fill every page the guest gave back.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use thp::policy::Khugepaged;
 use thp::ram_model::ModelError;
 
 use crate::ram_handle::RamHandle;
+use crate::stop_signal::StopSignal;
 use crate::unmap_stats::TimedQuiesce;
 
 /// The collapser's policy.
@@ -53,8 +54,7 @@ pub struct Collapser {
     cfg: CollapserConfig,
     /// Next frame to scan; held for a whole pass so passes never overlap.
     cursor: Mutex<usize>,
-    stop: Mutex<bool>,
-    cv: Condvar,
+    stop: StopSignal,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,8 +67,7 @@ impl Collapser {
         Arc::new(Collapser {
             cfg,
             cursor: Mutex::new(0),
-            stop: Mutex::new(false),
-            cv: Condvar::new(),
+            stop: StopSignal::default(),
         })
     }
 
@@ -153,15 +152,8 @@ impl Collapser {
         std::thread::Builder::new()
             .name("collapser".into())
             .spawn(move || loop {
-                {
-                    let st = lock(&me.stop);
-                    let (st, _) = me
-                        .cv
-                        .wait_timeout_while(st, sleep, |s| !*s)
-                        .unwrap_or_else(|p| p.into_inner());
-                    if *st {
-                        return;
-                    }
+                if me.stop.wait(sleep) {
+                    return;
                 }
                 let Some(m) = m.upgrade() else { return };
                 if m.vcpus().stopping() {
@@ -177,8 +169,7 @@ impl Collapser {
 
     /// Stop the background thread.
     pub fn stop(&self) {
-        *lock(&self.stop) = true;
-        self.cv.notify_all();
+        self.stop.stop();
     }
 }
 

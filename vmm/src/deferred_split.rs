@@ -7,7 +7,7 @@
 //! given-back page is freed on the host within `delay + period + one split`
 //! (default 500 ms + 100 ms). `vmm ctl split` splits the whole queue at once.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use guest_mem::{GiveBackReport, GuestMemError};
 
 use crate::balloon_backend::record;
 use crate::ram_handle::RamHandle;
+use crate::stop_signal::StopSignal;
 use crate::unmap_stats::TimedQuiesce;
 
 /// Longest sleep between two scans for a queue delay of `delay`: a fifth of
@@ -55,12 +56,7 @@ pub fn split_due(
 pub struct DeferredSplitter {
     delay: Duration,
     max_wait: Duration,
-    stop: Mutex<bool>,
-    cv: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    stop: StopSignal,
 }
 
 impl DeferredSplitter {
@@ -69,8 +65,7 @@ impl DeferredSplitter {
         Arc::new(DeferredSplitter {
             delay,
             max_wait,
-            stop: Mutex::new(false),
-            cv: Condvar::new(),
+            stop: StopSignal::default(),
         })
     }
 
@@ -89,22 +84,11 @@ impl DeferredSplitter {
         let period = max_period(self.delay.min(self.max_wait));
         let mut next = Instant::now() + period;
         loop {
+            if self
+                .stop
+                .wait(next.saturating_duration_since(Instant::now()))
             {
-                let mut stop = lock(&self.stop);
-                while !*stop {
-                    let now = Instant::now();
-                    if now >= next {
-                        break;
-                    }
-                    stop = self
-                        .cv
-                        .wait_timeout(stop, next - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
-                if *stop {
-                    return;
-                }
+                return;
             }
             let Some(machine) = m.upgrade() else {
                 return;
@@ -127,8 +111,7 @@ impl DeferredSplitter {
 
     /// Ask the thread to end.
     pub fn stop(&self) {
-        *lock(&self.stop) = true;
-        self.cv.notify_all();
+        self.stop.stop();
     }
 }
 

@@ -36,6 +36,7 @@ pub mod snapshot;
 pub mod split_reserve;
 pub mod stats;
 pub mod stdout;
+pub mod stop_signal;
 pub mod stress;
 pub mod testguest;
 pub mod unmap_stats;

@@ -6,11 +6,12 @@
 //! `guest-mem`'s `split_reserve` for why that is safe); the lock is held
 //! only to set the block aside and to mark it ready.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::ram_handle::RamHandle;
+use crate::stop_signal::StopSignal;
 
 /// How often the worker looks for blocks a split took.
 const POLL: Duration = Duration::from_millis(2);
@@ -21,12 +22,7 @@ const BACK_OFF: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct SplitReserve {
     blocks: usize,
-    stop: Mutex<bool>,
-    cv: Condvar,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    stop: StopSignal,
 }
 
 impl SplitReserve {
@@ -34,8 +30,7 @@ impl SplitReserve {
     pub fn new(blocks: usize) -> Arc<SplitReserve> {
         Arc::new(SplitReserve {
             blocks,
-            stop: Mutex::new(false),
-            cv: Condvar::new(),
+            stop: StopSignal::default(),
         })
     }
 
@@ -78,15 +73,8 @@ impl SplitReserve {
     fn run(&self, m: Weak<impl RamHandle>) {
         let mut wait = Duration::ZERO;
         loop {
-            {
-                let st = lock(&self.stop);
-                let (st, _) = self
-                    .cv
-                    .wait_timeout_while(st, wait, |s| !*s)
-                    .unwrap_or_else(|p| p.into_inner());
-                if *st {
-                    return;
-                }
+            if self.stop.wait(wait) {
+                return;
             }
             let Some(machine) = m.upgrade() else {
                 return;
@@ -106,7 +94,6 @@ impl SplitReserve {
 
     /// Ask the thread to end.
     pub fn stop(&self) {
-        *lock(&self.stop) = true;
-        self.cv.notify_all();
+        self.stop.stop();
     }
 }

@@ -81,6 +81,19 @@ pub fn page_bytes(page: u64, gen: u32) -> Vec<u8> {
         .collect()
 }
 
+/// `frames` frames of guest RAM on `backing`, every page populated and
+/// written with generation 1, and the shadow that says so.
+pub fn patterned_ram(frames: usize, backing: Backing) -> (GuestRam, Shadow) {
+    let cfg = guest_mem::GuestRamConfig::new(frames as u64 * HPAGE_SIZE, backing);
+    let mut ram = GuestRam::new(&cfg).unwrap();
+    ram.populate_all().unwrap();
+    let pages = (frames * PPH) as u64;
+    let mut sh = Shadow::new(pages as usize);
+    sh.made_present(0..pages);
+    sh.write(&ram, 0..pages, 1);
+    (ram, sh)
+}
+
 /// What every 4K page must hold and whether it must be backed.
 pub struct Shadow {
     pub gen: Vec<u32>,
