@@ -590,12 +590,12 @@ impl HostMem {
     /// small slots of `pages` (`(page, slot)`) with `fallocate` (one call
     /// per run of slots; no page table touched, nothing zeroed that the copy
     /// overwrites), so that the copy allocates nothing.
+    ///
     /// A block allocated ahead (warm, `crate::split_reserve`) needs no
     /// `fallocate`: its pages exist and are mapped for the copy already
     /// ([`Self::copy_pages`] copies into that mapping, no `pwrite`); its
     /// slots this split does not fill are punched by [`Self::split_finish`]
-    /// as for any block.
-    /// `true` when the pages were allocated ahead.
+    /// as for any block. Returns `true` when the pages were allocated ahead.
     pub(crate) fn split_prepare(&mut self, pages: &[(u16, u32)]) -> Result<bool, GuestMemError> {
         self.staging = None;
         let Some(max) = pages.iter().map(|p| p.1).max() else {
@@ -750,8 +750,9 @@ impl HostMem {
     }
 
     /// Copy `pages` (page, small slot) of huge `frame` into their small
-    /// slots: one `pwrite` into the small memfd per run of pages on
-    /// consecutive slots (nothing is mapped for it).
+    /// slots: onto a warm block (the split in progress took one), a
+    /// `memcpy` through its mapping; else one `pwrite` into the small memfd
+    /// per run of pages on consecutive slots (nothing is mapped for it).
     fn copy_pages(&self, frame: usize, pages: &[(u16, u32)]) -> Result<(), GuestMemError> {
         let src = self.range.ptr(frame_off(frame));
         if let Some((_, map)) = self

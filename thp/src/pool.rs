@@ -44,6 +44,10 @@ impl UndoLog {
     pub(crate) fn begin(&mut self) {
         self.0 = Some(Vec::new());
     }
+    /// Whether a transaction is open.
+    fn recording(&self) -> bool {
+        self.0.is_some()
+    }
     /// Forgets the log and stops recording.
     pub(crate) fn commit(&mut self) {
         self.0 = None;
@@ -335,6 +339,10 @@ impl SmallPool {
     /// it alone and the next split ([`Self::free_block`]) gets it. Not part
     /// of a transaction: call it between operations.
     pub fn prepare_block(&mut self) -> u32 {
+        debug_assert!(
+            !self.undo.recording(),
+            "prepare_block inside a transaction: its growth would not be undone"
+        );
         let base = self.lowest_run(BLOCK);
         while (self.used.len() as u32) < base + BLOCK {
             self.free.insert(self.used.len() as u32);
