@@ -95,6 +95,10 @@ pub struct GuestRam {
     pub(crate) give_back: crate::give_back_state::GiveBackState,
     /// How long each split without a pause held back writes to its frame.
     split_windows: Arc<SplitWindows>,
+    /// Split blocks the split reserve keeps (as its worker last asked,
+    /// `split_block_to_prepare`); a collapse gives its frame's block to the
+    /// reserve while it has fewer (`crate::split_reserve`).
+    pub(crate) split_reserve_target: usize,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -366,6 +370,7 @@ impl GuestRam {
             changed_pages: Default::default(),
             give_back: Default::default(),
             split_windows: Arc::default(),
+            split_reserve_target: 0,
         })
     }
 
@@ -850,7 +855,7 @@ impl GuestRam {
     }
 
     fn collapse_2m(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
-        self.undoable(|ram| {
+        let freed = self.undoable(|ram| {
             let CollapsePlan::Collapse {
                 frame,
                 huge_slot,
@@ -859,11 +864,11 @@ impl GuestRam {
                 free_small,
             } = ram.model.collapse(frame)?
             else {
-                return Ok(());
+                return Ok(None);
             };
             ram.changed.insert(frame);
             if !ram.backing.is_hugetlb() {
-                return ram.host.thp_collapse(frame);
+                return ram.host.thp_collapse(frame).map(|()| None);
             }
             // Taking the huge page (zeroed by the kernel: the `zero` pages
             // need nothing) happens with the vCPUs running; only the copy
@@ -880,8 +885,12 @@ impl GuestRam {
             };
             drop(staging);
             switched?;
-            ram.host.small_free(&free_small)
-        })
+            Ok(Some((crate::host_mem::block_base(&copy), free_small)))
+        })?;
+        match freed {
+            Some((block, slots)) => self.free_collapsed_small(block, &slots),
+            None => Ok(()),
+        }
     }
 
     /// Frames whose host mapping changed since the last call, in frame

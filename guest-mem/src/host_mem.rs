@@ -38,9 +38,10 @@ pub(crate) struct HostMem {
     data_len: u64,
     /// Split blocks (their base slots; set aside in the model) whose 512
     /// small slots are allocated in `data` ahead of the split that takes
-    /// them, each with a mapping of its pages, faulted in
-    /// (`crate::split_reserve`).
-    warm: BTreeMap<u32, TempMap>,
+    /// them, each with a mapping of its pages, faulted in, once the
+    /// reserve's worker made one (`crate::split_reserve`; a block a
+    /// collapse gave back has none at first).
+    warm: BTreeMap<u32, Option<TempMap>>,
     /// The warm block the split in progress copies into (base, mapping).
     staging: Option<(u32, TempMap)>,
     /// Staging mappings of finished splits, unmapped off the split's path
@@ -603,7 +604,14 @@ impl HostMem {
         };
         if let Some(base) = block_base(pages) {
             if let Some(map) = self.warm.remove(&base) {
-                self.staging = Some((base, map));
+                self.staging = map.map(|m| (base, m));
+                // A kept block may hold a collapsed frame's old bytes: the
+                // pages not kept must read zero from the remap on.
+                let spare: Vec<u32> = missing_pages(pages)
+                    .into_iter()
+                    .map(|p| base + u32::from(p))
+                    .collect();
+                self.small_free(&spare)?;
                 return Ok(true);
             }
         }
@@ -634,7 +642,41 @@ impl HostMem {
     /// The split block at `base` is allocated and `map` maps its pages:
     /// the next split onto it skips its `fallocate` and copies through `map`.
     pub(crate) fn mark_split_block_warm(&mut self, base: u32, map: TempMap) {
-        self.warm.insert(base, map);
+        self.warm.insert(base, Some(map));
+    }
+
+    /// A collapsed frame's block at `base` keeps its pages for the next
+    /// split (they hold the frame's old bytes: a split onto it overwrites
+    /// the pages it keeps and punches the others before its remap). No
+    /// mapping yet: the worker makes one (`Self::attach_split_block_map`).
+    pub(crate) fn keep_split_block(&mut self, base: u32) {
+        self.warm.insert(base, None);
+    }
+
+    /// A warm block with no mapping yet, and a handle on the small memfd to
+    /// make one away from the RAM lock.
+    pub(crate) fn split_block_needing_map(&self) -> Result<Option<(u32, Memfd)>, GuestMemError> {
+        match self.warm.iter().find(|(_, m)| m.is_none()) {
+            Some((&base, _)) => Ok(Some((base, self.data.try_clone()?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Gives the warm block at `base` its mapping (kept if it has one
+    /// already); `false` (and `map` dropped) when the block is no longer warm.
+    pub(crate) fn attach_split_block_map(&mut self, base: u32, map: TempMap) -> bool {
+        match self.warm.get_mut(&base) {
+            Some(slot) => {
+                slot.get_or_insert(map);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The block at `base` leaves the reserve (its mapping unmapped).
+    pub(crate) fn forget_split_block(&mut self, base: u32) {
+        self.warm.remove(&base);
     }
 
     /// Split blocks allocated ahead now.

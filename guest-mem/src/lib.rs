@@ -37,7 +37,7 @@ pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM
 pub use host_actions::PageOut;
 pub use layout::{RamLayout, RamRegion, RamSlot, HIGH_RAM_START, MMIO_HOLE_START};
 pub use quiesce::{NoVcpus, Quiesce, QuiesceError, QuiesceGuard};
-pub use split_reserve::{SplitBlockPrep, WarmBlock};
+pub use split_reserve::{SplitBlockMap, SplitBlockPrep, WarmBlock};
 pub use split_windows::{SplitWindow, SplitWindows};
 pub use stats::{DiscardReport, HostView, PoolStats};
 

@@ -118,3 +118,68 @@ fn no_reserve_where_the_kernel_splits() {
     assert_eq!(ram.prepare_split_blocks(4).unwrap(), 0);
     assert_eq!(ram.pool_stats().split_reserve_bytes, 0);
 }
+
+#[test]
+fn a_collapse_keeps_its_block_for_the_next_split_which_shows_nothing_stale() {
+    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+        return;
+    };
+    // The reserve wants one block; a split takes it.
+    assert_eq!(ram.prepare_split_blocks(1).unwrap(), 1);
+    ram.split(3, &NoVcpus).unwrap();
+    assert_eq!(ram.warm_split_blocks(), 0);
+    // The collapse keeps frame 3's block (all 512 pages, in page order)
+    // for the reserve instead of punching it: still allocated, counted.
+    ram.collapse(3, &NoVcpus).unwrap();
+    assert_eq!(ram.warm_split_blocks(), 1, "the collapsed block is kept");
+    let ps = ram.pool_stats();
+    assert_eq!(ps.split_reserve_bytes, HPAGE_SIZE);
+    assert_eq!(ps.data_memfd_bytes, HPAGE_SIZE, "frame 3's old pages, kept");
+    check(&ram, &sh);
+
+    // A give-back in frame 5 splits it onto the kept block (no mapping yet:
+    // copied with pwrite); the pages given back read zero, not frame 3's
+    // old bytes, and only the kept pages stay allocated.
+    let gpa = 5 * HPAGE_SIZE + 10 * PAGE_SIZE;
+    assert_eq!(
+        ram.discard(gpa, 3 * PAGE_SIZE, &NoVcpus)
+            .unwrap()
+            .frames_split,
+        1
+    );
+    let p = gpa / PAGE_SIZE;
+    sh.discarded(p..p + 3);
+    assert_eq!(ram.warm_split_blocks(), 0);
+    assert_eq!(ram.pool_stats().data_memfd_bytes, 509 * PAGE_SIZE);
+    check(&ram, &sh);
+
+    // Taken back: the refill gets the lowest free slots, the three the
+    // give-back left, so frame 5 is a whole block again and its collapse
+    // keeps it too. A split of frame 6 takes it, a collapse of frame 6 keeps
+    // it again, the worker's step maps it; a give-back in frame 7 then
+    // copies through that mapping.
+    let gpa5 = 5 * HPAGE_SIZE;
+    ram.refill(gpa5, HPAGE_SIZE, &NoVcpus).unwrap();
+    sh.made_present(gpa5 / PAGE_SIZE..gpa5 / PAGE_SIZE + PPH as u64);
+    ram.collapse(5, &NoVcpus).unwrap();
+    assert_eq!(ram.warm_split_blocks(), 1, "a whole block again: kept");
+    check(&ram, &sh);
+    ram.split(6, &NoVcpus).unwrap();
+    assert_eq!(ram.warm_split_blocks(), 0);
+    ram.collapse(6, &NoVcpus).unwrap();
+    assert_eq!(ram.warm_split_blocks(), 1);
+    assert_eq!(
+        ram.prepare_split_blocks(1).unwrap(),
+        0,
+        "mapped, nothing allocated"
+    );
+    let windows = ram.split_windows();
+    windows.take();
+    let gpa7 = 7 * HPAGE_SIZE + 511 * PAGE_SIZE;
+    ram.discard(gpa7, PAGE_SIZE, &NoVcpus).unwrap();
+    let p7 = gpa7 / PAGE_SIZE;
+    sh.discarded(p7..p7 + 1);
+    assert!(windows.take().iter().all(|w| w.prepared));
+    assert_eq!(ram.pool_stats().data_memfd_bytes, 511 * PAGE_SIZE);
+    check(&ram, &sh);
+}

@@ -352,6 +352,29 @@ impl SmallPool {
         base
     }
 
+    /// Sets aside the block at `base` when its 512 slots are all free,
+    /// below the high-water mark and in no other prepared block (a
+    /// collapsed frame's block, whose pages the host still holds). Not part
+    /// of a transaction. `false` (nothing changes) otherwise.
+    pub fn prepare_block_at(&mut self, base: u32) -> bool {
+        debug_assert!(
+            !self.undo.recording(),
+            "prepare_block_at inside a transaction: it would not be undone"
+        );
+        let end = base.saturating_add(BLOCK);
+        let ok = end <= self.used.len() as u32
+            && (base..end).all(|s| self.free.contains(&s))
+            && self
+                .prepared
+                .range(..end)
+                .next_back()
+                .is_none_or(|&b| b + BLOCK <= base);
+        if ok {
+            self.prepared.insert(base);
+        }
+        ok
+    }
+
     /// Whether the block at `base` is still set aside (no slot of it taken).
     pub fn is_prepared(&self, base: u32) -> bool {
         self.prepared.contains(&base)
@@ -627,6 +650,17 @@ mod tests {
         assert_eq!(p.prepared_blocks().collect::<Vec<_>>(), vec![8]);
         // Released slots are ordinary free slots again.
         assert_eq!(p.free_block(500), 520);
+        assert!(p.is_consistent());
+        // Set aside again where it was (a collapsed frame's block): only a
+        // whole free block, below the high-water mark, overlapping none.
+        assert!(!p.prepare_block_at(8), "already set aside");
+        assert!(!p.prepare_block_at(300), "overlaps the block at 8");
+        assert!(
+            !p.prepare_block_at(1000),
+            "slots 1032.. are in use or beyond"
+        );
+        assert!(p.prepare_block_at(520));
+        assert_eq!(p.prepared_blocks().collect::<Vec<_>>(), vec![8, 520]);
         assert!(p.is_consistent());
     }
 }

@@ -41,6 +41,15 @@ impl SplitReserve {
         // Unmapped here, not under the RAM lock nor on a split's path.
         let used = m.ram().take_used_split_maps();
         drop(used);
+        // Blocks a collapse kept: mapped here, away from the RAM lock.
+        loop {
+            // Bound first: a guard in a `while let` scrutinee would live
+            // through the body and deadlock on the second lock.
+            let next = m.ram().split_block_needing_map()?;
+            let Some(k) = next else { break };
+            let made = k.make();
+            m.ram().split_block_mapped(k, made)?;
+        }
         let mut n = 0;
         loop {
             let Some(prep) = m.ram().split_block_to_prepare(self.blocks)? else {

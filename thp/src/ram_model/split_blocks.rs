@@ -15,6 +15,12 @@ impl RamModel {
         self.primary.small_pool_mut().prepare_block()
     }
 
+    /// Sets aside the block at `base` if its slots are all free (a frame
+    /// collapsed off it); `false` otherwise. Between operations only.
+    pub fn prepare_split_block_at(&mut self, base: u32) -> bool {
+        self.primary.small_pool_mut().prepare_block_at(base)
+    }
+
     /// Whether the block at `base` is still set aside: no split or other
     /// allocation took a slot of it.
     pub fn split_block_prepared(&self, base: u32) -> bool {
