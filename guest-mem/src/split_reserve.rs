@@ -55,10 +55,7 @@ impl SplitBlockPrep {
     /// in writable (zeroed: the split's copy then writes through the
     /// mapping, no page to allocate or fault); call it without the RAM lock.
     pub fn allocate(&self) -> Result<WarmBlock, GuestMemError> {
-        let (offset, len) = (
-            u64::from(self.base) * PAGE_SIZE,
-            PAGES_PER_HPAGE * PAGE_SIZE,
-        );
+        let (offset, len) = block_bytes(self.base);
         self.file
             .allocate(offset, len)
             .map_err(|source| GuestMemError::Fallocate {
@@ -67,10 +64,21 @@ impl SplitBlockPrep {
                 len,
                 source,
             })?;
-        let map = TempMap::new(&self.file, offset, len, "split block staging map")?;
-        map.populate_in_chunks(POPULATE_CHUNK)?;
-        Ok(WarmBlock { map })
+        map_block(&self.file, self.base)
     }
+}
+
+/// Offset and length of the block at `base` in the small memfd.
+fn block_bytes(base: u32) -> (u64, u64) {
+    (u64::from(base) * PAGE_SIZE, PAGES_PER_HPAGE * PAGE_SIZE)
+}
+
+/// A mapping of the block at `base`, every page faulted in writable.
+fn map_block(file: &Memfd, base: u32) -> Result<WarmBlock, GuestMemError> {
+    let (offset, len) = block_bytes(base);
+    let map = TempMap::new(file, offset, len, "split block staging map")?;
+    map.populate_in_chunks(POPULATE_CHUNK)?;
+    Ok(WarmBlock { map })
 }
 
 /// A kept block (a collapse's) to map away from the RAM lock.
@@ -84,13 +92,7 @@ impl SplitBlockMap {
     /// Maps the block's pages, faulted in writable (they exist: nothing is
     /// allocated or zeroed); call it without the RAM lock.
     pub fn make(&self) -> Result<WarmBlock, GuestMemError> {
-        let (offset, len) = (
-            u64::from(self.base) * PAGE_SIZE,
-            PAGES_PER_HPAGE * PAGE_SIZE,
-        );
-        let map = TempMap::new(&self.file, offset, len, "kept split block staging map")?;
-        map.populate_in_chunks(POPULATE_CHUNK)?;
-        Ok(WarmBlock { map })
+        map_block(&self.file, self.base)
     }
 }
 
