@@ -13,8 +13,11 @@ use std::time::Duration;
 use crate::ram_handle::RamHandle;
 use crate::stop_signal::StopSignal;
 
-/// How often the worker looks for blocks a split took.
+/// How often the worker looks for blocks a split took, right after work.
 const POLL: Duration = Duration::from_millis(2);
+/// The longest it sleeps when rounds keep finding nothing to do (the poll
+/// doubles from [`POLL`] up to this: an idle guest costs a lock every 64 ms).
+const IDLE_POLL: Duration = Duration::from_millis(64);
 /// How long it waits after the host refused to allocate a block.
 const BACK_OFF: Duration = Duration::from_secs(1);
 
@@ -34,13 +37,15 @@ impl SplitReserve {
         })
     }
 
-    /// Tops the reserve up once: sets aside and allocates blocks until
-    /// `blocks` are ready. Returns how many it allocated, or the host's
-    /// refusal (logged by the caller).
+    /// Tops the reserve up once: maps the blocks collapses kept, sets aside
+    /// and allocates blocks until `blocks` are ready. Returns how many
+    /// blocks it mapped or allocated, or the host's refusal (logged by the
+    /// caller).
     pub fn top_up(&self, m: &dyn RamHandle) -> Result<usize, guest_mem::GuestMemError> {
         // Unmapped here, not under the RAM lock nor on a split's path.
         let used = m.ram().take_used_split_maps();
         drop(used);
+        let mut n = 0;
         // Blocks a collapse kept: mapped here, away from the RAM lock.
         loop {
             // Bound first: a guard in a `while let` scrutinee would live
@@ -49,8 +54,8 @@ impl SplitReserve {
             let Some(k) = next else { break };
             let made = k.make();
             m.ram().split_block_mapped(k, made)?;
+            n += 1;
         }
-        let mut n = 0;
         loop {
             let Some(prep) = m.ram().split_block_to_prepare(self.blocks)? else {
                 return Ok(n);
@@ -92,6 +97,7 @@ impl SplitReserve {
                 return;
             }
             wait = match self.top_up(machine.as_ref()) {
+                Ok(0) => (wait * 2).clamp(POLL, IDLE_POLL),
                 Ok(_) => POLL,
                 Err(e) => {
                     log::warn!("split reserve: {e}; trying again in {BACK_OFF:?}");
