@@ -334,6 +334,20 @@ impl SmallPool {
         self.prepared_block_of(slot).is_some()
     }
 
+    /// The lowest free slot in no prepared block: each prepared block in
+    /// the way is jumped over whole (a lookup per block, not per slot:
+    /// every small page a refill takes calls this).
+    fn lowest_free_outside_prepared(&self) -> Option<u32> {
+        let mut from = 0;
+        loop {
+            let s = *self.free.range(from..).next()?;
+            match self.prepared_block_of(s) {
+                Some(b) => from = b + BLOCK,
+                None => return Some(s),
+            }
+        }
+    }
+
     /// Sets aside the lowest run of 512 free slots for a split (growing
     /// the pool to hold it) and returns its base: [`Self::alloc`] leaves
     /// it alone and the next split ([`Self::free_block`]) gets it. Not part
@@ -472,7 +486,7 @@ impl SmallPool {
         }
         // The lowest free slot outside the prepared blocks; they lie below
         // the high-water mark, so a new slot is never inside one.
-        let lowest = self.free.iter().copied().find(|&s| !self.in_prepared(s));
+        let lowest = self.lowest_free_outside_prepared();
         let (slot, grew) = match lowest {
             Some(s) => {
                 self.free.remove(&s);
