@@ -4,7 +4,7 @@
 //! every operation and every error proven to change nothing.
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use std::cell::Cell;
 use thp::kvm_mirror::{LevelMap, Memslot, MmuParams, SecondaryMmu};
 use thp::policy::ThpPolicy;
@@ -399,17 +399,23 @@ fn run_gig(ops: &[GigOp], done: &Done) -> Result<(), TestCaseError> {
 fn proptest_1g_frames_random_operations_keep_invariants() {
     let ran = Cell::new(0u64);
     let done = Done::default();
-    TestRunner::new(Config {
-        cases: 24,
-        failure_persistence: None,
-        ..Config::default()
-    })
+    // A fixed seed: the coverage check below (each 1G operation done at
+    // least 10 times) held for most random seeds but not all (CI once saw
+    // 9 populates); deterministic, it can fail only on a real change.
+    TestRunner::new_with_rng(
+        Config {
+            cases: 48,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    )
     .run(&prop::collection::vec(gig_op(), 40), |ops| {
         ran.set(ran.get() + ops.len() as u64);
         run_gig(&ops, &done)
     })
     .unwrap();
-    assert!(ran.get() >= 960, "ran {} operations", ran.get());
+    assert!(ran.get() >= 1920, "ran {} operations", ran.get());
     eprintln!("1G populates, splits, collapses done: {:?}", done.get());
     assert!(done.get().iter().all(|n| *n >= 10), "{:?}", done.get());
 }
