@@ -30,6 +30,7 @@ pub struct PageFrames(Vec<u64>);
 
 /// Guest pages whose host page changed between two [`PageFrames`] reads.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Moved {
     /// 4K pages mapped in the first read and mapped elsewhere (or not at
     /// all) in the second.

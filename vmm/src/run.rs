@@ -25,7 +25,7 @@ use crate::outcome::Outcome;
 use crate::output_path;
 use crate::report::{self, RunReport};
 use crate::snapshot::HostMemory;
-use crate::split_reserve::SplitReserve;
+use crate::split_reserve::{self, SplitReserve};
 use crate::stats::KvmSample;
 use crate::testguest::{self, TestGuestName, TestGuestParams};
 
@@ -234,7 +234,7 @@ struct Services {
     api: Option<ApiServer>,
     collapser: Option<(Arc<Collapser>, Option<JoinHandle<()>>)>,
     splitter: Option<(Arc<DeferredSplitter>, JoinHandle<()>)>,
-    reserve: Option<(Arc<SplitReserve>, JoinHandle<()>)>,
+    reserve: Option<split_reserve::Running>,
 }
 
 impl Services {
@@ -261,15 +261,8 @@ impl Services {
                 .map_err(os("spawning the collapser thread"))?;
             Some((c, h))
         };
-        let reserve = if args.split_reserve > 0 && args.backing.is_hugetlb() {
-            let r = SplitReserve::new(args.split_reserve as usize);
-            let h = r
-                .start(machine)
-                .map_err(os("spawning the split-reserve thread"))?;
-            Some((r, h))
-        } else {
-            None
-        };
+        let reserve = SplitReserve::start_for(args.split_reserve as usize, args.backing, machine)
+            .map_err(os("spawning the split-reserve thread"))?;
         let api = match &args.api_socket {
             Some(p) => Some(ApiServer::start(p, Arc::downgrade(machine))?),
             None => None,
@@ -297,11 +290,8 @@ impl Services {
                 log::error!("the deferred-split thread panicked");
             }
         }
-        if let Some((r, h)) = self.reserve {
-            r.stop();
-            if h.join().is_err() {
-                log::error!("the split-reserve thread panicked");
-            }
+        if let Some(r) = self.reserve {
+            r.shutdown();
         }
     }
 }

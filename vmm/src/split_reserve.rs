@@ -28,7 +28,40 @@ pub struct SplitReserve {
     stop: StopSignal,
 }
 
+/// A started worker: [`Running::shutdown`] ends it and joins its thread.
+#[derive(Debug)]
+pub struct Running {
+    reserve: Arc<SplitReserve>,
+    thread: JoinHandle<()>,
+}
+
+impl Running {
+    /// Ask the thread to end and wait for it (a panic in it is logged).
+    pub fn shutdown(self) {
+        self.reserve.stop();
+        if self.thread.join().is_err() {
+            log::error!("the split-reserve thread panicked");
+        }
+    }
+}
+
 impl SplitReserve {
+    /// The worker a machine on `backing` runs with `--split-reserve blocks`:
+    /// none for 0 blocks or a backing without a hugetlb pool (its splits
+    /// have no small pages to take ahead), else started ([`Self::start`]).
+    pub fn start_for(
+        blocks: usize,
+        backing: guest_mem::Backing,
+        m: &Arc<impl RamHandle + 'static>,
+    ) -> std::io::Result<Option<Running>> {
+        if blocks == 0 || !backing.is_hugetlb() {
+            return Ok(None);
+        }
+        let reserve = SplitReserve::new(blocks);
+        let thread = reserve.start(m)?;
+        Ok(Some(Running { reserve, thread }))
+    }
+
     /// A worker keeping `blocks` blocks (2 MiB of host memory each) ready.
     pub fn new(blocks: usize) -> Arc<SplitReserve> {
         Arc::new(SplitReserve {

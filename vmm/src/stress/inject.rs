@@ -103,24 +103,6 @@ pub struct Extra {
     pub resident_after: u64,
 }
 
-/// [`Moved`], as the JSON report has it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct MovedPages {
-    /// 4K pages.
-    pub pages: u64,
-    /// 2M frames holding them.
-    pub frames: u64,
-}
-
-impl From<Moved> for MovedPages {
-    fn from(m: Moved) -> Self {
-        MovedPages {
-            pages: m.pages,
-            frames: m.frames,
-        }
-    }
-}
-
 /// A quiescent point's comparison.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QuiescePoint {
@@ -156,10 +138,21 @@ pub struct QuiescePoint {
     /// Guest pages (and their 2M frames) the host kernel moved to other
     /// host pages between the start of the guest's last pass and the read
     /// of KVM's counters (`guest_mem::page_moves`), when the host says.
-    pub guest_pages_moved: Option<MovedPages>,
+    pub guest_pages_moved: Option<Moved>,
     /// KVM disagreed, and by no more than those moves explain
     /// (`Prediction::short_by_host_moves`): not a violation.
     pub explained_by_host_moves: bool,
+}
+
+impl QuiescePoint {
+    /// KVM's counters at this point.
+    pub fn kvm(&self) -> KvmCounts {
+        KvmCounts {
+            pages_4k: self.kvm_pages_4k,
+            pages_2m: self.kvm_pages_2m,
+            pages_1g: self.kvm_pages_1g,
+        }
+    }
 }
 
 /// `quiescent point at event #N: KVM pages_4k … pages_2m …, mirror …`: what
@@ -185,11 +178,7 @@ impl std::fmt::Display for QuiescePoint {
                 String::new()
             },
             self.prediction.pages_2m,
-            self.prediction.describe(KvmCounts {
-                pages_4k: self.kvm_pages_4k,
-                pages_2m: self.kvm_pages_2m,
-                pages_1g: self.kvm_pages_1g,
-            })
+            self.prediction.describe(self.kvm())
         )?;
         if let Some(n) = self.host_migrated.filter(|&n| n > 0) {
             write!(f, " [the host migrated {n} pages meanwhile]")?;
@@ -582,14 +571,8 @@ impl Injector<'_> {
         // violation when this guest's own moved pages explain the shortfall.
         let r = r.map(|q| {
             let explained = !q.agrees
-                && q.guest_pages_moved.is_some_and(|m| {
-                    let kvm = KvmCounts {
-                        pages_4k: q.kvm_pages_4k,
-                        pages_2m: q.kvm_pages_2m,
-                        pages_1g: q.kvm_pages_1g,
-                    };
-                    q.prediction.short_by_host_moves(kvm, m.pages, m.frames)
-                });
+                && q.guest_pages_moved
+                    .is_some_and(|m| q.prediction.short_by_host_moves(q.kvm(), m.pages, m.frames));
             QuiescePoint {
                 retakes,
                 explained_by_host_moves: explained,
@@ -615,7 +598,7 @@ impl Injector<'_> {
             let ram = self.m.ram();
             (
                 ram.host_addr(),
-                ram.frames() * HPAGE_SIZE as usize / PAGE_SIZE as usize,
+                ram.frames() * guest_mem::PAGES_PER_HPAGE as usize,
             )
         };
         PageFrames::read(start, pages)
@@ -635,7 +618,7 @@ impl Injector<'_> {
             .map(|(a, b)| b.saturating_sub(a));
         let guest_pages_moved = frames_before
             .zip(self.page_frames())
-            .map(|(a, b)| a.moved_to(&b).into());
+            .map(|(a, b)| a.moved_to(&b));
         let mut ram = self.m.ram();
         ram.take_changed_frames();
         ram.take_changed_pages();

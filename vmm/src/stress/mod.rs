@@ -210,12 +210,7 @@ pub fn run_with_progress(
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
-    let reserve = (a.split_reserve > 0 && p.backing.is_hugetlb())
-        .then(|| {
-            let r = SplitReserve::new(a.split_reserve as usize);
-            r.start(&m).map(|h| (r, h))
-        })
-        .transpose()
+    let reserve = SplitReserve::start_for(a.split_reserve as usize, p.backing, &m)
         .map_err(StressError::Thread)?;
     let (m2, s2) = (m.clone(), vshared.clone());
     let body = move |i, fd| vcpu::run_vcpu(i, fd, m2.clone(), s2.clone());
@@ -250,11 +245,8 @@ pub fn run_with_progress(
         lp.internal.get_or_insert(e.to_string());
     }
     let outcome = m.wait_outcome(FINISH_TIMEOUT);
-    if let Some((r, h)) = reserve {
-        r.stop();
-        if h.join().is_err() {
-            log::error!("the split-reserve thread panicked");
-        }
+    if let Some(r) = reserve {
+        r.shutdown();
     }
     stop_vcpus(&m, handles);
     let mut end = judge(&mut lp, &log, &m, &vshared, outcome);
