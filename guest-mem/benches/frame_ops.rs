@@ -5,7 +5,8 @@
 //! their size), and of a 4K discard, on real memory. `hugetlb-1g`: the split
 //! of a 1G page into 2M frames and the collapse back (1 GiB of RAM), with the
 //! split's write-hold and the collapse's pause. hugetlb splits also onto
-//! the split reserve (pages allocated ahead).
+//! the split reserve (pages allocated ahead), and collapse onto the
+//! collapse reserve (a huge page allocated ahead), as the VMM runs them.
 
 use std::time::{Duration, Instant};
 
@@ -142,6 +143,25 @@ fn split_collapse(c: &mut Criterion, backing: Backing, size: u64, name: &str) {
                     r.collapse(f, &NoVcpus).unwrap();
                 }
                 windows.take().iter().map(|w| w.write_hold).sum()
+            })
+        });
+        // The VMM's defaults (`--split-reserve`, `--collapse-reserve`): the
+        // collapse finds its huge page allocated and mapped ahead (topped up
+        // untimed after each split, as the VMM's thread does in the
+        // background) and keeps its small pages as a split block.
+        g.bench_function("collapse_2m_onto_reserve", |b| {
+            b.iter_custom(|iters| {
+                let mut t = Duration::ZERO;
+                for i in 0..iters {
+                    let f = i as usize % FRAMES;
+                    r.prepare_split_blocks(1).unwrap();
+                    r.split(f, &NoVcpus).unwrap();
+                    r.prepare_warm_huge_pages(1).unwrap();
+                    let s = Instant::now();
+                    r.collapse(f, &NoVcpus).unwrap();
+                    t += s.elapsed();
+                }
+                t
             })
         });
         g.bench_function("collapse_pause", |b| {

@@ -99,6 +99,9 @@ pub struct GuestRam {
     /// `split_block_to_prepare`); a collapse gives its frame's block to the
     /// reserve while it has fewer (`crate::split_reserve`).
     pub(crate) split_reserve_target: usize,
+    /// Huge pages the collapse reserve's worker last asked for
+    /// (`crate::collapse_reserve`).
+    pub(crate) collapse_reserve_target: usize,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -371,6 +374,7 @@ impl GuestRam {
             give_back: Default::default(),
             split_windows: Arc::default(),
             split_reserve_target: 0,
+            collapse_reserve_target: 0,
         })
     }
 
@@ -539,7 +543,11 @@ impl GuestRam {
         match (self.backing, plan) {
             (_, PopulatePlan::AlreadyPopulated) => Ok(()),
             (Backing::Hugetlb | Backing::Hugetlb1g, PopulatePlan::Huge { slot }) => {
-                self.host.huge_alloc(slot)?;
+                match self.host.take_warm_huge(slot) {
+                    // Allocated and zeroed ahead: its staging map goes.
+                    Some(map) => self.host.retire_staging(map),
+                    None => self.host.huge_alloc(slot)?,
+                }
                 self.host.huge_map(frame, slot)
             }
             (Backing::Hugetlb | Backing::Hugetlb1g, PopulatePlan::Small { slots }) => {
@@ -883,7 +891,7 @@ impl GuestRam {
                     Err(e.into())
                 }
             };
-            drop(staging);
+            ram.host.retire_staging(staging);
             switched?;
             Ok(Some((crate::host_mem::block_base(&copy), free_small)))
         })?;
@@ -953,6 +961,7 @@ impl GuestRam {
             gig_used: self.model.gig_pool().used_count(),
             gig_memfd_bytes: self.host.gig_allocated_bytes().unwrap_or(0),
             split_reserve_bytes: self.host.warm_split_blocks() as u64 * HPAGE_SIZE,
+            collapse_reserve_bytes: self.host.warm_huge_pages() as u64 * HPAGE_SIZE,
         }
     }
 

@@ -42,6 +42,11 @@ pub(crate) struct HostMem {
     /// reserve's worker made one (`crate::split_reserve`; a block a
     /// collapse gave back has none at first).
     warm: BTreeMap<u32, Option<TempMap>>,
+    /// Huge slots of the pool made warm ahead of a collapse
+    /// (`crate::collapse_reserve`; set aside in the model): their page is
+    /// allocated (zeroed by the kernel) and mapped, faulted in, for the
+    /// collapse's copy.
+    warm_huge: BTreeMap<u32, TempMap>,
     /// The warm block the split in progress copies into (base, mapping).
     staging: Option<(u32, TempMap)>,
     /// Staging mappings of finished splits, unmapped off the split's path
@@ -289,6 +294,7 @@ impl HostMem {
             warm: BTreeMap::new(),
             staging: None,
             used_staging: Vec::new(),
+            warm_huge: BTreeMap::new(),
             hold,
             #[cfg(test)]
             fail_switch: false,
@@ -885,12 +891,41 @@ impl HostMem {
             self.frame_hugepage_advice(frame, false)?;
         }
         if let Some((_, map)) = self.staging.take() {
-            if self.used_staging.len() >= MAX_USED_STAGING {
-                self.used_staging.clear();
-            }
-            self.used_staging.push(map);
+            self.retire_staging(map);
         }
         self.huge_free(huge_slot)
+    }
+
+    /// A staging mapping an operation is done with: unmapped later, off
+    /// its path ([`Self::take_used_staging`]), or here when too many wait.
+    pub(crate) fn retire_staging(&mut self, map: TempMap) {
+        if self.used_staging.len() >= MAX_USED_STAGING {
+            self.used_staging.clear();
+        }
+        self.used_staging.push(map);
+    }
+
+    /// A handle on the pool memfd, for allocating a warm huge page away
+    /// from the RAM lock.
+    pub(crate) fn pool_file(&self) -> Result<Memfd, GuestMemError> {
+        self.pool().try_clone()
+    }
+
+    /// Huge slot `slot` is allocated and `map` maps its page, faulted in:
+    /// the next collapse onto it skips the allocation.
+    pub(crate) fn mark_huge_warm(&mut self, slot: u32, map: TempMap) {
+        self.warm_huge.insert(slot, map);
+    }
+
+    /// Takes warm huge slot `slot`'s mapping (the slot is being allocated);
+    /// `None` when the slot is not warm on the host.
+    pub(crate) fn take_warm_huge(&mut self, slot: u32) -> Option<TempMap> {
+        self.warm_huge.remove(&slot)
+    }
+
+    /// Huge pages allocated ahead now.
+    pub(crate) fn warm_huge_pages(&self) -> usize {
+        self.warm_huge.len()
     }
 
     /// The staging mappings of finished splits, to unmap (drop) away from
@@ -918,7 +953,12 @@ impl HostMem {
 
     /// Collapse, step 1 (vCPUs running): take huge slot `slot` from the host
     /// pool (the kernel zeroes it here) and map it for staging.
-    pub(crate) fn collapse_prepare(&self, slot: u32) -> Result<TempMap, GuestMemError> {
+    /// A warm slot (`crate::collapse_reserve`) has both ready: nothing is
+    /// allocated, zeroed or faulted here.
+    pub(crate) fn collapse_prepare(&mut self, slot: u32) -> Result<TempMap, GuestMemError> {
+        if let Some(map) = self.take_warm_huge(slot) {
+            return Ok(map);
+        }
         self.huge_alloc(slot)?;
         let t = TempMap::new(
             self.pool(),

@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod backing;
+mod collapse_reserve;
 pub mod error;
 mod gig_frames;
 mod give_back;
@@ -31,6 +32,7 @@ mod vma_probe;
 mod write_hold;
 
 pub use backing::{Backing, HostPaths, ParseBackingError};
+pub use collapse_reserve::{HugePagePrep, WarmHugePage};
 pub use error::{GuestMemError, ProtectError};
 pub use give_back::{GiveBackReport, GiveBackStatus, SplitPolicy};
 pub use guest_ram::{check_ram_size, FrameView, GuestRam, GuestRamConfig, MAX_RAM_SIZE};

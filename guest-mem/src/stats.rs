@@ -23,6 +23,9 @@ pub struct PoolStats {
     /// Of `data_memfd_bytes`: split blocks allocated ahead (the split
     /// reserve, `hugetlb` backings), backing no guest page yet.
     pub split_reserve_bytes: u64,
+    /// Of `pool_memfd_bytes`: huge pages allocated ahead for collapses
+    /// (the collapse reserve, `hugetlb`), backing no guest frame yet.
+    pub collapse_reserve_bytes: u64,
     /// The host's 2M hugetlb counters (`HugePages_*`), when readable.
     pub host: Option<HugeMeminfo>,
     /// `hugetlb-1g`: 1G pages of our 1G pool (0 for the other backings).

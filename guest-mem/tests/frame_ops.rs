@@ -11,9 +11,10 @@ use rand::{Rng, SeedableRng};
 
 const FRAMES: usize = 16;
 
-/// `reserve`: keep up to that many split blocks allocated ahead (topped up
-/// at random steps, `GuestRam::prepare_split_blocks`), so that splits land
-/// on warm blocks, cold ones and plain runs in turn.
+/// `reserve`: keep up to that many split blocks and huge pages allocated
+/// ahead (topped up at random steps, `GuestRam::prepare_split_blocks`,
+/// `prepare_warm_huge_pages`), so that splits and collapses land on warm
+/// blocks and pages, cold ones and plain runs in turn.
 fn run(backing: Backing, seed: u64, steps: usize, reserve: usize) {
     let (mut ram, mut sh) = common::patterned_ram(FRAMES, backing);
     let pages = (FRAMES * PPH) as u64;
@@ -29,6 +30,12 @@ fn run(backing: Backing, seed: u64, steps: usize, reserve: usize) {
         let gen = step as u32 + 2;
         if reserve > 0 && rng.gen_bool(0.3) {
             ram.prepare_split_blocks(rng.gen_range(1..=reserve))
+                .unwrap();
+        }
+        // The collapse reserve too (`hugetlb`: a no-op elsewhere), so
+        // collapses and populates land on warm huge pages and cold slots.
+        if reserve > 0 && rng.gen_bool(0.3) {
+            ram.prepare_warm_huge_pages(rng.gen_range(0..=reserve))
                 .unwrap();
         }
         match rng.gen_range(0..4) {

@@ -29,6 +29,11 @@ pub struct HugePool {
     capacity: u32,
     free: Vec<u32>,
     used: Vec<bool>,
+    /// Free slots set aside whose host page is allocated ahead (zeroed by
+    /// the kernel off any operation's path, [`Self::prepare_warm`]): not in
+    /// `free`; [`Self::alloc`] takes them first (newest first), so a
+    /// collapse or populate finds its page ready.
+    warm: Vec<u32>,
     fail_next: u32,
     /// While a transaction is open: how to undo each change.
     pub(crate) undo: UndoLog,
@@ -81,6 +86,9 @@ enum PoolUndo {
     /// The prepared block at `base` was taken by an allocation inside it
     /// (small pool, [`SmallPool::alloc_at`]).
     Unprepared(u32),
+    /// Warm huge `slot` was taken from position `pos` of the warm list
+    /// ([`HugePool::alloc`], [`HugePool::alloc_at`]).
+    AllocWarm { slot: u32, pos: usize },
 }
 
 impl HugePool {
@@ -91,6 +99,7 @@ impl HugePool {
             capacity,
             free: (0..capacity).rev().collect(),
             used: vec![false; capacity as usize],
+            warm: Vec::new(),
             fail_next: 0,
             undo: UndoLog::default(),
         }
@@ -114,6 +123,10 @@ impl HugePool {
                     self.used[slot as usize] = false;
                     self.free.insert(pos, slot);
                 }
+                PoolUndo::AllocWarm { slot, pos } => {
+                    self.used[slot as usize] = false;
+                    self.warm.insert(pos, slot);
+                }
                 PoolUndo::Failed => self.fail_next += 1,
                 // The huge pool never grows and sets no block aside.
                 PoolUndo::Grew | PoolUndo::Unprepared(_) => {}
@@ -130,14 +143,52 @@ impl HugePool {
         self.capacity as usize
     }
 
-    /// Number of free slots.
+    /// Number of free slots (warm ones included).
     pub fn free_count(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.warm.len()
     }
 
     /// Number of allocated slots.
     pub fn used_count(&self) -> usize {
-        self.capacity as usize - self.free.len()
+        self.capacity as usize - self.free_count()
+    }
+
+    /// Sets aside the free slot [`Self::alloc`] would take next as warm
+    /// (the host allocates its page ahead); `None` when no slot is free
+    /// outside the warm ones. Between operations only (not undone).
+    pub fn prepare_warm(&mut self) -> Option<u32> {
+        debug_assert!(!self.undo.recording(), "prepare_warm inside a transaction");
+        let slot = self.free.pop()?;
+        self.warm.push(slot);
+        Some(slot)
+    }
+
+    /// Gives warm `slot` back to the free list; `false` if it is not warm.
+    pub fn release_warm(&mut self, slot: u32) -> bool {
+        debug_assert!(!self.undo.recording(), "release_warm inside a transaction");
+        match self.warm.iter().position(|s| *s == slot) {
+            Some(pos) => {
+                self.warm.remove(pos);
+                self.free.push(slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether `slot` is warm (set aside, not taken since).
+    pub fn is_warm(&self, slot: u32) -> bool {
+        self.warm.contains(&slot)
+    }
+
+    /// The warm slots, oldest first.
+    pub fn warm_slots(&self) -> &[u32] {
+        &self.warm
+    }
+
+    /// Number of warm slots.
+    pub fn warm_count(&self) -> usize {
+        self.warm.len()
     }
 
     /// Whether `slot` is allocated.
@@ -156,6 +207,12 @@ impl HugePool {
             self.fail_next -= 1;
             self.record(PoolUndo::Failed);
             return None;
+        }
+        if let Some(slot) = self.warm.pop() {
+            self.used[slot as usize] = true;
+            let pos = self.warm.len();
+            self.record(PoolUndo::AllocWarm { slot, pos });
+            return Some(slot);
         }
         let slot = self.free.pop()?;
         self.used[slot as usize] = true;
@@ -185,6 +242,12 @@ impl HugePool {
             self.record(PoolUndo::Failed);
             return None;
         }
+        if let Some(pos) = self.warm.iter().position(|s| *s == slot) {
+            self.warm.remove(pos);
+            self.used[slot as usize] = true;
+            self.record(PoolUndo::AllocWarm { slot, pos });
+            return Some(slot);
+        }
         let pos = self.free.iter().position(|s| *s == slot)?;
         self.free.remove(pos);
         self.used[slot as usize] = true;
@@ -205,11 +268,13 @@ impl HugePool {
         }
     }
 
-    /// Checks that free list and used map agree.
+    /// Checks that free list, warm list and used map agree.
     pub fn is_consistent(&self) -> bool {
         let used = self.used.iter().filter(|u| **u).count();
-        used + self.free.len() == self.capacity as usize
+        used + self.free.len() + self.warm.len() == self.capacity as usize
             && self.free.iter().all(|s| !self.used[*s as usize])
+            && self.warm.iter().all(|s| !self.used[*s as usize])
+            && self.warm.iter().all(|s| !self.free.contains(s))
     }
 }
 
@@ -266,7 +331,7 @@ impl SmallPool {
                 }
                 PoolUndo::Failed => self.fail_next += 1,
                 // Only the huge pool takes a slot at a free-list position.
-                PoolUndo::AllocAt { .. } => {}
+                PoolUndo::AllocAt { .. } | PoolUndo::AllocWarm { .. } => {}
                 PoolUndo::Unprepared(base) => {
                     self.prepared.insert(base);
                 }
@@ -675,6 +740,42 @@ mod tests {
         );
         assert!(p.prepare_block_at(520));
         assert_eq!(p.prepared_blocks().collect::<Vec<_>>(), vec![8, 520]);
+        assert!(p.is_consistent());
+    }
+
+    #[test]
+    fn warm_huge_slots_are_taken_first_and_exactly_undone() {
+        let mut p = HugePool::new(4);
+        assert_eq!(p.alloc(), Some(0));
+        // The slot alloc would take next (1) is set aside warm.
+        assert_eq!(p.prepare_warm(), Some(1));
+        assert!(p.is_warm(1));
+        assert_eq!((p.free_count(), p.used_count(), p.warm_count()), (3, 1, 1));
+        assert!(p.is_consistent());
+        // A freed slot goes on top of the free list, yet alloc takes the warm one.
+        assert_eq!(p.alloc_at(2), Some(2));
+        p.free(2).unwrap();
+        let before = format!("{p:?}");
+        p.undo.begin();
+        assert_eq!(p.alloc(), Some(1), "warm first");
+        assert!(!p.is_warm(1));
+        assert_eq!(p.alloc(), Some(2), "then the free list, newest first");
+        assert!(p.is_consistent());
+        p.rollback_undo();
+        assert_eq!(format!("{p:?}"), before, "rollback puts the slot back warm");
+        // alloc_at of a warm slot takes it out of the warm list, undone too.
+        p.undo.begin();
+        assert_eq!(p.alloc_at(1), Some(1));
+        assert_eq!(p.warm_count(), 0);
+        p.rollback_undo();
+        assert_eq!(format!("{p:?}"), before);
+        // Released: an ordinary free slot again, on top.
+        assert!(p.release_warm(1));
+        assert!(!p.release_warm(1));
+        assert_eq!(p.alloc(), Some(1));
+        assert_eq!(p.alloc(), Some(2));
+        assert_eq!(p.alloc(), Some(3));
+        assert_eq!(p.prepare_warm(), None, "no free slot left");
         assert!(p.is_consistent());
     }
 }

@@ -83,6 +83,9 @@ pub struct RunConfig {
     /// Split blocks (2 MiB of small pages each) kept allocated ahead on
     /// `hugetlb` backings (0 = none: a split allocates its pages itself).
     pub split_reserve: u32,
+    /// Huge pages kept allocated ahead for collapses on `hugetlb` (at most
+    /// one per split frame; 0 = none: a collapse allocates its page).
+    pub collapse_reserve: u32,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }
@@ -118,6 +121,7 @@ impl Default for RunConfig {
             collapse_pages_to_scan: 4096,
             collapse_max_ptes_none: 0,
             split_reserve: 4,
+            collapse_reserve: 1,
             kvm_dev: "/dev/kvm".into(),
         }
     }

@@ -261,8 +261,15 @@ impl Services {
                 .map_err(os("spawning the collapser thread"))?;
             Some((c, h))
         };
-        let reserve = SplitReserve::start_for(args.split_reserve as usize, args.backing, machine)
-            .map_err(os("spawning the split-reserve thread"))?;
+        let reserve = SplitReserve::start_for(
+            split_reserve::ReserveSizes {
+                split_blocks: args.split_reserve as usize,
+                huge_pages: args.collapse_reserve as usize,
+            },
+            args.backing,
+            machine,
+        )
+        .map_err(os("spawning the split-reserve thread"))?;
         let api = match &args.api_socket {
             Some(p) => Some(ApiServer::start(p, Arc::downgrade(machine))?),
             None => None,

@@ -29,6 +29,9 @@ pub struct PoolReport {
     pub data_memfd_bytes: u64,
     /// Of those: split blocks allocated ahead (`--split-reserve`).
     pub split_reserve_bytes: u64,
+    /// Of `pool_memfd_bytes`: huge pages allocated ahead for collapses
+    /// (`--collapse-reserve`).
+    pub collapse_reserve_bytes: u64,
     /// The host's free 2M hugetlb pages (`HugePages_Free`).
     pub host_hugepages_free: Option<u64>,
 }
@@ -95,6 +98,7 @@ pub fn pool_report(ram: &guest_mem::GuestRam) -> PoolReport {
         pool_memfd_bytes: p.pool_memfd_bytes,
         data_memfd_bytes: p.data_memfd_bytes,
         split_reserve_bytes: p.split_reserve_bytes,
+        collapse_reserve_bytes: p.collapse_reserve_bytes,
         host_hugepages_free: p.host.map(|h| h.free),
     }
 }

@@ -1,10 +1,13 @@
-//! The split-reserve worker (`hugetlb` backings): a thread that keeps a few
+//! The reserve worker (`hugetlb` backings): a thread that keeps a few
 //! blocks of small pages allocated ahead for splits
 //! (`guest_mem::GuestRam::split_block_to_prepare`), so a split (a guest
 //! give-back, a `vmm ctl split`, a stress event) does not allocate 511 shmem
-//! pages on its path. Each block is allocated without the RAM lock (see
-//! `guest-mem`'s `split_reserve` for why that is safe); the lock is held
-//! only to set the block aside and to mark it ready.
+//! pages on its path, and a few huge pages allocated ahead for collapses
+//! (`guest_mem::GuestRam::huge_page_to_prepare`, at most one per split
+//! frame), so a collapse does not take and zero a huge page on its path.
+//! Each block or page is allocated without the RAM lock (see `guest-mem`'s
+//! `split_reserve` and `collapse_reserve` for why that is safe); the lock is
+//! held only to set it aside and to mark it ready.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -21,10 +24,20 @@ const IDLE_POLL: Duration = Duration::from_millis(64);
 /// How long it waits after the host refused to allocate a block.
 const BACK_OFF: Duration = Duration::from_secs(1);
 
+/// What the worker keeps ready.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReserveSizes {
+    /// Split blocks (2 MiB of small pages each).
+    pub split_blocks: usize,
+    /// Huge pages for collapses (`hugetlb` only; at most one per split
+    /// frame).
+    pub huge_pages: usize,
+}
+
 /// The worker of one machine.
 #[derive(Debug)]
 pub struct SplitReserve {
-    blocks: usize,
+    sizes: ReserveSizes,
     stop: StopSignal,
 }
 
@@ -46,33 +59,36 @@ impl Running {
 }
 
 impl SplitReserve {
-    /// The worker a machine on `backing` runs with `--split-reserve blocks`:
-    /// none for 0 blocks or a backing without a hugetlb pool (its splits
-    /// have no small pages to take ahead), else started ([`Self::start`]).
+    /// The worker a machine on `backing` runs with `--split-reserve` and
+    /// `--collapse-reserve`: none when both are 0 or on a backing without a
+    /// hugetlb pool (its splits and collapses are the kernel's), else
+    /// started ([`Self::start`]).
     pub fn start_for(
-        blocks: usize,
+        sizes: ReserveSizes,
         backing: guest_mem::Backing,
         m: &Arc<impl RamHandle + 'static>,
     ) -> std::io::Result<Option<Running>> {
-        if blocks == 0 || !backing.is_hugetlb() {
+        if sizes == ReserveSizes::default() || !backing.is_hugetlb() {
             return Ok(None);
         }
-        let reserve = SplitReserve::new(blocks);
+        let reserve = SplitReserve::new(sizes);
         let thread = reserve.start(m)?;
         Ok(Some(Running { reserve, thread }))
     }
 
-    /// A worker keeping `blocks` blocks (2 MiB of host memory each) ready.
-    pub fn new(blocks: usize) -> Arc<SplitReserve> {
+    /// A worker keeping `sizes` ready (2 MiB of host memory each).
+    pub fn new(sizes: ReserveSizes) -> Arc<SplitReserve> {
         Arc::new(SplitReserve {
-            blocks,
+            sizes,
             stop: StopSignal::default(),
         })
     }
 
     /// Tops the reserve up once: maps the blocks collapses kept, sets aside
-    /// and allocates blocks until `blocks` are ready. Returns how many
-    /// blocks it mapped or allocated, or the host's refusal (logged by the
+    /// and allocates blocks until `split_blocks` are ready, gives back the
+    /// huge pages no split frame wants any more and allocates them up to
+    /// what is wanted. Returns how many blocks and pages it mapped,
+    /// allocated or gave back, or the host's refusal (logged by the
     /// caller).
     pub fn top_up(&self, m: &dyn RamHandle) -> Result<usize, guest_mem::GuestMemError> {
         // Unmapped here, not under the RAM lock nor on a split's path.
@@ -90,11 +106,22 @@ impl SplitReserve {
             n += 1;
         }
         loop {
-            let Some(prep) = m.ram().split_block_to_prepare(self.blocks)? else {
-                return Ok(n);
+            let Some(prep) = m.ram().split_block_to_prepare(self.sizes.split_blocks)? else {
+                break;
             };
             let r = prep.allocate();
             if m.ram().split_block_allocated(prep, r)? {
+                n += 1;
+            }
+        }
+        let released = m.ram().release_surplus_warm_huge()?;
+        n += released;
+        loop {
+            let Some(prep) = m.ram().huge_page_to_prepare(self.sizes.huge_pages)? else {
+                return Ok(n);
+            };
+            let r = prep.allocate();
+            if m.ram().huge_page_allocated(prep, r)? {
                 n += 1;
             }
         }

@@ -228,8 +228,8 @@ pub fn verify_host(ram: &GuestRam, must_be_pmd: &[bool]) {
             );
             assert_eq!(
                 ps.pool_memfd_bytes,
-                huge * HPAGE_SIZE,
-                "pool memfd blocks vs books"
+                huge * HPAGE_SIZE + ps.collapse_reserve_bytes,
+                "pool memfd blocks vs books (+ the collapse reserve)"
             );
             assert_eq!(
                 ps.gig_memfd_bytes,

@@ -12,6 +12,7 @@ use crate::units::{Level, PAGES_PER_HPAGE, PAGES_PER_HPAGE_USIZE};
 
 mod gig;
 mod split_blocks;
+mod warm_huge;
 use gig::GigLayer;
 pub use gig::{GigCollapsePlan, GigPopulatePlan, GigSource, GigSplitPlan, FRAMES_PER_GIG};
 

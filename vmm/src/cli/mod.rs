@@ -155,7 +155,8 @@ pub struct RunArgs {
     pub kvm: KvmDevArg,
 }
 
-/// `--split-reserve BLOCKS` of the subcommands that split frames.
+/// `--split-reserve BLOCKS` and `--collapse-reserve PAGES` of the
+/// subcommands that split and collapse frames.
 #[derive(Debug, Clone, Args)]
 pub struct SplitReserveArg {
     /// Blocks of small pages (2 MiB each) kept allocated ahead for splits
@@ -163,6 +164,12 @@ pub struct SplitReserveArg {
     /// allocate on its path (0 = none).
     #[arg(long, value_name = "BLOCKS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub split_reserve: u32,
+    /// Huge pages kept allocated ahead for collapses on the hugetlb
+    /// backing, by the same thread, at most one per split frame, so a
+    /// collapse does not take (and the kernel zero) a huge page on its
+    /// path (0 = none).
+    #[arg(long, value_name = "PAGES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub collapse_reserve: u32,
 }
 
 /// The hidden `--kvm-dev PATH` option (env `VMM_KVM_DEV`) of the
@@ -212,6 +219,7 @@ impl From<RunArgs> for RunConfig {
             collapse_pages_to_scan: a.collapse_pages_to_scan,
             collapse_max_ptes_none: a.collapse_max_ptes_none,
             split_reserve: a.reserve.split_reserve,
+            collapse_reserve: a.reserve.collapse_reserve,
             kvm_dev: a.kvm.kvm_dev,
         }
     }

@@ -80,6 +80,7 @@ impl From<StressArgs> for StressConfig {
             replay_out: a.replay_out,
             inject_bug: a.inject_bug,
             split_reserve: a.reserve.split_reserve,
+            collapse_reserve: a.reserve.collapse_reserve,
             kvm_dev: a.kvm.kvm_dev,
         }
     }

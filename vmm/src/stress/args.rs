@@ -80,6 +80,8 @@ pub struct StressConfig {
     pub inject_bug: Option<InjectBug>,
     /// Split blocks kept allocated ahead (`hugetlb` backings; 0 = none).
     pub split_reserve: u32,
+    /// Huge pages kept allocated ahead for collapses (`hugetlb`; 0 = none).
+    pub collapse_reserve: u32,
     /// KVM device node.
     pub kvm_dev: PathBuf,
 }

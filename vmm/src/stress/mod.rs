@@ -45,7 +45,7 @@ use guest_mem::{Backing, HPAGE_SIZE};
 use crate::builder::RunError;
 use crate::exit_code;
 use crate::outcome::Outcome;
-use crate::split_reserve::SplitReserve;
+use crate::split_reserve::{ReserveSizes, SplitReserve};
 use crate::testguest::guests::stress::SharedArea;
 
 pub use args::{InjectBug, StressConfig, EXIT_CODES};
@@ -210,8 +210,15 @@ pub fn run_with_progress(
     let area = SharedArea::new(&image.layout).map_err(StressError::Usage)?;
     let log = SharedLog::new(area, image.slices.clone());
     let vshared = Arc::new(StressVcpuShared::default());
-    let reserve = SplitReserve::start_for(a.split_reserve as usize, p.backing, &m)
-        .map_err(StressError::Thread)?;
+    let reserve = SplitReserve::start_for(
+        ReserveSizes {
+            split_blocks: a.split_reserve as usize,
+            huge_pages: a.collapse_reserve as usize,
+        },
+        p.backing,
+        &m,
+    )
+    .map_err(StressError::Thread)?;
     let (m2, s2) = (m.clone(), vshared.clone());
     let body = move |i, fd| vcpu::run_vcpu(i, fd, m2.clone(), s2.clone());
     let handles = crate::builder::spawn_vcpus(&mut vm, &m.control, STOP_TIMEOUT, body)
