@@ -379,9 +379,10 @@ impl GuestRam {
     }
 
     /// Fault injection, to prove a checker catches a broken barrier (`vmm
-    /// stress --inject-bug no-write-hold`): from now on a hugetlb split
-    /// copies its frame with the vCPUs running but without write-protecting
-    /// it, so a write made during the copy is lost. Never set otherwise.
+    /// stress --inject-bug no-write-hold`): from now on a hugetlb split (and
+    /// a collapse of a frame with every page present) copies its frame with
+    /// the vCPUs running but without write-protecting it, so a write made
+    /// during the copy is lost. Never set otherwise.
     pub fn inject_split_without_write_hold(&mut self) {
         self.host.copy_unheld = true;
     }
@@ -880,15 +881,40 @@ impl GuestRam {
             }
             // Taking the huge page (zeroed by the kernel: the `zero` pages
             // need nothing) happens with the vCPUs running; only the copy
-            // and the remap hold them back.
+            // and the remap hold them back: every vCPU, or, when every page
+            // is present (no anonymous zero page, which this kernel may not
+            // write-protect), only a writer of this frame, as a split does.
+            let warm = ram.host.huge_is_warm(huge_slot);
             let staging = ram.host.collapse_prepare(huge_slot)?;
-            let switched = match quiesce::pause(q) {
-                Ok(_guard) => ram.host.collapse_switch(frame, huge_slot, &staging, &copy),
-                Err(e) => {
-                    if let Err(f) = ram.host.huge_free(huge_slot) {
-                        warn!("freeing the huge slot of a failed collapse: {f}");
+            let windows = ram.split_windows.clone();
+            let hold = (copy.len() == PAGES_PER_HPAGE as usize)
+                .then(|| windows.hold_on())
+                .flatten()
+                .filter(|_| ram.host.collapse_hold(frame));
+            let switched = if let Some(hold) = hold {
+                let r = ram
+                    .host
+                    .collapse_switch(frame, huge_slot, &staging, &copy, true);
+                ram.host.split_release(frame, r.is_ok());
+                if r.is_ok() {
+                    windows.record(SplitWindow {
+                        write_hold: hold.elapsed(),
+                        collapse: true,
+                        prepared: warm,
+                    });
+                }
+                r
+            } else {
+                match quiesce::pause(q) {
+                    Ok(_guard) => ram
+                        .host
+                        .collapse_switch(frame, huge_slot, &staging, &copy, false),
+                    Err(e) => {
+                        if let Err(f) = ram.host.huge_free(huge_slot) {
+                            warn!("freeing the huge slot of a failed collapse: {f}");
+                        }
+                        Err(e.into())
                     }
-                    Err(e.into())
                 }
             };
             ram.host.retire_staging(staging);
@@ -1099,10 +1125,18 @@ mod tests {
         assert_eq!(state(&ram), before);
         assert_eq!(ram.frame_state(0), FrameView::Huge { slot: 0 });
 
+        // Where the host cannot write-protect, a collapse pauses the vCPUs
+        // too: pausing fails after the huge page was taken.
+        ram.host.use_write_hold(false);
         assert!(ram.collapse(1, &NoPause).is_err());
         assert_eq!(state(&ram), before);
         ram.host.fail_switch = true;
         assert!(ram.collapse(1, &NoVcpus).is_err());
+        assert_eq!(state(&ram), before);
+        // The host fails in the remap after the copy under the write-hold
+        // (every page of frame 1 present: no pause asked).
+        ram.host.use_write_hold(true);
+        assert!(ram.collapse(1, &NoPause).is_err());
         ram.host.fail_switch = false;
         assert_eq!(state(&ram), before);
         assert!(matches!(
@@ -1156,6 +1190,26 @@ mod tests {
     /// after the copy; returns (whether the write was still held back 20 ms
     /// later, the word the guest reads after the split, the word written).
     fn split_with_a_write_during_the_copy(ram: &mut GuestRam) -> (Option<bool>, u64, u64) {
+        with_a_write_during_the_copy(ram, |ram| {
+            ram.split(3, &NoPause).expect("split without a pause")
+        })
+    }
+
+    /// As [`split_with_a_write_during_the_copy`], for the collapse of frame
+    /// 3 (split first, every page present).
+    fn collapse_with_a_write_during_the_copy(ram: &mut GuestRam) -> (Option<bool>, u64, u64) {
+        ram.split(3, &NoVcpus).expect("split");
+        with_a_write_during_the_copy(ram, |ram| {
+            ram.collapse(3, &NoPause).expect("collapse without a pause")
+        })
+    }
+
+    /// Runs `op` (a split or collapse of frame 3) while another thread
+    /// writes one word of the frame right after the copy.
+    fn with_a_write_during_the_copy(
+        ram: &mut GuestRam,
+        op: impl FnOnce(&mut GuestRam),
+    ) -> (Option<bool>, u64, u64) {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Barrier, Mutex};
         let gpa = GuestAddress(3 * HPAGE_SIZE + 77 * PAGE_SIZE + 8);
@@ -1180,7 +1234,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             *h.lock().unwrap() = Some(!done.load(Ordering::SeqCst));
         })));
-        ram.split(3, &NoPause).expect("split without a pause");
+        op(ram);
         ram.host.after_copy = None;
         writer.join().expect("writer");
         let now: u64 = ram.memory().read_obj(gpa).expect("read");
@@ -1238,6 +1292,103 @@ mod tests {
     #[test]
     fn a_broken_write_hold_onto_the_reserve_loses_the_write_too() {
         broken_hold_loses_the_write(1);
+    }
+
+    /// A collapse of a frame with every page present holds back a write to
+    /// it instead of pausing the vCPUs (`NoPause` refuses any pause), the
+    /// write lands in the huge page; onto a warm huge page too.
+    #[test]
+    fn a_write_during_the_collapse_copy_is_held_back_and_kept() {
+        for warm in [0, 1] {
+            let Some(mut ram) = ram() else { return };
+            if !ram.host.holds_writes() {
+                skip_policy::skip("the kernel has no userfaultfd write-protect on shmem");
+                return;
+            }
+            let (held, now, written) = collapse_with_a_write_during_the_copy_warm(&mut ram, warm);
+            assert_eq!(
+                held,
+                Some(true),
+                "the write went through during the collapse"
+            );
+            assert_eq!(now, written, "the write made during the collapse was lost");
+            assert!(matches!(ram.frame_state(3), FrameView::Huge { .. }));
+            let w: Vec<_> = ram
+                .split_windows()
+                .take()
+                .into_iter()
+                .filter(|w| w.collapse)
+                .collect();
+            assert_eq!(w.len(), 1, "{w:?}");
+            assert!(
+                w[0].write_hold >= std::time::Duration::from_millis(20),
+                "{w:?}"
+            );
+            assert_eq!(w[0].prepared, warm > 0, "{w:?}");
+            let w: u64 = ram
+                .memory()
+                .read_obj(GuestAddress(3 * HPAGE_SIZE + 78 * PAGE_SIZE))
+                .expect("read");
+            assert_eq!(w, 3 << 32 | 78 << 8 | 0x5a);
+        }
+    }
+
+    fn collapse_with_a_write_during_the_copy_warm(
+        ram: &mut GuestRam,
+        warm: usize,
+    ) -> (Option<bool>, u64, u64) {
+        if warm == 0 {
+            return collapse_with_a_write_during_the_copy(ram);
+        }
+        ram.split(3, &NoVcpus).expect("split");
+        assert_eq!(ram.prepare_warm_huge_pages(warm).expect("warm"), warm);
+        with_a_write_during_the_copy(ram, |ram| {
+            ram.collapse(3, &NoPause).expect("collapse without a pause")
+        })
+    }
+
+    /// The frame's small pages paged out first (`MADV_PAGEOUT`: their page
+    /// table entries gone, the pages in the page cache): the write-protect
+    /// covers the empty entries too (the kernel's markers on shmem), so the
+    /// write is still held back and kept.
+    #[test]
+    fn a_write_during_the_collapse_of_a_paged_out_frame_is_held_back_and_kept() {
+        let Some(mut ram) = ram() else { return };
+        if !ram.host.holds_writes() {
+            skip_policy::skip("the kernel has no userfaultfd write-protect on shmem");
+            return;
+        }
+        ram.split(3, &NoVcpus).expect("split");
+        let start = ram.host_addr() + 3 * HPAGE_SIZE;
+        let read = || crate::page_moves::PageFrames::read(start, PPH).expect("pagemap");
+        let before = read();
+        ram.page_out_frame(3).expect("page-out");
+        if let (Some(b), Some(a)) = (before, read()) {
+            assert_eq!(
+                b.moved_to(&a).pages,
+                PPH as u64,
+                "page-out unmapped every page"
+            );
+        }
+        let (held, now, written) = with_a_write_during_the_copy(&mut ram, |ram| {
+            ram.collapse(3, &NoPause).expect("collapse without a pause")
+        });
+        assert_eq!(
+            held,
+            Some(true),
+            "the write went through during the collapse"
+        );
+        assert_eq!(now, written, "the write made during the collapse was lost");
+    }
+
+    #[test]
+    fn a_broken_write_hold_loses_a_write_during_the_collapse_too() {
+        let Some(mut ram) = ram() else { return };
+        ram.inject_split_without_write_hold();
+        let (held, now, written) = collapse_with_a_write_during_the_copy(&mut ram);
+        assert_eq!(held, Some(false), "nothing held the write");
+        assert_ne!(now, written, "the broken barrier must lose the write");
+        assert_eq!(now, 0, "the word from before the copy (never written)");
     }
 
     fn broken_hold_loses_the_write(reserve: usize) {

@@ -923,6 +923,11 @@ impl HostMem {
         self.warm_huge.remove(&slot)
     }
 
+    /// Whether huge slot `slot` is warm on the host (allocated ahead).
+    pub(crate) fn huge_is_warm(&self, slot: u32) -> bool {
+        self.warm_huge.contains_key(&slot)
+    }
+
     /// Huge pages allocated ahead now.
     pub(crate) fn warm_huge_pages(&self) -> usize {
         self.warm_huge.len()
@@ -986,14 +991,17 @@ impl HostMem {
     /// (one copy per run of pages; the others stay zero), then map the slot
     /// over the frame (one PMD). On error the frame maps its small slots and
     /// zero pages again and the slot goes back to the host pool.
+    /// `held`: writes to the frame are held back ([`Self::collapse_hold`])
+    /// instead of the vCPUs being paused.
     pub(crate) fn collapse_switch(
         &mut self,
         frame: usize,
         slot: u32,
         staging: &TempMap,
         copy: &[(u16, u32)],
+        held: bool,
     ) -> Result<(), GuestMemError> {
-        let r = self.collapse_switch_inner(frame, slot, staging, copy);
+        let r = self.collapse_switch_inner(frame, slot, staging, copy, held);
         if r.is_err() {
             let back = self
                 .zero_map(frame, &all_pages())
@@ -1014,6 +1022,7 @@ impl HostMem {
         slot: u32,
         staging: &TempMap,
         copy: &[(u16, u32)],
+        held: bool,
     ) -> Result<(), GuestMemError> {
         #[cfg(test)]
         if self.fail_switch {
@@ -1028,7 +1037,32 @@ impl HostMem {
             })
             .collect();
         copy_out(self.range.ptr(frame_off(frame)), staging, &copies);
+        #[cfg(test)]
+        if let Some(h) = self.after_copy.as_ref().filter(|_| held) {
+            (h.0)();
+        }
+        #[cfg(not(test))]
+        let _ = held;
         self.huge_map(frame, slot)
+    }
+
+    /// Collapse with the guest running: write-protect `frame` (every page
+    /// of it present, on small pages of the small memfd, which the kernel
+    /// write-protects present or not: no anonymous zero page in it), so a
+    /// writer of the frame sleeps until [`Self::split_release`] wakes it
+    /// into the huge page. `false` when the host cannot (the collapse then
+    /// pauses the vCPUs). Fault injection (`copy_unheld`): `true` without
+    /// holding anything.
+    pub(crate) fn collapse_hold(&self, frame: usize) -> bool {
+        let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
+        self.copy_unheld
+            || match &self.hold {
+                Some(h) => h
+                    .hold(start, len)
+                    .inspect_err(|e| log::warn!("frame {frame}: collapsing under the pause: {e}"))
+                    .is_ok(),
+                None => false,
+            }
     }
 
     /// Map small slots over pages of `frame`: `(page, slot)`, one mmap per run.

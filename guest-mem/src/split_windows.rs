@@ -1,8 +1,8 @@
 //! How long each hugetlb split held back writes to its frame: the one
 //! thing a split without a pause costs the guest (only a writer of that
-//! frame waits, see `write_hold.rs`); also a 1G collapse's hold (the climb
-//! back of a GiB whose frames are all on 2M pages). The VMM's reports take
-//! them.
+//! frame waits, see `write_hold.rs`); also a collapse's hold (a 2M frame
+//! with every page present, or the climb back of a GiB whose frames are all
+//! on 2M pages). The VMM's reports take them.
 //!
 //! Also the gate a vCPU pause waits at while a write-hold is on: a writer
 //! asleep in the write-protect fault inside the kernel (KVM emulating a
@@ -17,16 +17,17 @@ use std::time::{Duration, Instant};
 /// Windows kept until taken (later ones are dropped).
 const MAX_WINDOWS: usize = 100_000;
 
-/// One split (or 1G collapse) made with the vCPUs running.
+/// One split (or collapse) made with the vCPUs running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SplitWindow {
     /// Writes to the frame held back: from the write-protect, through the
     /// copy, to the wake after the remap.
     pub write_hold: Duration,
-    /// A 1G collapse's hold, not a split's.
+    /// A collapse's hold (2M or 1G), not a split's.
     pub collapse: bool,
-    /// The split's small pages were allocated ahead (the split reserve):
-    /// it allocated nothing on its path.
+    /// The split's small pages (a 2M collapse: its huge page) were
+    /// allocated ahead (the split or collapse reserve): it allocated
+    /// nothing on its path.
     pub prepared: bool,
 }
 

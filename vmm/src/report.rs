@@ -408,7 +408,8 @@ fn unmap_text(r: &RunReport) -> String {
         s.push_str(&format!(
             "  split latency (request to 4K-mapped) median {}, vCPU pause per split median {} ({} pauses), \
              writes to the frame held median {} ({} splits without a pause, {} onto pages allocated ahead), \
-             collapse median {}, collapse rate {}\n",
+             collapse median {} (vCPU pause median {}, {} pauses; writes to the frame held median {}, \
+             {} collapses without a pause, {} onto a huge page allocated ahead), collapse rate {}\n",
             us(u.split_latency.median_us),
             us(u.split_pause.median_us),
             u.split_pause.count,
@@ -416,6 +417,11 @@ fn unmap_text(r: &RunReport) -> String {
             u.split_write_hold.count,
             u.splits_onto_reserve,
             us(u.collapse_time.median_us),
+            us(u.collapse_pause.median_us),
+            u.collapse_pause.count,
+            us(u.collapse_write_hold.median_us),
+            u.collapse_write_hold.count,
+            u.collapses_onto_reserve,
             u.collapse_rate_frames_per_s
                 .map_or_else(|| "n/a".to_string(), |r| format!("{r:.0} frames/s"))
         ));

@@ -1,8 +1,9 @@
 //! Measurements of guest-driven partial unmap: how long a guest's give-back
 //! request takes until the frame is mapped with 4K pages, how long the vCPUs
-//! stay paused per split and per collapse (a hugetlb split pauses none where
-//! the host can write-protect: then how long it held back writes to the
-//! frame, see `guest_mem::SplitWindows`),
+//! stay paused per split and per collapse (a hugetlb split, and a collapse of
+//! a frame with every page present, pauses none where the host can
+//! write-protect: then how long it held back writes to the frame, see
+//! `guest_mem::SplitWindows`),
 //! and how fast frames collapse. [`TimedQuiesce`] wraps the vCPU control
 //! and times every pause window.
 
@@ -97,8 +98,15 @@ pub struct UnmapMetrics {
     pub splits_onto_reserve: u64,
     /// Time per collapse (copy + remap, or `MADV_COLLAPSE`).
     pub collapse_time: Series,
-    /// vCPU pause windows per collapse (hugetlb).
+    /// vCPU pause windows per collapse (hugetlb, a frame with pages
+    /// missing or where the host cannot write-protect).
     pub collapse_pause: Series,
+    /// Per hugetlb collapse without a pause (every page present): how long
+    /// writes to the frame were held back (only a writer of it waits).
+    pub collapse_write_hold: Series,
+    /// Collapses that found their huge page allocated ahead (the collapse
+    /// reserve) and allocated nothing on their path.
+    pub collapses_onto_reserve: u64,
     /// Frames collapsed per second of collapse work (`frames_collapsed` over
     /// the summed `collapse_time`).
     pub collapse_rate_frames_per_s: Option<f64>,
@@ -113,6 +121,7 @@ impl UnmapMetrics {
             split_write_hold: self.split_write_hold.summary(),
             collapse_time: self.collapse_time.summary(),
             collapse_pause: self.collapse_pause.summary(),
+            collapse_write_hold: self.collapse_write_hold.summary(),
             ..self.clone()
         }
     }
@@ -165,8 +174,17 @@ impl UnmapRecorder {
                 m.split_pause.push(*p);
             }
         }
+        self.take_windows(&mut m);
+    }
+
+    /// The write-hold windows of splits and collapses made since the last
+    /// call, into their series.
+    fn take_windows(&self, m: &mut UnmapMetrics) {
         for w in self.windows.iter().flat_map(|w| w.take()) {
-            if !w.collapse {
+            if w.collapse {
+                m.collapse_write_hold.push(w.write_hold);
+                m.collapses_onto_reserve += u64::from(w.prepared);
+            } else {
                 m.split_write_hold.push(w.write_hold);
                 m.splits_onto_reserve += u64::from(w.prepared);
             }
@@ -191,6 +209,7 @@ impl UnmapRecorder {
         for p in pauses {
             m.collapse_pause.push(*p);
         }
+        self.take_windows(&mut m);
         if secs > 0.0 {
             m.collapse_rate_frames_per_s = Some(m.frames_collapsed as f64 / secs);
         }

@@ -538,11 +538,14 @@ fn report(
     split_windows: &guest_mem::SplitWindows,
 ) -> StressReport {
     let kinds = lp.tally.finish();
-    let windows: Vec<_> = split_windows.take();
-    let held: Vec<f64> = windows
-        .iter()
-        .map(|w| w.write_hold.as_secs_f64() * 1e6)
-        .collect();
+    let (collapses, splits): (Vec<_>, Vec<_>) =
+        split_windows.take().into_iter().partition(|w| w.collapse);
+    let held_us = |ws: &[guest_mem::SplitWindow]| -> Vec<f64> {
+        ws.iter()
+            .map(|w| w.write_hold.as_secs_f64() * 1e6)
+            .collect()
+    };
+    let (held, collapse_held) = (held_us(&splits), held_us(&collapses));
     let events = kinds
         .iter()
         .filter(|(k, _)| !k.starts_with("quiesce"))
@@ -574,8 +577,11 @@ fn report(
         per_vcpu: end.counters,
         wrprotect_faults: vshared.gate.faults(),
         unpaused_splits: held.len() as u64,
-        splits_onto_reserve: windows.iter().filter(|w| w.prepared).count() as u64,
+        splits_onto_reserve: splits.iter().filter(|w| w.prepared).count() as u64,
         split_write_hold_median_us: crate::unmap_stats::median(&held),
+        unpaused_collapses: collapse_held.len() as u64,
+        collapses_onto_reserve: collapses.iter().filter(|w| w.prepared).count() as u64,
+        collapse_write_hold_median_us: crate::unmap_stats::median(&collapse_held),
         quiescent_points: lp.points,
         violations: end.violations,
         first_bad_gfn: end.first_bad_gfn,

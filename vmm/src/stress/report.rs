@@ -156,6 +156,14 @@ pub struct StressReport {
     pub splits_onto_reserve: u64,
     /// Their median write-hold window, microseconds.
     pub split_write_hold_median_us: Option<f64>,
+    /// hugetlb collapses made without a vCPU pause (every page of the
+    /// frame present: only writers of the frame waited).
+    pub unpaused_collapses: u64,
+    /// Of those: collapses onto a huge page allocated ahead
+    /// (`--collapse-reserve`).
+    pub collapses_onto_reserve: u64,
+    /// The unpaused collapses' median write-hold window, microseconds.
+    pub collapse_write_hold_median_us: Option<f64>,
     /// Quiescent points.
     pub quiescent_points: Vec<QuiescePoint>,
     /// Violations (stale reads, lost writes, guest-visible errors, KVM
@@ -217,6 +225,13 @@ impl StressReport {
                     self.unpaused_splits,
                     self.split_write_hold_median_us.unwrap_or(0.0),
                     self.splits_onto_reserve
+                ),
+                "collapse" if self.unpaused_collapses > 0 => format!(
+                    "{} collapses without a vCPU pause (writes to the frame held median {:.0} us), \
+                     {} of them onto a huge page allocated ahead",
+                    self.unpaused_collapses,
+                    self.collapse_write_hold_median_us.unwrap_or(0.0),
+                    self.collapses_onto_reserve
                 ),
                 "dirtylog" => format!(
                     "pages_2m fell in {} of {}; {} dirty pages logged",
