@@ -311,10 +311,17 @@ impl PhaseTouches {
     };
 }
 
-/// The reserved-region accesses of a test guest.
+/// The reserved-region accesses of a test guest, in order.
 struct Reserved {
-    /// Faults in order.
-    touches: Vec<Touch>,
+    /// Faults before the guest's own tables are in use (shadow MMU: through
+    /// the bootstrap map).
+    before_switch: Vec<Touch>,
+    /// Shadow MMU, `guest_pages = 4k`: vCPU 0's writes of its 4K tables
+    /// through the bootstrap map, before they are page tables (shadowed
+    /// after these writes, see [`LiveMirror::observe`]).
+    built: Vec<Touch>,
+    /// Faults after the switch to the guest's own tables.
+    after_switch: Vec<Touch>,
     /// 4K SPTEs KVM has beyond one per gfn, known exactly.
     extra_exact: u64,
     /// And up to this many more, with why.
@@ -324,6 +331,7 @@ struct Reserved {
 fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reserved {
     let stacks = g.stacks.iter().filter(|_| stack);
     let mut t = Vec::new();
+    let mut after = Vec::new();
     match ctx.mmu.kind {
         MmuKind::Tdp => {
             // CPL0 runs natively and the CPU walks tables and descriptor
@@ -334,7 +342,7 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
                 t.push(touch(p, Level::G1, WRITE));
             }
             for r in &g.swept {
-                t.extend(pages(r).map(|p| touch(p, Level::G1, READ)));
+                after.extend(pages(r).map(|p| touch(p, Level::G1, READ)));
             }
             let slack = ctx.mmu.nx_huge_pages.then(|| {
                 let frames = g.code.end.div_ceil(HPAGE) - g.code.start / HPAGE;
@@ -346,7 +354,9 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
                 )
             });
             Reserved {
-                touches: t,
+                before_switch: t,
+                built: Vec::new(),
+                after_switch: after,
                 extra_exact: 0,
                 slack,
             }
@@ -359,13 +369,16 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
             for r in g.data.iter().chain(stacks) {
                 t.extend(pages(r).map(|p| at(p, WRITE)));
             }
-            if let Some(r) = &g.built_tables {
-                t.extend(pages(r).map(|p| at(p, WRITE)));
-            }
+            let built = g
+                .built_tables
+                .iter()
+                .flat_map(pages)
+                .map(|p| at(p, WRITE))
+                .collect();
             // The sweep runs after the switch to the final tables: one SPTE
             // per page it alone reaches (so not in `extra_exact`).
             for r in &g.swept {
-                t.extend(pages(r).map(|p| at(p, READ)));
+                after.extend(pages(r).map(|p| at(p, READ)));
             }
             let extra_exact = match g.guest_pages {
                 GuestPageSize::Size2M | GuestPageSize::Size1G => 0,
@@ -383,7 +396,9 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
                 }
             };
             Reserved {
-                touches: t,
+                before_switch: t,
+                built,
+                after_switch: after,
                 extra_exact,
                 slack: None,
             }
@@ -391,16 +406,23 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
     }
 }
 
-/// The shadowed guest page-table gfns (empty on the TDP MMU).
-fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu) -> Vec<u64> {
+/// The shadowed guest page-table gfns (empty on the TDP MMU); without
+/// `built`, not those of the tables the guest builds itself (shadowed only
+/// once it has written them, [`LiveMirror::observe`]).
+fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu, built: bool) -> Vec<u64> {
     if !ctx.mmu.shadow_paging() {
         return Vec::new();
     }
+    let is_built = |p: &u64| {
+        g.built_tables
+            .as_ref()
+            .is_some_and(|r| r.contains(&(p * PAGE)))
+    };
     let mut v: Vec<u64> = g
         .page_tables
         .iter()
         .flat_map(pages)
-        .filter(|p| mmu.slot_for_gfn(*p).is_some())
+        .filter(|p| mmu.slot_for_gfn(*p).is_some() && (built || !is_built(p)))
         .collect();
     v.sort_unstable();
     v.dedup();
@@ -441,24 +463,35 @@ fn max_2m(mmu: &SecondaryMmu, levels: &[Option<Level>]) -> u64 {
 pub struct LiveMirror {
     mmu: SecondaryMmu,
     host_addr: u64,
+    /// Shadow MMU, `guest_pages = 4k`: the guest's own tables are still to
+    /// be written (the first [`Self::observe`] replays that, then shadows
+    /// them).
+    built_pending: bool,
 }
 
 impl LiveMirror {
     /// Guest RAM's memslots `slots` (host range at `host_addr`, gpa `g` at
     /// `host_addr + g`); on the shadow MMU the guest's page tables are
-    /// shadowed (write-tracked) from the start.
+    /// shadowed (write-tracked) from the start, but for the 4K tables the
+    /// guest writes itself (`guest_pages = 4k`): those after its writes.
     pub fn new(
         ctx: &MirrorContext,
         host_addr: u64,
         slots: &[RamSlot],
     ) -> Result<LiveMirror, MirrorError> {
         let mut mmu = with_slots(ctx, slots)?;
+        let mut built_pending = false;
         if let Some(g) = &ctx.guest {
-            for gfn in shadowed(ctx, g, &mmu) {
+            for gfn in shadowed(ctx, g, &mmu, false) {
                 mmu.account_shadowed(gfn)?;
             }
+            built_pending = ctx.mmu.shadow_paging() && g.built_tables.is_some();
         }
-        Ok(LiveMirror { mmu, host_addr })
+        Ok(LiveMirror {
+            mmu,
+            host_addr,
+            built_pending,
+        })
     }
 
     /// Replay the host changes of `changed` frames as invalidations.
@@ -512,7 +545,6 @@ impl LiveMirror {
             if let Some((n, why)) = r.slack {
                 slack = (n, Some(why));
             }
-            let t = r.touches;
             let work_pages = g
                 .work
                 .iter()
@@ -520,7 +552,32 @@ impl LiveMirror {
                 .filter(|(i, _)| work && vcpu.is_none_or(|v| v == *i))
                 .flat_map(|(_, rs)| rs.iter().flat_map(pages))
                 .map(|p| touch(p, ctx.work_level(g, p), WRITE));
-            for x in t.into_iter().chain(work_pages) {
+            // vCPU 0 writes its 4K tables once, through the bootstrap 2M
+            // map, before they are page tables: a frame holding only such
+            // tables gets a 2M SPTE; shadowing them then write-protects it
+            // and keeps it (`account_shadowed`), and nothing writes there
+            // again. Later phases do not write them.
+            let built = if std::mem::take(&mut self.built_pending) {
+                r.built
+            } else {
+                Vec::new()
+            };
+            let shadow_built = !built.is_empty();
+            let before = r.before_switch.into_iter().chain(built);
+            for x in before {
+                if self.mmu.slot_for_gfn(x.gfn).is_some() {
+                    self.mmu
+                        .fault_access(x.gfn, x.guest_max_level, x.access, &host)?;
+                }
+            }
+            if shadow_built {
+                let all = shadowed(ctx, g, &self.mmu, true);
+                let own = shadowed(ctx, g, &self.mmu, false);
+                for gfn in all.into_iter().filter(|p| own.binary_search(p).is_err()) {
+                    self.mmu.account_shadowed(gfn)?;
+                }
+            }
+            for x in r.after_switch.into_iter().chain(work_pages) {
                 if self.mmu.slot_for_gfn(x.gfn).is_some() {
                     self.mmu
                         .fault_access(x.gfn, x.guest_max_level, x.access, &host)?;
@@ -609,13 +666,15 @@ pub fn predict_all_touched(
             per_slot: per_slot(&mmu),
         });
     };
-    for gfn in shadowed(ctx, g, &mmu) {
+    for gfn in shadowed(ctx, g, &mmu, true) {
         mmu.account_shadowed(gfn)?;
     }
     let r = reserved_touches(ctx, g, true);
     let all: Vec<Touch> = r
-        .touches
+        .before_switch
         .iter()
+        .chain(&r.built)
+        .chain(&r.after_switch)
         .copied()
         .chain(
             g.work
