@@ -128,6 +128,20 @@ impl GuestRam {
         allocated.map(|()| false)
     }
 
+    /// After a collapse that failed (its model changes rolled back): a warm
+    /// slot it took is warm again in the books, but the host punched its
+    /// page: it leaves the reserve (punched again, should a step have
+    /// failed before), so the books count only pages that are warm and the
+    /// worker allocates a new one.
+    pub(crate) fn after_failed_collapse(&mut self, slot: u32) {
+        if self.model.warm_huge_prepared(slot) && !self.host.huge_is_warm(slot) {
+            self.model.release_warm_huge(slot);
+            if let Err(e) = self.host.huge_free(slot) {
+                log::warn!("huge slot {slot}: punching it after a failed collapse: {e}");
+            }
+        }
+    }
+
     /// Gives back warm huge pages beyond what is wanted now (the split
     /// frames were collapsed or freed): each slot goes back to the free
     /// list and its page to the host. Returns how many.

@@ -769,7 +769,8 @@ impl GuestRam {
         self.settle_give_backs(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
         // A frame of a 1G page: 1G -> 2M first, then this frame 2M -> 4K.
         self.split_gigs_over(frame as u64 * PAGES_PER_HPAGE, PAGES_PER_HPAGE, q)?;
-        self.undoable(|ram| {
+        let mut block = None;
+        let r = self.undoable(|ram| {
             let SplitPlan::Split {
                 frame,
                 huge_slot,
@@ -778,6 +779,7 @@ impl GuestRam {
             else {
                 return Ok(());
             };
+            block = crate::host_mem::block_base(&copied);
             ram.changed.insert(frame);
             if !ram.backing.is_hugetlb() {
                 let _guard = quiesce::pause(q)?;
@@ -788,7 +790,11 @@ impl GuestRam {
                     .and_then(|()| ram.host.remap_present(frame));
             }
             ram.split_hugetlb(frame, huge_slot, &copied, q)
-        })
+        });
+        if let (Err(_), Some(base)) = (&r, block) {
+            self.after_failed_split(base);
+        }
+        r
     }
 
     /// Move the present pages `pages` (page, new small slot) of huge `frame`
@@ -864,6 +870,7 @@ impl GuestRam {
     }
 
     fn collapse_2m(&mut self, frame: usize, q: &dyn Quiesce) -> Result<(), GuestMemError> {
+        let mut slot = None;
         let freed = self.undoable(|ram| {
             let CollapsePlan::Collapse {
                 frame,
@@ -884,13 +891,14 @@ impl GuestRam {
             // and the remap hold them back: every vCPU, or, when every page
             // is present (no anonymous zero page, which this kernel may not
             // write-protect), only a writer of this frame, as a split does.
+            slot = Some(huge_slot);
             let warm = ram.host.huge_is_warm(huge_slot);
             let staging = ram.host.collapse_prepare(huge_slot)?;
             let windows = ram.split_windows.clone();
             let hold = (copy.len() == PAGES_PER_HPAGE as usize)
                 .then(|| windows.hold_on())
                 .flatten()
-                .filter(|_| ram.host.collapse_hold(frame));
+                .filter(|_| ram.host.hold_frame(frame, "collapsing under the pause"));
             let switched = if let Some(hold) = hold {
                 let r = ram
                     .host
@@ -920,7 +928,14 @@ impl GuestRam {
             ram.host.retire_staging(staging);
             switched?;
             Ok(Some((crate::host_mem::block_base(&copy), free_small)))
-        })?;
+        });
+        let freed = match (freed, slot) {
+            (Err(e), Some(s)) => {
+                self.after_failed_collapse(s);
+                return Err(e);
+            }
+            (r, _) => r?,
+        };
         match freed {
             Some((block, slots)) => self.free_collapsed_small(block, &slots),
             None => Ok(()),
@@ -1269,14 +1284,25 @@ mod tests {
             ram.frame_state(3),
             FrameView::Small { present: 512 }
         ));
-        let w = ram.split_windows().take();
+        assert_one_hold_and_the_rest_kept(&ram, false, reserve > 0);
+    }
+
+    /// One write-hold window (of a split, or a collapse) of at least the
+    /// test writer's 20 ms, `prepared` as said, and every other word of
+    /// frame 3 as written before.
+    fn assert_one_hold_and_the_rest_kept(ram: &GuestRam, collapse: bool, prepared: bool) {
+        let w: Vec<_> = ram
+            .split_windows()
+            .take()
+            .into_iter()
+            .filter(|w| w.collapse == collapse)
+            .collect();
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(
             w[0].write_hold >= std::time::Duration::from_millis(20),
             "{w:?}"
         );
-        assert_eq!(w[0].prepared, reserve > 0, "{w:?}");
-        // Every other word as written before.
+        assert_eq!(w[0].prepared, prepared, "{w:?}");
         let w: u64 = ram
             .memory()
             .read_obj(GuestAddress(3 * HPAGE_SIZE + 78 * PAGE_SIZE))
@@ -1292,6 +1318,44 @@ mod tests {
     #[test]
     fn a_broken_write_hold_onto_the_reserve_loses_the_write_too() {
         broken_hold_loses_the_write(1);
+    }
+
+    /// A split that fails after it took a warm block (the host punched it):
+    /// the books no longer count the block as set aside, and the reserve is
+    /// topped up again (the books once kept it, the worker never refilled).
+    #[test]
+    fn a_failed_split_onto_a_warm_block_leaves_the_reserve_exact() {
+        let Some(mut ram) = ram() else { return };
+        assert_eq!(ram.prepare_split_blocks(1).expect("reserve"), 1);
+        ram.host.fail_switch = true;
+        assert!(ram.split(0, &NoVcpus).is_err());
+        ram.host.fail_switch = false;
+        assert_eq!(ram.warm_split_blocks(), 0, "the host punched the block");
+        assert_eq!(ram.model.prepared_split_blocks(), 0, "and the books say so");
+        assert_eq!(ram.pool_stats().data_memfd_bytes, 0);
+        assert_eq!(ram.prepare_split_blocks(1).expect("reserve"), 1);
+        ram.split(0, &NoVcpus).expect("split");
+        assert_eq!(ram.warm_split_blocks(), 0, "onto the new block");
+    }
+
+    /// The same for a collapse onto a warm huge page.
+    #[test]
+    fn a_failed_collapse_onto_a_warm_huge_page_leaves_the_reserve_exact() {
+        let Some(mut ram) = ram() else { return };
+        ram.split(1, &NoVcpus).expect("split");
+        assert_eq!(ram.prepare_warm_huge_pages(1).expect("warm"), 1);
+        ram.host.fail_switch = true;
+        assert!(ram.collapse(1, &NoVcpus).is_err());
+        ram.host.fail_switch = false;
+        assert_eq!(ram.warm_huge_pages(), 0, "the host punched the page");
+        assert_eq!(ram.model.warm_huge_count(), 0, "and the books say so");
+        assert_eq!(
+            ram.pool_stats().pool_memfd_bytes,
+            (FRAMES as u64 - 1) * HPAGE_SIZE
+        );
+        assert_eq!(ram.prepare_warm_huge_pages(1).expect("warm"), 1);
+        ram.collapse(1, &NoVcpus).expect("collapse");
+        assert_eq!(ram.warm_huge_pages(), 0, "onto the new page");
     }
 
     /// A collapse of a frame with every page present holds back a write to
@@ -1313,23 +1377,7 @@ mod tests {
             );
             assert_eq!(now, written, "the write made during the collapse was lost");
             assert!(matches!(ram.frame_state(3), FrameView::Huge { .. }));
-            let w: Vec<_> = ram
-                .split_windows()
-                .take()
-                .into_iter()
-                .filter(|w| w.collapse)
-                .collect();
-            assert_eq!(w.len(), 1, "{w:?}");
-            assert!(
-                w[0].write_hold >= std::time::Duration::from_millis(20),
-                "{w:?}"
-            );
-            assert_eq!(w[0].prepared, warm > 0, "{w:?}");
-            let w: u64 = ram
-                .memory()
-                .read_obj(GuestAddress(3 * HPAGE_SIZE + 78 * PAGE_SIZE))
-                .expect("read");
-            assert_eq!(w, 3 << 32 | 78 << 8 | 0x5a);
+            assert_one_hold_and_the_rest_kept(&ram, true, warm > 0);
         }
     }
 

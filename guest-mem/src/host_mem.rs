@@ -680,6 +680,12 @@ impl HostMem {
         }
     }
 
+    /// Whether the split block at `base` is warm (allocated ahead, mapped
+    /// or waiting for its mapping).
+    pub(crate) fn is_split_block_warm(&self, base: u32) -> bool {
+        self.warm.contains_key(&base)
+    }
+
     /// The block at `base` leaves the reserve (its mapping unmapped).
     pub(crate) fn forget_split_block(&mut self, base: u32) {
         self.warm.remove(&base);
@@ -713,15 +719,7 @@ impl HostMem {
         if block_base(pages).is_none() {
             return false;
         }
-        let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
-        let held = self.copy_unheld
-            || match &self.hold {
-                Some(h) => h
-                    .hold(start, len)
-                    .inspect_err(|e| log::warn!("frame {frame}: copying under the pause: {e}"))
-                    .is_ok(),
-                None => false,
-            };
+        let held = self.hold_frame(frame, "copying under the pause");
         if held && self.copy_pages(frame, pages).is_err() {
             self.split_release(frame, false);
             return false;
@@ -991,7 +989,7 @@ impl HostMem {
     /// (one copy per run of pages; the others stay zero), then map the slot
     /// over the frame (one PMD). On error the frame maps its small slots and
     /// zero pages again and the slot goes back to the host pool.
-    /// `held`: writes to the frame are held back ([`Self::collapse_hold`])
+    /// `held`: writes to the frame are held back ([`Self::hold_frame`])
     /// instead of the vCPUs being paused.
     pub(crate) fn collapse_switch(
         &mut self,
@@ -1046,20 +1044,21 @@ impl HostMem {
         self.huge_map(frame, slot)
     }
 
-    /// Collapse with the guest running: write-protect `frame` (every page
-    /// of it present, on small pages of the small memfd, which the kernel
-    /// write-protects present or not: no anonymous zero page in it), so a
-    /// writer of the frame sleeps until [`Self::split_release`] wakes it
-    /// into the huge page. `false` when the host cannot (the collapse then
-    /// pauses the vCPUs). Fault injection (`copy_unheld`): `true` without
-    /// holding anything.
-    pub(crate) fn collapse_hold(&self, frame: usize) -> bool {
+    /// Write-protect `frame` for a split's or a collapse's copy with the
+    /// guest running (a collapse: every page of it present, on small pages
+    /// of the small memfd, which the kernel write-protects present or not:
+    /// no anonymous zero page in it), so a writer of the frame sleeps until
+    /// [`Self::split_release`] wakes it into the new mapping. `false` when
+    /// the host cannot (logged with `fallback`: the operation then pauses
+    /// the vCPUs). Fault injection (`copy_unheld`): `true` without holding
+    /// anything.
+    pub(crate) fn hold_frame(&self, frame: usize, fallback: &str) -> bool {
         let (start, len) = (self.range.ptr(frame_off(frame)) as u64, HPAGE_SIZE);
         self.copy_unheld
             || match &self.hold {
                 Some(h) => h
                     .hold(start, len)
-                    .inspect_err(|e| log::warn!("frame {frame}: collapsing under the pause: {e}"))
+                    .inspect_err(|e| log::warn!("frame {frame}: {fallback}: {e}"))
                     .is_ok(),
                 None => false,
             }

@@ -221,6 +221,19 @@ impl GuestRam {
         }
     }
 
+    /// After a split that failed (its model changes rolled back): a warm
+    /// block it took is set aside again in the books, but the host punched
+    /// it (`split_unprepare`): it leaves the reserve, so the books count
+    /// only blocks that are warm and the worker allocates a new one.
+    pub(crate) fn after_failed_split(&mut self, base: u32) {
+        if self.model.split_block_prepared(base) && !self.host.is_split_block_warm(base) {
+            self.model.release_split_block(base);
+            if let Err(e) = self.punch_free_slots_of_block(base) {
+                log::warn!("split block {base}: punching it after a failed split: {e}");
+            }
+        }
+    }
+
     /// The mappings of warm blocks that splits copied into, to drop (unmap)
     /// away from the RAM lock: an unmap flushes TLBs, which is kept off the
     /// split's path.

@@ -8,23 +8,10 @@
 
 mod common;
 
-use common::{verify_host, Shadow};
-use guest_mem::{Backing, FrameView, GuestRam, NoVcpus, HPAGE_SIZE, PAGE_SIZE};
+use common::{check_all as check, Shadow};
+use guest_mem::{FrameView, GuestRam, NoVcpus, HPAGE_SIZE, PAGE_SIZE};
 
 const FRAMES: usize = 8;
-
-fn ram_with_pattern() -> Option<(GuestRam, Shadow)> {
-    if !common::hugetlb_available(FRAMES as u64) {
-        return None;
-    }
-    Some(common::patterned_ram(FRAMES, Backing::Hugetlb))
-}
-
-fn check(ram: &GuestRam, sh: &Shadow) {
-    verify_host(ram, &[false; FRAMES]);
-    sh.verify_books(ram);
-    sh.verify_bytes(ram);
-}
 
 /// Gives back 3 pages of `frame` (a split), as the shadow records.
 fn give_back_3(ram: &mut GuestRam, sh: &mut Shadow, frame: u64) {
@@ -36,7 +23,7 @@ fn give_back_3(ram: &mut GuestRam, sh: &mut Shadow, frame: u64) {
 
 #[test]
 fn a_collapse_onto_a_warm_huge_page_takes_it_and_the_pool_stays_exact() {
-    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+    let Some((mut ram, mut sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     assert_eq!(
@@ -72,7 +59,7 @@ fn a_collapse_onto_a_warm_huge_page_takes_it_and_the_pool_stays_exact() {
 
 #[test]
 fn a_warm_huge_page_no_split_frame_wants_goes_back_to_the_host() {
-    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+    let Some((mut ram, mut sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     give_back_3(&mut ram, &mut sh, 2);
@@ -89,7 +76,7 @@ fn a_warm_huge_page_no_split_frame_wants_goes_back_to_the_host() {
 
 #[test]
 fn a_collapse_that_takes_a_page_being_allocated_leaves_the_pool_exact() {
-    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+    let Some((mut ram, mut sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     give_back_3(&mut ram, &mut sh, 6);

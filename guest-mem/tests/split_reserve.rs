@@ -6,27 +6,14 @@
 
 mod common;
 
-use common::{verify_host, Shadow, PPH};
+use common::{check_all as check, PPH};
 use guest_mem::{Backing, FrameView, GuestRam, GuestRamConfig, NoVcpus, HPAGE_SIZE, PAGE_SIZE};
 
 const FRAMES: usize = 8;
 
-fn ram_with_pattern() -> Option<(GuestRam, Shadow)> {
-    if !common::hugetlb_available(FRAMES as u64) {
-        return None;
-    }
-    Some(common::patterned_ram(FRAMES, Backing::Hugetlb))
-}
-
-fn check(ram: &GuestRam, sh: &Shadow) {
-    verify_host(ram, &[false; FRAMES]);
-    sh.verify_books(ram);
-    sh.verify_bytes(ram);
-}
-
 #[test]
 fn a_split_onto_a_warm_block_takes_it_and_the_memfd_stays_exact() {
-    let Some((mut ram, sh)) = ram_with_pattern() else {
+    let Some((mut ram, sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     assert_eq!(ram.prepare_split_blocks(2).unwrap(), 2);
@@ -75,7 +62,7 @@ fn a_split_onto_a_warm_block_takes_it_and_the_memfd_stays_exact() {
 
 #[test]
 fn a_split_that_takes_a_block_being_allocated_leaves_the_memfd_exact() {
-    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+    let Some((mut ram, mut sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     // Step 1 under the lock; the split comes before step 2 finishes.
@@ -121,7 +108,7 @@ fn no_reserve_where_the_kernel_splits() {
 
 #[test]
 fn a_collapse_keeps_its_block_for_the_next_split_which_shows_nothing_stale() {
-    let Some((mut ram, mut sh)) = ram_with_pattern() else {
+    let Some((mut ram, mut sh)) = common::patterned_hugetlb(FRAMES) else {
         return;
     };
     // The reserve wants one block; a split takes it.

@@ -94,6 +94,23 @@ pub fn patterned_ram(frames: usize, backing: Backing) -> (GuestRam, Shadow) {
     (ram, sh)
 }
 
+/// [`patterned_ram`] on `hugetlb` when the host has `frames` 2M pages free
+/// (else `None`, the skip said).
+pub fn patterned_hugetlb(frames: usize) -> Option<(GuestRam, Shadow)> {
+    if !hugetlb_available(frames as u64) {
+        return None;
+    }
+    Some(patterned_ram(frames, Backing::Hugetlb))
+}
+
+/// The host's books, our books and every byte agree with the shadow (no
+/// frame needs to be PMD-mapped).
+pub fn check_all(ram: &GuestRam, sh: &Shadow) {
+    verify_host(ram, &vec![false; ram.frame_states().len()]);
+    sh.verify_books(ram);
+    sh.verify_bytes(ram);
+}
+
 /// What every 4K page must hold and whether it must be backed.
 pub struct Shadow {
     pub gen: Vec<u32>,
