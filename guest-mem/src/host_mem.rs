@@ -1001,10 +1001,16 @@ impl HostMem {
     ) -> Result<(), GuestMemError> {
         let r = self.collapse_switch_inner(frame, slot, staging, copy, held);
         if r.is_err() {
-            let back = self
-                .zero_map(frame, &all_pages())
-                .and_then(|()| self.small_map(frame, copy, true))
-                .and_then(|()| self.huge_free(slot));
+            // Every page present (a held collapse): the small pages alone
+            // cover the frame, with no moment of zero pages in between.
+            let zero_first = copy.len() < crate::PAGES_PER_HPAGE as usize;
+            let back = if zero_first {
+                self.zero_map(frame, &all_pages())
+            } else {
+                Ok(())
+            }
+            .and_then(|()| self.small_map(frame, copy, true))
+            .and_then(|()| self.huge_free(slot));
             if let Err(e) = back {
                 log::warn!(
                     "frame {frame}: restoring the small mapping after a failed collapse: {e}"
