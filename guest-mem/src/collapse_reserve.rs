@@ -82,7 +82,6 @@ impl GuestRam {
         &mut self,
         pages: usize,
     ) -> Result<Option<HugePagePrep>, GuestMemError> {
-        self.collapse_reserve_target = pages;
         if self.model.warm_huge_count() >= self.warm_huge_wanted(pages) {
             return Ok(None);
         }
@@ -135,28 +134,33 @@ impl GuestRam {
     /// worker allocates a new one.
     pub(crate) fn after_failed_collapse(&mut self, slot: u32) {
         if self.model.warm_huge_prepared(slot) && !self.host.huge_is_warm(slot) {
-            self.model.release_warm_huge(slot);
-            if let Err(e) = self.host.huge_free(slot) {
+            if let Err(e) = self.drop_warm_huge(slot) {
                 log::warn!("huge slot {slot}: punching it after a failed collapse: {e}");
             }
         }
     }
 
-    /// Gives back warm huge pages beyond what is wanted now (the split
-    /// frames were collapsed or freed): each slot goes back to the free
-    /// list and its page to the host. Returns how many.
-    pub fn release_surplus_warm_huge(&mut self) -> Result<usize, GuestMemError> {
-        let wanted = self.warm_huge_wanted(self.collapse_reserve_target);
+    /// Warm `slot` leaves the reserve: back to the free list in the books,
+    /// its mapping (if any) to be unmapped off-path, its page punched.
+    fn drop_warm_huge(&mut self, slot: u32) -> Result<(), GuestMemError> {
+        self.model.release_warm_huge(slot);
+        if let Some(map) = self.host.take_warm_huge(slot) {
+            self.host.retire_staging(map);
+        }
+        self.host.huge_free(slot)
+    }
+
+    /// Gives back warm huge pages beyond what `pages` asks for now (the
+    /// split frames were collapsed or freed): each slot goes back to the
+    /// free list and its page to the host. Returns how many.
+    pub fn release_surplus_warm_huge(&mut self, pages: usize) -> Result<usize, GuestMemError> {
+        let wanted = self.warm_huge_wanted(pages);
         let mut n = 0;
         while self.model.warm_huge_count() > wanted {
             let Some(slot) = self.model.oldest_warm_huge() else {
                 break;
             };
-            self.model.release_warm_huge(slot);
-            if let Some(map) = self.host.take_warm_huge(slot) {
-                self.host.retire_staging(map);
-            }
-            self.host.huge_free(slot)?;
+            self.drop_warm_huge(slot)?;
             n += 1;
         }
         Ok(n)
@@ -165,8 +169,7 @@ impl GuestRam {
     /// Steps 1-3 in a row, under `&mut self`, until `pages` are warm or no
     /// more are wanted (tests, benches). Returns the pages allocated.
     pub fn prepare_warm_huge_pages(&mut self, pages: usize) -> Result<usize, GuestMemError> {
-        self.collapse_reserve_target = pages;
-        self.release_surplus_warm_huge()?;
+        self.release_surplus_warm_huge(pages)?;
         let mut n = 0;
         while let Some(prep) = self.huge_page_to_prepare(pages)? {
             let r = prep.allocate();

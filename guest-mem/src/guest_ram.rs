@@ -99,9 +99,6 @@ pub struct GuestRam {
     /// `split_block_to_prepare`); a collapse gives its frame's block to the
     /// reserve while it has fewer (`crate::split_reserve`).
     pub(crate) split_reserve_target: usize,
-    /// Huge pages the collapse reserve's worker last asked for
-    /// (`crate::collapse_reserve`).
-    pub(crate) collapse_reserve_target: usize,
 }
 
 const PPH: usize = PAGES_PER_HPAGE as usize;
@@ -374,7 +371,6 @@ impl GuestRam {
             give_back: Default::default(),
             split_windows: Arc::default(),
             split_reserve_target: 0,
-            collapse_reserve_target: 0,
         })
     }
 
@@ -1211,9 +1207,14 @@ mod tests {
     }
 
     /// As [`split_with_a_write_during_the_copy`], for the collapse of frame
-    /// 3 (split first, every page present).
-    fn collapse_with_a_write_during_the_copy(ram: &mut GuestRam) -> (Option<bool>, u64, u64) {
+    /// 3 (split first, every page present), with `warm` huge pages
+    /// allocated ahead.
+    fn collapse_with_a_write_during_the_copy(
+        ram: &mut GuestRam,
+        warm: usize,
+    ) -> (Option<bool>, u64, u64) {
         ram.split(3, &NoVcpus).expect("split");
+        assert_eq!(ram.prepare_warm_huge_pages(warm).expect("warm"), warm);
         with_a_write_during_the_copy(ram, |ram| {
             ram.collapse(3, &NoPause).expect("collapse without a pause")
         })
@@ -1369,7 +1370,7 @@ mod tests {
                 skip_policy::skip("the kernel has no userfaultfd write-protect on shmem");
                 return;
             }
-            let (held, now, written) = collapse_with_a_write_during_the_copy_warm(&mut ram, warm);
+            let (held, now, written) = collapse_with_a_write_during_the_copy(&mut ram, warm);
             assert_eq!(
                 held,
                 Some(true),
@@ -1379,20 +1380,6 @@ mod tests {
             assert!(matches!(ram.frame_state(3), FrameView::Huge { .. }));
             assert_one_hold_and_the_rest_kept(&ram, true, warm > 0);
         }
-    }
-
-    fn collapse_with_a_write_during_the_copy_warm(
-        ram: &mut GuestRam,
-        warm: usize,
-    ) -> (Option<bool>, u64, u64) {
-        if warm == 0 {
-            return collapse_with_a_write_during_the_copy(ram);
-        }
-        ram.split(3, &NoVcpus).expect("split");
-        assert_eq!(ram.prepare_warm_huge_pages(warm).expect("warm"), warm);
-        with_a_write_during_the_copy(ram, |ram| {
-            ram.collapse(3, &NoPause).expect("collapse without a pause")
-        })
     }
 
     /// The frame's small pages paged out first (`MADV_PAGEOUT`: their page
@@ -1433,7 +1420,7 @@ mod tests {
     fn a_broken_write_hold_loses_a_write_during_the_collapse_too() {
         let Some(mut ram) = ram() else { return };
         ram.inject_split_without_write_hold();
-        let (held, now, written) = collapse_with_a_write_during_the_copy(&mut ram);
+        let (held, now, written) = collapse_with_a_write_during_the_copy(&mut ram, 0);
         assert_eq!(held, Some(false), "nothing held the write");
         assert_ne!(now, written, "the broken barrier must lose the write");
         assert_eq!(now, 0, "the word from before the copy (never written)");

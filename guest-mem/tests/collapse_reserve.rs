@@ -68,7 +68,7 @@ fn a_warm_huge_page_no_split_frame_wants_goes_back_to_the_host() {
     // The split frame given back whole: no frame left to collapse.
     ram.discard(2 * HPAGE_SIZE, HPAGE_SIZE, &NoVcpus).unwrap();
     sh.discarded(2 * 512..3 * 512);
-    assert_eq!(ram.release_surplus_warm_huge().unwrap(), 1);
+    assert_eq!(ram.release_surplus_warm_huge(1).unwrap(), 1);
     assert_eq!(ram.warm_huge_pages(), 0);
     assert_eq!(ram.pool_stats().collapse_reserve_bytes, 0);
     check(&ram, &sh);

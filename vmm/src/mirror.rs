@@ -406,10 +406,20 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
     }
 }
 
-/// The shadowed guest page-table gfns (empty on the TDP MMU); without
-/// `built`, not those of the tables the guest builds itself (shadowed only
-/// once it has written them, [`LiveMirror::observe`]).
-fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu, built: bool) -> Vec<u64> {
+/// Which of a test guest's page tables [`shadowed`] lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tables {
+    /// Every one.
+    All,
+    /// Only the 4K tables the guest builds itself (`guest_pages = 4k`).
+    Built,
+    /// The others (shadowed from the start; the built ones only once the
+    /// guest has written them, [`LiveMirror::observe`]).
+    NotBuilt,
+}
+
+/// The shadowed guest page-table gfns `which` (empty on the TDP MMU).
+fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu, which: Tables) -> Vec<u64> {
     if !ctx.mmu.shadow_paging() {
         return Vec::new();
     }
@@ -422,7 +432,14 @@ fn shadowed(ctx: &MirrorContext, g: &GuestTouches, mmu: &SecondaryMmu, built: bo
         .page_tables
         .iter()
         .flat_map(pages)
-        .filter(|p| mmu.slot_for_gfn(*p).is_some() && (built || !is_built(p)))
+        .filter(|p| {
+            mmu.slot_for_gfn(*p).is_some()
+                && match which {
+                    Tables::All => true,
+                    Tables::Built => is_built(p),
+                    Tables::NotBuilt => !is_built(p),
+                }
+        })
         .collect();
     v.sort_unstable();
     v.dedup();
@@ -482,7 +499,7 @@ impl LiveMirror {
         let mut mmu = with_slots(ctx, slots)?;
         let mut built_pending = false;
         if let Some(g) = &ctx.guest {
-            for gfn in shadowed(ctx, g, &mmu, false) {
+            for gfn in shadowed(ctx, g, &mmu, Tables::NotBuilt) {
                 mmu.account_shadowed(gfn)?;
             }
             built_pending = ctx.mmu.shadow_paging() && g.built_tables.is_some();
@@ -571,9 +588,7 @@ impl LiveMirror {
                 }
             }
             if shadow_built {
-                let all = shadowed(ctx, g, &self.mmu, true);
-                let own = shadowed(ctx, g, &self.mmu, false);
-                for gfn in all.into_iter().filter(|p| own.binary_search(p).is_err()) {
+                for gfn in shadowed(ctx, g, &self.mmu, Tables::Built) {
                     self.mmu.account_shadowed(gfn)?;
                 }
             }
@@ -666,7 +681,7 @@ pub fn predict_all_touched(
             per_slot: per_slot(&mmu),
         });
     };
-    for gfn in shadowed(ctx, g, &mmu, true) {
+    for gfn in shadowed(ctx, g, &mmu, Tables::All) {
         mmu.account_shadowed(gfn)?;
     }
     let r = reserved_touches(ctx, g, true);

@@ -114,7 +114,7 @@ impl SplitReserve {
                 n += 1;
             }
         }
-        let released = m.ram().release_surplus_warm_huge()?;
+        let released = m.ram().release_surplus_warm_huge(self.sizes.huge_pages)?;
         n += released;
         loop {
             let Some(prep) = m.ram().huge_page_to_prepare(self.sizes.huge_pages)? else {
