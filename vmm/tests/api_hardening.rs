@@ -238,3 +238,47 @@ fn peer_client_helper() {
     let _ = w.write_all(b"{\"cmd\":\"stop\"}\n");
     println!("REPLY: {}", reply(&mut r).trim());
 }
+
+/// A client that connects the moment the socket path appears is served: the
+/// path must not exist before the socket listens (`vmm ctl` racing a VM that
+/// was starting was told "no VMM listens" by a socket bound but not yet
+/// listening). Busy threads make the starting thread lose its CPU often, as
+/// on a loaded host.
+#[test]
+fn the_socket_path_appears_only_once_it_listens() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let p = sock_path("appears");
+    let done = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for round in 0..1000 {
+        let watched = p.clone();
+        let watcher = std::thread::spawn(move || loop {
+            if std::fs::symlink_metadata(&watched).is_ok() {
+                return UnixStream::connect(&watched).map(drop);
+            }
+        });
+        let s = start(&p, ServerLimits::default());
+        if let Err(e) = watcher.join().unwrap() {
+            refused.push((round, e));
+        }
+        drop(s);
+        assert!(!p.exists());
+    }
+    done.store(true, Ordering::Relaxed);
+    busy.into_iter().for_each(|b| b.join().unwrap());
+    assert!(
+        refused.is_empty(),
+        "connections refused as the path appeared: {refused:?}"
+    );
+}

@@ -217,6 +217,8 @@ fn api_socket_stats_pause_resume_stop_and_errors() {
     }
     let sock = tmp("api.sock");
     let _ = std::fs::remove_file(&sock);
+    let log = tmp("api-vmm.log");
+    let log_file = std::fs::File::create(&log).expect("creating the vmm log");
     // A guest that runs long enough to be talked to; killed at the end.
     let mut child = Command::new(common::vmm_bin())
         .args([
@@ -234,8 +236,9 @@ fn api_socket_stats_pause_resume_stop_and_errors() {
             "--api-socket",
         ])
         .arg(&sock)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log_file)
         .spawn()
         .expect("starting vmm");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -298,10 +301,14 @@ fn api_socket_stats_pause_resume_stop_and_errors() {
         assert_eq!(code, Some(2), "no VM any more: {err}");
         assert!(err.contains("no VM is running"), "{err}");
     }));
+    let exited = child.try_wait().ok().flatten();
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_file(&sock);
+    let vmm_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
     if let Err(e) = result {
+        eprintln!("the VMM (exited: {exited:?}) logged:\n{vmm_log}");
         std::panic::resume_unwind(e);
     }
 }

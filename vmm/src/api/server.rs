@@ -60,6 +60,15 @@ pub enum ApiServerError {
         /// The path.
         path: PathBuf,
     },
+    /// Another process created the path while this VMM was binding it.
+    #[error(
+        "--api-socket {path}: another process created this path while the VMM was starting; \
+         pick another path"
+    )]
+    Appeared {
+        /// The path.
+        path: PathBuf,
+    },
     /// Something that is not a socket is at the path: never replaced.
     #[error(
         "--api-socket {path}: a {kind} exists there and is not a socket; the VMM never removes \
@@ -139,21 +148,68 @@ fn clear_stale(path: &Path) -> Result<(), ApiServerError> {
     std::fs::remove_file(path).map_err(io_err(path, "removing the stale socket"))
 }
 
-/// Bind a socket at `path` that only its owner may connect to, whatever the
-/// process umask.
+/// The name the socket is bound at before it is linked to `path`: hidden,
+/// in the same directory (a link cannot cross file systems), unique to this
+/// process.
+fn staging_path(path: &Path) -> PathBuf {
+    let name = format!(".vmm-api-{}.binding", std::process::id());
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
+/// Bind a socket that only its owner may connect to, whatever the process
+/// umask, and make it appear at `path` only once it listens: it is bound at
+/// [`staging_path`] and hard-linked to `path` (a link never replaces what is
+/// there), so a client that finds the path can always connect. A staging
+/// name too long for a socket address binds `path` directly.
 fn bind_owner_only(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerError> {
+    let staging = staging_path(path);
+    match bind_listening(&staging) {
+        Ok(listener) => {
+            let linked = std::fs::hard_link(&staging, path);
+            // The staging name is ours (bound just now); the socket lives on
+            // under `path`.
+            let _ = std::fs::remove_file(&staging);
+            match linked {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(ApiServerError::Appeared {
+                        path: path.to_path_buf(),
+                    })
+                }
+                Err(e) => return Err(io_err(path, "linking the socket into place")(e)),
+            }
+            let md =
+                std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
+            Ok((listener, (md.dev(), md.ino())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            let listener = bind_listening(path).map_err(io_err(path, "binding the socket"))?;
+            let md =
+                std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
+            Ok((listener, (md.dev(), md.ino())))
+        }
+        Err(e) => Err(io_err(&staging, "binding the socket")(e)),
+    }
+}
+
+/// Bind and listen at `at` with mode 0600.
+fn bind_listening(at: &Path) -> std::io::Result<UnixListener> {
     // SAFETY: umask only swaps the process file-mode mask; it is put back
     // right after the bind (other threads create no files meanwhile, and
     // would get stricter modes at worst).
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(at);
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
-    let listener = bound.map_err(io_err(path, "binding the socket"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io_err(path, "making the socket owner-only (chmod 0600)"))?;
-    let md = std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
-    Ok((listener, (md.dev(), md.ino())))
+    let listener = bound?;
+    if let Err(e) = std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(at);
+        return Err(e);
+    }
+    Ok(listener)
 }
 
 impl ApiServer {
