@@ -315,18 +315,21 @@ impl Machine {
                         stack: g.stack_touched_before(Some(phase)),
                         vcpu: (!single).then_some(vcpu),
                         comparable: single,
+                        checkpoint: Some(phase),
                     },
                     MirrorPoint::End => PhaseTouches {
                         work: g.work_touched_before(None),
                         stack: g.stack_touched_before(None),
                         vcpu: None,
                         comparable: true,
+                        checkpoint: None,
                     },
                     MirrorPoint::Snapshot => PhaseTouches {
                         work: false,
                         stack: true,
                         vcpu: None,
                         comparable: false,
+                        checkpoint: None,
                     },
                 };
                 l.invalidate_frames(&changed)

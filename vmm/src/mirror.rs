@@ -299,6 +299,8 @@ pub struct PhaseTouches {
     pub vcpu: Option<usize>,
     /// Whether KVM's counters can be compared with the prediction now.
     pub comparable: bool,
+    /// The checkpoint's phase (`None`: the end of the run, a snapshot).
+    pub checkpoint: Option<u64>,
 }
 
 impl PhaseTouches {
@@ -308,6 +310,7 @@ impl PhaseTouches {
         stack: true,
         vcpu: None,
         comparable: true,
+        checkpoint: None,
     };
 }
 
@@ -328,7 +331,14 @@ struct Reserved {
     slack: Option<(u64, String)>,
 }
 
-fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reserved {
+/// The reserved-region accesses of `g` up to checkpoint `phase` (`None`:
+/// the end or a quiescent point); `stack` whether it touched its stacks.
+fn reserved_touches(
+    ctx: &MirrorContext,
+    g: &GuestTouches,
+    stack: bool,
+    phase: Option<u64>,
+) -> Reserved {
     let stacks = g.stacks.iter().filter(|_| stack);
     let mut t = Vec::new();
     let mut after = Vec::new();
@@ -365,7 +375,7 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
             // CPL3 only (CPL0 is emulated); through the bootstrap map (2M
             // pages, 1G ones in whole GiBs with `guest_pages = 1g`).
             let at = |p: u64, access| touch(p, boot_level(g, p), access);
-            t.extend(pages(&g.code).map(|p| at(p, EXEC)));
+            t.extend(g.user_code.iter().flat_map(pages).map(|p| at(p, EXEC)));
             for r in g.data.iter().chain(stacks) {
                 t.extend(pages(r).map(|p| at(p, WRITE)));
             }
@@ -386,9 +396,15 @@ fn reserved_touches(ctx: &MirrorContext, g: &GuestTouches, stack: bool) -> Reser
                 // are mapped again through indirect shadow pages (no
                 // prefetch: the guest's PTEs have no accessed bit): one more
                 // SPTE for each of their pages (the mirror keys leaves by gfn).
+                // The IDT and TSS pages only once prefetched.
                 GuestPageSize::Size4K => {
-                    let mut second: Vec<u64> = pages(&g.code)
-                        .chain(g.data.iter().chain(&g.stacks).flat_map(pages))
+                    let descriptors = g.descriptor_tables_remapped_before(phase);
+                    let mut second: Vec<u64> = g
+                        .user_code
+                        .iter()
+                        .chain(g.data.iter().chain(&g.stacks))
+                        .flat_map(pages)
+                        .filter(|p| descriptors || !g.descriptor_tables.contains(&(p * PAGE)))
                         .collect();
                     second.sort_unstable();
                     second.dedup();
@@ -551,13 +567,14 @@ impl LiveMirror {
             stack,
             vcpu,
             comparable,
+            checkpoint,
         } = phase;
         let levels = host_levels(states);
         let host = LevelMap::new(self.host_addr, levels.clone());
         let mut extra = 0;
         let mut slack = (0, None);
         if let Some(g) = &ctx.guest {
-            let r = reserved_touches(ctx, g, stack);
+            let r = reserved_touches(ctx, g, stack, checkpoint);
             extra = r.extra_exact;
             if let Some((n, why)) = r.slack {
                 slack = (n, Some(why));
@@ -684,7 +701,7 @@ pub fn predict_all_touched(
     for gfn in shadowed(ctx, g, &mmu, Tables::All) {
         mmu.account_shadowed(gfn)?;
     }
-    let r = reserved_touches(ctx, g, true);
+    let r = reserved_touches(ctx, g, true, None);
     let all: Vec<Touch> = r
         .before_switch
         .iter()

@@ -166,6 +166,31 @@ fn hello_4k_guest_pages_with_tables_past_frame_0_as_predicted() {
     }
 }
 
+/// 4K guest pages on the shadow MMU: code, data and stacks are mapped a
+/// second time through the guest's 4K tables, but only the pages CPL3 runs
+/// (not a page holding only CPL0 code: `unmap`'s exception stubs spill past
+/// the first code page), and the IDT and TSS pages only once a later fault
+/// next to them prefetches them (with one vCPU, the write of its status
+/// after the workload: after every checkpoint). One vCPU: every checkpoint
+/// is compared; two: the end.
+#[test]
+fn verify_and_unmap_4k_guest_pages_exact_at_every_checkpoint() {
+    for (guest, vcpus) in [("verify", "1"), ("unmap", "1"), ("unmap", "2")] {
+        let Some(r) = run_ok(
+            guest,
+            "hugetlb",
+            256,
+            &["--guest-pages", "4k", "--vcpus", vcpus],
+        ) else {
+            return;
+        };
+        if vcpus == "1" {
+            common::assert_checkpoints_match_mirror(&r.report);
+        }
+        assert_as_predicted(&r.report);
+    }
+}
+
 #[test]
 fn hello_hugetlb_maps_2m_as_the_mirror_predicts() {
     check_hello_huge("hugetlb");

@@ -305,6 +305,9 @@ pub struct TestGuestImage {
     pub layout: Layout,
     /// Gpa range of the guest's code.
     pub code: Range<u64>,
+    /// The parts of `code` that run at CPL3 (the rest: CPL0 entry and
+    /// exception stubs).
+    pub user_code: Vec<Range<u64>>,
     /// The parameters it was built from.
     pub params: TestGuestParams,
 }
@@ -354,11 +357,17 @@ pub fn build(params: &TestGuestParams) -> Result<TestGuestImage, TestGuestError>
     let layout = Layout::with_extra(params.ram_size, params.vcpus, params.guest_pages, extra)?;
     let mut b = builder::GuestBuilder::new(layout.clone())?;
     let workload = guests::emit(&mut b, params)?;
-    let (entry, bytes, code_len) = runtime::assemble(b, workload)?;
+    let runtime::Assembled {
+        entry,
+        image: bytes,
+        code_len,
+        user_code,
+    } = runtime::assemble(b, workload)?;
     log::debug!(
-        "test guest {}: {} image bytes, entry {entry:#x}, reserved {:#x?}, {} vCPUs, {} guest pages",
+        "test guest {}: {} image bytes, code {:#x} bytes, entry {entry:#x}, reserved {:#x?}, {} vCPUs, {} guest pages",
         params.name,
         bytes.len(),
+        code_len,
         layout.reserved,
         params.vcpus,
         params.guest_pages
@@ -371,6 +380,7 @@ pub fn build(params: &TestGuestParams) -> Result<TestGuestImage, TestGuestError>
         reserved: layout.reserved.clone(),
         slices: layout.slices.clone(),
         code: layout::CODE_ADDR..layout::CODE_ADDR + code_len,
+        user_code,
         params: params.clone(),
         layout,
     })

@@ -2,6 +2,8 @@
 //! drop to CPL3, optional 4K page tables, IDT stubs, the workload call,
 //! the final rendezvous and EXIT. Assembles everything into the image.
 
+use std::ops::Range;
+
 use iced_x86::code_asm::*;
 use iced_x86::BlockEncoderOptions;
 
@@ -135,8 +137,13 @@ fn emit_user(
     user_entry: &mut CodeLabel,
     workload: CodeLabel,
     sites: &mut Sites,
-) -> Result<(), TestGuestError> {
+) -> Result<CodeLabel, TestGuestError> {
     let layout = b.layout.clone();
+    // Marks where the CPL3 runtime starts (a label needs an instruction of
+    // its own).
+    let mut user_start = b.a.create_label();
+    b.a.set_label(&mut user_start)?;
+    b.a.nop()?;
     let build_4k = match layout.guest_pages {
         GuestPageSize::Size4K => Some(emit_build_4k(&mut b.a, &layout)?),
         GuestPageSize::Size2M | GuestPageSize::Size1G => None,
@@ -194,7 +201,7 @@ fn emit_user(
     a.set_label(&mut sites.park)?;
     a.hlt()?;
     a.jmp(park)?;
-    Ok(())
+    Ok(user_start)
 }
 
 /// Addresses of the CPL3 service sites (see [`VEC_GP`]).
@@ -304,12 +311,26 @@ fn put(image: &mut [u8], gpa: u64, bytes: &[u8]) {
     image[off..off + bytes.len()].copy_from_slice(bytes);
 }
 
+/// A test guest's assembled image.
+pub(super) struct Assembled {
+    /// CPL0 entry point.
+    pub entry: u64,
+    /// `[IMAGE_ADDR, boot_tables_end)`.
+    pub image: Vec<u8>,
+    /// Code bytes (from `CODE_ADDR`).
+    pub code_len: u64,
+    /// Gpa ranges of the code that runs at CPL3: the workload (emitted
+    /// first, up to the CPL0 entry) and the CPL3 runtime (up to the
+    /// exception stubs).
+    pub user_code: Vec<Range<u64>>,
+}
+
 /// Emits the runtime around `workload`, assembles, and lays out the image
-/// `[IMAGE_ADDR, boot_tables_end)`. Returns (entry, image bytes).
+/// `[IMAGE_ADDR, boot_tables_end)`.
 pub(super) fn assemble(
     mut b: GuestBuilder,
     workload: CodeLabel,
-) -> Result<(u64, Vec<u8>, u64), TestGuestError> {
+) -> Result<Assembled, TestGuestError> {
     let mut user_entry = b.a.create_label();
     let entry = emit_entry(&mut b.a, &b.layout, user_entry)?;
     let mut sites = Sites {
@@ -317,7 +338,7 @@ pub(super) fn assemble(
         after_cr3: b.a.create_label(),
         park: b.a.create_label(),
     };
-    emit_user(&mut b, &mut user_entry, workload, &mut sites)?;
+    let user_start = emit_user(&mut b, &mut user_entry, workload, &mut sites)?;
     let stubs = emit_handlers(&mut b.a, &sites)?;
     let labels = Labels { entry, stubs };
     let result = b.a.assemble_options(
@@ -364,7 +385,17 @@ pub(super) fn assemble(
     }
     put(&mut image, STRINGS_ADDR, &b.strings);
     put(&mut image, CODE_ADDR, code);
-    Ok((result.label_ip(&labels.entry)?, image, code_len))
+    let entry = result.label_ip(&labels.entry)?;
+    let stubs_start = match labels.stubs.first() {
+        Some(l) => result.label_ip(l)?,
+        None => CODE_ADDR + code_len,
+    };
+    Ok(Assembled {
+        entry,
+        image,
+        code_len,
+        user_code: vec![CODE_ADDR..entry, result.label_ip(&user_start)?..stubs_start],
+    })
 }
 
 #[cfg(test)]

@@ -25,8 +25,15 @@ pub struct GuestTouches {
     /// Gpa ranges of guest page tables: the VMM's boot identity map and the
     /// guest's own tables (the shadow MMU shadows and write-tracks them).
     pub page_tables: Vec<Range<u64>>,
-    /// The guest's code (CPL3 executes it).
+    /// The guest's code (CPL0 and CPL3).
     pub code: Range<u64>,
+    /// The parts of it CPL3 executes (on a shadow-paging host only these
+    /// are faulted in: CPL0 is emulated).
+    pub user_code: Vec<Range<u64>>,
+    /// The IDT and TSS pages: CPL3 never touches them; the host reads them
+    /// to deliver an exception (no SPTE on a shadow-paging host, where that
+    /// read is emulated), which sets the accessed bits of their guest PTEs.
+    pub descriptor_tables: Range<u64>,
     /// Reserved-region data CPL3 reads or writes (or the host's event
     /// delivery reads for it): the pages from the image start to the code
     /// (GDT with sync words and slice table, IDT, TSS, command blocks,
@@ -92,6 +99,8 @@ impl GuestTouches {
             guest_pages: l.guest_pages,
             page_tables,
             code: img.code.clone(),
+            user_code: img.user_code.clone(),
+            descriptor_tables: layout::IDT_ADDR..layout::CMD_ADDR,
             data,
             stacks,
             built_tables,
@@ -118,6 +127,21 @@ impl GuestTouches {
             TestGuestName::Unmap => !matches!(phase, Some(2) | Some(4)),
             _ => true,
         }
+    }
+
+    /// Whether, with `guest_pages = 4k` on a shadow-paging host, the IDT and
+    /// TSS pages ([`Self::descriptor_tables`]) have their second SPTE (the
+    /// one through the guest's 4K tables) at checkpoint `phase` (`None`: the
+    /// end). They get it only from `FNAME(pte_prefetch)`: a later fault on
+    /// a neighbour in their group of 8 PTEs, once an exception delivered
+    /// after the switch to those tables set their accessed bits. The
+    /// neighbours (GDT page, command page, first code page) fault before
+    /// the first such exception (the first command's `out`), except the
+    /// write of the status word in the GDT page after the workload: with
+    /// one vCPU (the only case whose checkpoints are compared) that follows
+    /// every checkpoint. `stress` reads them in its sweep.
+    pub fn descriptor_tables_remapped_before(&self, phase: Option<u64>) -> bool {
+        phase.is_none() || self.name == TestGuestName::Stress
     }
 
     /// Whether the bootstrap tables (the final ones too unless
