@@ -282,3 +282,23 @@ fn the_socket_path_appears_only_once_it_listens() {
         "connections refused as the path appeared: {refused:?}"
     );
 }
+
+/// A path near the socket-address limit whose staging name would not fit
+/// is bound directly: still served, still removed on exit.
+#[test]
+fn a_path_too_long_for_the_staging_name_is_bound_directly() {
+    let base = sock_path("x");
+    let dir = base.parent().unwrap();
+    // sun_path holds 107 bytes and a NUL: a 100-byte path fits, its staging
+    // name (".vmm-api-PID.binding" in the same directory) does not.
+    let fill = 100 - dir.as_os_str().len() - 3;
+    let sub = dir.join("d".repeat(fill));
+    std::fs::create_dir_all(&sub).unwrap();
+    let p = sub.join("s");
+    assert_eq!(p.as_os_str().len(), 100);
+    let s = start(&p, ServerLimits::default());
+    UnixStream::connect(&p).expect("served");
+    drop(s);
+    assert!(!p.exists(), "its own socket is removed on exit");
+    std::fs::remove_dir(&sub).unwrap();
+}

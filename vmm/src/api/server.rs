@@ -162,37 +162,34 @@ fn staging_path(path: &Path) -> PathBuf {
 /// Bind a socket that only its owner may connect to, whatever the process
 /// umask, and make it appear at `path` only once it listens: it is bound at
 /// [`staging_path`] and hard-linked to `path` (a link never replaces what is
-/// there), so a client that finds the path can always connect. A staging
-/// name too long for a socket address binds `path` directly.
+/// there), so a client that finds the path can always connect. Where that
+/// cannot be done (a staging name too long for a socket address, a file
+/// system without links) `path` is bound directly.
 fn bind_owner_only(path: &Path) -> Result<(UnixListener, (u64, u64)), ApiServerError> {
+    let listener = match bind_staged(path) {
+        Ok(listener) => listener,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ApiServerError::Appeared {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => {
+            log::debug!("binding {} through a staging name: {e}", path.display());
+            bind_listening(path).map_err(io_err(path, "binding the socket"))?
+        }
+    };
+    let md = std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
+    Ok((listener, (md.dev(), md.ino())))
+}
+
+/// Bind at [`staging_path`], listen, link to `path`; the staging name is
+/// removed whatever happens (it is this process's, bound just now).
+fn bind_staged(path: &Path) -> std::io::Result<UnixListener> {
     let staging = staging_path(path);
-    match bind_listening(&staging) {
-        Ok(listener) => {
-            let linked = std::fs::hard_link(&staging, path);
-            // The staging name is ours (bound just now); the socket lives on
-            // under `path`.
-            let _ = std::fs::remove_file(&staging);
-            match linked {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(ApiServerError::Appeared {
-                        path: path.to_path_buf(),
-                    })
-                }
-                Err(e) => return Err(io_err(path, "linking the socket into place")(e)),
-            }
-            let md =
-                std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
-            Ok((listener, (md.dev(), md.ino())))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-            let listener = bind_listening(path).map_err(io_err(path, "binding the socket"))?;
-            let md =
-                std::fs::symlink_metadata(path).map_err(io_err(path, "inspecting the socket"))?;
-            Ok((listener, (md.dev(), md.ino())))
-        }
-        Err(e) => Err(io_err(&staging, "binding the socket")(e)),
-    }
+    let listener = bind_listening(&staging)?;
+    let linked = std::fs::hard_link(&staging, path);
+    let _ = std::fs::remove_file(&staging);
+    linked.map(|()| listener)
 }
 
 /// Bind and listen at `at` with mode 0600.
