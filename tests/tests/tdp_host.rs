@@ -560,10 +560,14 @@ fn unmap_hugetlb_splits_and_collapses_exactly_on_tdp() {
     let rep = unmap_in(out, "unmap-hugetlb");
     // No vCPU paused for a split: each copied under the frame's write-hold
     // and swapped in one mmap (the L1 kernel has userfaultfd write-protect
-    // on hugetlbfs).
+    // on hugetlbfs). Nor for a collapse: every page of each frame was taken
+    // back, so its small pages are write-held (userfaultfd write-protect on
+    // shmem) while they are copied into the huge page.
     let u = &rep["unmap"];
     assert_eq!(num(u, &["split_pause", "count"]), 0, "{u:#}");
     assert_eq!(num(u, &["split_write_hold", "count"]), 8, "{u:#}");
+    assert_eq!(num(u, &["collapse_pause", "count"]), 0, "{u:#}");
+    assert_eq!(num(u, &["collapse_write_hold", "count"]), 8, "{u:#}");
 }
 
 #[test]
