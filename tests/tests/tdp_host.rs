@@ -552,6 +552,16 @@ fn unmap_on_1g_pages_maps_1g_splits_to_2m_and_4k_and_climbs_back_on_tdp() {
     assert_eq!((gig(c2), small(c2)), (7 * 512, 8), "{c2:#}");
     assert_eq!(one_g(c2), 7, "{c2:#}");
     assert_eq!((gig(c5), one_g(c5)), (8 * 512, 8), "back to eight: {c5:#}");
+    // The mirror's per-memslot counts hold the 1G leaves too.
+    let slots_1g = |c: &Value| -> u64 {
+        c["mirror"]["per_slot"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| num(s, &["pages_1g"]))
+            .sum()
+    };
+    assert_eq!((slots_1g(c1), slots_1g(c2)), (8, 7), "{c1:#}");
 }
 
 #[test]

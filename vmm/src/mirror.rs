@@ -66,6 +66,8 @@ pub struct SlotMappings {
     pub pages_4k: u64,
     /// 2M leaves whose gfn is in the slot.
     pub pages_2m: u64,
+    /// 1G leaves whose gfn is in the slot.
+    pub pages_1g: u64,
 }
 
 /// The mirror's leaves counted per memslot.
@@ -76,6 +78,7 @@ pub fn per_slot(mmu: &SecondaryMmu) -> Vec<SlotMappings> {
             id: s.id,
             pages_4k: 0,
             pages_2m: 0,
+            pages_1g: 0,
         })
         .collect();
     let ids: Vec<(u64, u64)> = mmu.slots().map(|s| (s.base_gfn, s.end_gfn())).collect();
@@ -88,7 +91,7 @@ pub fn per_slot(mmu: &SecondaryMmu) -> Vec<SlotMappings> {
         match level {
             Level::K4 => v[i].pages_4k += 1,
             Level::M2 => v[i].pages_2m += 1,
-            Level::G1 => {}
+            Level::G1 => v[i].pages_1g += 1,
         }
     }
     v
@@ -935,6 +938,36 @@ mod tests {
             assert_eq!(predict(GuestPageSize::Size1G), two, "{mib} MiB");
             assert_eq!(two, (16, mib / 2 - 1, 0));
         }
+    }
+
+    /// The per-memslot counts add up to the totals at every level, 1G
+    /// included (2 GiB on 1G host pages, 1G guest pages, TDP: 1G leaves).
+    #[test]
+    fn per_slot_counts_add_up_to_the_totals_1g_included() {
+        let c = ctx(
+            MmuParams::tdp(),
+            TestGuestName::Hello,
+            2048,
+            GuestPageSize::Size1G,
+        );
+        let mut l = LiveMirror::new(&c, BASE, &ram_slots(BASE, 2048 << 20)).unwrap();
+        let states: Vec<_> = (0..1024u32)
+            .map(|f| guest_mem::FrameView::Gig {
+                slot: f / 512,
+                index: (f % 512) as u16,
+            })
+            .collect();
+        let p = l.observe(&c, &states, PhaseTouches::ALL).unwrap();
+        assert!(p.pages_1g > 0, "{p:?}");
+        let sum = |f: fn(&SlotMappings) -> u64| p.per_slot.iter().map(f).sum::<u64>();
+        assert_eq!(
+            (
+                sum(|s| s.pages_4k),
+                sum(|s| s.pages_2m),
+                sum(|s| s.pages_1g)
+            ),
+            (p.pages_4k, p.pages_2m, p.pages_1g)
+        );
     }
 
     /// `unmap` checkpoint 2: the K split frames were invalidated and not

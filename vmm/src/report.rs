@@ -210,6 +210,8 @@ pub struct SlotReport {
     pub mirror_pages_4k: Option<u64>,
     /// The mirror's 2M mappings in the slot.
     pub mirror_pages_2m: Option<u64>,
+    /// The mirror's 1G mappings in the slot.
+    pub mirror_pages_1g: Option<u64>,
 }
 
 fn slot_reports(
@@ -228,6 +230,7 @@ fn slot_reports(
                 frames: FrameCounts::of_range(states, ram.layout(), s.range()),
                 mirror_pages_4k: m.map(|m| m.pages_4k),
                 mirror_pages_2m: m.map(|m| m.pages_2m),
+                mirror_pages_1g: m.map(|m| m.pages_1g),
             }
         })
         .collect()
@@ -236,22 +239,24 @@ fn slot_reports(
 /// The per-memslot lines of the statistics table (KVM counts per VM only).
 fn slots_text(slots: &[SlotReport]) -> String {
     let mut s = format!(
-        "  memslots ({}; KVM counts per VM, the mirror per slot):\n    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10}\n",
+        "  memslots ({}; KVM counts per VM, the mirror per slot):\n    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10} {:>10}\n",
         slots.len(),
         "slot",
         "guest-physical",
         "MiB",
         "huge/small",
+        "mirror 1g",
         "mirror 2m",
         "mirror 4k"
     );
     for x in slots {
         s.push_str(&format!(
-            "    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10}\n",
+            "    {:>4} {:>28} {:>10}  {:>11} {:>10} {:>10} {:>10}\n",
             x.id,
             format!("[{:#x}, {:#x})", x.gpa, x.gpa + x.size),
             x.size >> 20,
             x.frames.huge_small(),
+            opt(x.mirror_pages_1g),
             opt(x.mirror_pages_2m),
             opt(x.mirror_pages_4k)
         ));
