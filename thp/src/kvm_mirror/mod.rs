@@ -21,7 +21,7 @@ mod track;
 pub use access::{AccessFault, Translation};
 pub use host::{HostMap, LevelMap};
 pub use mmu::{Access, FaultResult, PendingFault, SecondaryMmu};
-pub use params::{MmuKind, MmuParams, KERNEL, PTE_PREFETCH_NUM};
+pub use params::{HugePageCpu, MmuKind, MmuParams, TdpVendor, KERNEL, PTE_PREFETCH_NUM};
 pub use predict::{predict, predict_with, Touch};
 pub use slots::Memslot;
 

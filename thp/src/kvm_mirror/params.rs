@@ -80,6 +80,26 @@ impl MmuParams {
         }
     }
 
+    /// The largest page KVM maps on this host, as `kvm_configure_mmu`
+    /// (arch/x86/kvm/mmu/mmu.c) sets `max_huge_page_level`: with TDP, the
+    /// level its caller passes (`svm_hardware_setup`: `PG_LEVEL_1G` for NPT
+    /// whatever the CPU; `vmx_hardware_setup`: `ept_caps_to_lpage_level`,
+    /// 1G only with the EPT 1G-page capability); with shadow paging, 1G
+    /// only if the host CPU has `X86_FEATURE_GBPAGES` (`pdpe1gb`).
+    /// `tdp_enabled`: EPT or NPT in use (the TDP MMU or the legacy one).
+    pub fn kvm_configure_mmu_max_huge_page_level(tdp_enabled: bool, cpu: HugePageCpu) -> Level {
+        let gig = match (tdp_enabled, cpu.vendor) {
+            (true, TdpVendor::Npt) => true,
+            (true, TdpVendor::Ept) => cpu.ept_1gb,
+            (false, _) => cpu.gbpages,
+        };
+        if gig {
+            Level::G1
+        } else {
+            Level::M2
+        }
+    }
+
     /// Whether this is the shadow MMU.
     pub fn shadow_paging(&self) -> bool {
         self.kind == MmuKind::Shadow
@@ -90,4 +110,24 @@ impl Default for MmuParams {
     fn default() -> Self {
         MmuParams::tdp()
     }
+}
+
+/// Which two-dimensional paging a TDP host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TdpVendor {
+    /// AMD-V nested page tables.
+    Npt,
+    /// Intel VT-x extended page tables.
+    Ept,
+}
+
+/// The CPU facts behind KVM's largest page size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HugePageCpu {
+    /// NPT or EPT (meaningful with TDP only).
+    pub vendor: TdpVendor,
+    /// EPT can map 1G pages (`/proc/cpuinfo` "vmx flags": `ept_1gb`).
+    pub ept_1gb: bool,
+    /// The CPU has 1G pages (`/proc/cpuinfo` flags: `pdpe1gb`).
+    pub gbpages: bool,
 }
