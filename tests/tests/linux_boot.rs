@@ -34,7 +34,7 @@ fn linux_boots_to_init_on_hugetlb() {
 /// Measured on the paravirtual host: `Run /init as init process` after
 /// 12.5 minutes (the emulated CPL0 kernel initializes 1.15 M struct pages),
 /// hence ignored in the default run:
-/// `cargo test --release -p integration-tests --test linux_guest -- --ignored`.
+/// `cargo test --release -p integration-tests --test linux_boot -- --ignored`.
 #[test]
 #[ignore = "about 13 minutes on a paravirtual host (emulated CPL0 memory init of 4.5 GiB)"]
 fn linux_boots_to_init_with_ram_above_4g() {
