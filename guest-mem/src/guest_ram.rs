@@ -925,14 +925,10 @@ impl GuestRam {
             switched?;
             Ok(Some((crate::host_mem::block_base(&copy), free_small)))
         });
-        let freed = match (freed, slot) {
-            (Err(e), Some(s)) => {
-                self.after_failed_collapse(s);
-                return Err(e);
-            }
-            (r, _) => r?,
-        };
-        match freed {
+        if let (Err(_), Some(s)) = (&freed, slot) {
+            self.after_failed_collapse(s);
+        }
+        match freed? {
             Some((block, slots)) => self.free_collapsed_small(block, &slots),
             None => Ok(()),
         }

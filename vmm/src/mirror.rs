@@ -395,11 +395,12 @@ fn reserved_touches(
             }
             let extra_exact = match g.guest_pages {
                 GuestPageSize::Size2M | GuestPageSize::Size1G => 0,
-                // After the switch to the 4K tables, code, data and stacks
-                // are mapped again through indirect shadow pages (no
-                // prefetch: the guest's PTEs have no accessed bit): one more
-                // SPTE for each of their pages (the mirror keys leaves by gfn).
-                // The IDT and TSS pages only once prefetched.
+                // After the switch to the 4K tables, the code CPL3 runs, data
+                // and stacks are mapped again through indirect shadow pages
+                // (no prefetch while the guest's PTEs have no accessed bit):
+                // one more SPTE for each of their pages (the mirror keys
+                // leaves by gfn). The IDT and TSS pages only once prefetched
+                // (`GuestTouches::descriptor_tables_remapped_before`).
                 GuestPageSize::Size4K => {
                     let descriptors = g.descriptor_tables_remapped_before(phase);
                     let mut second: Vec<u64> = g
