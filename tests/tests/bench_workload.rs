@@ -16,7 +16,7 @@ fn bench_workload_exits_2_with_the_reason_on_a_paravirtual_host() {
     // Real images when built (the refusal must come before they are read).
     let kernel = images::image(KERNEL).unwrap_or_else(|_| "/nonexistent/vmlinux".into());
     let initrd =
-        images::image(INITRD_WORKLOAD).unwrap_or_else(|_| "/nonexistent/workload.cpio.gz".into());
+        images::image(INITRD_WORKLOAD).unwrap_or_else(|_| "/nonexistent/workload.cpio".into());
     let json = std::env::temp_dir().join(format!("bench-workload-{}.json", std::process::id()));
     let mut args: Vec<std::ffi::OsString> =
         ["bench", "workload", "--kernel"].map(Into::into).to_vec();

@@ -4,7 +4,7 @@
 //! On a VT-x/AMD-V host the guest runs /init, which prints `VMM-TEST-INIT-OK` and powers
 //! off (exit code 0). On a paravirtual shadow-paging KVM host guest user space cannot make
 //! system calls (docs/ARCHITECTURE.md), so the test expects the kernel's
-//! `Run /init as init process` line instead. This boot takes ~3 minutes there.
+//! `Run /init as init process` line instead. This boot takes about 50 s there.
 
 use std::ffi::OsString;
 

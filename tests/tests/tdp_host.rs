@@ -52,7 +52,7 @@ fn balloon_script() -> String {
         "C=/tmp/balloon.console S=/tmp/balloon.sock",
         WAIT_CONSOLE,
         WAIT_STATS,
-        "/bin/vmm run --kernel /images/vmlinux --initrd /images/memwork.cpio.gz --memory 256M \
+        "/bin/vmm run --kernel /images/vmlinux --initrd /images/memwork.cpio --memory 256M \
          --backing hugetlb --balloon --balloon-target 32M --api-socket $S --serial $C \
          --collapse-interval-ms 200 --timeout 240 --stats-json /tmp/balloon.json 2>/tmp/balloon.err & pid=$!",
         // The guest console also streams to L1's console: in a failure message it
@@ -99,7 +99,7 @@ fn plan() -> Batch {
         Mode::Console,
         // stdout (the guest console) on L1's own slow serial console; the report on stderr.
         format!(
-            "/bin/vmm run --kernel /images/vmlinux --initrd /images/hello.cpio.gz --memory 256M \
+            "/bin/vmm run --kernel /images/vmlinux --initrd /images/hello.cpio --memory 256M \
              --backing hugetlb --timeout 280 --stats-json /tmp/lh.json; {}",
             then_report("/tmp/lh.json", ">&2")
         ),
@@ -154,7 +154,7 @@ fn plan() -> Batch {
             WORKLOAD_LIMIT_S,
             Mode::Capture,
             format!(
-                "/bin/vmm bench workload --kernel /images/vmlinux --initrd /images/workload.cpio.gz \
+                "/bin/vmm bench workload --kernel /images/vmlinux --initrd /images/workload.cpio \
                  --run '{cmd}' --backing 4k,hugetlb --memory 256M --repeat 1 --guest-thp always \
                  --timeout 200 --json {json} --svg {svg}; rc=$?; \
                  echo \"SVG-HEAD $(head -c 4 {svg}) rects=$(grep -o '<rect' {svg} | wc -l)\"; (exit $rc); {}",
@@ -171,7 +171,7 @@ fn plan() -> Batch {
         Mode::Capture,
         format!(
             "/bin/vmm bench tlb --guest linux --kernel /images/vmlinux \
-             --initrd /images/workload.cpio.gz --working-set 64M --accesses 100000 \
+             --initrd /images/workload.cpio --working-set 64M --accesses 100000 \
              --backing 4k,hugetlb --guest-pages 2m --repeat 1 \
              --json /tmp/{TLB_LINUX}.json; {}",
             then_report(&format!("/tmp/{TLB_LINUX}.json"), "")
@@ -193,10 +193,10 @@ fn batch() -> Result<&'static BatchOutcome, String> {
             let mut b = plan();
             let file = |name: &str| images::image(name).map_err(|e| format!("guest image: {e}"));
             b.file("/images/vmlinux", file(KERNEL)?);
-            b.file("/images/hello.cpio.gz", file(INITRD)?);
-            b.file("/images/memwork.cpio.gz", file(INITRD_MEMWORK)?);
+            b.file("/images/hello.cpio", file(INITRD)?);
+            b.file("/images/memwork.cpio", file(INITRD_MEMWORK)?);
             match file(INITRD_WORKLOAD) {
-                Ok(p) => b.file("/images/workload.cpio.gz", p),
+                Ok(p) => b.file("/images/workload.cpio", p),
                 Err(why) => {
                     b.commands.retain(|c| {
                         c.id != TLB_LINUX && !WORKLOAD_BENCHES.iter().any(|(id, _)| *id == c.id)
