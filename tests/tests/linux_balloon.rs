@@ -71,13 +71,12 @@ fn balloon_cycle(backing: &str, split: Split) {
     let inflate_after_boot = split == Split::Deferred;
     let mut extra = vec![
         "--balloon",
+        "--balloon-target",
+        if inflate_after_boot { "0" } else { TARGET },
         "--collapse-interval-ms",
         "200",
         "--no-free-page-reporting",
     ];
-    if !inflate_after_boot {
-        extra.extend(["--balloon-target", TARGET]);
-    }
     match split {
         Split::Default => {}
         Split::Deferred => extra.extend([

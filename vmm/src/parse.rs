@@ -2,8 +2,18 @@
 //! functions returning a message: clap's value parsers in `cli` call them, and
 //! so does any layer that reads a size or a duration from text.
 
-/// Parse a size such as `512M`, `2G`, `65536K` or `268435456`.
+/// Parse a size such as `512M`, `2G`, `65536K` or `268435456`; never 0.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    let v = parse_size_or_zero(s)?;
+    if v == 0 {
+        return Err(format!("size {s:?} must be larger than zero"));
+    }
+    Ok(v)
+}
+
+/// Parse a size as [`parse_size`] does, 0 included: a balloon target, where
+/// 0 means "hold nothing" (deflate, or start empty).
+pub fn parse_size_or_zero(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();
     let body = lower
@@ -26,13 +36,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             "invalid size {s:?}: use a number with an optional K, M or G suffix, e.g. 512M or 2G"
         )
     })?;
-    let v = n
-        .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} is too large"))?;
-    if v == 0 {
-        return Err(format!("size {s:?} must be larger than zero"));
-    }
-    Ok(v)
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Most seconds a duration option takes (about 31 years): larger values
@@ -70,6 +75,17 @@ mod tests {
         assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
         for bad in ["", "M", "12X", "1.5G", "-1M", "0", "99999999999999G"] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_balloon_size_may_be_zero() {
+        assert_eq!(parse_size_or_zero("0").unwrap(), 0);
+        assert_eq!(parse_size_or_zero(" 0 ").unwrap(), 0);
+        assert_eq!(parse_size_or_zero("32M").unwrap(), 32 << 20);
+        assert_eq!(parse_size_or_zero("0M").unwrap(), 0);
+        for bad in ["", "-0", "x", "M", "99999999999999G"] {
+            assert!(parse_size_or_zero(bad).is_err(), "{bad}");
         }
     }
 

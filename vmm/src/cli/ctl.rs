@@ -27,7 +27,7 @@ pub enum CtlCommand {
     /// Set the balloon target: SIZE of guest RAM the guest gives back (e.g. 64M; 0 deflates).
     Balloon {
         /// Target size: bytes, or with a K, M or G suffix.
-        #[arg(value_name = "SIZE", value_parser = parse_size_or_zero)]
+        #[arg(value_name = "SIZE", value_parser = vmm::parse::parse_size_or_zero)]
         size: u64,
     },
     /// KVM stats beside the mirror's prediction, frame counts, pool, balloon.
@@ -41,13 +41,6 @@ pub enum CtlCommand {
     /// Split every frame waiting on the balloon's deferred-split queue now,
     /// freeing its given-back pages.
     Split,
-}
-
-fn parse_size_or_zero(s: &str) -> Result<u64, String> {
-    if s.trim() == "0" {
-        return Ok(0);
-    }
-    vmm::parse::parse_size(s)
 }
 
 impl From<&CtlCommand> for Request {

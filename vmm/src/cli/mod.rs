@@ -107,8 +107,9 @@ pub struct RunArgs {
     /// pages the guest gives back split exactly their 2M frame.
     #[arg(long, requires = "kernel")]
     pub balloon: bool,
-    /// Initial balloon target, set once the guest's driver is ready (e.g. 32M).
-    #[arg(long, value_name = "SIZE", requires = "balloon", value_parser = parse_size)]
+    /// Initial balloon target, set once the guest's driver is ready (e.g.
+    /// 32M; 0, the default: start empty and inflate later with `vmm ctl balloon`).
+    #[arg(long, value_name = "SIZE", requires = "balloon", value_parser = vmm::parse::parse_size_or_zero)]
     pub balloon_target: Option<u64>,
     /// Do not offer free page reporting (VIRTIO_BALLOON_F_REPORTING): only
     /// inflate/deflate give pages back.
