@@ -37,6 +37,16 @@ pub struct SplitWindows {
     windows: Mutex<Vec<SplitWindow>>,
     gate: Mutex<Gate>,
     released: Condvar,
+    on_record: Mutex<Option<OnRecord>>,
+}
+
+/// What [`SplitWindows::set_on_record`] registered.
+struct OnRecord(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OnRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRecord")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -119,16 +129,50 @@ impl SplitWindows {
     }
 
     pub(crate) fn record(&self, w: SplitWindow) {
-        let mut v = self.lock();
-        if v.len() < MAX_WINDOWS {
-            v.push(w);
+        {
+            let mut v = self.lock();
+            if v.len() < MAX_WINDOWS {
+                v.push(w);
+            }
         }
+        let hook = self.on_record.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = hook.as_ref() {
+            (f.0)();
+        }
+    }
+
+    /// Call `f` after each window is recorded (each split or collapse made
+    /// with the vCPUs running, under the RAM lock: `f` must be quick and
+    /// must not take that lock). The VMM wakes its reserve worker so: the
+    /// split took a block of the split reserve, the split frame wants a
+    /// huge page ahead of its collapse.
+    pub fn set_on_record(&self, f: impl Fn() + Send + Sync + 'static) {
+        *self.on_record.lock().unwrap_or_else(|p| p.into_inner()) = Some(OnRecord(Box::new(f)));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hook_runs_after_each_record() {
+        let s = SplitWindows::default();
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let m = n.clone();
+        s.set_on_record(move || {
+            m.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let w = SplitWindow {
+            write_hold: Duration::from_micros(1),
+            collapse: false,
+            prepared: true,
+        };
+        s.record(w);
+        s.record(w);
+        assert_eq!(n.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(s.take().len(), 2);
+    }
 
     #[test]
     fn take_empties_and_the_cap_holds() {

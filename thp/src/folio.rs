@@ -56,8 +56,15 @@ pub struct Folio {
     pub pincount: u32,
     /// Number of PMD mappings of the whole folio (`_entire_mapcount + 1`).
     pub entire_mapcount: u32,
-    /// Number of PTE mappings of each page (`_mapcount + 1` per page).
-    pub page_mapcount: Vec<u32>,
+    /// Number of PTE mappings of each page (`_mapcount + 1` per page); kept
+    /// in step with the two sums below by the methods that change it.
+    pte_mapcount: Vec<u32>,
+    /// All PTE mappings of the folio: the PTE part of `_large_mapcount`,
+    /// so [`Self::total_mapcount`] is O(1) as `folio_mapcount` is.
+    pte_mappings: u32,
+    /// Pages mapped by at least one PTE (`_nr_pages_mapped`, without its
+    /// `ENTIRELY_MAPPED` part), so [`Self::partially_mapped`] is O(1).
+    pages_pte_mapped: u32,
     /// Backing memory.
     pub backing: Backing,
     /// Extra references held by code that is not a mapping or a pin
@@ -93,7 +100,9 @@ impl Folio {
             refcount: 0,
             pincount: 0,
             entire_mapcount: 0,
-            page_mapcount: vec![0; n],
+            pte_mapcount: vec![0; n],
+            pte_mappings: 0,
+            pages_pte_mapped: 0,
             backing,
             held: 0,
             frame,
@@ -123,17 +132,66 @@ impl Folio {
     /// `page_mapcount(folio_page(folio, idx))`: PTE mappings of the page plus
     /// the folio's entire (PMD) mappings.
     pub fn page_mapcount(&self, idx: usize) -> u32 {
-        self.page_mapcount[idx] + self.entire_mapcount
+        self.pte_mapcount[idx] + self.entire_mapcount
+    }
+
+    /// PTE mappings of each page (without the entire mappings).
+    pub fn pte_mapcounts(&self) -> &[u32] {
+        &self.pte_mapcount
+    }
+
+    /// One more PTE mapping of page `idx` (`folio_add_*_rmap_pte`).
+    pub fn add_pte_mapping(&mut self, idx: usize) {
+        self.add_pte_mappings(idx, 1);
+    }
+
+    /// `n` more PTE mappings of page `idx`.
+    pub fn add_pte_mappings(&mut self, idx: usize, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let m = &mut self.pte_mapcount[idx];
+        if *m == 0 {
+            self.pages_pte_mapped += 1;
+        }
+        *m += n;
+        self.pte_mappings += n;
+    }
+
+    /// One PTE mapping of page `idx` gone (`folio_remove_rmap_pte`); the
+    /// caller holds one (the page tables map it).
+    pub fn remove_pte_mapping(&mut self, idx: usize) {
+        let m = &mut self.pte_mapcount[idx];
+        debug_assert!(*m > 0, "page {idx} of the folio has no PTE mapping");
+        *m -= 1;
+        if *m == 0 {
+            self.pages_pte_mapped -= 1;
+        }
+        self.pte_mappings -= 1;
+    }
+
+    /// The cached sums, recomputed from the per-page counts (the invariant
+    /// checker compares them): (PTE mappings, pages PTE-mapped).
+    pub fn pte_sums_recomputed(&self) -> (u32, u32) {
+        (
+            self.pte_mapcount.iter().sum(),
+            self.pte_mapcount.iter().filter(|m| **m > 0).count() as u32,
+        )
+    }
+
+    /// The cached sums: (PTE mappings, pages PTE-mapped).
+    pub fn pte_sums(&self) -> (u32, u32) {
+        (self.pte_mappings, self.pages_pte_mapped)
     }
 
     /// `folio_mapcount`: entire mappings plus all PTE mappings.
     pub fn total_mapcount(&self) -> u32 {
-        self.entire_mapcount + self.page_mapcount.iter().sum::<u32>()
+        self.entire_mapcount + self.pte_mappings
     }
 
     /// Whether any page is mapped (`folio_mapped`).
     pub fn is_mapped(&self) -> bool {
-        self.entire_mapcount > 0 || self.page_mapcount.iter().any(|m| *m > 0)
+        self.entire_mapcount > 0 || self.pages_pte_mapped > 0
     }
 
     /// `folio_maybe_dma_pinned`.
@@ -146,8 +204,8 @@ impl Folio {
     pub fn partially_mapped(&self) -> bool {
         self.is_large()
             && self.entire_mapcount == 0
-            && self.page_mapcount.iter().any(|m| *m > 0)
-            && self.page_mapcount.contains(&0)
+            && self.pages_pte_mapped > 0
+            && (self.pages_pte_mapped as usize) < self.nr_pages()
     }
 
     /// `folio_add_return_large_mapcount` (include/linux/rmap.h, Linux 6.18,
@@ -229,16 +287,22 @@ pub struct FolioArena {
     undo: Option<ArenaUndo>,
 }
 
-/// One change to the arena, as the undo log records it.
+/// One change to the arena, as the undo log records it. The saved folios
+/// are boxed: a split logs 512 insertions, and with a `Folio` inline every
+/// entry would take its size (the log outgrew malloc's mmap threshold, and
+/// faulted fresh pages in, on every split).
 #[derive(Debug, Clone)]
 enum ArenaOp {
     /// `id` was stored; `reused`: taken from the free list (else appended).
     Inserted { id: FolioId, reused: bool },
     /// `id` was removed; it was `folio` (`None`: an older entry of the
     /// log restores its value, only the slot and free list matter).
-    Removed { id: FolioId, folio: Option<Folio> },
+    Removed {
+        id: FolioId,
+        folio: Option<Box<Folio>>,
+    },
     /// `id` was handed out mutable for the first time; it was `folio`.
-    Changed { id: FolioId, folio: Folio },
+    Changed { id: FolioId, folio: Box<Folio> },
 }
 
 /// The undo log of an open transaction: the changes, and the ids whose
@@ -318,11 +382,11 @@ impl FolioArena {
                     let back = self.free.pop();
                     debug_assert_eq!(back, Some(id));
                     // Without a value, an older entry overwrites this one.
-                    let folio = folio.unwrap_or_else(|| Folio::new(Backing::Small(0), 0));
+                    let folio = folio.map_or_else(|| Folio::new(Backing::Small(0), 0), |f| *f);
                     self.slots[id as usize] = Some(folio);
                     self.live += 1;
                 }
-                ArenaOp::Changed { id, folio } => self.slots[id as usize] = Some(folio),
+                ArenaOp::Changed { id, folio } => self.slots[id as usize] = Some(*folio),
             }
         }
     }
@@ -353,7 +417,7 @@ impl FolioArena {
         self.free.push(id);
         self.live -= 1;
         if let Some(u) = self.undo.as_mut() {
-            let folio = u.saved.insert(id).then(|| f.clone());
+            let folio = u.saved.insert(id).then(|| Box::new(f.clone()));
             u.ops.push(ArenaOp::Removed { id, folio });
         }
         Some(f)
@@ -371,7 +435,7 @@ impl FolioArena {
             if u.saved.insert(id) {
                 u.ops.push(ArenaOp::Changed {
                     id,
-                    folio: f.clone(),
+                    folio: Box::new(f.clone()),
                 });
             }
         }
@@ -389,5 +453,76 @@ impl FolioArena {
             .iter()
             .enumerate()
             .filter_map(|(i, f)| f.as_ref().map(|f| (i as FolioId, f)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached PTE sums follow every change, and the O(1) answers built
+    /// on them equal the per-page counts' (`folio_mapcount`,
+    /// `folio_mapped`, partially mapped).
+    #[test]
+    fn cached_pte_sums_follow_the_per_page_counts() {
+        let mut f = Folio::new(Backing::Huge(0), 0);
+        assert_eq!(
+            (f.total_mapcount(), f.is_mapped(), f.partially_mapped()),
+            (0, false, false)
+        );
+        f.entire_mapcount = 1;
+        assert_eq!(
+            (f.total_mapcount(), f.is_mapped(), f.partially_mapped()),
+            (1, true, false)
+        );
+        // split_huge_pmd: every page one PTE, the PMD gone.
+        for i in 0..f.nr_pages() {
+            f.add_pte_mapping(i);
+        }
+        f.entire_mapcount = 0;
+        assert_eq!(f.pte_sums(), (512, 512));
+        assert!(!f.partially_mapped());
+        f.add_pte_mappings(7, 2);
+        f.remove_pte_mapping(3);
+        assert_eq!(f.pte_sums(), f.pte_sums_recomputed());
+        assert_eq!(f.pte_sums(), (513, 511));
+        assert_eq!(f.total_mapcount(), 513);
+        assert!(f.partially_mapped());
+        for i in (0..f.nr_pages()).filter(|i| *i != 3) {
+            while f.pte_mapcounts()[i] > 0 {
+                f.remove_pte_mapping(i);
+            }
+        }
+        assert_eq!(f.pte_sums(), (0, 0));
+        assert_eq!(
+            (f.total_mapcount(), f.is_mapped(), f.partially_mapped()),
+            (0, false, false)
+        );
+        // A small folio is never partially mapped.
+        let mut s = Folio::new(Backing::Small(1), 0);
+        s.add_pte_mapping(0);
+        assert_eq!(
+            (s.total_mapcount(), s.is_mapped(), s.partially_mapped()),
+            (1, true, false)
+        );
+    }
+
+    /// The undo log restores removed and changed folios exactly (their
+    /// saved values are boxed).
+    #[test]
+    fn rollback_restores_removed_and_changed_folios() {
+        let mut a = FolioArena::default();
+        let x = a.insert(Folio::new(Backing::Small(1), 0));
+        let y = a.insert(Folio::new(Backing::Huge(2), 1));
+        let before = (a.get(x).cloned(), a.get(y).cloned(), a.live());
+        a.begin_undo();
+        if let Some(f) = a.get_mut(y) {
+            f.add_pte_mapping(5);
+        }
+        a.remove(x);
+        a.insert(Folio::new(Backing::Small(3), 2));
+        assert_eq!(a.live(), 2);
+        a.rollback_undo();
+        assert_eq!((a.get(x).cloned(), a.get(y).cloned(), a.live()), before);
     }
 }

@@ -124,17 +124,24 @@ pub fn check_primary(p: &Primary) -> Result<(), InvariantViolation> {
         let entire = seen.entire[id as usize];
         let pages_ok = if f.is_large() {
             match seen.large.get(&id) {
-                Some(v) => *v == f.page_mapcount,
-                None => f.page_mapcount.iter().all(|m| *m == 0),
+                Some(v) => v.as_slice() == f.pte_mapcounts(),
+                None => f.pte_mapcounts().iter().all(|m| *m == 0),
             }
         } else {
-            f.page_mapcount[0] == seen.small[id as usize]
+            f.pte_mapcounts()[0] == seen.small[id as usize]
         };
+        if f.pte_sums() != f.pte_sums_recomputed() {
+            return fail(format!(
+                "folio {id}: cached (PTE mappings, pages PTE-mapped) {:?} != counted {:?}",
+                f.pte_sums(),
+                f.pte_sums_recomputed()
+            ));
+        }
         if entire != f.entire_mapcount || !pages_ok {
             return fail(format!(
                 "folio {id}: mapcounts (entire {}, pages sum {}) disagree with the page tables (entire {entire})",
                 f.entire_mapcount,
-                f.page_mapcount.iter().sum::<u32>(),
+                f.pte_sums_recomputed().0,
             ));
         }
         let expected = f.total_mapcount() + f.pincount + f.held;

@@ -7,7 +7,9 @@
 //! frame), so a collapse does not take and zero a huge page on its path.
 //! Each block or page is allocated without the RAM lock (see `guest-mem`'s
 //! `split_reserve` and `collapse_reserve` for why that is safe); the lock is
-//! held only to set it aside and to mark it ready.
+//! held only to set it aside and to mark it ready. Each split or collapse
+//! made with the vCPUs running wakes it (`guest_mem::SplitWindows`), so the
+//! split frame's huge page is ready before its collapse comes.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -49,6 +51,19 @@ pub struct Running {
 }
 
 impl Running {
+    /// Wake the thread after every split or collapse made with the vCPUs
+    /// running (`windows` records them): it refills the block the split
+    /// took and allocates the split frame's huge page at once, instead of
+    /// after its idle poll (up to [`IDLE_POLL`]). A no-op once it ended.
+    fn wake_on_splits(&self, windows: &guest_mem::SplitWindows) {
+        let reserve = Arc::downgrade(&self.reserve);
+        windows.set_on_record(move || {
+            if let Some(r) = reserve.upgrade() {
+                r.stop.wake();
+            }
+        });
+    }
+
     /// Ask the thread to end and wait for it (a panic in it is logged).
     pub fn shutdown(self) {
         self.reserve.stop();
@@ -73,7 +88,10 @@ impl SplitReserve {
         }
         let reserve = SplitReserve::new(sizes);
         let thread = reserve.start(m)?;
-        Ok(Some(Running { reserve, thread }))
+        let running = Running { reserve, thread };
+        let windows = m.ram().split_windows();
+        running.wake_on_splits(&windows);
+        Ok(Some(running))
     }
 
     /// A worker keeping `sizes` ready (2 MiB of host memory each).

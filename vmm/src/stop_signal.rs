@@ -5,32 +5,48 @@
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// A one-way "stop" flag a sleeping thread waits on.
+/// A one-way "stop" flag a sleeping thread waits on; [`StopSignal::wake`]
+/// ends one sleep early without stopping.
 #[derive(Debug, Default)]
 pub struct StopSignal {
-    stopped: Mutex<bool>,
+    state: Mutex<State>,
     cv: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct State {
+    stopped: bool,
+    /// A wake since the last sleep ended.
+    woken: bool,
+}
+
 impl StopSignal {
-    fn lock(&self) -> MutexGuard<'_, bool> {
-        self.stopped.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sleeps up to `d`; `true` when the stop was asked for (before or
-    /// meanwhile).
+    /// Sleeps up to `d`, or until a stop or a wake (one that came while the
+    /// thread was awake ends the next sleep at once); `true` when the stop
+    /// was asked for (before or meanwhile).
     pub fn wait(&self, d: Duration) -> bool {
         let g = self.lock();
-        let (g, _) = self
+        let (mut g, _) = self
             .cv
-            .wait_timeout_while(g, d, |s| !*s)
+            .wait_timeout_while(g, d, |s| !s.stopped && !s.woken)
             .unwrap_or_else(|p| p.into_inner());
-        *g
+        g.woken = false;
+        g.stopped
+    }
+
+    /// Ends the thread's current (or next) sleep: there is work.
+    pub fn wake(&self) {
+        self.lock().woken = true;
+        self.cv.notify_all();
     }
 
     /// Asks the thread to end and wakes it.
     pub fn stop(&self) {
-        *self.lock() = true;
+        self.lock().stopped = true;
         self.cv.notify_all();
     }
 }
@@ -47,5 +63,25 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(s.wait(Duration::from_secs(60)));
         assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_wake_ends_one_sleep_without_stopping() {
+        let s = std::sync::Arc::new(StopSignal::default());
+        s.wake();
+        let t = std::time::Instant::now();
+        assert!(!s.wait(Duration::from_secs(60)), "a wake is not a stop");
+        assert!(t.elapsed() < Duration::from_secs(10));
+        // Consumed: the next sleep runs its time out.
+        assert!(!s.wait(Duration::from_millis(1)));
+        let w = s.clone();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.wake();
+        });
+        let t = std::time::Instant::now();
+        assert!(!s.wait(Duration::from_secs(60)));
+        assert!(t.elapsed() < Duration::from_secs(10));
+        waker.join().unwrap();
     }
 }

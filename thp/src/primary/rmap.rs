@@ -102,7 +102,7 @@ impl Primary {
     /// Adds a PTE mapping of page `idx` of `id` by `mm` (`folio_add_*_rmap_pte` + ref).
     pub(crate) fn rmap_add_pte(&mut self, id: FolioId, idx: u16, mm: MmId) {
         if let Some(f) = self.folios.get_mut(id) {
-            f.page_mapcount[idx as usize] += 1;
+            f.add_pte_mapping(idx as usize);
             f.refcount += 1;
             let total = f.total_mapcount();
             f.folio_add_return_large_mapcount(1, mm, total);
@@ -117,7 +117,7 @@ impl Primary {
         mm: MmId,
     ) -> Result<(), MmError> {
         let f = self.folios.get_mut(id).ok_or(MmError::NoSuchFolio(id))?;
-        f.page_mapcount[idx as usize] -= 1;
+        f.remove_pte_mapping(idx as usize);
         let total = f.total_mapcount();
         f.folio_sub_return_large_mapcount(1, mm, total);
         self.maybe_defer(id);

@@ -58,7 +58,7 @@ impl Primary {
         let mut freed = 0u64;
         let mut parts = 0u16;
         for (i, slot_id) in new_ids.iter_mut().enumerate() {
-            let mc = old.page_mapcount[i];
+            let mc = old.pte_mapcounts()[i];
             let backing = Backing::HugePart {
                 slot,
                 idx: i as u16,
@@ -71,7 +71,7 @@ impl Primary {
                 continue;
             }
             let mut nf = Folio::new(backing, frame);
-            nf.page_mapcount[0] = mc;
+            nf.add_pte_mappings(0, mc);
             nf.refcount = mc;
             *slot_id = Some(self.folios.insert(nf));
             parts += 1;

@@ -41,8 +41,8 @@ impl Primary {
         // The PMD's mapping and reference become 512 PTE mappings and
         // references (`folio_add_anon_rmap_ptes`, then `folio_remove_rmap_pmd`).
         let before = f.total_mapcount();
-        for m in f.page_mapcount.iter_mut() {
-            *m += 1;
+        for idx in 0..f.nr_pages() {
+            f.add_pte_mapping(idx);
         }
         f.folio_add_return_large_mapcount(PAGES_PER_HPAGE as u32, mm, before + 512);
         f.entire_mapcount -= 1;
