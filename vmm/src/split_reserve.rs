@@ -8,8 +8,9 @@
 //! Each block or page is allocated without the RAM lock (see `guest-mem`'s
 //! `split_reserve` and `collapse_reserve` for why that is safe); the lock is
 //! held only to set it aside and to mark it ready. Each split or collapse
-//! made with the vCPUs running wakes it (`guest_mem::SplitWindows`), so the
-//! split frame's huge page is ready before its collapse comes.
+//! made with the vCPUs running wakes it (`guest_mem::SplitWindows`); it
+//! starts once they have been quiet for 2 ms (a burst of splits runs
+//! alone), so the split frame's huge page is ready before its collapse.
 
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -23,6 +24,11 @@ const POLL: Duration = Duration::from_millis(2);
 /// The longest it sleeps when rounds keep finding nothing to do (the poll
 /// doubles from [`POLL`] up to this: an idle guest costs a lock every 64 ms).
 const IDLE_POLL: Duration = Duration::from_millis(64);
+/// After a wake (a split or collapse was made): how long no other may come
+/// before the worker allocates, so a burst of splits (a guest giving back
+/// several frames at once) does not compete with it for the CPUs and the
+/// mmap lock.
+const QUIET: Duration = Duration::from_millis(2);
 /// How long it waits after the host refused to allocate a block.
 const BACK_OFF: Duration = Duration::from_secs(1);
 
@@ -52,9 +58,10 @@ pub struct Running {
 
 impl Running {
     /// Wake the thread after every split or collapse made with the vCPUs
-    /// running (`windows` records them): it refills the block the split
-    /// took and allocates the split frame's huge page at once, instead of
-    /// after its idle poll (up to [`IDLE_POLL`]). A no-op once it ended.
+    /// running (`windows` records them): once none came for [`QUIET`] it
+    /// refills the block the split took and allocates the split frame's
+    /// huge page, instead of after its idle poll (up to [`IDLE_POLL`]). A
+    /// no-op once it ended.
     fn wake_on_splits(&self, windows: &guest_mem::SplitWindows) {
         let reserve = Arc::downgrade(&self.reserve);
         windows.set_on_record(move || {
@@ -165,7 +172,15 @@ impl SplitReserve {
     fn run(&self, m: Weak<impl RamHandle>) {
         let mut wait = Duration::ZERO;
         loop {
-            if self.stop.wait(wait) {
+            let (stopped, mut woken) = self.stop.wait_for_wake(wait);
+            while woken && !stopped {
+                let (s, w) = self.stop.wait_for_wake(QUIET);
+                if s {
+                    return;
+                }
+                woken = w;
+            }
+            if stopped {
                 return;
             }
             let Some(machine) = m.upgrade() else {

@@ -29,13 +29,19 @@ impl StopSignal {
     /// thread was awake ends the next sleep at once); `true` when the stop
     /// was asked for (before or meanwhile).
     pub fn wait(&self, d: Duration) -> bool {
+        self.wait_for_wake(d).0
+    }
+
+    /// [`Self::wait`], also saying whether a wake ended the sleep:
+    /// (stopped, woken).
+    pub fn wait_for_wake(&self, d: Duration) -> (bool, bool) {
         let g = self.lock();
         let (mut g, _) = self
             .cv
             .wait_timeout_while(g, d, |s| !s.stopped && !s.woken)
             .unwrap_or_else(|p| p.into_inner());
-        g.woken = false;
-        g.stopped
+        let woken = std::mem::take(&mut g.woken);
+        (g.stopped, woken)
     }
 
     /// Ends the thread's current (or next) sleep: there is work.
@@ -70,10 +76,10 @@ mod tests {
         let s = std::sync::Arc::new(StopSignal::default());
         s.wake();
         let t = std::time::Instant::now();
-        assert!(!s.wait(Duration::from_secs(60)), "a wake is not a stop");
+        assert_eq!(s.wait_for_wake(Duration::from_secs(60)), (false, true));
         assert!(t.elapsed() < Duration::from_secs(10));
         // Consumed: the next sleep runs its time out.
-        assert!(!s.wait(Duration::from_millis(1)));
+        assert_eq!(s.wait_for_wake(Duration::from_millis(1)), (false, false));
         let w = s.clone();
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
