@@ -25,9 +25,9 @@ const POLL: Duration = Duration::from_millis(2);
 /// doubles from [`POLL`] up to this: an idle guest costs a lock every 64 ms).
 const IDLE_POLL: Duration = Duration::from_millis(64);
 /// After a wake (a split or collapse was made): how long no other may come
-/// before the worker allocates, so a burst of splits (a guest giving back
-/// several frames at once) does not compete with it for the CPUs and the
-/// mmap lock.
+/// before the worker allocates (at most [`IDLE_POLL`] after the wake), so a
+/// burst of splits (a guest giving back several frames at once) does not
+/// compete with it for the CPUs and the mmap lock.
 const QUIET: Duration = Duration::from_millis(2);
 /// How long it waits after the host refused to allocate a block.
 const BACK_OFF: Duration = Duration::from_secs(1);
@@ -173,7 +173,10 @@ impl SplitReserve {
         let mut wait = Duration::ZERO;
         loop {
             let (stopped, mut woken) = self.stop.wait_for_wake(wait);
-            while woken && !stopped {
+            // Splits that never pause for QUIET still get a top-up after
+            // IDLE_POLL.
+            let since = std::time::Instant::now();
+            while woken && !stopped && since.elapsed() < IDLE_POLL {
                 let (s, w) = self.stop.wait_for_wake(QUIET);
                 if s {
                     return;
