@@ -8,8 +8,9 @@
 //! deflate every frame is huge again (frames given back whole get their huge page back,
 //! split frames are collapsed).
 //!
-//! The guest boots with `--balloon --balloon-target 32M` and the `spin` initramfs
-//! ([`integration_tests::linux_vm`]). The test follows the VM through its API socket
+//! The guest boots with `--balloon --balloon-target 32M` (the deferred-split run with
+//! target 0, inflating with `vmm ctl balloon 32M` once /init runs) and the `spin`
+//! initramfs ([`integration_tests::linux_vm`]). The test follows the VM through its API socket
 //! (`vmm ctl stats`) until the driver's `actual` reaches the target and checks the live
 //! stats; then sets the target to 0 (`vmm ctl balloon 0`), waits for the deflate and for
 //! every frame to be huge again, stops the VM with `vmm ctl stop` and checks the run
