@@ -1,9 +1,11 @@
 //! `vmm stress` for 20 seconds per backing with 2 vCPUs: zero violations,
 //! every event kind that applies to the backing fired at least 100 times,
 //! KVM and the mirror agree at every quiescent point (one of them with dirty
-//! logging on), write protection was waited out, and dirty logging made
-//! KVM drop 2M mappings. Applicable kinds: all eight on hugetlb and thp; no
-//! split / collapse on 4k (no huge frames).
+//! logging on), write protection was waited out, dirty logging made KVM
+//! drop 2M mappings, and the injector's CPU time per kind lies within the
+//! kind's latency and adds up to the reported rate ceiling. Applicable
+//! kinds: all eight on hugetlb and thp; no split / collapse on 4k (no huge
+//! frames).
 //!
 //! The three runs share one lock: they would otherwise compete for the two
 //! host cores and the hugetlb pool.
@@ -120,6 +122,26 @@ fn stress(backing: &str) {
             .any(|p| p["kvm_pages_2m"].as_u64().unwrap() > 0);
         assert!(huge_seen, "KVM never mapped 2M: {stdout}");
     }
+    // The injector's CPU time: within each kind's latency (the rest is
+    // waiting), and what the rate ceiling is made of.
+    let mut cpu = 0;
+    for k in &expect {
+        let (c, t) = (
+            r["kinds"][k]["cpu_us"].as_u64().unwrap(),
+            r["kinds"][k]["total_us"].as_u64().unwrap(),
+        );
+        assert!(
+            c > 0 && c <= t + 1000,
+            "{k}: cpu {c} us of {t} us:\n{stdout}"
+        );
+        cpu += c;
+    }
+    let per_event = r["injector_cpu_per_event_us"].as_f64().unwrap();
+    let events = r["events"].as_u64().unwrap() as f64;
+    assert!((per_event * events - cpu as f64).abs() < 1.0, "{stdout}");
+    let ceiling = r["injector_ceiling_events_per_second"].as_f64().unwrap();
+    assert!((ceiling * per_event - 1e6).abs() < 1.0, "{stdout}");
+    assert!(stdout.contains("injector on a CPU"), "{stdout}");
     assert!(!dir.join("replay.json").exists());
     std::fs::remove_dir_all(&dir).ok();
 }

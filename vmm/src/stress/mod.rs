@@ -34,6 +34,7 @@ pub mod report;
 pub mod setup;
 pub mod shared;
 pub mod slot;
+pub mod thread_cpu;
 pub mod vcpu;
 
 use std::path::PathBuf;
@@ -241,10 +242,14 @@ pub fn run_with_progress(
     // After the vCPU threads started: they keep their priority.
     let raised = priority::raise_injector();
     let started = Instant::now();
+    let cpu_start = thread_cpu::user_system();
     let mut prog = Progress::new(a.ops, progress);
     let every = Duration::from_secs_f64(a.quiesce_every);
     let mut lp = fire_events(&inj, source, every, &mut prog);
     let seconds = started.elapsed().as_secs_f64();
+    lp.cpu = cpu_start
+        .zip(thread_cpu::user_system())
+        .map(|((u0, s0), (u1, s1))| (u1.saturating_sub(u0), s1.saturating_sub(s0)));
     drop(raised);
 
     // Stop the guest at the end of its pass, then the vCPU threads.
@@ -538,6 +543,15 @@ fn report(
     split_windows: &guest_mem::SplitWindows,
 ) -> StressReport {
     let kinds = lp.tally.finish();
+    let (events, event_cpu_us) = kinds
+        .iter()
+        .filter(|(k, _)| !k.starts_with("quiesce"))
+        .fold((0u64, 0u64), |(n, c), (_, v)| (n + v.fired, c + v.cpu_us));
+    let cpu_per_event_us = if events > 0 {
+        event_cpu_us as f64 / events as f64
+    } else {
+        0.0
+    };
     let (collapses, splits): (Vec<_>, Vec<_>) =
         split_windows.take().into_iter().partition(|w| w.collapse);
     let held_us = |ws: &[guest_mem::SplitWindow]| -> Vec<f64> {
@@ -546,11 +560,6 @@ fn report(
             .collect()
     };
     let (held, collapse_held) = (held_us(&splits), held_us(&collapses));
-    let events = kinds
-        .iter()
-        .filter(|(k, _)| !k.starts_with("quiesce"))
-        .map(|(_, v)| v.fired)
-        .sum::<u64>();
     StressReport {
         seed: p.seed,
         backing: p.backing.to_string(),
@@ -570,6 +579,14 @@ fn report(
         } else {
             0.0
         },
+        injector_cpu_per_event_us: cpu_per_event_us,
+        injector_ceiling_events_per_second: if cpu_per_event_us > 0.0 {
+            1e6 / cpu_per_event_us
+        } else {
+            0.0
+        },
+        injector_user_ms: lp.cpu.map(|(u, _)| u.as_secs_f64() * 1e3),
+        injector_system_ms: lp.cpu.map(|(_, k)| k.as_secs_f64() * 1e3),
         kinds,
         pages_verified: end.counters.iter().map(|c| c.pages).sum(),
         passes: end.counters.iter().map(|c| c.passes).sum(),
@@ -615,6 +632,8 @@ struct Loop {
     points: Vec<inject::QuiescePoint>,
     violations: Vec<String>,
     internal: Option<String>,
+    /// The injector's user and system CPU time over the whole loop.
+    cpu: Option<(Duration, Duration)>,
 }
 
 impl Loop {
@@ -623,6 +642,7 @@ impl Loop {
         ev.seq = self.seq;
         self.seq += 1;
         let t = Instant::now();
+        let cpu = thread_cpu::now();
         let r = match ev.kind {
             EventKind::Quiesce | EventKind::QuiesceDirty => inj
                 .quiesce_point(ev.seq, ev.kind == EventKind::QuiesceDirty)
@@ -640,10 +660,11 @@ impl Loop {
             }
         };
         let took = t.elapsed();
-        log::debug!("{ev}: {r:?} in {took:?}");
+        let on_cpu = thread_cpu::since(cpu);
+        log::debug!("{ev}: {r:?} in {took:?} ({on_cpu:?} on the CPU)");
         self.events.push(ev.clone());
         match r {
-            Ok((e, x)) => self.tally.add(ev.kind, &e, &x, took),
+            Ok((e, x)) => self.tally.add(ev.kind, &e, &x, took, on_cpu),
             Err(e) => {
                 self.internal = Some(format!("event {ev}: {e}"));
                 return false;

@@ -33,6 +33,10 @@ pub struct KindReport {
     /// Time spent in events of this kind, microseconds (the sum of their
     /// latencies: where the run's time went).
     pub total_us: u64,
+    /// The injector thread's CPU time in events of this kind, microseconds
+    /// (`CLOCK_THREAD_CPUTIME_ID`, user and kernel): the part of
+    /// `total_us` spent working; the rest it waited.
+    pub cpu_us: u64,
     /// Sums of the per-kind measurements.
     pub totals: Extra,
     /// `dirtylog`: events in which KVM's pages_2m fell while logging.
@@ -55,10 +59,19 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Record one event.
-    pub fn add(&mut self, kind: EventKind, effect: &Effect, x: &Extra, took: Duration) {
+    /// Record one event: its latency `took`, of which the injector was
+    /// `on_cpu` on a CPU.
+    pub fn add(
+        &mut self,
+        kind: EventKind,
+        effect: &Effect,
+        x: &Extra,
+        took: Duration,
+        on_cpu: Duration,
+    ) {
         let k = self.kinds.entry(kind).or_default();
         k.fired += 1;
+        k.cpu_us += on_cpu.as_micros() as u64;
         match effect {
             Effect::Done => k.done += 1,
             Effect::Noop => k.noop += 1,
@@ -137,6 +150,17 @@ pub struct StressReport {
     pub events: u64,
     /// Events per second.
     pub events_per_second: f64,
+    /// The injector's CPU time per event (quiescent points excluded),
+    /// microseconds: what bounds the rate on this host.
+    pub injector_cpu_per_event_us: f64,
+    /// The rate an injector that never waited would reach:
+    /// 1 s / `injector_cpu_per_event_us` (0 when not measured).
+    pub injector_ceiling_events_per_second: f64,
+    /// The injector's user and system CPU time over the run (quiescent
+    /// points included; `getrusage(RUSAGE_THREAD)`), milliseconds.
+    pub injector_user_ms: Option<f64>,
+    /// See `injector_user_ms`.
+    pub injector_system_ms: Option<f64>,
     /// By kind (quiescent points included).
     pub kinds: BTreeMap<String, KindReport>,
     /// Guest pages checked (read, compared, restamped) by all vCPUs.
@@ -208,10 +232,32 @@ impl StressReport {
             self.passes,
             self.guest_retries
         );
+        if self.injector_cpu_per_event_us > 0.0 {
+            let split = match (self.injector_user_ms, self.injector_system_ms) {
+                (Some(u), Some(k)) => format!("; in all user {u:.0} ms, system {k:.0} ms"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "injector on a CPU {:.0} us per event{split}: at most {:.0} events/s on this host \
+                 even if it never waited (the rest of an event's time it waits: for vCPUs to \
+                 park, for guest progress, for a CPU)",
+                self.injector_cpu_per_event_us, self.injector_ceiling_events_per_second
+            );
+        }
         let _ = writeln!(
             s,
-            "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  notes",
-            "kind", "fired", "done", "noop", "refused", "p50 us", "p99 us", "max us", "total ms"
+            "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  notes",
+            "kind",
+            "fired",
+            "done",
+            "noop",
+            "refused",
+            "p50 us",
+            "p99 us",
+            "max us",
+            "total ms",
+            "cpu ms"
         );
         for (name, k) in &self.kinds {
             let note = match name.as_str() {
@@ -267,7 +313,7 @@ impl StressReport {
             };
             let _ = writeln!(
                 s,
-                "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9}  {}",
+                "{:<13} {:>7} {:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
                 name,
                 k.fired,
                 k.done,
@@ -277,6 +323,7 @@ impl StressReport {
                 k.p99_us,
                 k.max_us,
                 k.total_us / 1000,
+                k.cpu_us / 1000,
                 note
             );
         }
@@ -324,6 +371,7 @@ mod tests {
                 &Effect::Done,
                 &Extra::default(),
                 Duration::from_micros(us),
+                Duration::from_micros(us / 2),
             );
         }
         t.add(
@@ -331,6 +379,7 @@ mod tests {
             &Effect::Refused("busy".into()),
             &Extra::default(),
             Duration::from_micros(7),
+            Duration::from_micros(3),
         );
         let r = t.finish();
         let s = &r["slot"];
@@ -338,6 +387,7 @@ mod tests {
             (s.fired, s.done, s.p50_us, s.p99_us, s.max_us, s.total_us),
             (100, 100, 50, 99, 100, 5050)
         );
+        assert_eq!(s.cpu_us, (1..=100u64).map(|us| us / 2).sum::<u64>());
         assert_eq!(s.unmapped_after_delete, 100);
         let sp = &r["split"];
         assert_eq!((sp.refused, sp.p50_us), (1, 7));
