@@ -75,7 +75,11 @@ fn boot_to_init(memory: &str, backing: &str, hpages: u64, timeout: &str) -> Opti
         HostKind::ParavirtShadow => RUN_INIT_MARKER,
     };
 
-    let serial = std::env::temp_dir().join(format!("vmm-linux-boot-{}.log", std::process::id()));
+    // One file per boot: the tests of this binary boot at the same time.
+    let serial = std::env::temp_dir().join(format!(
+        "vmm-linux-boot-{}-{memory}-{backing}.log",
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&serial);
     let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), kernel.into()];
     args.extend(["--initrd".into(), initrd.into()]);
