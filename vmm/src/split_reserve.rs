@@ -173,18 +173,18 @@ impl SplitReserve {
         let mut wait = Duration::ZERO;
         loop {
             let (stopped, mut woken) = self.stop.wait_for_wake(wait);
+            if stopped {
+                return;
+            }
             // Splits that never pause for QUIET still get a top-up after
             // IDLE_POLL.
             let since = std::time::Instant::now();
-            while woken && !stopped && since.elapsed() < IDLE_POLL {
-                let (s, w) = self.stop.wait_for_wake(QUIET);
-                if s {
+            while woken && since.elapsed() < IDLE_POLL {
+                let (stopped, w) = self.stop.wait_for_wake(QUIET);
+                if stopped {
                     return;
                 }
                 woken = w;
-            }
-            if stopped {
-                return;
             }
             let Some(machine) = m.upgrade() else {
                 return;
