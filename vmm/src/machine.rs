@@ -17,9 +17,14 @@ use crate::host::HostInfo;
 use crate::mirror::{self, LiveMirror, MirrorContext, PhaseTouches, Prediction};
 use crate::outcome::Outcome;
 use crate::ram_handle::RamHandle;
+use crate::split_reserve::SplitReserve;
 use crate::stats::{KvmStats, MappingStats};
 use crate::testguest::device::TestDevice;
 use crate::unmap_stats::UnmapRecorder;
+
+/// How long a checkpoint waits for the split-reserve worker to catch up
+/// before its collapse pass (it takes a few ms; more on a loaded host).
+const RESERVE_CATCH_UP: Duration = Duration::from_secs(5);
 
 /// What runs in the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +122,7 @@ pub struct Machine {
     /// Split / collapse measurements.
     pub unmap: UnmapRecorder,
     collapser: OnceLock<Arc<Collapser>>,
+    split_reserve: OnceLock<Arc<SplitReserve>>,
     mirror_ctx: OnceLock<MirrorContext>,
     live_mirror: Mutex<Option<LiveMirror>>,
     outcome: Mutex<Option<Outcome>>,
@@ -178,6 +184,7 @@ impl Machine {
             unmap: UnmapRecorder::with_split_windows(split_windows),
             balloon: OnceLock::new(),
             collapser: OnceLock::new(),
+            split_reserve: OnceLock::new(),
             mirror_ctx: OnceLock::new(),
             live_mirror: Mutex::new(None),
             outcome: Mutex::new(None),
@@ -271,6 +278,14 @@ impl Machine {
     /// The collapser, if the run has one.
     pub fn collapser(&self) -> Option<&Arc<Collapser>> {
         self.collapser.get()
+    }
+
+    /// Attach the split-reserve worker (once): a checkpoint's collapse pass
+    /// waits until it caught up.
+    pub fn set_split_reserve(&self, r: Arc<SplitReserve>) {
+        if self.split_reserve.set(r).is_err() {
+            log::warn!("a split reserve is already attached; ignoring the second one");
+        }
     }
 
     /// Set what the mirror needs to predict KVM's counters during the run.
@@ -390,7 +405,10 @@ impl Machine {
             }
         }
         let collapsed_after = match self.collapser.get() {
-            Some(c) => self.control.parked_while(|| c.pass_all(self)),
+            Some(c) => {
+                self.reserve_caught_up(phase);
+                self.control.parked_while(|| c.pass_all(self))
+            }
             None => 0,
         };
         lock(&self.checkpoints).push(Checkpoint {
@@ -405,6 +423,22 @@ impl Machine {
             frames,
             collapsed_after,
         });
+    }
+
+    /// Before a checkpoint's collapse pass: the split-reserve worker (if
+    /// any) has replaced the huge pages and blocks taken so far, so the
+    /// pass finds what it would find in a guest that did not checkpoint
+    /// right after its splits (at most [`RESERVE_CATCH_UP`], with the vCPUs
+    /// running).
+    fn reserve_caught_up(&self, phase: u64) {
+        if let Some(r) = self.split_reserve.get() {
+            if !r.wait_caught_up(RESERVE_CATCH_UP) {
+                log::warn!(
+                    "checkpoint {phase}: the split-reserve worker did not catch up within \
+                     {RESERVE_CATCH_UP:?}; the collapse pass runs without it"
+                );
+            }
+        }
     }
 
     /// Checkpoints so far.

@@ -270,6 +270,9 @@ impl Services {
             machine,
         )
         .map_err(os("spawning the split-reserve thread"))?;
+        if let Some(r) = &reserve {
+            machine.set_split_reserve(Arc::clone(r.worker()));
+        }
         let api = match &args.api_socket {
             Some(p) => Some(ApiServer::start(p, Arc::downgrade(machine))?),
             None => None,

@@ -11,8 +11,10 @@
 //! made with the vCPUs running wakes it (`guest_mem::SplitWindows`); it
 //! starts once they have been quiet for 2 ms (a burst of splits runs
 //! alone), so the split frame's huge page is ready before its collapse.
+//! [`SplitReserve::wait_caught_up`] waits for a round that finds nothing
+//! left to do (a test guest's checkpoint, before its collapse pass).
 
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -47,6 +49,22 @@ pub struct ReserveSizes {
 pub struct SplitReserve {
     sizes: ReserveSizes,
     stop: StopSignal,
+    rounds: Mutex<Rounds>,
+    /// Signalled when a round ends with nothing left to do, or the thread
+    /// ends.
+    caught_up: Condvar,
+}
+
+/// The worker's rounds, for [`SplitReserve::wait_caught_up`].
+#[derive(Debug, Default)]
+struct Rounds {
+    /// Rounds begun so far.
+    begun: u64,
+    /// The last round that ended with nothing left to do (or with the
+    /// host's refusal: it cannot get further until its back-off).
+    caught_up: u64,
+    /// The thread ended.
+    ended: bool,
 }
 
 /// A started worker: [`Running::shutdown`] ends it and joins its thread.
@@ -69,6 +87,11 @@ impl Running {
                 r.stop.wake();
             }
         });
+    }
+
+    /// The worker (to wait until it caught up).
+    pub fn worker(&self) -> &Arc<SplitReserve> {
+        &self.reserve
     }
 
     /// Ask the thread to end and wait for it (a panic in it is logged).
@@ -106,7 +129,30 @@ impl SplitReserve {
         Arc::new(SplitReserve {
             sizes,
             stop: StopSignal::default(),
+            rounds: Mutex::new(Rounds::default()),
+            caught_up: Condvar::new(),
         })
+    }
+
+    fn rounds(&self) -> MutexGuard<'_, Rounds> {
+        self.rounds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the thread and waits, at most `timeout`, for a round begun
+    /// after this call to end with nothing left to do: the blocks and huge
+    /// pages splits and collapses took so far are replaced. `false` when
+    /// the time ran out or the thread ended first. Blocks the caller: only
+    /// for a test guest's checkpoint, whose collapse pass is meant to be
+    /// deterministic (splits made just before it would otherwise race the
+    /// worker for the huge pages it allocates).
+    pub fn wait_caught_up(&self, timeout: Duration) -> bool {
+        let after = self.rounds().begun;
+        self.stop.wake();
+        let (r, _) = self
+            .caught_up
+            .wait_timeout_while(self.rounds(), timeout, |r| !r.ended && r.caught_up <= after)
+            .unwrap_or_else(|p| p.into_inner());
+        r.caught_up > after
     }
 
     /// Tops the reserve up once: maps the blocks collapses kept, sets aside
@@ -170,6 +216,28 @@ impl SplitReserve {
     }
 
     fn run(&self, m: Weak<impl RamHandle>) {
+        self.run_rounds(m);
+        self.rounds().ended = true;
+        self.caught_up.notify_all();
+    }
+
+    /// One top-up round on `machine`, counted for
+    /// [`Self::wait_caught_up`].
+    fn round(&self, machine: &dyn RamHandle) -> Result<usize, guest_mem::GuestMemError> {
+        let n = {
+            let mut r = self.rounds();
+            r.begun += 1;
+            r.begun
+        };
+        let done = self.top_up(machine);
+        if matches!(done, Ok(0) | Err(_)) {
+            self.rounds().caught_up = n;
+            self.caught_up.notify_all();
+        }
+        done
+    }
+
+    fn run_rounds(&self, m: Weak<impl RamHandle>) {
         let mut wait = Duration::ZERO;
         loop {
             let (stopped, mut woken) = self.stop.wait_for_wake(wait);
@@ -192,7 +260,7 @@ impl SplitReserve {
             if machine.vcpus().stopping() {
                 return;
             }
-            wait = match self.top_up(machine.as_ref()) {
+            wait = match self.round(machine.as_ref()) {
                 Ok(0) => (wait * 2).clamp(POLL, IDLE_POLL),
                 Ok(_) => POLL,
                 Err(e) => {
