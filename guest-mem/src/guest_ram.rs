@@ -1217,7 +1217,11 @@ mod tests {
     }
 
     /// Runs `op` (a split or collapse of frame 3) while another thread
-    /// writes one word of the frame right after the copy.
+    /// writes one word of the frame right after the copy. Held: the hook
+    /// gives the writer 20 ms and records whether it is still waiting;
+    /// with the hold broken (`inject_split_without_write_hold`) it waits
+    /// for the write to land (at most 10 s: a loaded host may run the
+    /// writer late), so the remap surely comes after it.
     fn with_a_write_during_the_copy(
         ram: &mut GuestRam,
         op: impl FnOnce(&mut GuestRam),
@@ -1241,9 +1245,17 @@ mod tests {
             })
         };
         let h = held.clone();
+        let broken = ram.host.copy_unheld;
         ram.host.after_copy = Some(crate::host_mem::TestHook(Box::new(move || {
             go.wait();
+            let t = std::time::Instant::now();
             std::thread::sleep(std::time::Duration::from_millis(20));
+            while broken
+                && !done.load(Ordering::SeqCst)
+                && t.elapsed() < std::time::Duration::from_secs(10)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             *h.lock().unwrap() = Some(!done.load(Ordering::SeqCst));
         })));
         op(ram);

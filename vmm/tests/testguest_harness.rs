@@ -24,6 +24,9 @@ use vmm::testguest::{
 
 const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the other vCPUs get to park (HLT) after the guest's exit
+/// before they are kicked.
+const PARK_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Default)]
 struct Outcome {
@@ -197,11 +200,20 @@ fn run(
                 })
             })
             .collect();
+        let mut stopped_at: Option<Instant> = None;
         while handles.iter().any(|h| !h.is_finished()) {
             if !sh.stop.load(Ordering::SeqCst) && start.elapsed() > TIMEOUT {
                 sh.finish(|o| o.problem = Some(format!("timeout after {TIMEOUT:?}")));
             }
-            if sh.stop.load(Ordering::SeqCst) {
+            // After the guest's exit the other vCPUs are on their way to
+            // HLT (they counted themselves done first): a kick before they
+            // get there would lose their park, so they get PARK_GRACE; a
+            // fault or a problem kicks at once.
+            let kick_now = sh.stop.load(Ordering::SeqCst) && {
+                let since = *stopped_at.get_or_insert_with(Instant::now);
+                sh.out.lock().unwrap().exit.is_none() || since.elapsed() > PARK_GRACE
+            };
+            if kick_now {
                 let tids = tids.lock().unwrap().clone();
                 for (h, t) in handles.iter().zip(&tids) {
                     if let (false, Some(t)) = (h.is_finished(), t) {
