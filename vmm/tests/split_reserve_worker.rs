@@ -55,12 +55,8 @@ impl RamHandle for Ram {
 #[test]
 fn the_worker_catches_up_after_splits_then_ends() {
     // The frames, the blocks and huge pages allocated ahead, headroom.
-    let need = FRAMES + 16;
-    let free = common::hugetlb_free();
-    if free < need {
-        common::skip(&format!(
-            "hugetlb: {free} free 2M pages, need {need} (echo N > /proc/sys/vm/nr_hugepages)"
-        ));
+    if let Some(why) = common::hugetlb_skip_reason(FRAMES + 16) {
+        common::skip(&why);
         return;
     }
     let mut ram = GuestRam::new(&GuestRamConfig::new(FRAMES * HPAGE_SIZE, Backing::Hugetlb))

@@ -130,6 +130,15 @@ pub fn hugetlb_free() -> u64 {
     guest_mem::backing::hugetlb_2m_counters(&guest_mem::HostPaths::default()).map_or(0, |c| c.free)
 }
 
+/// Why fewer than `pages` free 2M hugetlb pages stop a test here, if they
+/// do (no KVM needed).
+pub fn hugetlb_skip_reason(pages: u64) -> Option<String> {
+    let free = hugetlb_free();
+    (free < pages).then(|| {
+        format!("hugetlb: {free} free 2M pages, need {pages} (echo N > /proc/sys/vm/nr_hugepages)")
+    })
+}
+
 /// Why a run on `backing` cannot happen here, if it cannot: no KVM, fewer
 /// than `hugetlb_pages` free 2M pages (hugetlb), or shmem THP disabled (thp).
 pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
@@ -137,15 +146,7 @@ pub fn skip_reason(backing: &str, hugetlb_pages: u64) -> Option<String> {
         return Some("/dev/kvm is not usable".into());
     }
     match backing {
-        "hugetlb" => {
-            let free = hugetlb_free();
-            (free < hugetlb_pages).then(|| {
-                format!(
-                    "hugetlb: {free} free 2M pages, need {hugetlb_pages} \
-                     (echo N > /proc/sys/vm/nr_hugepages)"
-                )
-            })
-        }
+        "hugetlb" => hugetlb_skip_reason(hugetlb_pages),
         "thp" => guest_mem::backing::check_shmem_thp(&guest_mem::HostPaths::default())
             .err()
             .map(|e| e.to_string()),
